@@ -1,0 +1,11 @@
+"""Training callbacks: the protocol (``base``), a closed registry, and one file per method.
+
+Importing this package registers the built-in callbacks.
+"""
+
+from . import telemetry  # noqa: F401  (registration)
+from .base import Callback, Context, TrainState
+from .dispatch import CallbackList
+from .registry import create, get, names, register
+
+__all__ = ["Callback", "CallbackList", "Context", "TrainState", "create", "get", "names", "register"]

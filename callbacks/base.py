@@ -1,0 +1,105 @@
+"""The callback protocol: one typed context, named events, effects only through return values.
+
+Compared with transformers' ``TrainerCallback``: hooks take one typed ``Context`` instead of
+``**kwargs``, a callback can add loss terms (``loss_terms``) and edit gradients at one defined
+point (``on_gradients``: after the synced backward, before clipping), and it owns a seeded
+``torch.Generator`` so it never perturbs the global RNG (which would break exact resume).
+
+Order of events for one optimizer step with gradient accumulation G::
+
+    on_step_begin → (forward, loss_terms, backward) × G → on_gradients → clip, optimizer step
+    → on_step_end → [eval → on_evaluate] → [checkpoint]
+
+framed by ``on_train_begin`` / ``on_train_end``. The base class is all no-ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from qaft.quant.scheme import QuantScheme
+    from qaft.trainer.config import Config
+
+
+@dataclass
+class TrainState:
+    """The loop's mutable counters; saved in every checkpoint as ``trainer_state.json``."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    max_steps: int = 0
+    """Optimizer steps this run will take in total."""
+    micro_batches: int = 0
+    """Micro-batches consumed by this process (the data position for exact resume)."""
+    epoch: int = 0
+    """Passes over the training blocks started so far, counted from 0."""
+    tokens_seen: int = 0
+    """Training tokens consumed by all processes together."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a hook may read. Fields are fixed; ``state`` is the loop's, read it, don't write it."""
+
+    accelerator: "Accelerator"
+    model: torch.nn.Module
+    """The PEFT model as prepared by accelerate (use ``accelerator.unwrap_model`` for attributes)."""
+    optimizer: torch.optim.Optimizer
+    config: "Config"
+    scheme: "QuantScheme"
+    state: TrainState
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoOptions:
+    """For callbacks that take no options."""
+
+
+class Callback:
+    """Base class: override the hooks you need, set ``name`` and ``Options``, then ``register`` it."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any, *, generator: torch.Generator):
+        self.options = options
+        self.generator = generator
+
+    @classmethod
+    def neutral_options(cls) -> Any:
+        """Options under which the callback leaves training bit-identical (contract-tested)."""
+        return cls.Options()
+
+    def on_train_begin(self, ctx: Context) -> None: ...
+
+    def on_step_begin(self, ctx: Context) -> None: ...
+
+    def loss_terms(self, ctx: Context, batch: Mapping[str, torch.Tensor], outputs: Any) -> dict[str, torch.Tensor]:
+        """Extra loss terms for this micro-batch; the loop adds them to the task loss, logged as ``loss/<name>/<term>``."""
+        return {}
+
+    def on_gradients(self, ctx: Context) -> None:
+        """Gradients are synced and complete; mask or scale them in place (no other edits)."""
+
+    def on_step_end(self, ctx: Context) -> dict[str, float]:
+        """Metrics to log for this step, as ``<name>/<key>``."""
+        return {}
+
+    def on_evaluate(self, ctx: Context, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Extra eval metrics, given the loop's own (``eval_loss``, ``eval_ppl``)."""
+        return {}
+
+    def on_train_end(self, ctx: Context) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly; subclasses extend this dict."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,1 @@
+"""Training: config, data, model, loop, checkpoints, CLI."""

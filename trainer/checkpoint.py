@@ -1,0 +1,181 @@
+"""Checkpoints that are either complete or absent, and resume that continues bit for bit.
+
+Layout of ``output_dir/checkpoint-{step}/``::
+
+    accelerate/          accelerator.save_state: optimizer, scheduler, RNG states (one per rank)
+    adapter/             the LoRA adapter in PEFT format (loadable with PeftModel.from_pretrained)
+    callbacks/rank{r}.pt every callback's state_dict(), keyed by callback name
+    trainer_state.json   step, data position, tokens seen
+    config.yaml          the resolved config of the run
+
+Everything is written into ``.tmp-checkpoint-{step}`` and renamed into place only when complete;
+a rename is atomic on one filesystem, so a kill mid-save leaves the previous checkpoint as the
+latest one and a stray temp folder that the next run deletes. accelerate would also save the whole
+base model (540 MB for SmolLM2) with every checkpoint: a save/load pre-hook removes the model from
+its lists, and we save and load the adapter ourselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from qaft.callbacks import CallbackList, Context, TrainState
+
+from .config import RESUMABLE_CHANGES, Config, diff_configs, dump_config
+from .errors import CheckpointError
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-"
+STATE_FILE = "trainer_state.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders are never listed)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def remove_stale_temps(output_dir: str | Path) -> None:
+    """Delete half-written folders a killed run left behind."""
+    d = Path(output_dir)
+    if d.is_dir():
+        for p in d.glob(TMP_PREFIX + "*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def install_adapter_only_hooks(accelerator: Any) -> None:
+    """Make ``accelerator.save_state``/``load_state`` skip the model: the adapter is saved separately."""
+
+    def drop_weights(models: list, weights: list, output_dir: str) -> None:
+        weights.clear()
+
+    def drop_models(models: list, input_dir: str) -> None:
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(drop_weights)
+    accelerator.register_load_state_pre_hook(drop_models)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """fsync the files, then rename ``tmp`` to ``final`` (replacing an older folder of that name)."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    dfd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def save_checkpoint(ctx: Context, callbacks: CallbackList, output_dir: str | Path, keep: int | None) -> Path:
+    """Write ``checkpoint-{step}`` atomically (all ranks call this), then rotate to the newest ``keep``."""
+    acc = ctx.accelerator
+    out = Path(output_dir)
+    final = out / f"checkpoint-{ctx.state.step}"
+    tmp = out / f"{TMP_PREFIX}{final.name}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "callbacks").mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / "accelerate"))
+    torch.save(callbacks.state_dict(), tmp / "callbacks" / f"rank{acc.process_index}.pt")
+    if acc.is_main_process:
+        acc.unwrap_model(ctx.model).save_pretrained(tmp / "adapter")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(ctx.state), indent=2))
+        (tmp / "config.yaml").write_text(dump_config(ctx.config))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _publish(tmp, final)
+        if keep is not None:
+            for old in list_checkpoints(out)[:-keep]:
+                shutil.rmtree(old)
+    acc.wait_for_everyone()
+    return final
+
+
+def check_resumable(path: Path, cfg: Config) -> None:
+    """A checkpoint must be complete and made by a compatible config, else resume could not be exact."""
+    need = [STATE_FILE, "config.yaml", f"adapter/{ADAPTER_WEIGHTS}", "accelerate", "callbacks"]
+    missing = [n for n in need if not (path / n).exists()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it or resume from an older one")
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"checkpoint {path}: config.yaml is unreadable ({str(e).splitlines()[0]})") from None
+    now = yaml.safe_load(dump_config(cfg))
+    changed = [k for k in diff_configs(saved, now) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path} was made with a different config ({', '.join(changed)}); resuming would not be exact. "
+            "Use the original values, or start a new run (--overwrite or another training.output_dir)"
+        )
+
+
+def load_checkpoint(ctx: Context, callbacks: CallbackList, path: Path) -> None:
+    """Restore adapter, optimizer, scheduler, RNG, callback states and counters from ``path``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    check_resumable(path, ctx.config)
+    acc = ctx.accelerator
+    try:
+        adapter = load_file(path / "adapter" / ADAPTER_WEIGHTS)
+        result = set_peft_model_state_dict(acc.unwrap_model(ctx.model), adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"checkpoint {path}: adapter has tensors this model lacks: {result.unexpected_keys[:3]}")
+        acc.load_state(str(path / "accelerate"))
+        rank_file = path / "callbacks" / f"rank{acc.process_index}.pt"
+        callbacks.load_state_dict(torch.load(rank_file, weights_only=False))
+        state = json.loads((path / STATE_FILE).read_text())
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated safetensors, missing optimizer file, pickle errors...
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); delete it or resume from an older one") from None
+    max_steps = ctx.state.max_steps  # the current config decides how far to go
+    for k, v in state.items():
+        setattr(ctx.state, k, v)
+    ctx.state.max_steps = max_steps
+
+
+def save_final(ctx: Context, tokenizer: Any, output_dir: str | Path, train_state: TrainState) -> Path:
+    """``final/``: merged model folder (safetensors + config + tokenizer) and ``final/adapter/``."""
+    acc = ctx.accelerator
+    out = Path(output_dir)
+    tmp, final = out / f"{TMP_PREFIX}final", out / "final"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        peft_model = acc.unwrap_model(ctx.model)
+        peft_model.save_pretrained(tmp / "adapter")
+        merged = peft_model.merge_and_unload()  # training is over: merging in place is fine
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "config.yaml").write_text(dump_config(ctx.config))
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=2))
+        _publish(tmp, final)
+    acc.wait_for_everyone()
+    return final

@@ -1,0 +1,192 @@
+"""The training loop: ``build_*`` helpers, then one ``train`` function you can read top to bottom.
+
+Logging, evaluation and saving are visible ``if``s in ``train``; any other behaviour arrives as a
+callback. One optimizer step = ``gradient_accumulation_steps`` micro-batches on every process,
+so ``max_steps`` means the same thing on one CPU or eight GPUs. The scheduler is stepped by us
+once per optimizer step (accelerate's wrapper would step it once per process).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from qaft.callbacks import CallbackList, Context, TrainState, create
+
+from .checkpoint import install_adapter_only_hooks, load_checkpoint, save_checkpoint, save_final
+from .config import Config, TrainingConfig
+from .data import build_blocks, eval_loader, load_documents, train_loader
+from .errors import PreflightError
+from .metrics import MetricsLogger, Throughput
+from .model import attach_lora, load_model_and_tokenizer
+from .outputs import prepare_output_dir
+
+
+@dataclass
+class Loaders:
+    train: Any
+    eval: Any | None
+
+
+def build_accelerator(t: TrainingConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    for tracker in t.report_to:
+        if tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise PreflightError("training.report_to: tensorboard is not installed; run `pip install 'qaft[tensorboard]'` or drop it from report_to")
+    plugin = GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False)
+    acc = Accelerator(
+        gradient_accumulation_plugin=plugin, mixed_precision="bf16" if t.bf16 else "no",
+        log_with=list(t.report_to) or None, project_dir=t.output_dir,
+    )
+    install_adapter_only_hooks(acc)
+    return acc
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, t: TrainingConfig, max_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=math.ceil(t.warmup_ratio * max_steps), num_training_steps=max_steps)
+
+
+def total_steps(t: TrainingConfig, micro_batches_per_epoch: int) -> int:
+    if t.max_steps > 0:
+        return t.max_steps
+    return max(1, math.ceil(t.num_train_epochs * micro_batches_per_epoch / t.gradient_accumulation_steps))
+
+
+def micro_batches(acc: Any, loader: Any, start: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Endless ``(epoch, batch)`` stream for this process, starting after ``start`` consumed micro-batches."""
+    epoch, skip = divmod(start, len(loader))
+    while True:
+        it = acc.skip_first_batches(loader, skip) if skip else loader
+        it.set_epoch(epoch)
+        for batch in it:
+            yield epoch, batch
+        epoch, skip = epoch + 1, 0
+
+
+@torch.no_grad()
+def evaluate(ctx: Context, loader: Any) -> dict[str, float]:
+    """Mean next-token NLL over every eval token (all processes), and its perplexity."""
+    ctx.model.eval()
+    losses = []
+    for batch in loader:
+        logits = ctx.model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none").mean(1)  # (batch,)
+        losses.append(ctx.accelerator.gather_for_metrics(nll))
+    loss = torch.cat(losses).mean().item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: Any, log: MetricsLogger) -> TrainState:
+    """Run optimizer steps until ``ctx.state.max_steps``; returns the final state."""
+    acc, model, opt, st, t = ctx.accelerator, ctx.model, ctx.optimizer, ctx.state, ctx.config.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = micro_batches(acc, loaders.train, st.micro_batches)
+    meter, sums = Throughput(), {}
+    callbacks.on_train_begin(ctx)
+    while st.step < st.max_steps:
+        model.train()
+        callbacks.on_step_begin(ctx)
+        for _ in range(t.gradient_accumulation_steps):
+            st.epoch, batch = next(batches)
+            with acc.accumulate(model):
+                out = model(**batch)
+                terms = {"loss": out.loss, **callbacks.loss_terms(ctx, batch, out)}
+                acc.backward(sum(terms.values()))  # accelerate divides by the accumulation steps
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float().item() / t.gradient_accumulation_steps
+            st.micro_batches += 1
+        callbacks.on_gradients(ctx)
+        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+        opt.step()
+        scheduler.step()
+        opt.zero_grad(set_to_none=True)
+        tokens = t.gradient_accumulation_steps * batch["input_ids"].numel() * acc.num_processes
+        st.step, st.tokens_seen = st.step + 1, st.tokens_seen + tokens
+        meter.add(tokens)
+        extra = callbacks.on_step_end(ctx)
+        if st.step % t.logging_steps == 0 or st.step == st.max_steps:
+            n = t.logging_steps if st.step % t.logging_steps == 0 else st.step % t.logging_steps
+            row = {k if k == "loss" else f"loss/{k}": v / n for k, v in sums.items()}
+            row |= {"lr": scheduler.get_last_lr()[0], "epoch": st.epoch, "tokens_seen": st.tokens_seen, **meter.lap(), **extra}
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            log.log("train", st.step, row)
+            log.progress(st.step, loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
+            sums = {}
+        if loaders.eval is not None and ((t.eval_steps and st.step % t.eval_steps == 0) or st.step == st.max_steps):
+            metrics = evaluate(ctx, loaders.eval)
+            log.log("eval", st.step, metrics | callbacks.on_evaluate(ctx, metrics))
+        if t.save_steps and st.step % t.save_steps == 0:
+            save_checkpoint(ctx, callbacks, t.output_dir, t.save_total_limit)
+    callbacks.on_train_end(ctx)
+    return st
+
+
+def fit(cfg: Config, *, overwrite: bool = False) -> Path:
+    """``qaft train``: set everything up, resume if asked, train, write ``final/``. Returns its path."""
+    from accelerate.utils import set_seed
+
+    t = cfg.training
+    resume_from = prepare_output_dir(cfg, overwrite=overwrite, clear=False)  # read-only checks first
+    documents = load_documents(cfg.data)  # before the model: a bad path should fail in a second, not after a model load
+    acc = build_accelerator(t)
+    set_seed(t.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = attach_lora(model, cfg.lora)
+    blocks = build_blocks(cfg.data, tokenizer, documents)
+    train_dl = train_loader(blocks.train, t.per_device_train_batch_size, t.seed)
+    eval_dl = eval_loader(blocks.eval, t.per_device_eval_batch_size) if len(blocks.eval) else None
+    opt = build_optimizer(model, t)
+    model, opt, train_dl = acc.prepare(model, opt, train_dl)
+    eval_dl = acc.prepare(eval_dl) if eval_dl is not None else None
+    if len(train_dl) == 0:
+        raise PreflightError(
+            f"data: {len(blocks.train)} training blocks fill no batch of {t.per_device_train_batch_size} x {acc.num_processes} processes; "
+            "lower training.per_device_train_batch_size or data.block_size"
+        )
+    state = TrainState(max_steps=total_steps(t, len(train_dl)))
+    scheduler = build_scheduler(opt, t, state.max_steps)
+    acc.register_for_checkpointing(scheduler)
+    callbacks = CallbackList([create(s.name, s.options, seed=t.seed, rank=acc.process_index) for s in cfg.callbacks])
+    ctx = Context(accelerator=acc, model=model, optimizer=opt, config=cfg, scheme=cfg.quant, state=state)
+    if acc.is_main_process:
+        prepare_output_dir(cfg, overwrite=overwrite, clear=True)
+    acc.wait_for_everyone()
+    if resume_from is not None:
+        load_checkpoint(ctx, callbacks, resume_from)
+    if t.report_to:
+        acc.init_trackers("qaft")
+    log = MetricsLogger(acc, t.output_dir, start_step=state.step, total_steps=state.max_steps, append=resume_from is not None)
+    log.echo(
+        f"qaft train: {cfg.model.name_or_path} | {len(blocks.train)} train / {len(blocks.eval)} eval blocks of {cfg.data.block_size} tokens | "
+        f"{state.max_steps} steps x {t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes} blocks | "
+        f"{acc.num_processes} process(es) on {acc.device} | torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        + (f" | resumed from {resume_from.name} (step {state.step})" if resume_from else "")
+    )
+    if resume_from is not None:
+        log.log("resume", state.step, {"checkpoint": str(resume_from)})
+    try:
+        train(ctx, callbacks, Loaders(train_dl, eval_dl), scheduler, log)
+        final = save_final(ctx, tokenizer, t.output_dir, state)
+        log.echo(f"qaft train: done, {state.step} steps; merged model and adapter in {final}")
+    finally:
+        log.close()
+    return final

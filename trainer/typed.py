@@ -1,0 +1,190 @@
+"""Build frozen dataclasses from plain YAML data, collecting every problem with a suggestion.
+
+Why not pydantic: the config is a handful of frozen dataclasses whose fields carry attribute
+docstrings; this 150-line checker gives exact messages (key, got, expected, closest valid key)
+without a second model layer. Range constraints ride on ``Annotated[int, Ge(1)]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Union
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric bound for ``Annotated`` fields: ``Annotated[float, Ge(0.0), Le(1.0)]``."""
+
+    op: str
+    value: float
+
+    def check(self, x: float) -> bool:
+        return {"ge": x >= self.value, "gt": x > self.value, "le": x <= self.value, "lt": x < self.value}[self.op]
+
+    def __str__(self) -> str:
+        return {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[self.op] + f" {self.value:g}"
+
+
+def Ge(v: float) -> Bound:  # noqa: N802 - reads like a type annotation
+    return Bound("ge", v)
+
+
+def Gt(v: float) -> Bound:  # noqa: N802
+    return Bound("gt", v)
+
+
+def Le(v: float) -> Bound:  # noqa: N802
+    return Bound("le", v)
+
+
+def suggest(key: str, valid: typing.Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest valid spelling, or a list of the valid ones."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (valid: {', '.join(valid)})" if len(valid) <= 12 else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return " | ".join(repr(m.value) for m in tp)
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Invalid(Exception):
+    """Raised after a problem was recorded; unwinds to ``parse``."""
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Return ``value`` as type ``tp``; raise _Invalid after recording the problem."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, *bounds = typing.get_args(tp)
+        out = _convert(value, base, key, problems)
+        for b in bounds:
+            if isinstance(b, Bound) and out is not None and not b.check(out):
+                problems.append(f"{key}: got {value!r}, expected a value {b}")
+                raise _Invalid
+        return out
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, a, key, [])
+            except _Invalid:
+                continue
+        problems.append(f"{key}: got {value!r}, expected {_type_name(tp)}")
+        raise _Invalid
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        problems.append(f"{key}: got {value!r}, expected {_type_name(tp)}" + (suggest(str(value), map(str, choices)) if isinstance(value, str) else ""))
+        raise _Invalid
+    if origin is tuple:
+        (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: got {value!r}, expected {_type_name(tp)}")
+            raise _Invalid
+        return tuple(_convert(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if hasattr(tp, "from_plain"):  # types that parse themselves (e.g. callbacks looked up by name)
+        return tp.from_plain(value, key, problems)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key, problems)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            problems.append(f"{key}: got {value!r}, expected {_type_name(tp)}" + suggest(str(value), [str(m.value) for m in tp]))
+            raise _Invalid from None
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads "1e-4" (no dot) as a string; accept it as the float the user meant.
+            return float(value)
+        except ValueError:
+            pass
+    if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    problems.append(f"{key}: got {value!r}, expected {_type_name(tp)}")
+    raise _Invalid
+
+
+def build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    """Construct dataclass ``cls`` from a mapping, appending one line per problem to ``problems``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        problems.append(f"{where or 'config'}: got {type(data).__name__} {data!r}, expected a mapping of {cls.__name__} keys")
+        raise _Invalid
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    ok = True
+    for k, v in data.items():
+        key = f"{where}.{k}" if where else str(k)
+        if k not in fields:
+            problems.append(f"{key}: unknown key{suggest(str(k), fields)}")
+            ok = False
+            continue
+        try:
+            kwargs[k] = _convert(v, hints[k], key, problems)
+        except _Invalid:
+            ok = False
+    for name, f in fields.items():
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{where + '.' if where else ''}{name}: required key is missing")
+            ok = False
+    if not ok:
+        raise _Invalid
+    try:
+        return cls(**kwargs)
+    except (ValueError, ConfigError) as e:  # cross-field rules from __post_init__: "field: message"
+        for line in str(e).splitlines():
+            problems.append(f"{where}.{line}" if where else line)
+        raise _Invalid from None
+
+
+def parse(cls: type, data: Any, where: str = "") -> Any:
+    """Build ``cls`` from ``data`` or raise one ConfigError listing every problem found."""
+    problems: list[str] = []
+    try:
+        return build(cls, data, where, problems)
+    except _Invalid:
+        raise ConfigError(problems) from None
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclass/enum/tuple tree → YAML-safe dicts, lists and scalars (inverse of ``parse``)."""
+    if hasattr(obj, "to_plain") and not isinstance(obj, type):
+        return obj.to_plain()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (tuple, list)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
