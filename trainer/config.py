@@ -262,7 +262,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                     node[part] = {}
                 node = node[part]
             else:
-                problems.append(f"override {item!r}: {here} is a {type(node).__name__}, not a section")
+                problems.append(f"override {item!r}: {here} holds the value {node!r}, not a section")
                 break
         else:
             if isinstance(node, list):
@@ -273,7 +273,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             elif isinstance(node, dict):
                 node[leaf] = value
             else:
-                problems.append(f"override {item!r}: {'.'.join(parents)} is a {type(node).__name__}, not a section")
+                problems.append(f"override {item!r}: {'.'.join(parents)} holds the value {node!r}, not a section")
     if problems:
         raise ConfigError(problems)
     return out

@@ -45,7 +45,7 @@ def _tiny_opt(vocab: int):
 
     return OPTConfig(
         vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=1024, word_embed_proj_dim=64, enable_bias=True, do_layer_norm_before=True,
+        max_position_embeddings=1024, word_embed_proj_dim=64, enable_bias=True, do_layer_norm_before=True, dropout=0.0,
     )
 
 
@@ -110,7 +110,7 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
         model = AutoModelForCausalLM.from_config(TINY_MODELS[cfg.name_or_path](len(tok)), dtype=DTYPES[cfg.dtype])
         model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
-        return model, tok
+        return model.eval(), tok  # eval mode, like from_pretrained
     src = resolve(cfg)
     kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, gguf_file=src.gguf_file)
     try:
