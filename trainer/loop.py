@@ -97,7 +97,7 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
     acc, model, opt, st, t = ctx.accelerator, ctx.model, ctx.optimizer, ctx.state, ctx.config.training
     params = [p for p in model.parameters() if p.requires_grad]
     batches = micro_batches(acc, loaders.train, st.micro_batches)
-    meter, sums = Throughput(), {}
+    meter, sums, latest = Throughput(), {}, {}  # sums: loss terms, latest: callback metrics, since the last log event
     callbacks.on_train_begin(ctx)
     while st.step < st.max_steps:
         model.train()
@@ -119,16 +119,17 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
         tokens = t.gradient_accumulation_steps * batch["input_ids"].numel() * acc.num_processes
         st.step, st.tokens_seen = st.step + 1, st.tokens_seen + tokens
         meter.add(tokens)
-        extra = callbacks.on_step_end(ctx)
+        latest |= callbacks.on_step_end(ctx)
         if st.step % t.logging_steps == 0 or st.step == st.max_steps:
-            n = t.logging_steps if st.step % t.logging_steps == 0 else st.step % t.logging_steps
+            timing = meter.lap()
+            n = timing.pop("steps")  # steps in this window: fewer than logging_steps right after a resume
             row = {k if k == "loss" else f"loss/{k}": v / n for k, v in sums.items()}
-            row |= {"lr": scheduler.get_last_lr()[0], "epoch": st.epoch, "tokens_seen": st.tokens_seen, **meter.lap(), **extra}
+            row |= {"lr": scheduler.get_last_lr()[0], "epoch": st.epoch, "tokens_seen": st.tokens_seen, **timing, **latest}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             log.log("train", st.step, row)
             log.progress(st.step, loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
-            sums = {}
+            sums, latest = {}, {}
         if loaders.eval is not None and ((t.eval_steps and st.step % t.eval_steps == 0) or st.step == st.max_steps):
             metrics = evaluate(ctx, loaders.eval)
             log.log("eval", st.step, metrics | callbacks.on_evaluate(ctx, metrics))

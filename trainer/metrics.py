@@ -70,7 +70,7 @@ class MetricsLogger:
 
 
 class Throughput:
-    """Tokens/s and s/step over the interval since the last ``lap``."""
+    """Steps, tokens/s and s/step over the interval since the last ``lap``."""
 
     def __init__(self) -> None:
         self._t, self._tokens, self._steps = time.perf_counter(), 0, 0
@@ -82,6 +82,6 @@ class Throughput:
     def lap(self) -> dict[str, float]:
         now = time.perf_counter()
         dt = max(now - self._t, 1e-9)
-        out = {"tokens_per_s": self._tokens / dt, "s_per_step": dt / max(self._steps, 1)}
+        out = {"steps": self._steps, "tokens_per_s": self._tokens / dt, "s_per_step": dt / max(self._steps, 1)}
         self._t, self._tokens, self._steps = now, 0, 0
         return out

@@ -1,0 +1,188 @@
+"""The loop end to end on tiny models: learning, exact resume, atomic saves, rotation, final outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import qaft.trainer.checkpoint as checkpoint
+import qaft.trainer.loop as loop
+from qaft.trainer.errors import CheckpointError
+from qaft.trainer.loop import fit
+
+from helpers import adapter_tensors, assert_same_tensors
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == kind]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "s_per_step")} for r in rows]
+
+
+class Killed(Exception):
+    """Stands in for a SIGKILL right after a checkpoint landed."""
+
+
+def kill_after_checkpoint(monkeypatch, step: int) -> None:
+    real = loop.save_checkpoint
+
+    def save_then_die(ctx, *args, **kwargs):
+        path = real(ctx, *args, **kwargs)
+        if ctx.state.step == step:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt"])
+def test_a_few_steps_reduce_the_loss(make_cfg, model):
+    cfg = make_cfg(f"model.name_or_path={model}", "training.max_steps=12", "training.logging_steps=3", "training.learning_rate=1e-2",
+                   "training.eval_steps=12", "training.save_steps=0", "lora.lora_dropout=0.0")
+    fit(cfg)
+    run = Path(cfg.training.output_dir)
+    losses = [r["loss"] for r in events(run, "train")]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(run).values())
+    (ev,) = events(run, "eval")
+    assert ev["step"] == 12 and ev["eval_ppl"] == pytest.approx(torch.tensor(ev["eval_loss"]).exp().item(), rel=1e-6)
+
+
+def test_logged_rows_carry_the_documented_fields(make_cfg):
+    cfg = make_cfg("training.max_steps=6", "training.logging_steps=2", "training.save_steps=0", "callbacks.0.every=3")
+    fit(cfg)
+    rows = events(Path(cfg.training.output_dir), "train")
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:
+        assert {"loss", "lr", "tokens_per_s", "s_per_step", "tokens_seen", "grad_norm", "epoch"} <= r.keys()
+    # telemetry measures on steps 3 and 6; a value from a step between log events is kept until the next one
+    assert ["telemetry/update_ratio" in r for r in rows] == [False, True, True]
+    assert rows[-1]["tokens_seen"] == 6 * 2 * 4 * 64  # steps x accumulation x batch x block
+
+
+@pytest.mark.parametrize("kill_at, extra", [(10, []), (5, ["data.max_train_blocks=24"])], ids=["mid-epoch", "across-epochs"])
+def test_resume_is_bit_exact(make_cfg, monkeypatch, tmp_path, kill_at, extra):
+    """20 steps straight == killed after checkpoint `kill_at`, then resumed to 20 (adapter and metrics)."""
+    save_every = ["training.save_steps=" + str(kill_at)]
+    straight = make_cfg(*extra, *save_every, f"training.output_dir={tmp_path / 'straight'}")
+    fit(straight)
+    broken = make_cfg(*extra, *save_every, f"training.output_dir={tmp_path / 'broken'}")
+    kill_after_checkpoint(monkeypatch, kill_at)
+    with pytest.raises(Killed):
+        fit(broken)
+    monkeypatch.undo()
+    assert not (tmp_path / "broken" / "final").exists()
+    fit(make_cfg(*extra, *save_every, f"training.output_dir={tmp_path / 'broken'}", "training.resume_from_checkpoint=true"))
+    assert_same_tensors(adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "broken"))
+    assert without_timing(events(tmp_path / "straight", "train")) == without_timing(events(tmp_path / "broken", "train"))
+    assert events(tmp_path / "broken", "resume")[0]["step"] == kill_at
+    if extra:  # 24 blocks / (4 x 2) = 3 steps per epoch: resumed mid-epoch 1, then crossed epochs
+        assert events(tmp_path / "straight", "train")[-1]["epoch"] >= 5
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_as_latest(make_cfg, monkeypatch):
+    cfg = make_cfg("training.max_steps=20", "training.save_steps=10")
+    real = checkpoint.torch.save
+    calls = {"n": 0}
+
+    def crash_on_second_checkpoint(obj, path, *a, **kw):
+        if "checkpoint-20" in str(path):
+            raise Killed  # dies half-way through writing checkpoint-20
+        calls["n"] += 1
+        return real(obj, path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash_on_second_checkpoint)
+    with pytest.raises(Killed):
+        fit(cfg)
+    out = Path(cfg.training.output_dir)
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-10"]
+    assert checkpoint.latest_checkpoint(out).name == "checkpoint-10"
+    assert (out / ".tmp-checkpoint-20").exists()  # the debris is never mistaken for a checkpoint...
+    monkeypatch.undo()
+    fit(make_cfg("training.max_steps=20", "training.save_steps=10", "training.resume_from_checkpoint=true"))
+    assert not (out / ".tmp-checkpoint-20").exists()  # ...and the next run removes it
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-10", "checkpoint-20"]
+
+
+def test_rotation_keeps_the_newest(make_cfg):
+    cfg = make_cfg("training.max_steps=8", "training.save_steps=2", "training.save_total_limit=2")
+    fit(cfg)
+    assert [p.name for p in checkpoint.list_checkpoints(cfg.training.output_dir)] == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_checkpoints_hold_only_the_adapter(make_cfg):
+    cfg = make_cfg("training.max_steps=2", "training.save_steps=2")
+    fit(cfg)
+    ck = Path(cfg.training.output_dir) / "checkpoint-2"
+    names = {p.relative_to(ck).as_posix() for p in ck.rglob("*") if p.is_file()}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "trainer_state.json", "config.yaml",
+            "callbacks/rank0.pt", "accelerate/optimizer.bin", "accelerate/random_states_0.pkl"} <= names
+    assert not any(n.startswith("accelerate/model") for n in names), names
+    assert json.loads((ck / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_final_holds_a_loadable_merged_model_and_adapter(make_cfg):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qaft.trainer.config import ModelConfig
+    from qaft.trainer.model import load_model_and_tokenizer
+
+    cfg = make_cfg("training.max_steps=6", "training.save_steps=0", "training.learning_rate=1e-2")
+    fit(cfg)
+    final = Path(cfg.training.output_dir) / "final"
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    torch.manual_seed(cfg.training.seed)  # fit builds the tiny base model from the run seed
+    base, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    with_adapter = PeftModel.from_pretrained(base, final / "adapter").eval()
+    ids = tok("def main(): return 0", return_tensors="pt").input_ids
+    a, b = merged(ids).logits, with_adapter(ids).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert not torch.allclose(a, base.get_base_model()(ids).logits if hasattr(base, "get_base_model") else a + 1, atol=1e-4)
+
+
+def test_output_dir_policy(make_cfg, tmp_path):
+    cfg = make_cfg("training.max_steps=2", "training.save_steps=1")
+    fit(cfg)
+    out = Path(cfg.training.output_dir)
+    before = adapter_tensors(out)
+    with pytest.raises(CheckpointError, match=r"already holds a finished run \(final/\); pass --overwrite"):
+        fit(cfg)
+    assert_same_tensors(before, adapter_tensors(out))  # nothing was touched
+    shutil.rmtree(out / "final")
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints of an unfinished run \(checkpoint-2\)"):
+        fit(cfg)
+    (out / "notes.txt").write_text("mine")
+    fit(cfg, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only what qaft wrote
+    with pytest.raises(CheckpointError, match=r"resume_from_checkpoint: '.*nope' is not a folder"):
+        fit(make_cfg(f"training.resume_from_checkpoint={tmp_path / 'nope'}"))
+
+
+def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(make_cfg):
+    cfg = make_cfg("training.max_steps=4", "training.save_steps=2")
+    fit(cfg)
+    out = Path(cfg.training.output_dir)
+    shutil.rmtree(out / "final")
+    with pytest.raises(CheckpointError, match=r"different config \(lora\.r, training\.learning_rate\); resuming would not be exact"):
+        fit(make_cfg("training.max_steps=4", "training.save_steps=2", "training.resume_from_checkpoint=true", "lora.r=4", "training.learning_rate=1e-3"))
+    weights = out / "checkpoint-4" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match=r"checkpoint-4 cannot be loaded .*; delete it or resume from an older one"):
+        fit(make_cfg("training.max_steps=4", "training.save_steps=2", "training.resume_from_checkpoint=true"))
+    (out / "checkpoint-2" / "accelerate" / "optimizer.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint-2 cannot be loaded"):
+        fit(make_cfg("training.max_steps=4", "training.resume_from_checkpoint=" + str(out / "checkpoint-2")))
+
+
+def test_resume_true_without_checkpoint_starts_fresh(make_cfg):
+    cfg = make_cfg("training.max_steps=2", "training.save_steps=0", "training.resume_from_checkpoint=true")
+    fit(cfg)
+    assert events(Path(cfg.training.output_dir), "resume") == []
