@@ -45,7 +45,7 @@ def build_accelerator(t: TrainingConfig) -> Any:
     plugin = GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False)
     acc = Accelerator(
         gradient_accumulation_plugin=plugin, mixed_precision="bf16" if t.bf16 else "no",
-        log_with=list(t.report_to) or None, project_dir=t.output_dir,
+        log_with=list(t.report_to) or None, project_dir=str(Path(t.output_dir) / "runs"),  # trackers write under runs/
     )
     install_adapter_only_hooks(acc)
     return acc
