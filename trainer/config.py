@@ -118,6 +118,8 @@ class TrainingConfig:
     """Log train metrics every N optimizer steps."""
     eval_steps: Annotated[int, Ge(1)] | None = None
     """Evaluate every N steps; null = only at the end."""
+    eval_on_start: bool = False
+    """Also evaluate before the first step (a baseline for the curve)."""
     save_steps: Annotated[int, Ge(0)] = 500
     """Checkpoint every N steps; 0 = no intermediate checkpoints (``final/`` is always written)."""
     save_total_limit: Annotated[int, Ge(1)] | None = None
@@ -316,7 +318,7 @@ def dump_config(cfg: Config) -> str:
 # Fields that may change between a checkpoint and its resume without breaking exactness.
 RESUMABLE_CHANGES = frozenset(
     {
-        "training.max_steps", "training.num_train_epochs", "training.logging_steps", "training.eval_steps",
+        "training.max_steps", "training.num_train_epochs", "training.logging_steps", "training.eval_steps", "training.eval_on_start",
         "training.save_steps", "training.save_total_limit", "training.report_to",
         "training.resume_from_checkpoint", "training.output_dir",
     }

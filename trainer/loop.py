@@ -99,6 +99,9 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
     batches = micro_batches(acc, loaders.train, st.micro_batches)
     meter, sums, latest = Throughput(), {}, {}  # sums: loss terms, latest: callback metrics, since the last log event
     callbacks.on_train_begin(ctx)
+    if loaders.eval is not None and t.eval_on_start and st.step == 0:
+        metrics = evaluate(ctx, loaders.eval)
+        log.log("eval", 0, metrics | callbacks.on_evaluate(ctx, metrics))
     while st.step < st.max_steps:
         model.train()
         callbacks.on_step_begin(ctx)
@@ -139,8 +142,21 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
     return st
 
 
-def fit(cfg: Config, *, overwrite: bool = False) -> Path:
-    """``qaft train``: set everything up, resume if asked, train, write ``final/``. Returns its path."""
+@dataclass
+class Session:
+    """Everything ``train`` needs, built once (benchmarks and ``qaft run`` reuse it)."""
+
+    ctx: Context
+    callbacks: CallbackList
+    loaders: Loaders
+    scheduler: Any
+    tokenizer: Any
+    resume_from: Path | None
+    summary: str
+
+
+def setup(cfg: Config, *, overwrite: bool = False) -> Session:
+    """Validate outputs, load data and model, attach LoRA, prepare with accelerate, restore a checkpoint."""
     from accelerate.utils import set_seed
 
     t = cfg.training
@@ -173,20 +189,28 @@ def fit(cfg: Config, *, overwrite: bool = False) -> Path:
     acc.wait_for_everyone()
     if resume_from is not None:
         load_checkpoint(ctx, callbacks, resume_from)
-    if t.report_to:
-        acc.init_trackers("qaft")
-    log = MetricsLogger(acc, t.output_dir, start_step=state.step, total_steps=state.max_steps, append=resume_from is not None)
-    log.echo(
+    summary = (
         f"qaft train: {cfg.model.name_or_path} | {len(blocks.train)} train / {len(blocks.eval)} eval blocks of {cfg.data.block_size} tokens | "
         f"{state.max_steps} steps x {t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes} blocks | "
         f"{acc.num_processes} process(es) on {acc.device} | torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
         + (f" | resumed from {resume_from.name} (step {state.step})" if resume_from else "")
     )
-    if resume_from is not None:
-        log.log("resume", state.step, {"checkpoint": str(resume_from)})
+    return Session(ctx, callbacks, Loaders(train_dl, eval_dl), scheduler, tokenizer, resume_from, summary)
+
+
+def fit(cfg: Config, *, overwrite: bool = False) -> Path:
+    """``qaft train``: set up, resume if asked, train, write ``final/``. Returns its path."""
+    s = setup(cfg, overwrite=overwrite)
+    acc, state, t = s.ctx.accelerator, s.ctx.state, cfg.training
+    if t.report_to:
+        acc.init_trackers("qaft")
+    log = MetricsLogger(acc, t.output_dir, start_step=state.step, total_steps=state.max_steps, append=s.resume_from is not None)
+    log.echo(s.summary)
+    if s.resume_from is not None:
+        log.log("resume", state.step, {"checkpoint": str(s.resume_from)})
     try:
-        train(ctx, callbacks, Loaders(train_dl, eval_dl), scheduler, log)
-        final = save_final(ctx, tokenizer, t.output_dir, state)
+        train(s.ctx, s.callbacks, s.loaders, s.scheduler, log)
+        final = save_final(s.ctx, s.tokenizer, t.output_dir, state)
         log.echo(f"qaft train: done, {state.step} steps; merged model and adapter in {final}")
     finally:
         log.close()

