@@ -111,8 +111,8 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
                 out = model(**batch)
                 terms = {"loss": out.loss, **callbacks.loss_terms(ctx, batch, out)}
                 acc.backward(sum(terms.values()))  # accelerate divides by the accumulation steps
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float().item() / t.gradient_accumulation_steps
+            for k, v in terms.items():  # detached tensors: no device sync per micro-batch
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / t.gradient_accumulation_steps
             st.micro_batches += 1
         callbacks.on_gradients(ctx)
         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
@@ -123,10 +123,11 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
         st.step, st.tokens_seen = st.step + 1, st.tokens_seen + tokens
         meter.add(tokens)
         latest |= callbacks.on_step_end(ctx)
+        log.progress(st.step)
         if st.step % t.logging_steps == 0 or st.step == st.max_steps:
             timing = meter.lap()
             n = timing.pop("steps")  # steps in this window: fewer than logging_steps right after a resume
-            row = {k if k == "loss" else f"loss/{k}": v / n for k, v in sums.items()}
+            row = {k if k == "loss" else f"loss/{k}": (v / n).item() for k, v in sums.items()}
             row |= {"lr": scheduler.get_last_lr()[0], "epoch": st.epoch, "tokens_seen": st.tokens_seen, **timing, **latest}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)

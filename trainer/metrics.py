@@ -56,9 +56,12 @@ class MetricsLogger:
             print(line, file=sys.stderr, flush=True)
 
     def progress(self, step: int, **postfix: float) -> None:
+        """Move the bar every step (so its ETA is current); the postfix changes at log events."""
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=True)
+            if postfix:
+                self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+            self._bar.refresh()
 
     def close(self) -> None:
         if self._bar is not None:
