@@ -1,0 +1,20 @@
+"""LQER, plain form (Zhang et al., "LQER: Low-Rank Quantization Error Reconstruction for LLMs", ICML 2024).
+
+``E = U Σ Vᵀ``, keep the top k: ``A = U_k Σ_k``, ``B = V_kᵀ``. Minimises ``‖E − AB‖_F`` (Eckart–Young),
+blind to which input channels matter; the baseline the activation-aware variants improve on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .calibrate import LayerStats
+from .lowrank import Correction, as_correction, register, truncated
+
+
+def reconstruct(error: torch.Tensor, stats: LayerStats | None, rank: int) -> Correction:
+    u, s, vh = truncated(error, rank)
+    return as_correction(u * s, vh, error)
+
+
+register("lqer", reconstruct)

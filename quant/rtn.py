@@ -1,0 +1,103 @@
+"""Round-to-nearest weight quantization (int and MXINT) and dynamic activation fake quantization.
+
+Pure functions on tensors, no model access. Weights are ``[out, in]``; a group or MX block spans
+``group_size`` consecutive input channels of one row.
+
+- int, symmetric: ``scale = max|w| / (2^(b-1) - 1)``, codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``
+  (the grid is symmetric around 0, as in the protocol's "W4 symmetric": int4 uses -7..7).
+- int, asymmetric (min–max): ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``,
+  codes in ``[0, 2^b - 1]``.
+- mxint (OCP microscaling, integer elements): each block shares ``X = 2^floor(log2 max|w|)``; elements
+  are b-bit two's complement fixed point with ``b-2`` fractional bits, so
+  ``w ≈ X · code / 2^(b-2)``, codes in ``[-2^(b-1), 2^(b-1) - 1]``.
+
+``quant_step`` gives Δ, the distance between neighbouring grid points for each weight (NPFT draws
+noise of that size); the RTN error of every weight is at most Δ/2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .scheme import ActGranularity, ActQuant, Granularity, WeightFormat, WeightQuant
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    codes: torch.Tensor
+    """``[out, in]`` integer codes (int16, enough for 8 bits)."""
+    scale: torch.Tensor
+    """``[out, n_groups]`` float: Δ of each row/group (per-tensor and per-channel are 1 or few groups)."""
+    zero: torch.Tensor | None
+    """``[out, n_groups]`` integer zero points (asymmetric only)."""
+    dequant: torch.Tensor
+    """``[out, in]`` the float weight the codes represent."""
+
+
+def _groups(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """View ``w`` as ``[out, n_groups, group]`` for the scheme's scope of one scale."""
+    out, inp = w.shape
+    if spec.format is WeightFormat.MXINT or spec.granularity is Granularity.GROUP:
+        if inp % spec.group_size:
+            raise ValueError(f"input width {inp} is not divisible by group_size {spec.group_size}")
+        return w.reshape(out, inp // spec.group_size, spec.group_size)
+    if spec.granularity is Granularity.CHANNEL:
+        return w.reshape(out, 1, inp)
+    return w.reshape(1, 1, out * inp)  # tensor
+
+
+def quantize_weight(w: torch.Tensor, spec: WeightQuant) -> QuantizedWeight:
+    """RTN-quantize ``w`` (``[out, in]``) under ``spec``; computed in float32 or wider, returned in ``w``'s dtype."""
+    work = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    g = _groups(work, spec)
+    b = spec.bits
+    if spec.format is WeightFormat.MXINT:
+        amax = g.abs().amax(-1, keepdim=True)
+        exp = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
+        scale = torch.exp2(exp - (b - 2))
+        codes = torch.clamp(torch.round(g / scale), -(2 ** (b - 1)), 2 ** (b - 1) - 1)
+        zero = None
+        deq = codes * scale
+    elif spec.symmetric:
+        qmax = 2 ** (b - 1) - 1
+        amax = g.abs().amax(-1, keepdim=True)
+        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        codes = torch.clamp(torch.round(g / scale), -qmax, qmax)
+        zero = None
+        deq = codes * scale
+    else:
+        qmax = 2**b - 1
+        lo = g.amin(-1, keepdim=True).clamp(max=0)
+        hi = g.amax(-1, keepdim=True).clamp(min=0)  # keep 0 exactly representable
+        scale = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
+        zero = torch.round(-lo / scale)
+        codes = torch.clamp(torch.round(g / scale) + zero, 0, qmax)
+        deq = (codes - zero) * scale
+    shape = w.shape
+    rows = shape[0] if g.shape[0] == shape[0] else 1
+    flat = lambda t: t.reshape(rows, -1)  # noqa: E731  [rows, n_groups]
+    return QuantizedWeight(
+        codes=codes.reshape(shape).to(torch.int16),
+        scale=flat(scale).to(w.dtype),
+        zero=None if zero is None else flat(zero).to(torch.int16),
+        dequant=deq.reshape(shape).to(w.dtype),
+    )
+
+
+def quant_step(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """Δ for every weight, ``[out, in]``: the RTN grid spacing in that weight's row/group."""
+    q = quantize_weight(w, spec)
+    g = _groups(w, spec)
+    return q.scale.reshape(g.shape[0], g.shape[1], 1).expand_as(g).reshape(w.shape)
+
+
+def fake_quant_activation(x: torch.Tensor, spec: ActQuant) -> torch.Tensor:
+    """Dynamic symmetric fake quantization of ``x`` (``[..., in]``): one scale per token or per tensor."""
+    if spec.bits is None:
+        return x
+    qmax = 2 ** (spec.bits - 1) - 1
+    amax = x.abs().amax(-1, keepdim=True) if spec.granularity is ActGranularity.TOKEN else x.abs().amax()
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale

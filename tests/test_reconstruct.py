@@ -1,0 +1,109 @@
+"""Low-rank reconstructors: the properties the papers rely on, on synthetic data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qaft.quant import aser, l2qer, lqer  # noqa: F401  (registration)
+from qaft.quant.calibrate import LayerStats, collect
+from qaft.quant.lowrank import RECONSTRUCTORS
+
+METHODS = sorted(RECONSTRUCTORS)
+G = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+
+
+def stats_for(x: torch.Tensor, batches: int = 4) -> LayerStats:
+    st = LayerStats(x.shape[-1])
+    for chunk in x.to(torch.float64).chunk(batches):
+        st.update(chunk)
+    return st
+
+
+def outlier_inputs(n: int = 512, d: int = 48, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(n, d, generator=G(seed), dtype=torch.float64)
+    x[:, [3, 17, 30]] *= 40  # a few channels carry large activations, as in LLMs
+    return x
+
+
+def test_registry_holds_the_three_methods():
+    assert METHODS == ["l2qer", "lqer", "whiten"]
+
+
+def test_plain_svd_error_is_the_tail_of_the_singular_values():
+    e = torch.randn(40, 24, generator=G(1), dtype=torch.float64)
+    s = torch.linalg.svdvals(e)
+    for k in (0, 1, 5, 12, 24):
+        c = RECONSTRUCTORS["lqer"](e, None, k)
+        assert c.rank == k
+        assert torch.linalg.matrix_norm(e - c.matrix()) ** 2 == pytest.approx((s[k:] ** 2).sum().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_full_rank_is_exact_and_zero_error_gives_zero_factors(name):
+    x = outlier_inputs()
+    st = stats_for(x)
+    low_rank_e = torch.randn(30, 6, generator=G(2), dtype=torch.float64) @ torch.randn(6, 48, generator=G(3), dtype=torch.float64)
+    c = RECONSTRUCTORS[name](low_rank_e, st, 6)
+    assert torch.allclose(c.matrix(), low_rank_e, atol=1e-8)
+    z = RECONSTRUCTORS[name](torch.zeros(30, 48, dtype=torch.float64), st, 8)
+    assert torch.equal(z.matrix(), torch.zeros(30, 48, dtype=torch.float64))
+    assert RECONSTRUCTORS[name](low_rank_e, st, 0).matrix().abs().sum() == 0  # rank 0 = plain RTN
+
+
+def output_error(e: torch.Tensor, c, x: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm(x @ (e - c.matrix()).T).item()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_error_is_non_increasing_in_rank(name):
+    x = outlier_inputs()
+    st = stats_for(x)
+    e = torch.randn(32, 48, generator=G(4), dtype=torch.float64)
+    metric = {
+        "lqer": lambda c: torch.linalg.matrix_norm(e - c.matrix()).item(),
+        "l2qer": lambda c: torch.linalg.matrix_norm((e - c.matrix()) * l2qer.activation_scale(st)).item(),
+        "whiten": lambda c: output_error(e, c, x),
+    }[name]
+    errs = [metric(RECONSTRUCTORS[name](e, st, k)) for k in range(0, 33, 4)]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(errs, errs[1:])), errs
+
+
+def test_equal_activation_scales_reduce_l2qer_to_lqer():
+    st = stats_for(torch.ones(64, 20, dtype=torch.float64) * 3)
+    e = torch.randn(16, 20, generator=G(5), dtype=torch.float64)
+    assert torch.allclose(RECONSTRUCTORS["l2qer"](e, st, 5).matrix(), RECONSTRUCTORS["lqer"](e, st, 5).matrix(), atol=1e-10)
+
+
+def test_whitening_beats_scaled_and_plain_svd_on_outlier_channels_at_every_rank():
+    x = outlier_inputs()
+    st = stats_for(x)
+    e = torch.randn(32, 48, generator=G(6), dtype=torch.float64) * 0.01
+    for k in range(1, 32):
+        w, s, p = (output_error(e, RECONSTRUCTORS[m](e, st, k), x) for m in ("whiten", "l2qer", "lqer"))
+        assert w <= s * (1 + 1e-9) and w <= p * (1 + 1e-9), (k, w, s, p)
+        assert s < p  # and activation scaling beats plain SVD on such inputs
+    assert output_error(e, RECONSTRUCTORS["whiten"](e, st, 8), x) < 0.8 * output_error(e, RECONSTRUCTORS["lqer"](e, st, 8), x)
+
+
+def test_whitening_survives_a_singular_covariance():
+    x = outlier_inputs(n=512)
+    x[:, 5] = 0  # a dead channel: XᵀX is singular
+    e = torch.randn(8, 48, generator=G(7), dtype=torch.float64)
+    c = RECONSTRUCTORS["whiten"](e, stats_for(x), 4)
+    assert torch.isfinite(c.A).all() and torch.isfinite(c.B).all()
+
+
+def test_hook_statistics_match_a_direct_computation():
+    lin = torch.nn.Linear(12, 5)
+    batches = [torch.randn(3, 7, 12, generator=G(i)) for i in range(4)]
+    with collect({"l": lin}) as stats:
+        for b in batches:
+            lin(b)
+    st = stats["l"]
+    flat = torch.cat([b.reshape(-1, 12) for b in batches]).double()
+    assert st.n_tokens == 84
+    assert torch.allclose(st.xtx, flat.T @ flat)
+    assert torch.allclose(st.abs_max, flat.abs().amax(0))
+    assert torch.allclose(st.abs_mean_max, torch.stack([b.reshape(-1, 12).double().abs().mean(0) for b in batches]).amax(0))
+    assert lin._forward_pre_hooks == {}  # hooks removed

@@ -1,0 +1,109 @@
+"""RTN and MXINT: codes in range, error within Δ/2, exact grids, round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qaft.quant.rtn import fake_quant_activation, quant_step, quantize_weight
+from qaft.quant.scheme import ActGranularity, ActQuant, Granularity, WeightFormat, WeightQuant
+
+SPECS = [
+    WeightQuant(bits=4, granularity=Granularity.CHANNEL),
+    WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16),
+    WeightQuant(bits=4, symmetric=False, granularity=Granularity.CHANNEL),
+    WeightQuant(bits=2, symmetric=False, granularity=Granularity.GROUP, group_size=8),
+    WeightQuant(bits=8, granularity=Granularity.TENSOR),
+    WeightQuant(bits=4, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16),
+    WeightQuant(bits=8, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=32),
+]
+
+
+def code_range(spec: WeightQuant) -> tuple[int, int]:
+    b = spec.bits
+    if spec.format is WeightFormat.MXINT:
+        return -(2 ** (b - 1)), 2 ** (b - 1) - 1
+    return (-(2 ** (b - 1) - 1), 2 ** (b - 1) - 1) if spec.symmetric else (0, 2**b - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=st.sampled_from(SPECS), seed=st.integers(0, 2**16), scale=st.floats(1e-4, 1e3), outlier=st.booleans())
+def test_codes_in_range_and_error_within_half_a_step(spec, seed, scale, outlier):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 64, generator=g) * scale
+    if outlier:
+        w[3, 5] *= 50
+    q = quantize_weight(w, spec)
+    lo, hi = code_range(spec)
+    assert q.codes.min() >= lo and q.codes.max() <= hi
+    delta = quant_step(w, spec)
+    err = (w - q.dequant).abs()
+    if spec.format is WeightFormat.MXINT:  # the largest magnitude can clip at the top of the block's range
+        assert (err <= delta / 2 + 1e-6 * scale).float().mean() > 0.97
+        assert (err <= delta).all()
+    else:
+        assert (err <= delta / 2 * (1 + 1e-5) + 1e-12).all()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
+def test_dequant_is_codes_times_scale(spec):
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    q = quantize_weight(w, spec)
+    gs = spec.group_size if spec.granularity is Granularity.GROUP else (32 if spec.granularity is Granularity.CHANNEL else 6 * 32)
+    codes = q.codes.float().reshape(q.scale.shape[0], -1, gs)
+    zero = 0 if q.zero is None else q.zero.float().unsqueeze(-1)
+    rebuilt = ((codes - zero) * q.scale.unsqueeze(-1)).reshape(6, 32)
+    assert torch.allclose(rebuilt, q.dequant, atol=1e-7)
+    if spec.format is WeightFormat.INT:  # a grid point is its own rounding
+        assert torch.equal(quantize_weight(q.dequant, spec).dequant, q.dequant)
+    # (MXINT is not idempotent: code -2^(b-1) reaches -2X, which raises the block's exponent when re-quantized)
+
+
+def test_symmetric_int4_uses_minus7_to_7_and_keeps_the_absmax():
+    w = torch.tensor([[-1.0, -0.6, 0.0, 0.25, 1.0, 0.7]])
+    q = quantize_weight(w, WeightQuant(bits=4))
+    assert q.scale.item() == pytest.approx(1 / 7)
+    assert q.codes.tolist() == [[-7, -4, 0, 2, 7, 5]]
+
+
+def test_asymmetric_represents_zero_exactly_and_uses_the_whole_range():
+    w = torch.tensor([[0.0, 0.3, 1.5, 3.0]])
+    q = quantize_weight(w, WeightQuant(bits=2, symmetric=False))
+    assert q.dequant[0, 0] == 0 and q.codes.min() == 0 and q.codes.max() == 3
+
+
+def test_mxint_shares_a_power_of_two_per_block():
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    spec = WeightQuant(bits=4, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16)
+    q = quantize_weight(w, spec)
+    assert q.scale.shape == (4, 4)
+    log2 = torch.log2(q.scale)
+    assert torch.equal(log2, log2.round())  # powers of two
+    amax = w.reshape(4, 4, 16).abs().amax(-1)
+    assert torch.equal(q.scale, torch.exp2(torch.floor(torch.log2(amax)) - 2))  # X = 2^floor(log2 max), 2 fraction bits
+
+
+def test_zero_rows_and_groups_stay_zero():
+    w = torch.zeros(3, 16)
+    for spec in SPECS[:5]:
+        spec = WeightQuant(bits=spec.bits, symmetric=spec.symmetric, granularity=spec.granularity, group_size=8)
+        q = quantize_weight(w, spec)
+        assert torch.equal(q.dequant, w) and torch.isfinite(q.scale).all()
+
+
+def test_group_size_must_divide_the_width():
+    with pytest.raises(ValueError, match="input width 576 is not divisible by group_size 128"):
+        quantize_weight(torch.randn(2, 576), WeightQuant(granularity=Granularity.GROUP, group_size=128))
+
+
+def test_per_token_activation_quantization():
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    x[0, 0] *= 100
+    y = fake_quant_activation(x, ActQuant(bits=8))
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert ((x - y).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(fake_quant_activation(x, ActQuant(bits=None)), x)
+    per_tensor = fake_quant_activation(x, ActQuant(bits=8, granularity=ActGranularity.TENSOR))
+    assert (x - per_tensor)[1].abs().mean() > (x - y)[1].abs().mean()  # one outlier token hurts every token per-tensor
