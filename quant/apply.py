@@ -1,0 +1,165 @@
+"""The post-pass driver: walk the decoder layers in order, calibrate, quantize and reconstruct each one.
+
+Layer-sequential (as GPTQ/LQER pipelines do): capture the inputs of decoder layer 0 on the
+calibration sequences, then for each layer run it once with statistics hooks on its target
+Linears, replace every target by a ``QuantLinear`` (RTN weights + optional low-rank correction),
+and run the *quantized* layer to produce the next layer's inputs (``propagate="quantized"``, the
+default, so later layers calibrate on what they will really see), or pass on the float outputs
+(``"float"``, which reproduces whole-model calibration exactly). Peak memory is the model plus one
+layer's activations and statistics. Records per-layer telemetry.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from . import aser, l2qer, lqer  # noqa: F401  (register the reconstructors)
+from .calibrate import LayerStats, collect
+from .fakequant import QuantLinear
+from .lowrank import RECONSTRUCTORS
+from .rtn import quantize_weight
+from .scheme import QuantScheme
+
+
+class _Captured(Exception):
+    """Stops the forward pass once layer 0's inputs are recorded."""
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    error_norm: float
+    """``‖W − Q(W)‖_F``."""
+    rel_output_error_rtn: float
+    """``‖X Eᵀ‖_F / ‖X Wᵀ‖_F`` on the calibration inputs, before the correction."""
+    rel_output_error: float
+    """The same after the correction (equal to the RTN figure without one)."""
+    seconds: float
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList of decoder blocks (``model.layers`` in Llama, ``model.decoder.layers`` in OPT)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and name.endswith("layers") and len(mod) > 0:
+            return name, mod
+    raise ValueError("found no decoder layer list (a ModuleList named '*layers'); this architecture is not supported yet")
+
+
+def target_linears(layer: torch.nn.Module, prefix: str, scheme: QuantScheme) -> dict[str, torch.nn.Linear]:
+    """Linears of one decoder layer that the scheme quantizes, by name relative to the layer."""
+    out = {}
+    for name, mod in layer.named_modules():
+        full = f"{prefix}.{name}"
+        if not isinstance(mod, torch.nn.Linear) or any(re.search(p, full) for p in scheme.ignore):
+            continue
+        if scheme.targets and not any(re.search(p, full) for p in scheme.targets):
+            continue
+        out[name] = mod
+    return out
+
+
+def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None:
+    """Fail before any work if a layer cannot take the scheme or the rank, naming the layer."""
+    prefix, layers = decoder_layers(model)
+    problems = []
+    for i, layer in enumerate(layers):
+        for name, lin in target_linears(layer, f"{prefix}.{i}", scheme).items():
+            w = lin.in_features
+            needs_group = scheme.weight.format.value == "mxint" or scheme.weight.granularity.value == "group"
+            if needs_group and w % scheme.weight.group_size:
+                problems.append(f"quant.weight.group_size: {scheme.weight.group_size} does not divide the input width {w} of {prefix}.{i}.{name}")
+            if rank > min(lin.in_features, lin.out_features):
+                problems.append(f"postpass.rank: {rank} exceeds min(out, in) = {min(lin.in_features, lin.out_features)} of {prefix}.{i}.{name}")
+    if problems:
+        from qaft.trainer.errors import ConfigError
+
+        raise ConfigError(sorted(set(problems))[:5] + ([f"... and {len(set(problems)) - 5} more"] if len(set(problems)) > 5 else []))
+
+
+@torch.no_grad()
+def capture_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, sequences: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """``(hidden_states, kwargs)`` entering ``first_layer`` for each calibration sequence (batch of 1)."""
+    seen: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def hook(mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        seen.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Captured
+
+    h = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for seq in sequences:
+            try:
+                model(input_ids=seq[None], use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        h.remove()
+    return seq_check(seen, len(sequences))
+
+
+def seq_check(seen: list, n: int) -> list:
+    if len(seen) != n:
+        raise RuntimeError(f"captured {len(seen)} layer inputs for {n} sequences")
+    return seen
+
+
+def _rel_out_err(e: torch.Tensor, w: torch.Tensor, st: LayerStats) -> float:
+    """``‖X Eᵀ‖ / ‖X Wᵀ‖`` from the statistics alone: ``tr(E XᵀX Eᵀ)``."""
+    e, w = e.to(torch.float64), w.to(torch.float64)
+    num = (e @ st.xtx * e).sum().clamp(min=0).sqrt()
+    den = (w @ st.xtx * w).sum().clamp(min=1e-300).sqrt()
+    return (num / den).item()
+
+
+def _set(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: torch.nn.Module, calibration: torch.Tensor, scheme: QuantScheme, reconstructor: str | None, rank: int,
+    *, propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
+) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
+    """Quantize every target Linear of ``model`` in place. ``calibration``: ``[n, seq_len]`` token ids.
+
+    Returns the per-layer reports (and, when ``propagate == "float"``, the statistics, for tests).
+    """
+    if reconstructor is not None and reconstructor not in RECONSTRUCTORS:
+        raise ValueError(f"unknown reconstructor {reconstructor!r}; known: {sorted(RECONSTRUCTORS)}")
+    check_scheme(model, scheme, rank if reconstructor else 0)
+    model.eval()
+    prefix, layers = decoder_layers(model)
+    inputs = capture_inputs(model, layers[0], calibration)
+    reports, kept = [], {} if propagate == "float" else None
+    for i, layer in enumerate(tqdm(layers, desc="post-pass (layers)", disable=not progress, leave=False)):
+        targets = target_linears(layer, f"{prefix}.{i}", scheme)
+        with collect(targets) as stats:
+            outputs = [layer(h, **kw) for h, kw in inputs]
+        for name, lin in targets.items():
+            t0 = time.perf_counter()
+            w = lin.weight.data
+            q = quantize_weight(w, scheme.weight)
+            err = w - q.dequant
+            corr = RECONSTRUCTORS[reconstructor](err, stats[name], rank) if reconstructor else None
+            after = err if corr is None else err - corr.matrix().to(err.dtype)
+            _set(layer, name, QuantLinear(q.dequant, lin.bias, scheme.activation, corr))
+            reports.append(LayerReport(
+                f"{prefix}.{i}.{name}", tuple(w.shape), 0 if corr is None else corr.rank, err.norm().item(),
+                _rel_out_err(err, w, stats[name]), _rel_out_err(after, w, stats[name]), time.perf_counter() - t0,
+            ))
+        if kept is not None:
+            kept |= {f"{prefix}.{i}.{n}": s for n, s in stats.items()}
+            inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs)]
+        else:
+            inputs = [(layer(h, **kw), kw) for h, kw in inputs]
+    return reports, kept

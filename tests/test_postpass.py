@@ -1,0 +1,111 @@
+"""The layer-sequential driver on tiny models: statistics, reconstruction, errors before work, evaluation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qaft.quant.apply import quantize_model, target_linears
+from qaft.quant.calibrate import collect
+from qaft.quant.evaluate import perplexity, windows_of
+from qaft.quant.fakequant import QuantLinear
+from qaft.quant.scheme import ActQuant, Granularity, QuantScheme, WeightQuant
+from qaft.trainer.config import ModelConfig
+from qaft.trainer.errors import ConfigError
+from qaft.trainer.model import load_model_and_tokenizer
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-opt"])
+def tiny(request):
+    torch.manual_seed(0)
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=request.param))
+    calib = torch.randint(0, 257, (6, 32), generator=torch.Generator().manual_seed(1))
+    return model, calib
+
+
+def test_layer_sequential_and_whole_model_calibration_give_the_same_statistics(tiny):
+    model, calib = tiny
+    scheme = QuantScheme()
+    targets = {}
+    for name, mod in model.named_modules():
+        if name.endswith("layers"):
+            for i, layer in enumerate(mod):
+                targets |= {f"{name}.{i}.{n}": m for n, m in target_linears(layer, f"{name}.{i}", scheme).items()}
+    with collect(targets) as whole:
+        for seq in calib:
+            model(input_ids=seq[None], use_cache=False)
+    _, sequential = quantize_model(copy.deepcopy(model), calib, scheme, None, 0, propagate="float", progress=False)
+    assert sequential.keys() == whole.keys() and len(whole) >= 12
+    for k in whole:
+        assert sequential[k].n_tokens == whole[k].n_tokens == 6 * 32
+        assert torch.allclose(sequential[k].xtx, whole[k].xtx, rtol=1e-5, atol=1e-6), k
+        assert torch.allclose(sequential[k].abs_mean_max, whole[k].abs_mean_max, rtol=1e-5, atol=1e-7), k
+
+
+def test_every_target_becomes_a_quant_linear_and_embeddings_and_head_stay_float(tiny):
+    model, calib = tiny
+    head, emb = model.get_output_embeddings().weight.clone(), model.get_input_embeddings().weight.clone()
+    reports, _ = quantize_model(model, calib, QuantScheme(), "lqer", 4, progress=False)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == len(reports) and all(r.rank == 4 for r in reports)
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear) and not isinstance(model.get_output_embeddings(), QuantLinear)
+    assert torch.equal(model.get_output_embeddings().weight, head) and torch.equal(model.get_input_embeddings().weight, emb)
+
+
+@pytest.mark.parametrize("method", ["lqer", "l2qer", "whiten"])
+def test_reconstruction_lowers_the_output_error_of_every_layer(tiny, method):
+    model, calib = tiny
+    reports, _ = quantize_model(model, calib, QuantScheme(weight=WeightQuant(bits=3)), method, 8, progress=False)
+    assert all(r.rel_output_error < r.rel_output_error_rtn for r in reports), [(r.name, r.rel_output_error, r.rel_output_error_rtn) for r in reports]
+
+
+def test_reconstruction_brings_logits_closer_to_float(tiny):
+    model, calib = tiny
+    ids = torch.randint(0, 257, (1, 48), generator=torch.Generator().manual_seed(9))
+    ref = model(ids).logits
+    scheme = QuantScheme(weight=WeightQuant(bits=3))
+    dist = {}
+    for method in (None, "whiten"):
+        m = copy.deepcopy(model)
+        quantize_model(m, calib, scheme, method, 16, progress=False)
+        dist[method] = (m(ids).logits - ref).norm().item()
+    assert dist["whiten"] < dist[None]
+
+
+def test_full_rank_correction_restores_the_float_model_without_activation_quant(tiny):
+    model, calib = tiny
+    ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(3))
+    ref = model(ids).logits
+    m = copy.deepcopy(model)
+    square = QuantScheme(weight=WeightQuant(bits=2), targets=(r"(q_proj|o_proj|out_proj)$",))  # 64 x 64: rank 64 is full
+    reports, _ = quantize_model(m, calib, square, "lqer", 64, progress=False)
+    assert len(reports) == 4
+    assert torch.allclose(m(ids).logits, ref, atol=1e-4)
+    a8 = copy.deepcopy(model)
+    quantize_model(a8, calib, QuantScheme(weight=WeightQuant(bits=8), activation=ActQuant(bits=8)), None, 0, progress=False)
+    out = a8(ids).logits
+    assert not torch.equal(out, ref) and (out - ref).norm() / ref.norm() < 0.05  # W8A8: close, not exact
+
+
+def test_bad_schemes_fail_before_any_work_naming_the_layer(tiny):
+    model, calib = tiny
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"quant\.weight\.group_size: 48 does not divide the input width 64 of model\.(decoder\.)?layers\.0\."):
+        quantize_model(model, calib, QuantScheme(weight=WeightQuant(granularity=Granularity.GROUP, group_size=48)), None, 0, progress=False)
+    with pytest.raises(ConfigError, match=r"postpass\.rank: 100 exceeds min\(out, in\) = \d+ of model\."):
+        quantize_model(model, calib, QuantScheme(), "lqer", 100, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing was touched
+
+
+def test_perplexity_follows_the_window_protocol(tiny):
+    model, _ = tiny
+    ids = torch.randint(0, 257, (1000,), generator=torch.Generator().manual_seed(4))
+    r = perplexity(model, ids, seq_len=64, windows=3, progress=False)
+    assert r.windows == 3 and r.tokens == 3 * 63
+    w = windows_of(ids, 64, 3)
+    logits = torch.cat([model(x[None]).logits[0, :-1] for x in w])
+    expect = torch.nn.functional.cross_entropy(logits, torch.cat([x[1:] for x in w])).exp().item()
+    assert r.ppl == pytest.approx(expect, rel=1e-5)
+    assert perplexity(model, ids, seq_len=64, windows=None, progress=False).windows == 1000 // 64
