@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 
 PENDING = {
     "quantize": ("quantize (and reconstruct) a model or a run's final/ folder", 3),
-    "eval": ("perplexity of float, quantized and reconstructed models", 3),
     "export": ("packed int4 checkpoint + PEFT adapter, GGUF", 4),
     "run": ("train → quantize → export → eval → report, resumable by stage", 8),
     "doctor": ("check a config and the environment before any work", 8),
@@ -32,6 +31,19 @@ def _train(args: argparse.Namespace) -> int:
     from .loop import fit
 
     fit(load_config(args.config, args.overrides), overwrite=args.overwrite)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from qaft.quant.compare import compare, parse_methods, table, write_json
+
+    from .config import load_config
+
+    methods = parse_methods(args.methods)
+    report = compare(load_config(args.config, args.overrides), methods)
+    print(table(report))
+    if args.json:
+        write_json(report, args.json)
     return 0
 
 
@@ -57,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verb("train", "LoRA fine-tuning with the configured callbacks", _train)
     train.add_argument("--overwrite", action="store_true", help="replace a previous run's checkpoints and final/ in output_dir")
+    ev = verb("eval", "WikiText-2 perplexity of the float model and of post-pass methods", _eval)
+    ev.add_argument("--methods", default="fp,rtn", help="comma list of fp, rtn, lqer, l2qer, whiten (default fp,rtn)")
+    ev.add_argument("--json", metavar="PATH", help='also write {"protocol": {...}, "results": {method: {"ppl", "seconds", ...}}}')
     for name, (help, issue) in PENDING.items():
         verb(name, f"{help} (not available yet)", _pending(name, issue))
     return p

@@ -146,8 +146,8 @@ class PostpassConfig:
 
     quantizer: Literal["rtn", "gptq"] = "rtn"
     """Weight quantizer."""
-    reconstructor: Literal["none", "lqer", "l2qer", "aser"] = "l2qer"
-    """Low-rank error reconstruction method."""
+    reconstructor: Literal["none", "lqer", "l2qer", "whiten"] = "l2qer"
+    """Low-rank error reconstruction: ``lqer`` (plain SVD), ``l2qer`` (activation-scaled SVD), ``whiten`` (ASER's whitening SVD)."""
     rank: Annotated[int, Ge(0)] = 32
     """Rank of the correction factors per layer."""
     calibration_path: str | None = None

@@ -1,0 +1,114 @@
+"""``qaft eval``: perplexity of the float model and of every requested post-pass method, on one protocol.
+
+Loads the float model once; each method quantizes its own copy (layer-sequential, so each
+method's later layers calibrate on its own quantized outputs), then all are evaluated on the same
+windows. Calibration takes the first ``calibration_samples × calibration_seq_len`` tokens of the
+calibration text (deterministic, so no seed is involved), which must not be the evaluation text.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qaft.trainer.config import Config, DataConfig
+from qaft.trainer.errors import ConfigError, DataError
+
+from .apply import quantize_model
+from .evaluate import perplexity, token_stream, windows_of
+
+METHODS: dict[str, str | None] = {"fp": None, "rtn": None, "lqer": "lqer", "l2qer": "l2qer", "whiten": "whiten"}
+"""Method name → reconstructor (``fp`` is the float model; ``rtn`` quantizes without a correction)."""
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        from qaft.trainer.typed import suggest
+
+        raise ConfigError([f"--methods: unknown method {m!r}{suggest(m, METHODS)}" for m in bad] or ["--methods: give at least one method"])
+    return names
+
+
+def calibration_ids(cfg: Config, tokenizer: Any) -> torch.Tensor:
+    """``[calibration_samples, calibration_seq_len]`` ids from the start of the calibration text."""
+    p = cfg.postpass
+    path = p.calibration_path or cfg.data.path
+    if Path(path).is_file():
+        ids = token_stream(path, tokenizer)
+    else:
+        from qaft.trainer.data import load_documents
+
+        docs = load_documents(DataConfig(path=path, text_column=cfg.data.text_column))
+        ids = torch.tensor(tokenizer("\n\n".join(docs[cfg.data.text_column]), add_special_tokens=False)["input_ids"])
+    if ids.numel() < p.calibration_samples * p.calibration_seq_len:
+        raise DataError(f"postpass.calibration_path: {path!r} has {ids.numel()} tokens, fewer than {p.calibration_samples} x {p.calibration_seq_len}")
+    return windows_of(ids, p.calibration_seq_len, p.calibration_samples)
+
+
+def check_inputs(cfg: Config) -> Path:
+    if cfg.eval.path is None:
+        raise ConfigError("eval.path: not set; give the evaluation text, e.g. eval.path=../shared/data/wikitext-2-raw/wiki.test.raw")
+    path = Path(cfg.eval.path)
+    if not path.is_file():
+        raise DataError(f"eval.path: file {cfg.eval.path!r} does not exist")
+    cal = cfg.postpass.calibration_path or cfg.data.path
+    if Path(cal).is_file() and Path(cal).resolve() == path.resolve():
+        raise ConfigError("postpass.calibration_path: the calibration text is the evaluation text; calibrate on other data (e.g. WikiText-2 validation)")
+    return path
+
+
+def compare(cfg: Config, methods: list[str], *, progress: bool = True) -> dict[str, Any]:
+    from qaft.trainer.model import load_model_and_tokenizer
+
+    eval_path = check_inputs(cfg)
+    model, tok = load_model_and_tokenizer(cfg.model)
+    eval_ids = token_stream(eval_path, tok)
+    calib = calibration_ids(cfg, tok) if any(METHODS[m] is not None or m == "rtn" for m in methods) else None
+    results: dict[str, Any] = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        mm = model if m == "fp" else copy.deepcopy(model)
+        layers = []
+        if m != "fp":
+            reports, _ = quantize_model(mm, calib, cfg.quant, METHODS[m], cfg.postpass.rank, progress=progress)
+            layers = [asdict(r) for r in reports]
+        postpass_s = time.perf_counter() - t0
+        r = perplexity(mm, eval_ids, cfg.eval.seq_len, cfg.eval.windows, progress=progress)
+        results[m] = {"ppl": r.ppl, "seconds": postpass_s + r.seconds, "postpass_seconds": postpass_s, "eval_seconds": r.seconds, "layers": layers}
+        if m != "fp":
+            del mm
+    return {
+        "protocol": {
+            "model": cfg.model.name_or_path, "eval_path": str(eval_path), "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens,
+            "scheme": cfg.quant.label, "rank": cfg.postpass.rank,
+            "calibration": {"path": cfg.postpass.calibration_path or cfg.data.path, "samples": cfg.postpass.calibration_samples, "seq_len": cfg.postpass.calibration_seq_len},
+        },
+        "results": results,
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    p = report["protocol"]
+    fp = report["results"].get("fp", {}).get("ppl")
+    rtn = report["results"].get("rtn", {}).get("ppl")
+    head = (f"WikiText-2 perplexity | {p['model']} | {p['scheme']}, rank {p['rank']} | {p['windows']} windows x {p['seq_len']} tokens | "
+            f"calibration {p['calibration']['samples']} x {p['calibration']['seq_len']} from {p['calibration']['path']}")
+    rows = [head, f"{'method':<8}{'ppl':>10}{'gap closed':>12}{'seconds':>10}"]
+    for m, r in report["results"].items():
+        closed = "" if fp is None or rtn is None or m in ("fp", "rtn") or rtn == fp else f"{(rtn - r['ppl']) / (rtn - fp):>11.0%}"
+        rows.append(f"{m:<8}{r['ppl']:>10.2f}{closed:>12}{r['seconds']:>10.1f}")
+    return "\n".join(rows)
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    slim = {"protocol": report["protocol"], "results": {m: {k: v for k, v in r.items()} for m, r in report["results"].items()}}
+    Path(path).write_text(json.dumps(slim, indent=2))
