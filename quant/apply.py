@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import aser, l2qer, lqer  # noqa: F401  (register the reconstructors)
 from .calibrate import LayerStats, collect
 from .fakequant import QuantLinear
-from .lowrank import RECONSTRUCTORS
+from .lowrank import RECONSTRUCTORS, LowRank
 from .rtn import quantize_weight
 from .scheme import QuantScheme
 
@@ -43,6 +43,7 @@ class LayerReport:
     rel_output_error: float
     """The same after the correction (equal to the RTN figure without one)."""
     seconds: float
+    """Quantize + reconstruct time of this Linear (no calibration forward, no telemetry)."""
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -112,12 +113,10 @@ def seq_check(seen: list, n: int) -> list:
     return seen
 
 
-def _rel_out_err(e: torch.Tensor, w: torch.Tensor, st: LayerStats) -> float:
-    """``‖X Eᵀ‖ / ‖X Wᵀ‖`` from the statistics alone: ``tr(E XᵀX Eᵀ)``."""
-    e, w = e.to(torch.float64), w.to(torch.float64)
-    num = (e @ st.xtx * e).sum().clamp(min=0).sqrt()
-    den = (w @ st.xtx * w).sum().clamp(min=1e-300).sqrt()
-    return (num / den).item()
+def _out_norm(m: torch.Tensor, xtx32: torch.Tensor) -> float:
+    """``‖X mᵀ‖_F`` from the statistics alone: ``sqrt(tr(m XᵀX mᵀ))`` (float32: telemetry, not maths)."""
+    m = m.float()
+    return (m @ xtx32 * m).sum().clamp(min=0).sqrt().item()
 
 
 def _set(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
@@ -128,7 +127,7 @@ def _set(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(
     model: torch.nn.Module, calibration: torch.Tensor, scheme: QuantScheme, reconstructor: str | None, rank: int,
-    *, propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
+    *, randomized_svd: bool = False, propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
 ) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
     """Quantize every target Linear of ``model`` in place. ``calibration``: ``[n, seq_len]`` token ids.
 
@@ -141,6 +140,7 @@ def quantize_model(
     prefix, layers = decoder_layers(model)
     inputs = capture_inputs(model, layers[0], calibration)
     reports, kept = [], {} if propagate == "float" else None
+    lowrank = LowRank(rank, randomized=randomized_svd)
     for i, layer in enumerate(tqdm(layers, desc="post-pass (layers)", disable=not progress, leave=False)):
         targets = target_linears(layer, f"{prefix}.{i}", scheme)
         with collect(targets) as stats:
@@ -150,12 +150,16 @@ def quantize_model(
             w = lin.weight.data
             q = quantize_weight(w, scheme.weight)
             err = w - q.dequant
-            corr = RECONSTRUCTORS[reconstructor](err, stats[name], rank) if reconstructor else None
+            corr = RECONSTRUCTORS[reconstructor](err, stats[name], lowrank) if reconstructor else None
             after = err if corr is None else err - corr.matrix().to(err.dtype)
             _set(layer, name, QuantLinear(q.dequant, lin.bias, scheme.activation, corr))
+            seconds = time.perf_counter() - t0
+            xtx32 = stats[name].xtx.float()
+            ref = max(_out_norm(w, xtx32), 1e-30)
+            before_err = _out_norm(err, xtx32) / ref
             reports.append(LayerReport(
                 f"{prefix}.{i}.{name}", tuple(w.shape), 0 if corr is None else corr.rank, err.norm().item(),
-                _rel_out_err(err, w, stats[name]), _rel_out_err(after, w, stats[name]), time.perf_counter() - t0,
+                before_err, before_err if corr is None else _out_norm(after, xtx32) / ref, seconds,
             ))
         if kept is not None:
             kept |= {f"{prefix}.{i}.{n}": s for n, s in stats.items()}

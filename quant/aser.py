@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .calibrate import LayerStats
-from .lowrank import Correction, as_correction, register, truncated
+from .lowrank import Correction, LowRank, as_correction, register, truncated
 
 
 def cholesky_with_jitter(c: torch.Tensor) -> torch.Tensor:
@@ -31,9 +31,9 @@ def cholesky_with_jitter(c: torch.Tensor) -> torch.Tensor:
     raise ValueError("input covariance is not positive definite even with jitter 1e3·mean(diag); calibrate on more tokens")
 
 
-def reconstruct(error: torch.Tensor, stats: LayerStats, rank: int) -> Correction:
+def reconstruct(error: torch.Tensor, stats: LayerStats, cfg: LowRank) -> Correction:
     l = cholesky_with_jitter(stats.covariance)
-    u, s, vh = truncated(error.to(torch.float64) @ l, rank)
+    u, s, vh = truncated(error.to(torch.float64) @ l, cfg)
     b = torch.linalg.solve_triangular(l, vh, upper=False, left=False)  # B L = V_kᵀ
     return as_correction(u * s, b, error)
 

@@ -78,7 +78,7 @@ def compare(cfg: Config, methods: list[str], *, progress: bool = True) -> dict[s
         mm = model if m == "fp" else copy.deepcopy(model)
         layers = []
         if m != "fp":
-            reports, _ = quantize_model(mm, calib, cfg.quant, METHODS[m], cfg.postpass.rank, progress=progress)
+            reports, _ = quantize_model(mm, calib, cfg.quant, METHODS[m], cfg.postpass.rank, randomized_svd=cfg.postpass.randomized_svd, progress=progress)
             layers = [asdict(r) for r in reports]
         postpass_s = time.perf_counter() - t0
         r = perplexity(mm, eval_ids, cfg.eval.seq_len, cfg.eval.windows, progress=progress)
@@ -88,7 +88,7 @@ def compare(cfg: Config, methods: list[str], *, progress: bool = True) -> dict[s
     return {
         "protocol": {
             "model": cfg.model.name_or_path, "eval_path": str(eval_path), "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens,
-            "scheme": cfg.quant.label, "rank": cfg.postpass.rank,
+            "scheme": cfg.quant.label, "rank": cfg.postpass.rank, "svd": "randomized" if cfg.postpass.randomized_svd else "exact",
             "calibration": {"path": cfg.postpass.calibration_path or cfg.data.path, "samples": cfg.postpass.calibration_samples, "seq_len": cfg.postpass.calibration_seq_len},
         },
         "results": results,

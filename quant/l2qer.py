@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .calibrate import LayerStats
-from .lowrank import Correction, as_correction, register, truncated
+from .lowrank import Correction, LowRank, as_correction, register, truncated
 
 
 def activation_scale(stats: LayerStats) -> torch.Tensor:
@@ -20,9 +20,9 @@ def activation_scale(stats: LayerStats) -> torch.Tensor:
     return s / torch.sqrt(s.min() * s.max())
 
 
-def reconstruct(error: torch.Tensor, stats: LayerStats, rank: int) -> Correction:
+def reconstruct(error: torch.Tensor, stats: LayerStats, cfg: LowRank) -> Correction:
     s = activation_scale(stats)
-    u, sv, vh = truncated(error.to(torch.float64) * s, rank)
+    u, sv, vh = truncated(error.to(torch.float64) * s, cfg)
     return as_correction(u * sv, vh / s, error)
 
 

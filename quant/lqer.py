@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 from .calibrate import LayerStats
-from .lowrank import Correction, as_correction, register, truncated
+from .lowrank import Correction, LowRank, as_correction, register, truncated
 
 
-def reconstruct(error: torch.Tensor, stats: LayerStats | None, rank: int) -> Correction:
-    u, s, vh = truncated(error, rank)
+def reconstruct(error: torch.Tensor, stats: LayerStats | None, cfg: LowRank) -> Correction:
+    u, s, vh = truncated(error, cfg)
     return as_correction(u * s, vh, error)
 
 
