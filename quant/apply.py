@@ -152,7 +152,7 @@ def quantize_model(
             err = w - q.dequant
             corr = RECONSTRUCTORS[reconstructor](err, stats[name], lowrank) if reconstructor else None
             after = err if corr is None else err - corr.matrix().to(err.dtype)
-            _set(layer, name, QuantLinear(q.dequant, lin.bias, scheme.activation, corr))
+            _set(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr))
             seconds = time.perf_counter() - t0
             xtx32 = stats[name].xtx.float()
             ref = max(_out_norm(w, xtx32), 1e-30)

@@ -95,6 +95,29 @@ def compare(cfg: Config, methods: list[str], *, progress: bool = True) -> dict[s
     }
 
 
+def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) -> Path:
+    """``qaft quantize``: the configured post-pass on ``model.name_or_path``, saved with ``store.save_quantized``."""
+    from qaft.trainer.model import load_model_and_tokenizer
+
+    from .store import save_quantized
+
+    p = cfg.postpass
+    out = Path(p.output_dir or Path(cfg.training.output_dir) / "quantized")
+    if out.exists() and any(out.iterdir()) and not overwrite:  # checked again at save; this one costs nothing
+        raise ConfigError(f"postpass.output_dir: {out} already holds files; pass --overwrite to replace it or choose another folder")
+    model, tok = load_model_and_tokenizer(cfg.model)
+    calib = calibration_ids(cfg, tok)
+    rec = None if p.reconstructor == "none" else p.reconstructor
+    t0 = time.perf_counter()
+    reports, _ = quantize_model(model, calib, cfg.quant, rec, p.rank, randomized_svd=p.randomized_svd, progress=progress)
+    meta = {
+        "method": f"{p.quantizer}+{p.reconstructor}", "rank": p.rank if rec else 0, "source_model": cfg.model.name_or_path,
+        "calibration": {"path": p.calibration_path or cfg.data.path, "samples": p.calibration_samples, "seq_len": p.calibration_seq_len},
+        "seconds": time.perf_counter() - t0, "layers": [asdict(r) for r in reports],
+    }
+    return save_quantized(model, tok, out, cfg.quant, meta, overwrite=overwrite)
+
+
 def table(report: dict[str, Any]) -> str:
     p = report["protocol"]
     fp = report["results"].get("fp", {}).get("ppl")

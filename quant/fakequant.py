@@ -11,16 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from .lowrank import Correction
-from .rtn import fake_quant_activation
+from .rtn import QuantizedWeight, fake_quant_activation
 from .scheme import ActQuant
+
+STORED = ("codes", "scale", "zero", "bias", "lora_A", "lora_B")
+"""The buffers that define the layer; ``weight`` is derived from codes and scale (kept for speed)."""
 
 
 class QuantLinear(torch.nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: ActQuant, correction: Correction | None):
+    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant, correction: Correction | None):
         super().__init__()
+        weight = q.dequant
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.act = act
         self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("codes", q.codes.detach().clone())
+        self.register_buffer("scale", q.scale.detach().clone())
+        self.register_buffer("zero", None if q.zero is None else q.zero.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("lora_A", None if correction is None or correction.rank == 0 else correction.A.detach().clone())
         self.register_buffer("lora_B", None if correction is None or correction.rank == 0 else correction.B.detach().clone())

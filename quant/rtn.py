@@ -86,6 +86,15 @@ def quantize_weight(w: torch.Tensor, spec: WeightQuant) -> QuantizedWeight:
     )
 
 
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: WeightQuant) -> torch.Tensor:
+    """Inverse of ``quantize_weight``'s storage: codes (``[out, in]``) + scale/zero (``[rows, n_groups]``) → float ``[out, in]``."""
+    out, inp = codes.shape
+    n_groups = scale.shape[1]
+    g = codes.to(scale.dtype).reshape(scale.shape[0], n_groups, -1)
+    z = 0 if zero is None else zero.to(scale.dtype).unsqueeze(-1)
+    return ((g - z) * scale.unsqueeze(-1)).reshape(out, inp)
+
+
 def quant_step(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     """Δ for every weight, ``[out, in]``: the RTN grid spacing in that weight's row/group."""
     q = quantize_weight(w, spec)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qaft.quant.rtn import fake_quant_activation, quant_step, quantize_weight
+from qaft.quant.rtn import dequantize, fake_quant_activation, quant_step, quantize_weight
 from qaft.quant.scheme import ActGranularity, ActQuant, Granularity, WeightFormat, WeightQuant
 
 SPECS = [
@@ -107,3 +107,10 @@ def test_per_token_activation_quantization():
     assert torch.equal(fake_quant_activation(x, ActQuant(bits=None)), x)
     per_tensor = fake_quant_activation(x, ActQuant(bits=8, granularity=ActGranularity.TENSOR))
     assert (x - per_tensor)[1].abs().mean() > (x - y)[1].abs().mean()  # one outlier token hurts every token per-tensor
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
+def test_codes_and_scales_rebuild_the_dequantized_weight_exactly(spec):
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2)) * 0.05
+    q = quantize_weight(w, spec)
+    assert torch.equal(dequantize(q.codes, q.scale, q.zero, spec), q.dequant)

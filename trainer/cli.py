@@ -19,7 +19,6 @@ import warnings
 from typing import Callable, Sequence
 
 PENDING = {
-    "quantize": ("quantize (and reconstruct) a model or a run's final/ folder", 3),
     "export": ("packed int4 checkpoint + PEFT adapter, GGUF", 4),
     "run": ("train → quantize → export → eval → report, resumable by stage", 8),
     "doctor": ("check a config and the environment before any work", 8),
@@ -47,6 +46,21 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from qaft.quant.compare import quantize_and_save
+
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.postpass.quantizer != "rtn":
+        from .errors import PreflightError
+
+        raise PreflightError(f"postpass.quantizer: {cfg.postpass.quantizer!r} is not available yet (issue #11); use rtn")
+    out = quantize_and_save(cfg, overwrite=args.overwrite)
+    print(f"qaft quantize: {cfg.quant.label} + {cfg.postpass.reconstructor} (rank {cfg.postpass.rank}) written to {out}")
+    return 0
+
+
 def _pending(verb: str, issue: int) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from .errors import PreflightError
@@ -69,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verb("train", "LoRA fine-tuning with the configured callbacks", _train)
     train.add_argument("--overwrite", action="store_true", help="replace a previous run's checkpoints and final/ in output_dir")
+    qz = verb("quantize", "quantize + reconstruct a model or a run's final/ folder, save codes, scales and factors", _quantize)
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing postpass.output_dir")
     ev = verb("eval", "WikiText-2 perplexity of the float model and of post-pass methods", _eval)
     ev.add_argument("--methods", default="fp,rtn", help="comma list of fp, rtn, lqer, l2qer, whiten (default fp,rtn)")
     ev.add_argument("--json", metavar="PATH", help='also write {"protocol": {...}, "results": {method: {"ppl", "seconds", ...}}}')

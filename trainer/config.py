@@ -154,6 +154,8 @@ class PostpassConfig:
     """Randomized rank-(k+10) SVD (5-8x faster on SmolLM2, perplexity within 0.1% of the full SVD); false = full float64 SVD."""
     calibration_path: str | None = None
     """Calibration text; null = ``data.path``. Must not overlap the eval text."""
+    output_dir: str | None = None
+    """Where ``qaft quantize`` writes the quantized model; null = ``<training.output_dir>/quantized``."""
     calibration_samples: Annotated[int, Ge(1)] = 16
     """Calibration sequences."""
     calibration_seq_len: Annotated[int, Ge(8)] = 512

@@ -1,0 +1,97 @@
+"""qaft's own quantized-model folder: integer codes, scales and low-rank factors in safetensors.
+
+Layout (written atomically: ``.tmp-<name>`` then renamed)::
+
+    model.safetensors   float tensors of everything not quantized (embeddings, norms, head) and, for each
+                        quantized Linear ``<name>``: <name>.codes (int16), .scale, [.zero], [.bias], [.lora_A, .lora_B]
+    config.json         the Hugging Face model config (rebuilds the architecture offline)
+    tokenizer files
+    qaft_quant.json     format version, scheme, method, rank, calibration, per-layer telemetry, quantized names
+
+De-quantized weights are not stored: ``load_quantized`` rebuilds them from codes and scales
+(exactly, see ``rtn.dequantize``). The deployable export (compressed-tensors + PEFT adapter) is
+issue #4; this folder is its input and a checkpoint of the post-pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qaft.trainer.errors import CheckpointError
+from qaft.trainer.typed import parse, to_plain
+
+from .fakequant import STORED, QuantLinear
+from .lowrank import Correction
+from .rtn import QuantizedWeight, dequantize
+from .scheme import QuantScheme
+
+META = "qaft_quant.json"
+FORMAT_VERSION = 1
+
+
+def save_quantized(model: torch.nn.Module, tokenizer: Any, path: str | Path, scheme: QuantScheme, meta: dict[str, Any], *, overwrite: bool) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"postpass.output_dir: {out} already holds files; pass --overwrite to replace it or choose another folder")
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not names:
+        raise CheckpointError("nothing to save: the model has no quantized layers")
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    derived = {f"{n}.weight" for n in names}
+    for key, t in model.state_dict().items():
+        if key in derived or t.data_ptr() in seen:  # de-quantized weights are rebuilt; tied tensors stored once
+            continue
+        seen.add(t.data_ptr())
+        tensors[key] = t.detach().contiguous()
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"))
+    model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    record = {"format_version": FORMAT_VERSION, "scheme": to_plain(scheme), "quantized": names, **meta}
+    (tmp / META).write_text(json.dumps(record, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Rebuild the fake-quantized model from a folder written by ``save_quantized``: ``(model, tokenizer, meta)``."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not (p / META).is_file():
+        raise CheckpointError(f"{p} is not a qaft quantized folder (no {META}); create one with `qaft quantize`")
+    meta = json.loads((p / META).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{p / META}: format_version {meta.get('format_version')!r}, this qaft reads {FORMAT_VERSION}")
+    scheme = parse(QuantScheme, meta["scheme"], "scheme")
+    tensors = load_file(str(p / "model.safetensors"))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
+    for name in meta["quantized"]:
+        get = lambda k: tensors.pop(f"{name}.{k}", None)  # noqa: E731
+        codes, scale, zero, bias, a, b = (get(k) for k in STORED)
+        q = QuantizedWeight(codes, scale, zero, dequantize(codes, scale, zero, scheme.weight))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, QuantLinear(q, bias, scheme.activation, None if a is None else Correction(a, b)))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    built = set(meta["quantized"])  # their buffers were set above, from the popped tensors
+    missing = [k for k in missing if k.rpartition(".")[0] not in built]
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{p}/model.safetensors does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), AutoTokenizer.from_pretrained(p), meta
