@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +26,17 @@ from .fakequant import QuantLinear
 from .lowrank import RECONSTRUCTORS, LowRank
 from .rtn import quantize_weight
 from .scheme import QuantScheme
+from .smooth import factors, smoothed_stats
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """ASER's activation smoothing (see ``smooth.py``); off unless given to ``quantize_model``."""
+
+    alpha: float = 0.5
+    outliers: int | None = None
+    extract: bool = False
+    """Reading (b): leave the smoothed outlier columns out of the quantized weight; the correction carries them."""
 
 
 class _Captured(Exception):
@@ -85,6 +97,62 @@ def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None
         raise ConfigError(sorted(set(problems))[:5] + ([f"... and {len(set(problems)) - 5} more"] if len(set(problems)) > 5 else []))
 
 
+@contextmanager
+def input_sources(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]):
+    """Yield ``{linear: (group_key, norm_name | None)}``: Linears fed the same tensor share a key, and
+    the norm that produced it (if any) is named, so smoothing can fold into it.
+
+    Read on the first forward; the tensors are held until the end, so identities cannot be reused."""
+    first_in: dict[str, torch.Tensor] = {}
+    first_out: dict[str, torch.Tensor] = {}
+    norms = {n: m for n, m in layer.named_modules() if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None}
+    def keep(store: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:  # a hook must return None,
+        store.setdefault(name, t)  # or torch replaces the module's input/output with what it returned
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: keep(first_in, n, args[0])) for n, m in targets.items()]
+    handles += [m.register_forward_hook(lambda mod, args, out, n=n: keep(first_out, n, out)) for n, m in norms.items()]
+    result: dict[str, tuple[int, str | None]] = {}
+    try:
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+    for n, x in first_in.items():
+        producer = next((norm for norm, out in first_out.items() if out is x), None)
+        result[n] = (id(x), producer)
+
+
+@torch.no_grad()
+def smooth_layer(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], stats: dict[str, LayerStats],
+                 sources: dict[str, tuple[int, str | None]], cfg: Smoothing) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Scale weight columns by f and fold 1/f into the producing norm.
+
+    Returns explicit input scales (Linears whose input no norm produced) and, with ``cfg.extract``,
+    the smoothed columns of each Linear to keep out of quantization."""
+    groups: dict[int, list[str]] = {}
+    for n in targets:
+        groups.setdefault(sources[n][0], []).append(n)
+    explicit, extracted = {}, {}
+    for members in groups.values():
+        st = stats[members[0]]
+        f = factors(st.abs_max, [targets[n].weight for n in members], cfg.alpha, cfg.outliers)
+        cols = torch.nonzero(f != 1).flatten()
+        for n in members:
+            targets[n].weight.mul_(f.to(targets[n].weight.dtype))
+            stats[n] = smoothed_stats(stats[n], f)
+            if cfg.extract and cfg.outliers is not None:
+                extracted[n] = cols
+        norm = sources[members[0]][1]
+        if norm is not None:
+            mod = layer.get_submodule(norm)
+            mod.weight.div_(f.to(mod.weight.dtype))
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.div_(f.to(mod.bias.dtype))
+        else:
+            explicit |= {n: (1.0 / f).to(targets[n].weight.dtype) for n in members}
+    return explicit, extracted
+
+
 @torch.no_grad()
 def capture_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, sequences: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     """``(hidden_states, kwargs)`` entering ``first_layer`` for each calibration sequence (batch of 1)."""
@@ -127,7 +195,8 @@ def _set(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(
     model: torch.nn.Module, calibration: torch.Tensor, scheme: QuantScheme, reconstructor: str | None, rank: int,
-    *, randomized_svd: bool = False, propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
+    *, randomized_svd: bool = False, smoothing: Smoothing | None = None,
+    propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
 ) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
     """Quantize every target Linear of ``model`` in place. ``calibration``: ``[n, seq_len]`` token ids.
 
@@ -143,16 +212,21 @@ def quantize_model(
     lowrank = LowRank(rank, randomized=randomized_svd)
     for i, layer in enumerate(tqdm(layers, desc="post-pass (layers)", disable=not progress, leave=False)):
         targets = target_linears(layer, f"{prefix}.{i}", scheme)
-        with collect(targets) as stats:
+        with collect(targets) as stats, input_sources(layer, targets) as sources:
             outputs = [layer(h, **kw) for h, kw in inputs]
+        explicit, extracted = smooth_layer(layer, targets, stats, sources, smoothing) if smoothing is not None else ({}, {})
         for name, lin in targets.items():
             t0 = time.perf_counter()
             w = lin.weight.data
-            q = quantize_weight(w, scheme.weight)
+            to_quantize = w
+            if name in extracted:  # reading (b): these columns are not quantized; the correction carries them whole
+                to_quantize = w.clone()
+                to_quantize[:, extracted[name]] = 0
+            q = quantize_weight(to_quantize, scheme.weight)
             err = w - q.dequant
             corr = RECONSTRUCTORS[reconstructor](err, stats[name], lowrank) if reconstructor else None
             after = err if corr is None else err - corr.matrix().to(err.dtype)
-            _set(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr))
+            _set(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr, explicit.get(name)))
             seconds = time.perf_counter() - t0
             xtx32 = stats[name].xtx.float()
             ref = max(_out_norm(w, xtx32), 1e-30)

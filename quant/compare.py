@@ -19,12 +19,23 @@ import torch
 
 from qaft.trainer.config import Config, DataConfig
 from qaft.trainer.errors import ConfigError, DataError
+from qaft.trainer.typed import to_plain
 
-from .apply import quantize_model
+from .apply import Smoothing, quantize_model
 from .evaluate import perplexity, token_stream, windows_of
 
-METHODS: dict[str, str | None] = {"fp": None, "rtn": None, "lqer": "lqer", "l2qer": "l2qer", "whiten": "whiten"}
-"""Method name → reconstructor (``fp`` is the float model; ``rtn`` quantizes without a correction)."""
+METHODS: dict[str, str | None] = {"fp": None, "rtn": None, "lqer": "lqer", "l2qer": "l2qer", "whiten": "whiten", "aser": "whiten"}
+"""Method name → reconstructor (``fp`` is the float model; ``rtn`` quantizes without a correction;
+``aser`` is the whitening SVD on activation-smoothed weights)."""
+
+
+def run_method(model: torch.nn.Module, calib: torch.Tensor, cfg: Config, method: str, progress: bool):
+    """Quantize ``model`` in place with ``method`` under the config's scheme, rank and smoothing."""
+    sm = cfg.postpass.smoothing
+    smoothing = Smoothing(sm.alpha, sm.outliers, sm.extract) if method == "aser" else None
+    reports, _ = quantize_model(model, calib, cfg.quant, METHODS[method], cfg.postpass.rank, randomized_svd=cfg.postpass.randomized_svd,
+                                smoothing=smoothing, progress=progress)
+    return reports
 
 
 def parse_methods(text: str) -> list[str]:
@@ -78,8 +89,7 @@ def compare(cfg: Config, methods: list[str], *, progress: bool = True) -> dict[s
         mm = model if m == "fp" else copy.deepcopy(model)
         layers = []
         if m != "fp":
-            reports, _ = quantize_model(mm, calib, cfg.quant, METHODS[m], cfg.postpass.rank, randomized_svd=cfg.postpass.randomized_svd, progress=progress)
-            layers = [asdict(r) for r in reports]
+            layers = [asdict(r) for r in run_method(mm, calib, cfg, m, progress)]
         postpass_s = time.perf_counter() - t0
         r = perplexity(mm, eval_ids, cfg.eval.seq_len, cfg.eval.windows, progress=progress)
         results[m] = {"ppl": r.ppl, "seconds": postpass_s + r.seconds, "postpass_seconds": postpass_s, "eval_seconds": r.seconds, "layers": layers}
@@ -107,11 +117,12 @@ def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) ->
         raise ConfigError(f"postpass.output_dir: {out} already holds files; pass --overwrite to replace it or choose another folder")
     model, tok = load_model_and_tokenizer(cfg.model)
     calib = calibration_ids(cfg, tok)
-    rec = None if p.reconstructor == "none" else p.reconstructor
+    method = "rtn" if p.reconstructor == "none" else p.reconstructor
     t0 = time.perf_counter()
-    reports, _ = quantize_model(model, calib, cfg.quant, rec, p.rank, randomized_svd=p.randomized_svd, progress=progress)
+    reports = run_method(model, calib, cfg, method, progress)
     meta = {
-        "method": f"{p.quantizer}+{p.reconstructor}", "rank": p.rank if rec else 0, "source_model": cfg.model.name_or_path,
+        "method": f"{p.quantizer}+{p.reconstructor}", "rank": p.rank if method != "rtn" else 0, "source_model": cfg.model.name_or_path,
+        "smoothing": to_plain(p.smoothing) if method == "aser" else None,
         "calibration": {"path": p.calibration_path or cfg.data.path, "samples": p.calibration_samples, "seq_len": p.calibration_seq_len},
         "seconds": time.perf_counter() - t0, "layers": [asdict(r) for r in reports],
     }

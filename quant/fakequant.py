@@ -14,12 +14,13 @@ from .lowrank import Correction
 from .rtn import QuantizedWeight, fake_quant_activation
 from .scheme import ActQuant
 
-STORED = ("codes", "scale", "zero", "bias", "lora_A", "lora_B")
+STORED = ("codes", "scale", "zero", "bias", "lora_A", "lora_B", "input_scale")
 """The buffers that define the layer; ``weight`` is derived from codes and scale (kept for speed)."""
 
 
 class QuantLinear(torch.nn.Module):
-    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant, correction: Correction | None):
+    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant, correction: Correction | None,
+                 input_scale: torch.Tensor | None = None):
         super().__init__()
         weight = q.dequant
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -31,8 +32,12 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("lora_A", None if correction is None or correction.rank == 0 else correction.A.detach().clone())
         self.register_buffer("lora_B", None if correction is None or correction.rank == 0 else correction.B.detach().clone())
+        # 1/f of activation smoothing when it could not be folded into a preceding norm (``[in]``)
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
         y = F.linear(fake_quant_activation(x, self.act), self.weight, self.bias)
         if self.lora_A is not None:
             y = y + F.linear(F.linear(x, self.lora_B), self.lora_A)

@@ -82,10 +82,11 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Any, dict[str, An
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
     for name in meta["quantized"]:
         get = lambda k: tensors.pop(f"{name}.{k}", None)  # noqa: E731
-        codes, scale, zero, bias, a, b = (get(k) for k in STORED)
+        codes, scale, zero, bias, a, b, input_scale = (get(k) for k in STORED)
         q = QuantizedWeight(codes, scale, zero, dequantize(codes, scale, zero, scheme.weight))
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, QuantLinear(q, bias, scheme.activation, None if a is None else Correction(a, b)))
+        corr = None if a is None else Correction(a, b)
+        setattr(model.get_submodule(parent), leaf, QuantLinear(q, bias, scheme.activation, corr, input_scale))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     built = set(meta["quantized"])  # their buffers were set above, from the popped tensors
     missing = [k for k in missing if k.rpartition(".")[0] not in built]

@@ -109,3 +109,60 @@ def test_perplexity_follows_the_window_protocol(tiny):
     expect = torch.nn.functional.cross_entropy(logits, torch.cat([x[1:] for x in w])).exp().item()
     assert r.ppl == pytest.approx(expect, rel=1e-5)
     assert perplexity(model, ids, seq_len=64, windows=None, progress=False).windows == 1000 // 64
+
+
+def test_smoothing_groups_by_shared_input_and_folds_into_the_producing_norm(tiny):
+    from qaft.quant.apply import Smoothing, decoder_layers, input_sources
+
+    model, calib = tiny
+    prefix, layers = decoder_layers(model)
+    layer = layers[0]
+    targets = target_linears(layer, f"{prefix}.0", QuantScheme())
+    captured = __import__("qaft.quant.apply", fromlist=["capture_inputs"]).capture_inputs(model, layer, calib[:1])
+    with input_sources(layer, targets) as src:
+        layer(captured[0][0], **captured[0][1])
+    groups = {}
+    for n, (key, norm) in src.items():
+        groups.setdefault((key, norm), set()).add(n.rsplit(".", 1)[-1])
+    by_members = {frozenset(m): norm for (_, norm), m in groups.items()}
+    if "mlp.gate_proj" in targets:  # llama
+        assert by_members == {frozenset({"q_proj", "k_proj", "v_proj"}): "input_layernorm", frozenset({"o_proj"}): None,
+                              frozenset({"gate_proj", "up_proj"}): "post_attention_layernorm", frozenset({"down_proj"}): None}
+    else:  # opt
+        assert by_members == {frozenset({"q_proj", "k_proj", "v_proj"}): "self_attn_layer_norm", frozenset({"out_proj"}): None,
+                              frozenset({"fc1"}): "final_layer_norm", frozenset({"fc2"}): None}
+
+
+def test_smoothing_alone_leaves_the_function_unchanged(tiny):
+    """With 16-bit weights and float activations, smoothing is an exact re-parametrisation."""
+    from qaft.quant.apply import Smoothing
+
+    model, calib = tiny
+    model = model.double()
+    ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(3))
+    ref = model(ids).logits
+    fine = QuantScheme(weight=WeightQuant(bits=8, granularity=Granularity.TENSOR))
+    plain, smooth = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_model(plain, calib, fine, "lqer", 32, progress=False)
+    quantize_model(smooth, calib, fine, "lqer", 32, smoothing=Smoothing(alpha=0.5), progress=False)
+    # not bit-equal (the grid moves with the scaled columns), but both are within 8-bit noise of float
+    assert (smooth(ids).logits - ref).norm() / ref.norm() < 0.02
+
+
+def test_smoothing_lowers_w4a8_output_error_on_outlier_activations(tiny):
+    from qaft.quant.apply import Smoothing
+
+    model, calib = tiny
+    with torch.no_grad():  # plant LLM-like outlier channels: a norm weight with a few huge entries
+        for n, m in model.named_modules():
+            if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+                m.weight[[3, 17, 40]] *= 30
+    ids = torch.randint(0, 257, (1, 64), generator=torch.Generator().manual_seed(5))
+    ref = model(ids).logits
+    w4a8 = QuantScheme(weight=WeightQuant(bits=4), activation=ActQuant(bits=8))
+    errs = {}
+    for name, sm in (("whiten", None), ("aser", Smoothing(alpha=0.5, outliers=3, extract=True))):
+        m = copy.deepcopy(model)
+        quantize_model(m, calib, w4a8, "whiten", 8, smoothing=sm, progress=False)
+        errs[name] = ((m(ids).logits - ref).norm() / ref.norm()).item()
+    assert errs["aser"] < errs["whiten"], errs

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz = verb("quantize", "quantize + reconstruct a model or a run's final/ folder, save codes, scales and factors", _quantize)
     qz.add_argument("--overwrite", action="store_true", help="replace an existing postpass.output_dir")
     ev = verb("eval", "WikiText-2 perplexity of the float model and of post-pass methods", _eval)
-    ev.add_argument("--methods", default="fp,rtn", help="comma list of fp, rtn, lqer, l2qer, whiten (default fp,rtn)")
+    ev.add_argument("--methods", default="fp,rtn", help="comma list of fp, rtn, lqer, l2qer, whiten, aser (default fp,rtn)")
     ev.add_argument("--json", metavar="PATH", help='also write {"protocol": {...}, "results": {method: {"ppl", "seconds", ...}}}')
     for name, (help, issue) in PENDING.items():
         verb(name, f"{help} (not available yet)", _pending(name, issue))

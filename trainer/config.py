@@ -141,13 +141,25 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SmoothingConfig:
+    """ASER's activation smoothing, used by the ``aser`` method (see ``quant/smooth.py``)."""
+
+    alpha: Annotated[float, Ge(0.0), Le(1.0)] = 0.5
+    """Migration strength: ``f = max|x|^alpha / max|W|^(1-alpha)``."""
+    outliers: Annotated[int, Ge(1)] | None = 8
+    """Smooth only the N input channels with the largest ``max|x|``; null = every channel."""
+    extract: bool = True
+    """Leave the smoothed outlier columns out of the quantized weight; the low-rank correction carries them (needs ``outliers <= rank``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class PostpassConfig:
     """Used by ``qaft quantize`` (post-training quantization + low-rank error reconstruction)."""
 
     quantizer: Literal["rtn", "gptq"] = "rtn"
     """Weight quantizer."""
-    reconstructor: Literal["none", "lqer", "l2qer", "whiten"] = "l2qer"
-    """Low-rank error reconstruction: ``lqer`` (plain SVD), ``l2qer`` (activation-scaled SVD), ``whiten`` (ASER's whitening SVD)."""
+    reconstructor: Literal["none", "lqer", "l2qer", "whiten", "aser"] = "l2qer"
+    """Low-rank error reconstruction: ``lqer`` (plain SVD), ``l2qer`` (activation-scaled SVD), ``whiten`` (whitening SVD), ``aser`` (whitening + activation smoothing)."""
     rank: Annotated[int, Ge(0)] = 32
     """Rank of the correction factors per layer."""
     randomized_svd: bool = True
@@ -160,6 +172,13 @@ class PostpassConfig:
     """Calibration sequences."""
     calibration_seq_len: Annotated[int, Ge(8)] = 512
     """Tokens per calibration sequence."""
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    """Activation smoothing of the ``aser`` method."""
+
+    def __post_init__(self) -> None:
+        sm = self.smoothing
+        if self.reconstructor == "aser" and sm.extract and (sm.outliers is None or sm.outliers > self.rank):
+            raise ValueError(f"smoothing.outliers: got {sm.outliers}, expected at most rank ({self.rank}) when smoothing.extract is true: the correction must carry the extracted columns")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,7 +362,7 @@ def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 
 
 __all__ = [
-    "CallbackSpec", "Config", "DataConfig", "EvalConfig", "ExportConfig", "LoraSection", "ModelConfig",
+    "CallbackSpec", "Config", "DataConfig", "SmoothingConfig", "EvalConfig", "ExportConfig", "LoraSection", "ModelConfig",
     "PostpassConfig", "TrainingConfig", "apply_overrides", "config_from_dict", "diff_configs", "dump_config",
     "load_config", "read_yaml", "suggest",
 ]
