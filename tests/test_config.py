@@ -61,6 +61,8 @@ def test_defaults_follow_the_protocol():
         (["quant.weight.bits=1"], r"^quant\.weight\.bits: got 1, expected a value >= 2$"),
         (["quant.version=2"], r"^quant\.version: got 2, expected 1"),
         (["training=3"], r"^training: got int 3, expected a mapping of TrainingConfig keys$"),
+        (["postpass.reconstructor=aser", "postpass.rank=2"], r"^postpass\.smoothing\.outliers: got 4, expected at most rank \(2\) when smoothing\.extract is true"),
+        (["postpass.reconstructor=aser", "postpass.smoothing.outliers=null"], r"^postpass\.smoothing\.outliers: got None, expected at most rank"),
         (["foo"], r"^override 'foo': expected KEY=VALUE"),
         (["=3"], r"^override '=3': expected KEY=VALUE"),
         (["lora..r=3"], r"^override 'lora\.\.r=3': expected KEY=VALUE"),

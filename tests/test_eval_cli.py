@@ -33,11 +33,11 @@ def argv(texts, *extra):
 
 def test_eval_prints_the_protocol_and_writes_the_json_contract(texts, capsys):
     out = texts / "r.json"
-    assert main([*argv(texts, "training.seed=0"), "--methods", "fp,rtn,lqer,whiten", "--json", str(out)]) == 0
+    assert main([*argv(texts, "training.seed=0", "postpass.smoothing.outliers=4"), "--methods", "fp,rtn,lqer,whiten,aser", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "3 windows x 64 tokens" in printed and "W4 per-channel sym, rank 4" in printed and "calibration 4 x 64" in printed
     report = json.loads(out.read_text())
-    assert list(report["results"]) == ["fp", "rtn", "lqer", "whiten"]
+    assert list(report["results"]) == ["fp", "rtn", "lqer", "whiten", "aser"]
     assert report["protocol"]["windows"] == 3 and report["protocol"]["tokens"] == 3 * 63
     assert all(isinstance(r["ppl"], float) and r["seconds"] > 0 for r in report["results"].values())
     assert len(report["results"]["lqer"]["layers"]) == 2 * 7 and report["results"]["fp"]["layers"] == []

@@ -67,6 +67,22 @@ def test_qaft_quantize_cli_writes_and_refuses_to_clobber(tmp_path, capsys):
     assert "not available yet (issue #11)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_aser_models_round_trip_with_folded_norms_and_input_scales(tmp_path, name):
+    from qaft.quant.apply import Smoothing
+    from qaft.quant.scheme import ActQuant
+
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=name))
+    calib = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(1))
+    scheme = QuantScheme(activation=ActQuant(bits=8))
+    quantize_model(model, calib, scheme, "whiten", 8, smoothing=Smoothing(0.5, 4, True), progress=False)
+    assert any(m.input_scale is not None for m in model.modules() if isinstance(m, QuantLinear))  # o_proj / down_proj / fc2
+    loaded, tok2, _ = load_quantized(save_quantized(model, tok, tmp_path / "q", scheme, {}, overwrite=False))
+    ids = tok2("smooth me", return_tensors="pt").input_ids
+    assert torch.equal(loaded(ids).logits, model(ids).logits)  # folded norm weights and input scales both travel
+
+
 def test_loading_a_folder_that_is_not_ours_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"is not a qaft quantized folder \(no qaft_quant\.json\); create one with `qaft quantize`"):
         load_quantized(tmp_path)

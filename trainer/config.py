@@ -146,7 +146,7 @@ class SmoothingConfig:
 
     alpha: Annotated[float, Ge(0.0), Le(1.0)] = 0.5
     """Migration strength: ``f = max|x|^alpha / max|W|^(1-alpha)``."""
-    outliers: Annotated[int, Ge(1)] | None = 8
+    outliers: Annotated[int, Ge(1)] | None = 4
     """Smooth only the N input channels with the largest ``max|x|``; null = every channel."""
     extract: bool = True
     """Leave the smoothed outlier columns out of the quantized weight; the low-rank correction carries them (needs ``outliers <= rank``)."""
