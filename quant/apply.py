@@ -25,7 +25,7 @@ from .calibrate import LayerStats, collect
 from .fakequant import QuantLinear
 from .lowrank import RECONSTRUCTORS, LowRank
 from .rtn import quantize_weight
-from .scheme import QuantScheme
+from .scheme import Granularity, QuantScheme, WeightFormat
 from .smooth import factors, smoothed_stats
 
 
@@ -86,7 +86,7 @@ def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None
     for i, layer in enumerate(layers):
         for name, lin in target_linears(layer, f"{prefix}.{i}", scheme).items():
             w = lin.in_features
-            needs_group = scheme.weight.format.value == "mxint" or scheme.weight.granularity.value == "group"
+            needs_group = scheme.weight.format is WeightFormat.MXINT or scheme.weight.granularity is Granularity.GROUP
             if needs_group and w % scheme.weight.group_size:
                 problems.append(f"quant.weight.group_size: {scheme.weight.group_size} does not divide the input width {w} of {prefix}.{i}.{name}")
             if rank > min(lin.in_features, lin.out_features):
@@ -172,12 +172,8 @@ def capture_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, sequenc
                 pass
     finally:
         h.remove()
-    return seq_check(seen, len(sequences))
-
-
-def seq_check(seen: list, n: int) -> list:
-    if len(seen) != n:
-        raise RuntimeError(f"captured {len(seen)} layer inputs for {n} sequences")
+    if len(seen) != len(sequences):
+        raise RuntimeError(f"captured {len(seen)} layer inputs for {len(sequences)} sequences")
     return seen
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +24,30 @@ from qaft.trainer.typed import to_plain
 from .apply import Smoothing, quantize_model
 from .evaluate import perplexity, token_stream, windows_of
 
-METHODS: dict[str, str | None] = {"fp": None, "rtn": None, "lqer": "lqer", "l2qer": "l2qer", "whiten": "whiten", "aser": "whiten"}
-"""Method name → reconstructor (``fp`` is the float model; ``rtn`` quantizes without a correction;
-``aser`` is the whitening SVD on activation-smoothed weights)."""
+@dataclass(frozen=True)
+class Method:
+    quantize: bool
+    reconstructor: str | None = None
+    smooth: bool = False
 
 
-def run_method(model: torch.nn.Module, calib: torch.Tensor, cfg: Config, method: str, progress: bool):
-    """Quantize ``model`` in place with ``method`` under the config's scheme, rank and smoothing."""
-    sm = cfg.postpass.smoothing
-    smoothing = Smoothing(sm.alpha, sm.outliers, sm.extract) if method == "aser" else None
-    reports, _ = quantize_model(model, calib, cfg.quant, METHODS[method], cfg.postpass.rank, randomized_svd=cfg.postpass.randomized_svd,
-                                smoothing=smoothing, progress=progress)
+METHODS: dict[str, Method] = {
+    "fp": Method(quantize=False),
+    "rtn": Method(quantize=True),
+    "lqer": Method(True, "lqer"),
+    "l2qer": Method(True, "l2qer"),
+    "whiten": Method(True, "whiten"),
+    "aser": Method(True, "whiten", smooth=True),  # ASER = whitening SVD on activation-smoothed weights
+}
+
+
+def run_method(model: torch.nn.Module, calib: torch.Tensor, cfg: Config, method: str, progress: bool) -> list:
+    """Quantize ``model`` in place with ``method`` under the config's scheme, rank and smoothing; returns layer reports."""
+    spec, sm = METHODS[method], cfg.postpass.smoothing
+    reports, _ = quantize_model(
+        model, calib, cfg.quant, spec.reconstructor, cfg.postpass.rank, randomized_svd=cfg.postpass.randomized_svd,
+        smoothing=Smoothing(sm.alpha, sm.outliers, sm.extract) if spec.smooth else None, progress=progress,
+    )
     return reports
 
 
@@ -82,19 +95,16 @@ def compare(cfg: Config, methods: list[str], *, progress: bool = True) -> dict[s
     eval_path = check_inputs(cfg)
     model, tok = load_model_and_tokenizer(cfg.model)
     eval_ids = token_stream(eval_path, tok)
-    calib = calibration_ids(cfg, tok) if any(METHODS[m] is not None or m == "rtn" for m in methods) else None
+    calib = calibration_ids(cfg, tok) if any(METHODS[m].quantize for m in methods) else None
     results: dict[str, Any] = {}
     for m in methods:
         t0 = time.perf_counter()
-        mm = model if m == "fp" else copy.deepcopy(model)
-        layers = []
-        if m != "fp":
-            layers = [asdict(r) for r in run_method(mm, calib, cfg, m, progress)]
+        mm = copy.deepcopy(model) if METHODS[m].quantize else model
+        layers = [asdict(r) for r in run_method(mm, calib, cfg, m, progress)] if METHODS[m].quantize else []
         postpass_s = time.perf_counter() - t0
         r = perplexity(mm, eval_ids, cfg.eval.seq_len, cfg.eval.windows, progress=progress)
         results[m] = {"ppl": r.ppl, "seconds": postpass_s + r.seconds, "postpass_seconds": postpass_s, "eval_seconds": r.seconds, "layers": layers}
-        if m != "fp":
-            del mm
+        del mm
     return {
         "protocol": {
             "model": cfg.model.name_or_path, "eval_path": str(eval_path), "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens,
@@ -122,7 +132,7 @@ def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) ->
     reports = run_method(model, calib, cfg, method, progress)
     meta = {
         "method": f"{p.quantizer}+{p.reconstructor}", "rank": p.rank if method != "rtn" else 0, "source_model": cfg.model.name_or_path,
-        "smoothing": to_plain(p.smoothing) if method == "aser" else None,
+        "smoothing": to_plain(p.smoothing) if METHODS[method].smooth else None,
         "calibration": {"path": p.calibration_path or cfg.data.path, "samples": p.calibration_samples, "seq_len": p.calibration_seq_len},
         "seconds": time.perf_counter() - t0, "layers": [asdict(r) for r in reports],
     }
@@ -144,5 +154,4 @@ def table(report: dict[str, Any]) -> str:
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    slim = {"protocol": report["protocol"], "results": {m: {k: v for k, v in r.items()} for m, r in report["results"].items()}}
-    Path(path).write_text(json.dumps(slim, indent=2))
+    Path(path).write_text(json.dumps(report, indent=2))
