@@ -54,6 +54,8 @@ class LayerReport:
     """``‖X Eᵀ‖_F / ‖X Wᵀ‖_F`` on the calibration inputs, before the correction."""
     rel_output_error: float
     """The same after the correction (equal to the RTN figure without one)."""
+    kept_energy: float
+    """Share of the (scaled/whitened) error energy the rank-k factors keep; 0 without a correction."""
     seconds: float
     """Quantize + reconstruct time of this Linear (no calibration forward, no telemetry)."""
 
@@ -229,7 +231,7 @@ def quantize_model(
             before_err = _out_norm(err, xtx32) / ref
             reports.append(LayerReport(
                 f"{prefix}.{i}.{name}", tuple(w.shape), 0 if corr is None else corr.rank, err.norm().item(),
-                before_err, before_err if corr is None else _out_norm(after, xtx32) / ref, seconds,
+                before_err, before_err if corr is None else _out_norm(after, xtx32) / ref, 0.0 if corr is None else corr.kept_energy, seconds,
             ))
         if kept is not None:
             kept |= {f"{prefix}.{i}.{n}": s for n, s in stats.items()}

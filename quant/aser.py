@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .calibrate import LayerStats
-from .lowrank import Correction, LowRank, as_correction, register, truncated
+from .lowrank import Correction, LowRank, as_correction, kept_energy, register, truncated
 
 
 def cholesky_with_jitter(c: torch.Tensor) -> torch.Tensor:
@@ -33,9 +33,10 @@ def cholesky_with_jitter(c: torch.Tensor) -> torch.Tensor:
 
 def reconstruct(error: torch.Tensor, stats: LayerStats, cfg: LowRank) -> Correction:
     l = cholesky_with_jitter(stats.covariance)
-    u, s, vh = truncated(error.to(torch.float64) @ l, cfg)
+    whitened = error.to(torch.float64) @ l
+    u, s, vh = truncated(whitened, cfg)
     b = torch.linalg.solve_triangular(l, vh, upper=False, left=False)  # B L = V_kᵀ
-    return as_correction(u * s, b, error)
+    return as_correction(u * s, b, error, kept_energy(whitened, s))
 
 
 register("whiten", reconstruct)

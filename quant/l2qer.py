@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .calibrate import LayerStats
-from .lowrank import Correction, LowRank, as_correction, register, truncated
+from .lowrank import Correction, LowRank, as_correction, kept_energy, register, truncated
 
 
 def activation_scale(stats: LayerStats) -> torch.Tensor:
@@ -22,8 +22,9 @@ def activation_scale(stats: LayerStats) -> torch.Tensor:
 
 def reconstruct(error: torch.Tensor, stats: LayerStats, cfg: LowRank) -> Correction:
     s = activation_scale(stats)
-    u, sv, vh = truncated(error.to(torch.float64) * s, cfg)
-    return as_correction(u * sv, vh / s, error)
+    scaled = error.to(torch.float64) * s
+    u, sv, vh = truncated(scaled, cfg)
+    return as_correction(u * sv, vh / s, error, kept_energy(scaled, sv))
 
 
 register("l2qer", reconstruct)

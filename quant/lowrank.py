@@ -22,6 +22,8 @@ class Correction:
     """``[out, k]``."""
     B: torch.Tensor
     """``[k, in]``."""
+    kept_energy: float = 1.0
+    """Share of the truncated matrix's energy the factors keep, ``Σ_k σ² / ‖M‖_F²`` (M = E, E·diag(s) or E·L)."""
 
     @property
     def rank(self) -> int:
@@ -74,5 +76,10 @@ def truncated(m: torch.Tensor, cfg: LowRank) -> tuple[torch.Tensor, torch.Tensor
     return u[:, :k], s[:k], vh[:k]
 
 
-def as_correction(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> Correction:
-    return Correction(a.to(like.dtype).contiguous(), b.to(like.dtype).contiguous())
+def kept_energy(m: torch.Tensor, s: torch.Tensor) -> float:
+    total = m.to(torch.float64).pow(2).sum()
+    return 1.0 if total == 0 else (s.pow(2).sum() / total).clamp(max=1.0).item()
+
+
+def as_correction(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor, energy: float = 1.0) -> Correction:
+    return Correction(a.to(like.dtype).contiguous(), b.to(like.dtype).contiguous(), energy)

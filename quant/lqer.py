@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from .calibrate import LayerStats
-from .lowrank import Correction, LowRank, as_correction, register, truncated
+from .lowrank import Correction, LowRank, as_correction, kept_energy, register, truncated
 
 
 def reconstruct(error: torch.Tensor, stats: LayerStats | None, cfg: LowRank) -> Correction:
     u, s, vh = truncated(error, cfg)
-    return as_correction(u * s, vh, error)
+    return as_correction(u * s, vh, error, kept_energy(error, s))
 
 
 register("lqer", reconstruct)

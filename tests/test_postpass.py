@@ -166,3 +166,14 @@ def test_smoothing_lowers_w4a8_output_error_on_outlier_activations(tiny):
         quantize_model(m, calib, w4a8, "whiten", 8, smoothing=sm, progress=False)
         errs[name] = ((m(ids).logits - ref).norm() / ref.norm()).item()
     assert errs["aser"] < errs["whiten"], errs
+
+
+def test_kept_energy_is_recorded_and_grows_with_rank(tiny):
+    model, calib = tiny
+    energy = {}
+    for k in (4, 16):
+        reports, _ = quantize_model(copy.deepcopy(model), calib, QuantScheme(), "l2qer", k, progress=False)
+        energy[k] = [r.kept_energy for r in reports]
+    assert all(0 < a < b <= 1 for a, b in zip(energy[4], energy[16]))
+    rtn, _ = quantize_model(copy.deepcopy(model), calib, QuantScheme(), None, 0, progress=False)
+    assert all(r.kept_energy == 0 and r.rank == 0 for r in rtn)

@@ -36,6 +36,7 @@ def test_plain_svd_error_is_the_tail_of_the_singular_values():
     for k in (0, 1, 5, 12, 24):
         c = RECONSTRUCTORS["lqer"](e, None, LowRank(k))
         assert c.rank == k
+        assert c.kept_energy == pytest.approx(((s[:k] ** 2).sum() / (s**2).sum()).item(), rel=1e-9)
         assert torch.linalg.matrix_norm(e - c.matrix()) ** 2 == pytest.approx((s[k:] ** 2).sum().item(), rel=1e-9)
 
 
