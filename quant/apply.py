@@ -193,7 +193,7 @@ def _set(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(
     model: torch.nn.Module, calibration: torch.Tensor, scheme: QuantScheme, reconstructor: str | None, rank: int,
-    *, randomized_svd: bool = False, smoothing: Smoothing | None = None,
+    *, randomized_svd: bool = False, energy: float | None = None, smoothing: Smoothing | None = None,
     propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
 ) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
     """Quantize every target Linear of ``model`` in place. ``calibration``: ``[n, seq_len]`` token ids.
@@ -207,7 +207,7 @@ def quantize_model(
     prefix, layers = decoder_layers(model)
     inputs = capture_inputs(model, layers[0], calibration)
     reports, kept = [], {} if propagate == "float" else None
-    lowrank = LowRank(rank, randomized=randomized_svd)
+    lowrank = LowRank(rank, randomized=randomized_svd, energy=energy)
     for i, layer in enumerate(tqdm(layers, desc="post-pass (layers)", disable=not progress, leave=False)):
         targets = target_linears(layer, f"{prefix}.{i}", scheme)
         with collect(targets) as stats, input_sources(layer, targets) as sources:

@@ -45,7 +45,7 @@ def run_method(model: torch.nn.Module, calib: torch.Tensor, cfg: Config, method:
     """Quantize ``model`` in place with ``method`` under the config's scheme, rank and smoothing; returns layer reports."""
     spec, sm = METHODS[method], cfg.postpass.smoothing
     reports, _ = quantize_model(
-        model, calib, cfg.quant, spec.reconstructor, cfg.postpass.rank, randomized_svd=cfg.postpass.randomized_svd,
+        model, calib, cfg.quant, spec.reconstructor, cfg.postpass.rank, randomized_svd=cfg.postpass.randomized_svd, energy=cfg.postpass.energy,
         smoothing=Smoothing(sm.alpha, sm.outliers, sm.extract) if spec.smooth else None, progress=progress,
     )
     return reports
@@ -108,7 +108,7 @@ def compare(cfg: Config, methods: list[str], *, progress: bool = True) -> dict[s
     return {
         "protocol": {
             "model": cfg.model.name_or_path, "eval_path": str(eval_path), "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens,
-            "scheme": cfg.quant.label, "rank": cfg.postpass.rank, "svd": "randomized" if cfg.postpass.randomized_svd else "exact",
+            "scheme": cfg.quant.label, "rank": cfg.postpass.rank, "energy": cfg.postpass.energy, "svd": "randomized" if cfg.postpass.randomized_svd else "exact",
             "calibration": {"path": cfg.postpass.calibration_path or cfg.data.path, "samples": cfg.postpass.calibration_samples, "seq_len": cfg.postpass.calibration_seq_len},
         },
         "results": results,

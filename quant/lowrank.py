@@ -43,9 +43,12 @@ class LowRank:
     """
 
     rank: int
+    """The rank, or with ``energy`` the per-layer cap (so the total never exceeds rank × layers)."""
     randomized: bool = False
     oversample: int = 10
     niter: int = 2
+    energy: float | None = None
+    """Per layer, the smallest k whose factors keep this share of ``‖M‖_F²`` (at most ``rank``)."""
 
 
 Reconstructor = Callable[[torch.Tensor, LayerStats, LowRank], Correction]
@@ -60,19 +63,23 @@ def register(name: str, fn: Reconstructor) -> Reconstructor:
 
 
 def truncated(m: torch.Tensor, cfg: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``cfg.rank`` SVD of ``m`` in float64: ``U_k [out, k]``, ``S_k [k]``, ``Vh_k [k, in]``."""
+    """Top-k SVD of ``m`` in float64 (k = ``cfg.rank``, or fewer by ``cfg.energy``): ``U_k [out, k]``, ``S_k [k]``, ``Vh_k [k, in]``."""
     m = m.to(torch.float64)
     k = min(cfg.rank, *m.shape)
     if k == 0:
         return m.new_zeros(m.shape[0], 0), m.new_zeros(0), m.new_zeros(0, m.shape[1])
     q = min(k + cfg.oversample, *m.shape)
     if cfg.randomized and q < min(m.shape):
-        g = torch.random.fork_rng()  # svd_lowrank draws from the global RNG: keep the caller's stream intact
-        with g:
+        with torch.random.fork_rng():  # svd_lowrank draws from the global RNG: keep the caller's stream intact
             torch.manual_seed(0)
             u, s, v = torch.svd_lowrank(m, q=q, niter=cfg.niter)
-        return u[:, :k], s[:k], v[:, :k].T
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    if cfg.energy is not None:
+        total = m.pow(2).sum()
+        share = torch.cumsum(s[:k] ** 2, 0) / total if total > 0 else torch.ones(k, dtype=m.dtype)
+        k = min(k, int((share < cfg.energy - 1e-12).sum().item()) + 1)
     return u[:, :k], s[:k], vh[:k]
 
 

@@ -177,3 +177,11 @@ def test_kept_energy_is_recorded_and_grows_with_rank(tiny):
     assert all(0 < a < b <= 1 for a, b in zip(energy[4], energy[16]))
     rtn, _ = quantize_model(copy.deepcopy(model), calib, QuantScheme(), None, 0, progress=False)
     assert all(r.kept_energy == 0 and r.rank == 0 for r in rtn)
+
+
+def test_energy_ranks_vary_per_layer_within_the_cap(tiny):
+    model, calib = tiny
+    reports, _ = quantize_model(model, calib, QuantScheme(weight=WeightQuant(bits=3)), "whiten", 16, energy=0.6, progress=False)
+    ranks = [r.rank for r in reports]
+    assert all(1 <= k <= 16 for k in ranks) and len(set(ranks)) > 1 and sum(ranks) <= 16 * len(ranks)
+    assert all(r.kept_energy >= 0.6 - 1e-6 or r.rank == 16 for r in reports)

@@ -123,3 +123,17 @@ def test_randomized_svd_is_close_to_exact_and_leaves_the_global_rng_alone(name):
     assert torch.equal(torch.get_rng_state(), rng)
     exact = RECONSTRUCTORS[name](e, st, LowRank(8))
     assert output_error(e, fast, x) <= output_error(e, exact, x) * 1.01
+
+
+@pytest.mark.parametrize("randomized", [False, True], ids=["exact", "randomized"])
+def test_energy_threshold_picks_the_smallest_rank_that_keeps_it(randomized):
+    u = torch.linalg.qr(torch.randn(64, 48, generator=G(10), dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(48, 48, generator=G(11), dtype=torch.float64))[0]
+    s = torch.logspace(0, -2, 48, dtype=torch.float64)
+    e = u @ torch.diag(s) @ v.T
+    share = torch.cumsum(s**2, 0) / (s**2).sum()
+    for target in (0.5, 0.9, 0.99):
+        want = int((share < target).sum()) + 1
+        c = RECONSTRUCTORS["lqer"](e, None, LowRank(40, randomized=randomized, energy=target))
+        assert c.rank == min(want, 40) and c.kept_energy >= target - 1e-9
+    assert RECONSTRUCTORS["lqer"](e, None, LowRank(3, energy=0.99)).rank == 3  # the cap wins

@@ -161,7 +161,9 @@ class PostpassConfig:
     reconstructor: Literal["none", "lqer", "l2qer", "whiten", "aser"] = "l2qer"
     """Low-rank error reconstruction: ``lqer`` (plain SVD), ``l2qer`` (activation-scaled SVD), ``whiten`` (whitening SVD), ``aser`` (whitening + activation smoothing)."""
     rank: Annotated[int, Ge(0)] = 32
-    """Rank of the correction factors per layer."""
+    """Rank of the correction factors per layer (with ``energy``: the per-layer cap)."""
+    energy: Annotated[float, Gt(0.0), Le(1.0)] | None = None
+    """Per-layer rank: the smallest k keeping this share of the error energy, at most ``rank``, so the total stays within rank × layers; null = ``rank`` everywhere."""
     randomized_svd: bool = True
     """Randomized rank-(k+10) SVD (5-8x faster on SmolLM2, perplexity within 0.1% of the full SVD); false = full float64 SVD."""
     calibration_path: str | None = None
