@@ -38,15 +38,17 @@ class LowRank:
     """How to truncate: the rank, and whether to use a randomized SVD (Halko et al.) instead of a full one.
 
     The randomized solver (``torch.svd_lowrank``, ``rank + oversample`` columns, ``niter`` power
-    iterations) costs O(out·in·rank) instead of O(out·in·min(out, in)); it is exact whenever
-    ``rank >= rank(E)`` and otherwise very close to the best rank-k factors (measured on SmolLM2 in the README).
+    iterations) costs O(out·in·rank·niter) instead of O(out·in·min(out, in)); it is exact whenever
+    ``rank >= rank(E)``. Its accuracy depends on spectral decay: the activation-scaled and whitened
+    matrices decay fast, but plain RTN error is nearly white noise, where 2 iterations lost 8 % of
+    LQER's perplexity gain on SmolLM2; 8 iterations keep the residual within 0.1 % of the exact one.
     """
 
     rank: int
     """The rank, or with ``energy`` the per-layer cap (so the total never exceeds rank × layers)."""
     randomized: bool = False
     oversample: int = 10
-    niter: int = 2
+    niter: int = 8
     energy: float | None = None
     """Per layer, the smallest k whose factors keep this share of ``‖M‖_F²`` (at most ``rank``)."""
 
