@@ -30,8 +30,10 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("scale", q.scale.detach().clone())
         self.register_buffer("zero", None if q.zero is None else q.zero.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("lora_A", None if correction is None or correction.rank == 0 else correction.A.detach().clone())
-        self.register_buffer("lora_B", None if correction is None or correction.rank == 0 else correction.B.detach().clone())
+        # PEFT's orientation: lora_A is applied first (our B, [k, in]), lora_B second (our A, [out, k])
+        has = correction is not None and correction.rank > 0
+        self.register_buffer("lora_A", correction.B.detach().clone() if has else None)
+        self.register_buffer("lora_B", correction.A.detach().clone() if has else None)
         # 1/f of activation smoothing when it could not be folded into a preceding norm (``[in]``)
         self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().clone())
 
@@ -40,9 +42,9 @@ class QuantLinear(torch.nn.Module):
             x = x * self.input_scale
         y = F.linear(fake_quant_activation(x, self.act), self.weight, self.bias)
         if self.lora_A is not None:
-            y = y + F.linear(F.linear(x, self.lora_B), self.lora_A)
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B)
         return y
 
     def extra_repr(self) -> str:
-        rank = 0 if self.lora_A is None else self.lora_A.shape[1]
+        rank = 0 if self.lora_A is None else self.lora_A.shape[0]
         return f"in={self.in_features}, out={self.out_features}, act_bits={self.act.bits}, rank={rank}"

@@ -3,7 +3,8 @@
 Layout (written atomically: ``.tmp-<name>`` then renamed)::
 
     model.safetensors   float tensors of everything not quantized (embeddings, norms, head) and, for each
-                        quantized Linear ``<name>``: <name>.codes (int16), .scale, [.zero], [.bias], [.lora_A, .lora_B]
+                        quantized Linear ``<name>``: <name>.codes (int16), .scale, [.zero], [.bias], [.input_scale],
+                        [.lora_A ``[k, in]``, .lora_B ``[out, k]``: PEFT's names and orientation, scaling 1]
     config.json         the Hugging Face model config (rebuilds the architecture offline)
     tokenizer files
     qaft_quant.json     format version, scheme, method, rank, calibration, per-layer telemetry, quantized names
@@ -82,10 +83,10 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Any, dict[str, An
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
     for name in meta["quantized"]:
         get = lambda k: tensors.pop(f"{name}.{k}", None)  # noqa: E731
-        codes, scale, zero, bias, a, b, input_scale = (get(k) for k in STORED)
+        codes, scale, zero, bias, lora_a, lora_b, input_scale = (get(k) for k in STORED)
         q = QuantizedWeight(codes, scale, zero, dequantize(codes, scale, zero, scheme.weight))
         parent, _, leaf = name.rpartition(".")
-        corr = None if a is None else Correction(a, b)
+        corr = None if lora_a is None else Correction(A=lora_b, B=lora_a)  # PEFT names → our A [out, k], B [k, in]
         setattr(model.get_submodule(parent), leaf, QuantLinear(q, bias, scheme.activation, corr, input_scale))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     built = set(meta["quantized"])  # their buffers were set above, from the popped tensors

@@ -50,6 +50,8 @@ def test_every_target_becomes_a_quant_linear_and_embeddings_and_head_stay_float(
     reports, _ = quantize_model(model, calib, QuantScheme(), "lqer", 4, progress=False)
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == len(reports) and all(r.rank == 4 for r in reports)
+    for m in (m for m in model.modules() if isinstance(m, QuantLinear)):  # PEFT orientation, so export maps names 1:1
+        assert m.lora_A.shape == (4, m.in_features) and m.lora_B.shape == (m.out_features, 4)
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear) and not isinstance(model.get_output_embeddings(), QuantLinear)
     assert torch.equal(model.get_output_embeddings().weight, head) and torch.equal(model.get_input_embeddings().weight, emb)
 
