@@ -20,6 +20,9 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from qaft.trainer.config import SmoothingConfig
+from qaft.trainer.errors import ConfigError
+
 from . import aser, l2qer, lqer  # noqa: F401  (register the reconstructors)
 from .calibrate import LayerStats, collect
 from .fakequant import QuantLinear
@@ -27,16 +30,6 @@ from .lowrank import RECONSTRUCTORS, LowRank
 from .rtn import quantize_weight
 from .scheme import Granularity, QuantScheme, WeightFormat
 from .smooth import factors, smoothed_stats
-
-
-@dataclass(frozen=True)
-class Smoothing:
-    """ASER's activation smoothing (see ``smooth.py``); off unless given to ``quantize_model``."""
-
-    alpha: float = 0.5
-    outliers: int | None = None
-    extract: bool = False
-    """Reading (b): leave the smoothed outlier columns out of the quantized weight; the correction carries them."""
 
 
 class _Captured(Exception):
@@ -94,8 +87,6 @@ def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None
             if rank > min(lin.in_features, lin.out_features):
                 problems.append(f"postpass.rank: {rank} exceeds min(out, in) = {min(lin.in_features, lin.out_features)} of {prefix}.{i}.{name}")
     if problems:
-        from qaft.trainer.errors import ConfigError
-
         raise ConfigError(sorted(set(problems))[:5] + ([f"... and {len(set(problems)) - 5} more"] if len(set(problems)) > 5 else []))
 
 
@@ -126,7 +117,7 @@ def input_sources(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]):
 
 @torch.no_grad()
 def smooth_layer(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], stats: dict[str, LayerStats],
-                 sources: dict[str, tuple[int, str | None]], cfg: Smoothing) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                 sources: dict[str, tuple[int, str | None]], cfg: SmoothingConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Scale weight columns by f and fold 1/f into the producing norm.
 
     Returns explicit input scales (Linears whose input no norm produced) and, with ``cfg.extract``,
@@ -193,7 +184,7 @@ def _set(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(
     model: torch.nn.Module, calibration: torch.Tensor, scheme: QuantScheme, reconstructor: str | None, rank: int,
-    *, randomized_svd: bool = False, energy: float | None = None, smoothing: Smoothing | None = None,
+    *, randomized_svd: bool = False, energy: float | None = None, smoothing: SmoothingConfig | None = None,
     propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
 ) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
     """Quantize every target Linear of ``model`` in place. ``calibration``: ``[n, seq_len]`` token ids.

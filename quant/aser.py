@@ -7,7 +7,8 @@ correction is ``‖X (E − AB)ᵀ‖_F² = n ‖(E − AB) L‖_F²``; so ``E L
 *output* error, which neither plain nor scaled SVD minimise. A covariance that is not positive
 definite (dead channels, few tokens) gets ``ε · mean(diag C) · I`` added, ε growing from 1e-8.
 
-Activation smoothing / outlier extraction (ASER's second half) is not implemented yet (issue #3).
+ASER's second half, activation smoothing with outlier extraction, transforms the weights and
+statistics before this runs: see ``smooth.py`` and ``apply.smooth_layer`` (method ``aser``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from qaft.trainer.config import Config, DataConfig
 from qaft.trainer.errors import ConfigError, DataError
 from qaft.trainer.typed import to_plain
 
-from .apply import Smoothing, quantize_model
+from .apply import quantize_model
 from .evaluate import perplexity, token_stream, windows_of
 
 @dataclass(frozen=True)
@@ -43,10 +43,10 @@ METHODS: dict[str, Method] = {
 
 def run_method(model: torch.nn.Module, calib: torch.Tensor, cfg: Config, method: str, progress: bool) -> list:
     """Quantize ``model`` in place with ``method`` under the config's scheme, rank and smoothing; returns layer reports."""
-    spec, sm = METHODS[method], cfg.postpass.smoothing
+    spec = METHODS[method]
     reports, _ = quantize_model(
         model, calib, cfg.quant, spec.reconstructor, cfg.postpass.rank, randomized_svd=cfg.postpass.randomized_svd, energy=cfg.postpass.energy,
-        smoothing=Smoothing(sm.alpha, sm.outliers, sm.extract) if spec.smooth else None, progress=progress,
+        smoothing=cfg.postpass.smoothing if spec.smooth else None, progress=progress,
     )
     return reports
 
@@ -119,12 +119,11 @@ def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) ->
     """``qaft quantize``: the configured post-pass on ``model.name_or_path``, saved with ``store.save_quantized``."""
     from qaft.trainer.model import load_model_and_tokenizer
 
-    from .store import save_quantized
+    from .store import ensure_writable, save_quantized
 
     p = cfg.postpass
     out = Path(p.output_dir or Path(cfg.training.output_dir) / "quantized")
-    if out.exists() and any(out.iterdir()) and not overwrite:  # checked again at save; this one costs nothing
-        raise ConfigError(f"postpass.output_dir: {out} already holds files; pass --overwrite to replace it or choose another folder")
+    ensure_writable(out, overwrite)  # before the model load; save_quantized checks again
     model, tok = load_model_and_tokenizer(cfg.model)
     calib = calibration_ids(cfg, tok)
     method = "rtn" if p.reconstructor == "none" else p.reconstructor

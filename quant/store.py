@@ -36,12 +36,17 @@ META = "qaft_quant.json"
 FORMAT_VERSION = 1
 
 
+def ensure_writable(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty folder unless asked to."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"postpass.output_dir: {out} already holds files; pass --overwrite to replace it or choose another folder")
+
+
 def save_quantized(model: torch.nn.Module, tokenizer: Any, path: str | Path, scheme: QuantScheme, meta: dict[str, Any], *, overwrite: bool) -> Path:
     from safetensors.torch import save_file
 
     out = Path(path)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"postpass.output_dir: {out} already holds files; pass --overwrite to replace it or choose another folder")
+    ensure_writable(out, overwrite)
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not names:
         raise CheckpointError("nothing to save: the model has no quantized layers")

@@ -114,7 +114,7 @@ def test_perplexity_follows_the_window_protocol(tiny):
 
 
 def test_smoothing_groups_by_shared_input_and_folds_into_the_producing_norm(tiny):
-    from qaft.quant.apply import Smoothing, decoder_layers, input_sources
+    from qaft.quant.apply import decoder_layers, input_sources
 
     model, calib = tiny
     prefix, layers = decoder_layers(model)
@@ -137,7 +137,7 @@ def test_smoothing_groups_by_shared_input_and_folds_into_the_producing_norm(tiny
 
 def test_smoothing_alone_leaves_the_function_unchanged(tiny):
     """With 16-bit weights and float activations, smoothing is an exact re-parametrisation."""
-    from qaft.quant.apply import Smoothing
+    from qaft.trainer.config import SmoothingConfig
 
     model, calib = tiny
     model = model.double()
@@ -146,13 +146,13 @@ def test_smoothing_alone_leaves_the_function_unchanged(tiny):
     fine = QuantScheme(weight=WeightQuant(bits=8, granularity=Granularity.TENSOR))
     plain, smooth = copy.deepcopy(model), copy.deepcopy(model)
     quantize_model(plain, calib, fine, "lqer", 32, progress=False)
-    quantize_model(smooth, calib, fine, "lqer", 32, smoothing=Smoothing(alpha=0.5), progress=False)
+    quantize_model(smooth, calib, fine, "lqer", 32, smoothing=SmoothingConfig(alpha=0.5, outliers=None, extract=False), progress=False)
     # not bit-equal (the grid moves with the scaled columns), but both are within 8-bit noise of float
     assert (smooth(ids).logits - ref).norm() / ref.norm() < 0.02
 
 
 def test_smoothing_lowers_w4a8_output_error_on_outlier_activations(tiny):
-    from qaft.quant.apply import Smoothing
+    from qaft.trainer.config import SmoothingConfig
 
     model, calib = tiny
     with torch.no_grad():  # plant LLM-like outlier channels: a norm weight with a few huge entries
@@ -163,7 +163,7 @@ def test_smoothing_lowers_w4a8_output_error_on_outlier_activations(tiny):
     ref = model(ids).logits
     w4a8 = QuantScheme(weight=WeightQuant(bits=4), activation=ActQuant(bits=8))
     errs = {}
-    for name, sm in (("whiten", None), ("aser", Smoothing(alpha=0.5, outliers=3, extract=True))):
+    for name, sm in (("whiten", None), ("aser", SmoothingConfig(alpha=0.5, outliers=3, extract=True))):
         m = copy.deepcopy(model)
         quantize_model(m, calib, w4a8, "whiten", 8, smoothing=sm, progress=False)
         errs[name] = ((m(ids).logits - ref).norm() / ref.norm()).item()

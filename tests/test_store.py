@@ -69,14 +69,14 @@ def test_qaft_quantize_cli_writes_and_refuses_to_clobber(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_aser_models_round_trip_with_folded_norms_and_input_scales(tmp_path, name):
-    from qaft.quant.apply import Smoothing
     from qaft.quant.scheme import ActQuant
+    from qaft.trainer.config import SmoothingConfig
 
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=name))
     calib = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(1))
     scheme = QuantScheme(activation=ActQuant(bits=8))
-    quantize_model(model, calib, scheme, "whiten", 8, smoothing=Smoothing(0.5, 4, True), progress=False)
+    quantize_model(model, calib, scheme, "whiten", 8, smoothing=SmoothingConfig(alpha=0.5, outliers=4, extract=True), progress=False)
     assert any(m.input_scale is not None for m in model.modules() if isinstance(m, QuantLinear))  # o_proj / down_proj / fc2
     loaded, tok2, _ = load_quantized(save_quantized(model, tok, tmp_path / "q", scheme, {}, overwrite=False))
     ids = tok2("smooth me", return_tensors="pt").input_ids
