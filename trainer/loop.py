@@ -79,6 +79,12 @@ def micro_batches(acc: Any, loader: Any, start: int) -> Iterator[tuple[int, dict
         epoch, skip = epoch + 1, 0
 
 
+def evaluate_and_log(ctx: Context, callbacks: CallbackList, loader: Any, log: MetricsLogger) -> None:
+    """Eval metrics plus whatever the callbacks add, logged as one ``eval`` event at the current step."""
+    metrics = evaluate(ctx, loader)
+    log.log("eval", ctx.state.step, metrics | callbacks.on_evaluate(ctx, metrics))
+
+
 @torch.no_grad()
 def evaluate(ctx: Context, loader: Any) -> dict[str, float]:
     """Mean next-token NLL over every eval token (all processes), and its perplexity."""
@@ -100,8 +106,7 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
     meter, sums, latest = Throughput(), {}, {}  # sums: loss terms, latest: callback metrics, since the last log event
     callbacks.on_train_begin(ctx)
     if loaders.eval is not None and t.eval_on_start and st.step == 0:
-        metrics = evaluate(ctx, loaders.eval)
-        log.log("eval", 0, metrics | callbacks.on_evaluate(ctx, metrics))
+        evaluate_and_log(ctx, callbacks, loaders.eval, log)
     while st.step < st.max_steps:
         model.train()
         callbacks.on_step_begin(ctx)
@@ -135,8 +140,7 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
             log.progress(st.step, loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
             sums, latest = {}, {}
         if loaders.eval is not None and ((t.eval_steps and st.step % t.eval_steps == 0) or st.step == st.max_steps):
-            metrics = evaluate(ctx, loaders.eval)
-            log.log("eval", st.step, metrics | callbacks.on_evaluate(ctx, metrics))
+            evaluate_and_log(ctx, callbacks, loaders.eval, log)
         if t.save_steps and st.step % t.save_steps == 0:
             save_checkpoint(ctx, callbacks, t.output_dir, t.save_total_limit)
     callbacks.on_train_end(ctx)
