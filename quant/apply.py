@@ -26,7 +26,7 @@ from qaft.trainer.errors import ConfigError
 from . import aser, l2qer, lqer  # noqa: F401  (register the reconstructors)
 from .calibrate import LayerStats, collect
 from .fakequant import QuantLinear
-from .lowrank import RECONSTRUCTORS, LowRank
+from .lowrank import RECONSTRUCTORS, LowRank, quantize_factors
 from .rtn import quantize_weight
 from .scheme import Granularity, QuantScheme, WeightFormat
 from .smooth import factors, smoothed_stats
@@ -185,11 +185,12 @@ def _set(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
 def quantize_model(
     model: torch.nn.Module, calibration: torch.Tensor, scheme: QuantScheme, reconstructor: str | None, rank: int,
     *, randomized_svd: bool = False, energy: float | None = None, smoothing: SmoothingConfig | None = None,
-    propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
+    factor_bits: int | None = None, propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
 ) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
     """Quantize every target Linear of ``model`` in place. ``calibration``: ``[n, seq_len]`` token ids.
 
-    Returns the per-layer reports (and, when ``propagate == "float"``, the statistics, for tests).
+    ``factor_bits`` puts the low-rank factors on an int grid (``lowrank.quantize_factors``); the
+    reports then measure the error of the factors as deployed. Returns the per-layer reports (and, when ``propagate == "float"``, the statistics, for tests).
     """
     if reconstructor is not None and reconstructor not in RECONSTRUCTORS:
         raise ValueError(f"unknown reconstructor {reconstructor!r}; known: {sorted(RECONSTRUCTORS)}")
@@ -214,6 +215,8 @@ def quantize_model(
             q = quantize_weight(to_quantize, scheme.weight)
             err = w - q.dequant
             corr = RECONSTRUCTORS[reconstructor](err, stats[name], lowrank) if reconstructor else None
+            if corr is not None and factor_bits is not None:
+                corr = quantize_factors(corr, factor_bits)
             after = err if corr is None else err - corr.matrix().to(err.dtype)
             _set(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr, explicit.get(name)))
             seconds = time.perf_counter() - t0

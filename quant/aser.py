@@ -22,7 +22,7 @@ from .lowrank import Correction, LowRank, as_correction, kept_energy, register, 
 def cholesky_with_jitter(c: torch.Tensor) -> torch.Tensor:
     c = c.to(torch.float64)
     scale = c.diagonal().mean().clamp(min=1e-30)
-    eye = torch.eye(c.shape[0], dtype=c.dtype)
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     eps = 0.0
     for _ in range(12):
         l, info = torch.linalg.cholesky_ex(c + eps * scale * eye)

@@ -46,7 +46,7 @@ def run_method(model: torch.nn.Module, calib: torch.Tensor, cfg: Config, method:
     spec = METHODS[method]
     reports, _ = quantize_model(
         model, calib, cfg.quant, spec.reconstructor, cfg.postpass.rank, randomized_svd=cfg.postpass.randomized_svd, energy=cfg.postpass.energy,
-        smoothing=cfg.postpass.smoothing if spec.smooth else None, progress=progress,
+        factor_bits=cfg.postpass.factor_bits, smoothing=cfg.postpass.smoothing if spec.smooth else None, progress=progress,
     )
     return reports
 
@@ -108,7 +108,7 @@ def compare(cfg: Config, methods: list[str], *, progress: bool = True) -> dict[s
     return {
         "protocol": {
             "model": cfg.model.name_or_path, "eval_path": str(eval_path), "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens,
-            "scheme": cfg.quant.label, "rank": cfg.postpass.rank, "energy": cfg.postpass.energy, "svd": "randomized" if cfg.postpass.randomized_svd else "exact",
+            "scheme": cfg.quant.label, "rank": cfg.postpass.rank, "energy": cfg.postpass.energy, "factor_bits": cfg.postpass.factor_bits, "svd": "randomized" if cfg.postpass.randomized_svd else "exact",
             "calibration": {"path": cfg.postpass.calibration_path or cfg.data.path, "samples": cfg.postpass.calibration_samples, "seq_len": cfg.postpass.calibration_seq_len},
         },
         "results": results,
@@ -130,7 +130,8 @@ def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) ->
     t0 = time.perf_counter()
     reports = run_method(model, calib, cfg, method, progress)
     meta = {
-        "method": f"{p.quantizer}+{p.reconstructor}", "rank": p.rank if method != "rtn" else 0, "source_model": cfg.model.name_or_path,
+        "method": f"{p.quantizer}+{p.reconstructor}", "rank": p.rank if method != "rtn" else 0,
+        "factor_bits": p.factor_bits if method != "rtn" else None, "source_model": cfg.model.name_or_path,
         "smoothing": to_plain(p.smoothing) if METHODS[method].smooth else None,
         "calibration": {"path": p.calibration_path or cfg.data.path, "samples": p.calibration_samples, "seq_len": p.calibration_seq_len},
         "seconds": time.perf_counter() - t0, "layers": [asdict(r) for r in reports],
@@ -142,7 +143,7 @@ def table(report: dict[str, Any]) -> str:
     p = report["protocol"]
     fp = report["results"].get("fp", {}).get("ppl")
     rtn = report["results"].get("rtn", {}).get("ppl")
-    head = (f"WikiText-2 perplexity | {p['model']} | {p['scheme']}, rank {p['rank']} | {p['windows']} windows x {p['seq_len']} tokens | "
+    head = (f"WikiText-2 perplexity | {p['model']} | {p['scheme']}, rank {p['rank']}{'' if not p.get('factor_bits') else f" (int{p['factor_bits']} factors)"} | {p['windows']} windows x {p['seq_len']} tokens | "
             f"calibration {p['calibration']['samples']} x {p['calibration']['seq_len']} from {p['calibration']['path']}")
     rows = [head, f"{'method':<8}{'ppl':>10}{'gap closed':>12}{'seconds':>10}"]
     for m, r in report["results"].items():

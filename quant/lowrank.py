@@ -90,5 +90,23 @@ def kept_energy(m: torch.Tensor, s: torch.Tensor) -> float:
     return 1.0 if total == 0 else (s.pow(2).sum() / total).clamp(max=1.0).item()
 
 
+def quantize_factors(c: Correction, bits: int) -> Correction:
+    """Put ``A`` and ``B`` on a symmetric per-row ``bits``-bit RTN grid, as an int8 LoRA kernel would store them.
+
+    The components are first balanced (``‖A[:, j]‖ = ‖B[j]‖``, the product unchanged): ``A = U Σ`` puts
+    the whole σ range into A's rows, where one per-row scale would flatten the small components."""
+    from .rtn import quantize_weight
+    from .scheme import Granularity, WeightQuant
+
+    if c.rank == 0:
+        return c
+    a, b = c.A.to(torch.float64), c.B.to(torch.float64)
+    na, nb = a.norm(dim=0), b.norm(dim=1)
+    k = torch.where((na > 0) & (nb > 0), torch.sqrt(nb / na.clamp(min=1e-300)), torch.ones_like(na))
+    spec = WeightQuant(bits=bits, granularity=Granularity.CHANNEL)
+    qa, qb = quantize_weight(a * k, spec).dequant, quantize_weight(b / k[:, None], spec).dequant
+    return Correction(qa.to(c.A.dtype), qb.to(c.B.dtype), c.kept_energy)
+
+
 def as_correction(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor, energy: float = 1.0) -> Correction:
     return Correction(a.to(like.dtype).contiguous(), b.to(like.dtype).contiguous(), energy)

@@ -7,7 +7,7 @@ import torch
 
 from qaft.quant import aser, l2qer, lqer  # noqa: F401  (registration)
 from qaft.quant.calibrate import LayerStats, collect
-from qaft.quant.lowrank import RECONSTRUCTORS, LowRank
+from qaft.quant.lowrank import RECONSTRUCTORS, Correction, LowRank, quantize_factors
 
 METHODS = sorted(RECONSTRUCTORS)
 G = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
@@ -137,3 +137,35 @@ def test_energy_threshold_picks_the_smallest_rank_that_keeps_it(randomized):
         c = RECONSTRUCTORS["lqer"](e, None, LowRank(40, randomized=randomized, energy=target))
         assert c.rank == min(want, 40) and c.kept_energy >= target - 1e-9
     assert RECONSTRUCTORS["lqer"](e, None, LowRank(3, energy=0.99)).rank == 3  # the cap wins
+
+
+def _low_rank_with_decay(seed: int = 0, out: int = 40, inp: int = 56, k: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(out, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(inp, k, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -3, k, dtype=torch.float64)  # three decades of σ: the case balancing is for
+    return Correction(u * s, v.T)
+
+
+def test_int8_factors_sit_on_a_per_row_grid_and_keep_the_product():
+    c = _low_rank_with_decay()
+    q = quantize_factors(c, 8)
+    for m in (q.A, q.B):
+        step = m.abs().amax(dim=1, keepdim=True) / 127
+        codes = m / step
+        assert torch.allclose(codes, codes.round(), atol=1e-6) and codes.abs().max() <= 127 + 1e-6
+    rel = lambda x: ((c.matrix() - x.matrix()).norm() / c.matrix().norm()).item()  # noqa: E731
+    assert rel(q) < 1e-2
+    assert rel(q) < rel(quantize_factors(c, 4))  # more bits, less error
+    # balancing matters: quantizing the unbalanced A = UΣ row-wise loses the small components
+    from qaft.quant.rtn import quantize_weight
+    from qaft.quant.scheme import Granularity, WeightQuant
+
+    spec = WeightQuant(bits=8, granularity=Granularity.CHANNEL)
+    naive = Correction(quantize_weight(c.A, spec).dequant, quantize_weight(c.B, spec).dequant)
+    assert rel(q) < rel(naive)
+
+
+def test_factor_quantization_passes_rank_zero_through():
+    c = Correction(torch.zeros(5, 0), torch.zeros(0, 7))
+    assert quantize_factors(c, 8) is c

@@ -166,6 +166,8 @@ class PostpassConfig:
     """Per-layer rank: the smallest k keeping this share of the error energy, at most ``rank``, so the total stays within rank × layers; null = ``rank`` everywhere."""
     randomized_svd: bool = False
     """Randomized rank-(k+10) SVD, 8 power iterations: ~3x faster; within 0.1% perplexity for l2qer/whiten/aser on SmolLM2, but 1.5% worse for lqer (flat error spectrum). false = full float64 SVD."""
+    factor_bits: Annotated[int, Ge(2), Le(8)] | None = None
+    """Keep the correction factors on a symmetric per-row int grid of this many bits (8 = what an int8 LoRA kernel stores), balanced first; null = float."""
     calibration_path: str | None = None
     """Calibration text; null = ``data.path``. Must not overlap the eval text."""
     output_dir: str | None = None
