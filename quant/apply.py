@@ -127,6 +127,9 @@ def smooth_layer(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], st
         groups.setdefault(sources[n][0], []).append(n)
     explicit, extracted = {}, {}
     for members in groups.values():
+        norm = sources[members[0]][1]
+        if norm is None and cfg.fold_only:
+            continue
         st = stats[members[0]]
         f = factors(st.abs_max, [targets[n].weight for n in members], cfg.alpha, cfg.outliers)
         cols = torch.nonzero(f != 1).flatten()
@@ -135,7 +138,6 @@ def smooth_layer(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], st
             stats[n] = smoothed_stats(stats[n], f)
             if cfg.extract and cfg.outliers is not None:
                 extracted[n] = cols
-        norm = sources[members[0]][1]
         if norm is not None:
             mod = layer.get_submodule(norm)
             mod.weight.div_(f.to(mod.weight.dtype))

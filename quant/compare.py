@@ -8,7 +8,9 @@ calibration text (deterministic, so no seed is involved), which must not be the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -77,6 +79,19 @@ def calibration_ids(cfg: Config, tokenizer: Any) -> torch.Tensor:
     return windows_of(ids, p.calibration_seq_len, p.calibration_samples)
 
 
+def calibration_record(cfg: Config, ids: torch.Tensor) -> dict[str, Any]:
+    """Where the calibration tokens came from and a sha256 of them (and of the file, when it is one)."""
+    from .manifest import sha256_file
+
+    p = cfg.postpass
+    path = p.calibration_path or cfg.data.path
+    return {
+        "path": path, "sha256": sha256_file(Path(path)) if Path(path).is_file() else None,
+        "samples": p.calibration_samples, "seq_len": p.calibration_seq_len, "tokens": ids.numel(),
+        "tokens_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
+    }
+
+
 def check_inputs(cfg: Config) -> Path:
     if cfg.eval.path is None:
         raise ConfigError("eval.path: not set; give the evaluation text, e.g. eval.path=../shared/data/wikitext-2-raw/wiki.test.raw")
@@ -89,14 +104,29 @@ def check_inputs(cfg: Config) -> Path:
     return path
 
 
-def compare(cfg: Config, methods: list[str], *, progress: bool = True) -> dict[str, Any]:
+def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Perplexity of each method (and of an export folder, hashes checked first, reloaded with transformers + peft)."""
     from qaft.trainer.model import load_model_and_tokenizer
 
     eval_path = check_inputs(cfg)
-    model, tok = load_model_and_tokenizer(cfg.model)
-    eval_ids = token_stream(eval_path, tok)
-    calib = calibration_ids(cfg, tok) if any(METHODS[m].quantize for m in methods) else None
     results: dict[str, Any] = {}
+    if export is not None:
+        from .export import load_export
+
+        exported, tok, record = load_export(export)
+        eval_ids = token_stream(eval_path, tok)
+        rows = {"export": exported}
+        if hasattr(exported, "disable_adapter"):
+            rows = {"export-base": exported, "export": exported}
+        for name in rows:
+            with (exported.disable_adapter() if name == "export-base" else contextlib.nullcontext()):
+                r = perplexity(exported, eval_ids, cfg.eval.seq_len, cfg.eval.windows, progress=progress)
+            results[name] = {"ppl": r.ppl, "seconds": r.seconds, "eval_seconds": r.seconds, "manifest_verified": True, "layers": []}
+        del exported
+    if methods:
+        model, tok = load_model_and_tokenizer(cfg.model)
+        eval_ids = token_stream(eval_path, tok)
+    calib = calibration_ids(cfg, tok) if any(METHODS[m].quantize for m in methods) else None
     for m in methods:
         t0 = time.perf_counter()
         mm = copy.deepcopy(model) if METHODS[m].quantize else model
@@ -112,7 +142,7 @@ def compare(cfg: Config, methods: list[str], *, progress: bool = True) -> dict[s
             "calibration": {"path": cfg.postpass.calibration_path or cfg.data.path, "samples": cfg.postpass.calibration_samples, "seq_len": cfg.postpass.calibration_seq_len},
         },
         "results": results,
-    }
+    } | ({"export": {"path": str(export), "scheme": record["scheme_label"], "method": record["method"], "manifest_verified": True}} if export is not None else {})
 
 
 def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) -> Path:
@@ -133,7 +163,7 @@ def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) ->
         "method": f"{p.quantizer}+{p.reconstructor}", "rank": p.rank if method != "rtn" else 0,
         "factor_bits": p.factor_bits if method != "rtn" else None, "source_model": cfg.model.name_or_path,
         "smoothing": to_plain(p.smoothing) if METHODS[method].smooth else None,
-        "calibration": {"path": p.calibration_path or cfg.data.path, "samples": p.calibration_samples, "seq_len": p.calibration_seq_len},
+        "calibration": calibration_record(cfg, calib), "randomized_svd": p.randomized_svd,
         "seconds": time.perf_counter() - t0, "layers": [asdict(r) for r in reports],
     }
     return save_quantized(model, tok, out, cfg.quant, meta, overwrite=overwrite)
@@ -143,12 +173,17 @@ def table(report: dict[str, Any]) -> str:
     p = report["protocol"]
     fp = report["results"].get("fp", {}).get("ppl")
     rtn = report["results"].get("rtn", {}).get("ppl")
-    head = (f"WikiText-2 perplexity | {p['model']} | {p['scheme']}, rank {p['rank']}{'' if not p.get('factor_bits') else f" (int{p['factor_bits']} factors)"} | {p['windows']} windows x {p['seq_len']} tokens | "
+    factors = f" (int{p['factor_bits']} factors)" if p.get("factor_bits") else ""
+    head = (f"WikiText-2 perplexity | {p['model']} | {p['scheme']}, rank {p['rank']}{factors} | {p['windows']} windows x {p['seq_len']} tokens | "
             f"calibration {p['calibration']['samples']} x {p['calibration']['seq_len']} from {p['calibration']['path']}")
-    rows = [head, f"{'method':<8}{'ppl':>10}{'gap closed':>12}{'seconds':>10}"]
+    if "export" in report:
+        e = report["export"]
+        head += f"\nexport rows: {e['path']} ({e['scheme']} + {e['method']}; manifest hashes verified; activations rounded as compressed-tensors does)"
+    w = max(8, *(len(m) + 2 for m in report["results"]))
+    rows = [head, f"{'method':<{w}}{'ppl':>10}{'gap closed':>12}{'seconds':>10}"]
     for m, r in report["results"].items():
         closed = "" if fp is None or rtn is None or m in ("fp", "rtn") or rtn == fp else f"{(rtn - r['ppl']) / (rtn - fp):>11.0%}"
-        rows.append(f"{m:<8}{r['ppl']:>10.2f}{closed:>12}{r['seconds']:>10.1f}")
+        rows.append(f"{m:<{w}}{r['ppl']:>10.2f}{closed:>12}{r['seconds']:>10.1f}")
     return "\n".join(rows)
 
 

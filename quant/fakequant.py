@@ -25,6 +25,8 @@ class QuantLinear(torch.nn.Module):
         weight = q.dequant
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.act = act
+        self.act_fn = fake_quant_activation
+        """How activations are rounded: a server's convention; ``ctpack.reference_activation_quant`` swaps in compressed-tensors' for parity checks."""
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("codes", q.codes.detach().clone())
         self.register_buffer("scale", q.scale.detach().clone())
@@ -40,7 +42,7 @@ class QuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
-        y = F.linear(fake_quant_activation(x, self.act), self.weight, self.bias)
+        y = F.linear(self.act_fn(x, self.act), self.weight, self.bias)
         if self.lora_A is not None:
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B)
         return y

@@ -17,13 +17,13 @@ issue #4; this folder is its input and a checkpoint of the post-pass.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qaft.trainer.checkpoint import publish
 from qaft.trainer.errors import CheckpointError
 from qaft.trainer.typed import parse, to_plain
 
@@ -36,10 +36,12 @@ META = "qaft_quant.json"
 FORMAT_VERSION = 1
 
 
-def ensure_writable(out: Path, overwrite: bool) -> None:
-    """Refuse to replace a non-empty folder unless asked to."""
+def ensure_writable(out: Path, overwrite: bool, key: str = "postpass.output_dir") -> None:
+    """Refuse to replace a non-empty folder unless asked to (``key`` names the setting that chose it)."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{key}: {out} exists and is not a folder; choose another path")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"postpass.output_dir: {out} already holds files; pass --overwrite to replace it or choose another folder")
+        raise CheckpointError(f"{key}: {out} already holds files; pass --overwrite to replace it or choose another folder")
 
 
 def save_quantized(model: torch.nn.Module, tokenizer: Any, path: str | Path, scheme: QuantScheme, meta: dict[str, Any], *, overwrite: bool) -> Path:
@@ -66,9 +68,7 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, path: str | Path, sch
     tokenizer.save_pretrained(tmp)
     record = {"format_version": FORMAT_VERSION, "scheme": to_plain(scheme), "quantized": names, **meta}
     (tmp / META).write_text(json.dumps(record, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish(tmp, out)
     return out
 
 

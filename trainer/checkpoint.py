@@ -74,7 +74,7 @@ def install_adapter_only_hooks(accelerator: Any) -> None:
     accelerator.register_load_state_pre_hook(drop_models)
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path) -> None:
     """fsync the files, then rename ``tmp`` to ``final`` (replacing an older folder of that name)."""
     for f in tmp.rglob("*"):
         if f.is_file():
@@ -108,7 +108,7 @@ def save_checkpoint(ctx: Context, callbacks: CallbackList, output_dir: str | Pat
         (tmp / "config.yaml").write_text(dump_config(ctx.config))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _publish(tmp, final)
+        publish(tmp, final)
         if keep is not None:
             for old in list_checkpoints(out)[:-keep]:
                 shutil.rmtree(old)
@@ -176,6 +176,6 @@ def save_final(ctx: Context, tokenizer: Any, output_dir: str | Path, train_state
         tokenizer.save_pretrained(tmp)
         (tmp / "config.yaml").write_text(dump_config(ctx.config))
         (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=2))
-        _publish(tmp, final)
+        publish(tmp, final)
     acc.wait_for_everyone()
     return final

@@ -19,7 +19,6 @@ import warnings
 from typing import Callable, Sequence
 
 PENDING = {
-    "export": ("packed int4 checkpoint + PEFT adapter, GGUF", 4),
     "run": ("train → quantize → export → eval → report, resumable by stage", 8),
     "doctor": ("check a config and the environment before any work", 8),
 }
@@ -38,8 +37,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .config import load_config
 
-    methods = parse_methods(args.methods)
-    report = compare(load_config(args.config, args.overrides), methods)
+    methods = parse_methods(args.methods or "fp,rtn") if args.methods or not args.export else []
+    report = compare(load_config(args.config, args.overrides), methods, export=args.export)
     print(table(report))
     if args.json:
         write_json(report, args.json)
@@ -56,8 +55,30 @@ def _quantize(args: argparse.Namespace) -> int:
         from .errors import PreflightError
 
         raise PreflightError(f"postpass.quantizer: {cfg.postpass.quantizer!r} is not available yet (issue #11); use rtn")
+    if args.export:  # fail before the post-pass, not after it
+        from qaft.quant.export import check_destination
+
+        check_destination(cfg, cfg.quant, args.overwrite)
     out = quantize_and_save(cfg, overwrite=args.overwrite)
     print(f"qaft quantize: {cfg.quant.label} + {cfg.postpass.reconstructor} (rank {cfg.postpass.rank}) written to {out}")
+    return _export(args) if args.export else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from qaft.quant.export import export
+
+    from .config import load_config
+
+    out, m = export(load_config(args.config, args.overrides), overwrite=args.overwrite)
+    s, p = m["sizes"], m["parity"]
+    print(f"qaft export: {m['scheme_label']} + {m['method']} written to {out}")
+    print(f"  base {s['base_bytes'] / 2**20:.1f} MiB + adapter {s['adapter_bytes'] / 2**20:.1f} MiB (float32 {s['float32_bytes'] / 2**20:.1f} MiB); "
+          f"{s['bits_per_weight_base']:.2f} bits/weight, {s['bits_per_weight_with_adapter']:.2f} with adapter")
+    for loader, v in p.items():
+        act = "" if v["act_max_abs_diff"] is None else f"; with activation quantization {v['act_max_abs_diff']:.2e}"
+        print(f"  reload parity ({loader}): max |logit diff| {v['max_abs_diff']:.2e}{act} (tolerance {v['tolerance']:g}), top-1 agreement {v['top1_agreement']:.1%}")
+    if m.get("evaluation"):
+        print("  ppl " + ", ".join(f"{k} {v:.2f}" for k, v in m["evaluation"]["ppl"].items()))
     return 0
 
 
@@ -84,9 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = verb("train", "LoRA fine-tuning with the configured callbacks", _train)
     train.add_argument("--overwrite", action="store_true", help="replace a previous run's checkpoints and final/ in output_dir")
     qz = verb("quantize", "quantize + reconstruct a model or a run's final/ folder, save codes, scales and factors", _quantize)
-    qz.add_argument("--overwrite", action="store_true", help="replace an existing postpass.output_dir")
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing postpass.output_dir (and export.dir with --export)")
+    qz.add_argument("--export", action="store_true", help="then run `qaft export` on the result")
+    ex = verb("export", "packed int4 base (compressed-tensors) + PEFT adapter + manifest + model card, with a reload parity check", _export)
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export.dir")
     ev = verb("eval", "WikiText-2 perplexity of the float model and of post-pass methods", _eval)
-    ev.add_argument("--methods", default="fp,rtn", help="comma list of fp, rtn, lqer, l2qer, whiten, aser (default fp,rtn)")
+    ev.add_argument("--methods", default=None, help="comma list of fp, rtn, lqer, l2qer, whiten, aser (default fp,rtn; none with --export)")
+    ev.add_argument("--export", metavar="DIR", help="also evaluate an export folder (base alone and base + adapter), after checking its manifest hashes")
     ev.add_argument("--json", metavar="PATH", help='also write {"protocol": {...}, "results": {method: {"ppl", "seconds", ...}}}')
     for name, (help, issue) in PENDING.items():
         verb(name, f"{help} (not available yet)", _pending(name, issue))

@@ -150,6 +150,8 @@ class SmoothingConfig:
     """Smooth only the N input channels with the largest ``max|x|``; null = every channel."""
     extract: bool = True
     """Leave the smoothed outlier columns out of the quantized weight; the low-rank correction carries them (needs ``outliers <= rank``)."""
+    fold_only: bool = False
+    """Smooth only inputs that a norm produces (1/f folds into its weight). The others (o_proj, down_proj inputs) need an explicit input scale, which exported formats (compressed-tensors, GGUF) cannot carry: set true for a run you will export."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +193,12 @@ class ExportConfig:
 
     formats: tuple[Literal["compressed-tensors", "gguf"], ...] = ("compressed-tensors",)
     """What to write: packed checkpoint + PEFT adapter, and/or GGUF for llama.cpp."""
+    dir: str | None = None
+    """Where ``qaft export`` writes; null = ``<training.output_dir>/export``. Reads the post-pass result from ``postpass.output_dir``."""
+    parity_atol: Annotated[float, Gt(0.0)] = 1e-3
+    """Largest |logit difference| allowed between the reloaded export (transformers + peft) and the in-memory model, activation quantization off on both sides."""
+    evaluate: bool = True
+    """Perplexity of the float model, the packed base and base + adapter on the ``eval`` protocol, into the manifest and model card (skipped when ``eval.path`` is null)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,3 +29,8 @@ class CheckpointError(QaftError):
 
 class PreflightError(QaftError):
     """An environment problem found before any work starts (missing package, output folder in use)."""
+
+
+class ExportError(QaftError):
+    """An export that cannot be written or does not verify: no post-pass result, a scheme the format
+    cannot express, a tampered file, reload parity beyond tolerance."""

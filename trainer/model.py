@@ -106,10 +106,15 @@ def resolve(cfg: ModelConfig) -> Source:
 
 
 def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (or, for ``tiny-*``, build from the current global seed) the model and its tokenizer, in ``cfg.dtype``."""
+    """Load (or, for ``tiny-*``, build) the model and its tokenizer, in ``cfg.dtype``.
+
+    Tiny models are built from seed 0 whatever the caller's RNG state (which is left untouched): like a
+    real checkpoint, ``tiny-llama`` is the same model in ``train``, ``quantize``, ``export`` and ``eval``."""
     if cfg.name_or_path in TINY_MODELS:
         tok = byte_tokenizer()
-        model = AutoModelForCausalLM.from_config(TINY_MODELS[cfg.name_or_path](len(tok)), dtype=DTYPES[cfg.dtype])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(TINY_MODELS[cfg.name_or_path](len(tok)), dtype=DTYPES[cfg.dtype])
         model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
         return model.eval(), tok  # eval mode, like from_pretrained

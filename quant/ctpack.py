@@ -1,0 +1,179 @@
+"""Our ``QuantScheme`` + integer codes → a Hugging Face folder in compressed-tensors ``pack-quantized`` form.
+
+The packing itself is the library's (``ModelCompressor.compress_model`` packs 32 codes per ``num_bits``
+int32 words); we only translate the scheme and hand it *our* scales, so the library's
+``round(w / scale) + zero`` lands exactly on the codes RTN chose (the de-quantized weight is
+``codes · scale``, so the division recovers the codes up to float rounding far below 0.5).
+
+Conventions that differ and how they map:
+
+- symmetric int: compressed-tensors' range is ``[-2^(b-1), 2^(b-1) - 1]``; ours ``±(2^(b-1) - 1)``
+  is a subset, stored unchanged.
+- asymmetric int: ours is unsigned (codes and zero in ``[0, 2^b - 1]``); compressed-tensors' is
+  signed, so both shift by ``2^(b-1)``; ``(code − zero) · scale`` is unchanged.
+- MXINT has no compressed-tensors integer format (its MX formats are floating point): refused.
+- activations: ``input_activations`` = dynamic symmetric int, per token or tensor. A server
+  (vLLM's ``scaled_int8_quant``) uses ``scale = max|x| / (2^(b-1) - 1)``, as qaft's simulation does;
+  compressed-tensors' own Python fake quantization divides by ``2^(b-1) - 0.5`` instead
+  (``reference_activation_quant``), so a model reloaded through transformers differs from ours by
+  that rounding convention alone; the export's parity check swaps it in and then demands equality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qaft.trainer.errors import ExportError
+
+from .fakequant import QuantLinear
+from .scheme import ActGranularity, ActQuant, Granularity, QuantScheme, WeightFormat
+
+FORMAT = "pack-quantized"
+
+
+def check_expressible(scheme: QuantScheme) -> None:
+    """Fail with what would work when the scheme has no compressed-tensors form."""
+    if scheme.weight.format is WeightFormat.MXINT:
+        raise ExportError(
+            f"quant.weight: {scheme.weight.label} has no compressed-tensors integer format (its MX formats are floating point); "
+            "export an int scheme (e.g. quant.weight.format=int quant.weight.granularity=group quant.weight.group_size=64) or use GGUF"
+        )
+
+
+def quantization_config(scheme: QuantScheme, ignore: list[str]) -> Any:
+    """The compressed-tensors ``QuantizationConfig`` equivalent to ``scheme`` (targets every Linear not in ``ignore``)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    check_expressible(scheme)
+    w = scheme.weight
+    strategy = {Granularity.TENSOR: "tensor", Granularity.CHANNEL: "channel", Granularity.GROUP: "group"}[w.granularity]
+    weights = QuantizationArgs(num_bits=w.bits, type="int", symmetric=w.symmetric, strategy=strategy,
+                               group_size=w.group_size if w.granularity is Granularity.GROUP else None)
+    a = scheme.activation
+    inputs = None if a.bits is None else QuantizationArgs(
+        num_bits=a.bits, type="int", symmetric=True, dynamic=True,
+        strategy="token" if a.granularity is ActGranularity.TOKEN else "tensor",
+    )
+    group = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
+    return QuantizationConfig(config_groups={"group_0": group}, ignore=ignore, format=FORMAT, quantization_status="frozen")
+
+
+def reference_activation_quant(x: torch.Tensor, spec: ActQuant) -> torch.Tensor:
+    """compressed-tensors' Python dynamic symmetric fake quantization: ``scale = max|x| / (2^(b-1) - 0.5)``,
+    codes clamped to ``[-2^(b-1), 2^(b-1) - 1]`` (so the largest value is clipped by half a step)."""
+    if spec.bits is None:
+        return x
+    half = 2 ** (spec.bits - 1)
+    amax = x.abs().amax(-1, keepdim=True) if spec.granularity is ActGranularity.TOKEN else x.abs().amax()
+    scale = torch.where(amax > 0, amax / (half - 0.5), torch.ones_like(amax))
+    return torch.clamp(torch.round(x / scale), -half, half - 1) * scale
+
+
+def to_float_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
+    """Replace every ``QuantLinear`` by a plain Linear holding its grid weights; returns the removed layers by name."""
+    removed = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, q in removed.items():
+        lin = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=q.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(q.weight)
+            if q.bias is not None:
+                lin.bias.copy_(q.bias)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, lin)
+    return removed
+
+
+def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, out: Path) -> list[str]:
+    """Turn ``model`` (with ``QuantLinear`` layers) into a packed compressed-tensors folder at ``out``.
+
+    Consumes ``model`` (its Linears are replaced and compressed in place). Returns the quantized names."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import apply_quantization_config
+
+    check_expressible(scheme)
+    if any(q.input_scale is not None for q in model.modules() if isinstance(q, QuantLinear)):
+        raise ExportError("the post-pass smoothed inputs that no norm produces (explicit input scales), which compressed-tensors cannot carry; "
+                          "re-run `qaft quantize` with postpass.smoothing.fold_only=true, or use reconstructor whiten")
+    layers = to_float_linears(model)
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in layers)
+    apply_quantization_config(model, quantization_config(scheme, ignore), show_progress=False)
+    offset = 2 ** (scheme.weight.bits - 1)  # unsigned → signed zero points (see module docstring)
+    with torch.no_grad():
+        for name, q in layers.items():
+            mod = model.get_submodule(name)
+            if getattr(mod, "quantization_scheme", None) is None:
+                raise ExportError(f"compressed-tensors did not select {name} for quantization; its ignore/targets rules disagree with quant.targets/ignore")
+            mod.weight_scale.copy_(q.scale.reshape(mod.weight_scale.shape))
+            if q.zero is not None:
+                mod.weight_zero_point.copy_((q.zero.to(torch.int32) - offset).reshape(mod.weight_zero_point.shape))
+    from loguru import logger  # compressed-tensors' logger
+
+    logger.disable("compressed_tensors")  # it warns that W4A8 would infer int-quantized (8-bit storage): we want packed
+    try:
+        compressor = ModelCompressor.from_pretrained_model(model, quantization_format=FORMAT)
+        compressor.compress_model(model)
+    finally:
+        logger.enable("compressed_tensors")
+    compressor.remove_decompression_hook(model)  # the model is written, not run
+    model.save_pretrained(out)
+    compressor.update_config(str(out))
+    tokenizer.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    return sorted(layers)
+
+
+def load_packed(folder: Path) -> torch.nn.Module:
+    """Load a ``pack-quantized`` folder with compressed-tensors' own decompression, without transformers' quantizer.
+
+    Why: in transformers 5.23 + compressed-tensors 0.20, ``from_pretrained`` cannot load *asymmetric*
+    packed checkpoints. Before loading, transformers compresses an empty (meta) model to learn the
+    tensor layout, and the library's meta path leaves ``weight_zero_point`` unpacked ``[out, groups]``
+    while real checkpoints store it packed along rows (``[out·b/32, groups]``), so loading stops with a
+    size mismatch. Here each module's tensors go through ``PackedQuantizationCompressor.decompress``
+    (which unpacks the zero point correctly); the modules keep their quantization scheme, so dynamic
+    activation quantization still applies in forward, as it would after ``from_pretrained``."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    qdict = dict(getattr(config, "quantization_config", None) or {})
+    if qdict.get("format") != FORMAT:
+        raise ExportError(f"{folder}/config.json: quantization_config.format is {qdict.get('format')!r}, expected {FORMAT!r}")
+    del config.quantization_config
+    qconfig = QuantizationConfig.model_validate({k: v for k, v in qdict.items() if k in QuantizationConfig.model_fields})
+    qconfig.quantization_status = QuantizationStatus.FROZEN
+    model = AutoModelForCausalLM.from_config(config)
+    apply_quantization_config(model, qconfig, show_progress=False)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors |= load_file(str(f))
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            scheme = getattr(mod, "quantization_scheme", None)
+            if scheme is None or scheme.weights is None:
+                continue
+            prefix = f"{name}."
+            own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]]}
+            dense = PackedQuantizationCompressor.decompress(own, scheme)
+            mod.weight.copy_(dense["weight"])
+            mod.weight_scale.copy_(dense["weight_scale"])
+            if "weight_zero_point" in dense and hasattr(mod, "weight_zero_point"):
+                mod.weight_zero_point.copy_(dense["weight_zero_point"])
+            if "bias" in own:
+                mod.bias.copy_(own["bias"])
+            mod.quantization_status = QuantizationStatus.DECOMPRESSED
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not any(k.endswith(s) for s in (".weight", ".weight_scale", ".weight_zero_point", ".bias")) or
+               not hasattr(model.get_submodule(k.rpartition(".")[0]), "quantization_scheme")]
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ExportError(f"{folder}: checkpoint does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()

@@ -1,0 +1,195 @@
+"""`qaft export`: packed compressed-tensors base + PEFT adapter reload to the model qaft simulated, verifiably."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qaft.quant.compare import quantize_and_save
+from qaft.quant.export import PROMPTS, _compare, activations_float, export, load_export
+from qaft.quant.store import load_quantized
+from qaft.trainer.cli import main
+from qaft.trainer.errors import ExportError
+
+SMALL = ("postpass.calibration_samples=4", "postpass.calibration_seq_len=32", "postpass.rank=4", "export.evaluate=false")
+
+
+def quantized(make_cfg, *overrides: str):
+    cfg = make_cfg(*SMALL, *overrides)
+    quantize_and_save(cfg, overwrite=False, progress=False)
+    return cfg
+
+
+@pytest.mark.parametrize("overrides", [
+    ("model.name_or_path=tiny-llama",),
+    ("model.name_or_path=tiny-opt", "postpass.reconstructor=whiten"),
+    ("quant.weight.granularity=group", "quant.weight.group_size=32", "quant.weight.symmetric=false"),
+    ("quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=16", "postpass.energy=0.5", "postpass.rank=8"),
+], ids=["llama-w4-channel", "opt-w4-whiten", "g32-asym", "w3-g16-energy-ranks"])
+def test_export_reloads_with_transformers_and_peft_to_the_same_logits(make_cfg, overrides):
+    cfg = quantized(make_cfg, *overrides)
+    out, m = export(cfg, overwrite=False, progress=False)
+    symmetric = "quant.weight.symmetric=false" not in overrides
+    assert set(m["parity"]) == ({"transformers", "compressed-tensors"} if symmetric else {"compressed-tensors"})
+    assert all(p["max_abs_diff"] <= cfg.export.parity_atol and p["top1_agreement"] == 1.0 for p in m["parity"].values())
+    # independently of the export's own check: reload and compare with the saved post-pass
+    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    theirs, _, manifest = load_export(out)
+    prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    diff, top1 = _compare(ours, theirs, prompts)
+    assert diff < 1e-4 and top1 == 1.0
+    # and the correction matters: without the adapter the logits differ
+    with theirs.disable_adapter():
+        assert _compare(ours, theirs, prompts)[0] > 100 * max(diff, 1e-6)
+    assert set(manifest["ranks"]) == set(manifest["quantized_modules"])
+    if "postpass.energy=0.5" in overrides:  # per-layer ranks went through rank_pattern / alpha_pattern
+        assert len(set(manifest["ranks"].values())) > 1
+
+
+def test_packed_codes_unpack_to_the_rtn_integers_and_factors_round_trip(make_cfg):
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    cfg = quantized(make_cfg, "quant.weight.granularity=group", "quant.weight.group_size=32", "quant.weight.symmetric=false")
+    out, m = export(cfg, overwrite=False, progress=False)
+    store = load_file(cfg.training.output_dir + "/quantized/model.safetensors")
+    base = load_file(str(out / "base" / "model.safetensors"))
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert m["quantized_modules"]
+    for name in m["quantized_modules"]:
+        codes = store[f"{name}.codes"]
+        unpacked = unpack_from_int32(base[f"{name}.weight_packed"], 4, torch.Size(base[f"{name}.weight_shape"].tolist()))
+        assert torch.equal(unpacked.to(torch.int16) + 8, codes), name  # signed storage, offset 2^(b-1)
+        zp = unpack_from_int32(base[f"{name}.weight_zero_point"], 4, store[f"{name}.zero"].shape, packed_dim=0)
+        assert torch.equal(zp.to(torch.int16) + 8, store[f"{name}.zero"])
+        assert torch.equal(base[f"{name}.weight_scale"], store[f"{name}.scale"])
+        assert torch.equal(adapter[f"base_model.model.{name}.lora_A.weight"], store[f"{name}.lora_A"])
+        assert torch.equal(adapter[f"base_model.model.{name}.lora_B.weight"], store[f"{name}.lora_B"])
+    config = json.loads((out / "base" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert "lm_head" in config["ignore"]
+    cfg_a = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg_a["r"] == cfg_a["lora_alpha"] == 4
+    # the upstream limitation the compressed-tensors loader exists for (flips when transformers/compressed-tensors fix it)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        load_export(out, loader="transformers")
+    import qaft
+
+    model, _, manifest = qaft.load_quantized(out)
+    assert manifest["method"] == "rtn+l2qer" and type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_a8_parity_is_exact_under_the_reference_rounding_and_the_server_gap_is_reported(make_cfg):
+    cfg = quantized(make_cfg, "quant.activation.bits=8")
+    out, m = export(cfg, overwrite=False, progress=False)
+    p = m["parity"]["transformers"]
+    assert p["act_max_abs_diff"] <= cfg.export.parity_atol and m["parity"]["compressed-tensors"]["act_max_abs_diff"] <= cfg.export.parity_atol
+    assert p["server_act_max_abs_diff"] > p["act_max_abs_diff"]  # the two conventions really differ
+    acts = json.loads((out / "base" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["input_activations"]
+    assert acts["num_bits"] == 8 and acts["dynamic"] is True and acts["strategy"] == "token" and acts["symmetric"] is True
+    # the reloaded model really quantizes its inputs: turning that off changes its logits
+    theirs, tok, _ = load_export(out)
+    ids = torch.tensor(tok(PROMPTS[0], add_special_tokens=False)["input_ids"])[None]
+    with torch.no_grad():
+        on = theirs(input_ids=ids).logits
+        with activations_float(theirs):
+            off = theirs(input_ids=ids).logits
+    assert not torch.allclose(on, off)
+
+
+def test_manifest_records_provenance_and_detects_tampering(make_cfg):
+    cfg = quantized(make_cfg)
+    out, m = export(cfg, overwrite=False, progress=False)
+    assert m["calibration"]["tokens"] == 4 * 32 and len(m["calibration"]["tokens_sha256"]) == 64
+    assert m["software"]["compressed-tensors"] and m["software"]["torch"] and m["method"] == "rtn+l2qer"
+    assert {"base/model.safetensors", "adapter/adapter_model.safetensors", "README.md"} <= set(m["files"])
+    load_export(out)  # verifies
+    victim = out / "adapter" / "adapter_model.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="adapter/adapter_model.safetensors"):
+        load_export(out)
+    (out / "base" / "tokenizer.json").unlink()
+    with pytest.raises(ExportError, match="missing"):
+        load_export(out)
+
+
+def test_model_card_states_scheme_method_sizes_and_parity(make_cfg, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    cfg = quantized(make_cfg, f"eval.path={text}", "eval.seq_len=32", "eval.windows=2", "export.evaluate=true")
+    out, m = export(cfg, overwrite=False, progress=False)
+    card = (out / "README.md").read_text()
+    assert "W4 per-channel sym" in card and "rtn+l2qer" in card and "Reload parity" in card
+    assert set(m["evaluation"]["ppl"]) == {"float", "base", "base+adapter"}
+    assert f"{m['evaluation']['ppl']['base+adapter']:.2f}" in card
+    assert 4 < m["sizes"]["bits_per_weight_base"] < 4.5 < m["sizes"]["bits_per_weight_with_adapter"]
+
+
+def run_cli(*argv: str) -> int:
+    return main(list(argv))
+
+
+def test_export_without_a_post_pass_result_is_a_clear_error(smoke_raw, tmp_path, capsys):
+    cfg_file = tmp_path / "c.yaml"
+    import yaml
+
+    cfg_file.write_text(yaml.safe_dump(smoke_raw))
+    assert run_cli("export", str(cfg_file)) == 2
+    err = capsys.readouterr().err
+    assert "no post-pass result" in err and "qaft quantize" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("quant.weight.format=mxint", "quant.weight.granularity=group", "quant.weight.group_size=16"), "no compressed-tensors integer format"),
+    (("postpass.reconstructor=aser",), "explicit input scales"),
+])
+def test_schemes_the_format_cannot_carry_fail_naming_the_fix_and_leave_nothing(make_cfg, overrides, match):
+    cfg = quantized(make_cfg, *overrides)
+    with pytest.raises(ExportError, match=match):
+        export(cfg, overwrite=False, progress=False)
+    parent = (cfg.training.output_dir)
+    from pathlib import Path
+
+    assert not any(p.name.endswith("export") for p in Path(parent).iterdir())
+
+
+def test_aser_with_fold_only_smoothing_exports(make_cfg):
+    cfg = quantized(make_cfg, "postpass.reconstructor=aser", "postpass.smoothing.fold_only=true")
+    out, m = export(cfg, overwrite=False, progress=False)
+    assert all(p["max_abs_diff"] <= cfg.export.parity_atol for p in m["parity"].values())
+
+
+def test_an_existing_export_is_kept_without_overwrite(make_cfg):
+    cfg = quantized(make_cfg)
+    out, _ = export(cfg, overwrite=False, progress=False)
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(Exception, match="--overwrite"):
+        export(cfg, overwrite=False, progress=False)
+    assert (out / "manifest.json").read_text() == before
+    export(cfg, overwrite=True, progress=False)
+    load_export(out)
+
+
+def test_eval_export_verifies_then_reports_base_and_adapter_rows(make_cfg, smoke_raw, tmp_path, capsys):
+    import yaml
+
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    cfg = quantized(make_cfg)
+    out, _ = export(cfg, overwrite=False, progress=False)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(smoke_raw))
+    js = tmp_path / "r.json"
+    assert run_cli("eval", str(cfg_file), "--export", str(out), f"eval.path={text}", "eval.seq_len=32", "eval.windows=2", "--json", str(js)) == 0
+    report = json.loads(js.read_text())
+    assert set(report["results"]) == {"export", "export-base"} and report["export"]["manifest_verified"]
+    assert report["results"]["export"]["ppl"] != report["results"]["export-base"]["ppl"]
+    shutil.copy(out / "base" / "config.json", tmp_path / "keep.json")
+    (out / "base" / "config.json").write_text((out / "base" / "config.json").read_text().replace("pack-quantized", "int-quantized"))
+    assert run_cli("eval", str(cfg_file), "--export", str(out), f"eval.path={text}") == 2
+    assert "base/config.json" in capsys.readouterr().err
