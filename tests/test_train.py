@@ -15,31 +15,7 @@ import qaft.trainer.loop as loop
 from qaft.trainer.errors import CheckpointError
 from qaft.trainer.loop import fit
 
-from helpers import adapter_tensors, assert_same_tensors
-
-
-def events(run: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == kind]
-
-
-def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "s_per_step")} for r in rows]
-
-
-class Killed(Exception):
-    """Stands in for a SIGKILL right after a checkpoint landed."""
-
-
-def kill_after_checkpoint(monkeypatch, step: int) -> None:
-    real = loop.save_checkpoint
-
-    def save_then_die(ctx, *args, **kwargs):
-        path = real(ctx, *args, **kwargs)
-        if ctx.state.step == step:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+from helpers import Killed, adapter_tensors, assert_same_tensors, events, kill_after_checkpoint, without_timing
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt"])

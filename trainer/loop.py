@@ -188,7 +188,7 @@ def setup(cfg: Config, *, overwrite: bool = False) -> Session:
     scheduler = build_scheduler(opt, t, state.max_steps)
     acc.register_for_checkpointing(scheduler)
     callbacks = CallbackList([create(s.name, s.options, seed=t.seed, rank=acc.process_index) for s in cfg.callbacks])
-    ctx = Context(accelerator=acc, model=model, optimizer=opt, config=cfg, scheme=cfg.quant, state=state)
+    ctx = Context(accelerator=acc, model=model, optimizer=opt, config=cfg, scheme=cfg.quant, state=state, probe_blocks=blocks.train)
     if acc.is_main_process:
         prepare_output_dir(cfg, overwrite=overwrite, clear=True)
     acc.wait_for_everyone()

@@ -44,6 +44,10 @@ def Le(v: float) -> Bound:  # noqa: N802
     return Bound("le", v)
 
 
+def Lt(v: float) -> Bound:  # noqa: N802
+    return Bound("lt", v)
+
+
 def suggest(key: str, valid: typing.Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest valid spelling, or a list of the valid ones."""
     valid = sorted(valid)
