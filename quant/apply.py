@@ -159,10 +159,11 @@ def capture_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, sequenc
         raise _Captured
 
     h = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
     try:
         for seq in sequences:
             try:
-                model(input_ids=seq[None], use_cache=False)
+                model(input_ids=seq[None].to(device), use_cache=False)
             except _Captured:
                 pass
     finally:

@@ -33,6 +33,8 @@ class LayerStats:
     def update(self, x: torch.Tensor) -> None:
         """Add one calibration batch (``[..., in]``)."""
         x = x.detach().reshape(-1, self.in_features).to(torch.float64)
+        if self.xtx.device != x.device:  # accumulate where the activations live (a GPU, when the model is on one)
+            self.abs_mean_max, self.abs_max, self.xtx = (t.to(x.device) for t in (self.abs_mean_max, self.abs_max, self.xtx))
         a = x.abs()
         self.abs_mean_max = torch.maximum(self.abs_mean_max, a.mean(0))
         self.abs_max = torch.maximum(self.abs_max, a.amax(0))

@@ -48,7 +48,9 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, windows:
     t0 = time.perf_counter()
     wins = windows_of(ids, seq_len, windows)
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for w in tqdm(wins, desc="perplexity (windows)", disable=not progress, leave=False):
+        w = w.to(device)
         logits = model(input_ids=w[None], use_cache=False).logits[0, :-1].float()
         total += F.cross_entropy(logits, w[1:], reduction="sum").item()
         count += seq_len - 1

@@ -1,0 +1,133 @@
+"""NPFT benchmark on SmolLM2-135M: does training with noise on the outliers make RTN work better afterwards?
+
+Runs (same data, steps, seed; ``configs/smollm2-npft.yaml``): (a) the original model, (b) plain LoRA,
+(c) NPFT with the authors' ``outlier_range`` noise, (c') NPFT with ``quant_step`` noise (Δ of W4
+per-channel). Each trained model is merged (``final/``) and evaluated on the protocol of
+``configs/smollm2-postpass.yaml`` (WikiText-2 test, 8 × 512 windows; calibration 16 × 512 from
+WikiText-2 valid): float ppl, RTN at W4 per-channel, W4 g64 and W3 g64 (symmetric), and for the NPFT
+runs L2QER and ASER rank 32 at W4 per-channel. Also: the Hutchinson trace of the Hessian on NPFT's
+outlier set (its last round's mask, the same for every model), and the median step time of each run
+with the ratio to plain LoRA. Writes ``benchmarks/results/npft.json``.
+
+    .venv/bin/python benchmarks/npft.py                   # CPU: hours; a GPU: minutes
+    .venv/bin/python benchmarks/npft.py --steps 24        # a quick look (not the protocol)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from qaft.callbacks.npft import hessian_trace
+from qaft.quant.compare import calibration_ids, run_method
+from qaft.quant.evaluate import perplexity, token_stream
+from qaft.trainer.config import ModelConfig, load_config
+from qaft.trainer.loop import fit
+from qaft.trainer.model import load_model_and_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "configs" / "smollm2-npft.yaml"
+EVAL = ROOT / "configs" / "smollm2-postpass.yaml"
+RUNS = {
+    "plain": ["callbacks=[]"],
+    "npft-range": [],
+    "npft-step": ["callbacks.0.noise=quant_step"],
+}
+SCHEMES = {
+    "W4 per-channel": [],
+    "W4 g64": ["quant.weight.granularity=group", "quant.weight.group_size=64"],
+    "W3 g64": ["quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=64"],
+}
+
+
+def step_times(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["s_per_step"] for r in rows if r["event"] == "train" and "s_per_step" in r]
+
+
+def outlier_mask(run: Path) -> dict[str, torch.Tensor]:
+    """NPFT's last-round outliers, keyed by the merged model's parameter names."""
+    (ckpt,) = sorted(run.glob("checkpoint-*"))
+    state = torch.load(ckpt / "callbacks" / "rank0.pt", weights_only=False)["npft"]
+    return {n.removeprefix("base_model.model.").replace(".base_layer", ""): s["idx"].long() for n, s in state["modules"].items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=None, help="override training.max_steps (the protocol: 192)")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench-npft"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "npft.json"))
+    ap.add_argument("--probes", type=int, default=32, help="Hutchinson probes for the Hessian trace")
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra overrides for both configs (e.g. data paths)")
+    ap.add_argument("--train-set", nargs="*", default=[], metavar="key=value", help="extra overrides for the training config only")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = Path(args.work)
+    steps = [f"training.max_steps={args.steps}", f"training.save_steps={args.steps}", f"training.eval_steps={args.steps}"] if args.steps else []
+
+    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+                    "train_config": str(TRAIN.relative_to(ROOT)), "eval_config": str(EVAL.relative_to(ROOT)), "runs": {}}
+    for name in args.runs:
+        cfg = load_config(TRAIN, [*steps, *args.set, *args.train_set, *RUNS[name], f"training.output_dir={work / name}"])
+        t0 = time.perf_counter()
+        fit(cfg, overwrite=True)
+        times = step_times(work / name)[1:]  # the first step carries warm-up and round-0 scoring
+        report["runs"][name] = {"train_seconds": time.perf_counter() - t0, "median_step_s": statistics.median(times), "steps": len(times) + 1}
+        print(f"{name}: trained {cfg.training.max_steps} steps, median step {report['runs'][name]['median_step_s']:.3f} s", flush=True)
+    if "plain" in report["runs"]:
+        for name, r in report["runs"].items():
+            r["step_time_ratio_vs_plain"] = r["median_step_s"] / report["runs"]["plain"]["median_step_s"]
+
+    ecfg = load_config(EVAL, args.set)
+    base, tok = load_model_and_tokenizer(ecfg.model)
+    ids, calib = token_stream(ecfg.eval.path, tok), calibration_ids(ecfg, tok)
+    report["protocol"] = (f"WikiText-2 test {ecfg.eval.windows} x {ecfg.eval.seq_len} | calibration {ecfg.postpass.calibration_samples} x "
+                          f"{ecfg.postpass.calibration_seq_len} from WikiText-2 valid | seed {load_config(TRAIN).training.seed} | symmetric RTN")
+    mask = outlier_mask(work / "npft-range") if "npft-range" in args.runs else None
+    hess_batches = [{"input_ids": w[None].to(device), "labels": w[None].to(device)} for w in calib[:2]]
+    models = {"original": None, **{n: work / n / "final" for n in args.runs}}
+    results = {}
+    for name, path in models.items():
+        model = base if path is None else load_model_and_tokenizer(ModelConfig(name_or_path=str(path)))[0]
+        model = model.to(device)
+        row = {"float": perplexity(model, ids, ecfg.eval.seq_len, ecfg.eval.windows, progress=False).ppl}
+        if mask is not None:
+            model.train(False)
+            est, se = hessian_trace(model, hess_batches, mask, args.probes, torch.Generator().manual_seed(0))
+            row["hessian_trace_outliers"], row["hessian_trace_se"] = est, se
+        methods = [(s, "rtn") for s in SCHEMES] + ([("W4 per-channel", "l2qer"), ("W4 per-channel", "aser")] if name.startswith("npft") else [])
+        for scheme, method in methods:
+            cfg = load_config(EVAL, [*SCHEMES[scheme], "postpass.rank=32", *args.set])
+            m = copy.deepcopy(model)
+            run_method(m, calib, cfg, method, progress=False)
+            row[f"{method} {scheme}"] = perplexity(m, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
+            del m
+        results[name] = row
+        print(name, {k: round(v, 3) for k, v in row.items()}, flush=True)
+        if path is not None:
+            del model
+    report["results"] = results
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    cols = ["float", *[f"rtn {s}" for s in SCHEMES], "l2qer W4 per-channel", "aser W4 per-channel", "hessian_trace_outliers"]
+    print(report["protocol"], "|", report["device"])
+    print(f"{'model':<12}" + "".join(f"{c:>24}" for c in cols))
+    for name, row in results.items():
+        print(f"{name:<12}" + "".join(f"{row[c]:>24.3f}" if c in row else f"{'–':>24}" for c in cols))
+    for name, r in report["runs"].items():
+        print(f"{name}: median step {r['median_step_s']:.3f} s" + (f", {r['step_time_ratio_vs_plain']:.3f}x plain" if "step_time_ratio_vs_plain" in r else ""))
+
+
+if __name__ == "__main__":
+    main()
