@@ -221,3 +221,18 @@ def test_smollm2_group64_export_reloads_with_parity(tmp_path):
     assert set(m["parity"]) == {"transformers", "compressed-tensors"}
     assert all(p["max_abs_diff"] <= cfg.export.parity_atol and p["top1_agreement"] == 1.0 for p in m["parity"].values())
     assert 4.4 < m["sizes"]["bits_per_weight_base"] < 4.6 and len(m["quantized_modules"]) == 30 * 7
+
+
+def test_a_trained_npft_run_quantizes_and_exports_with_its_training_provenance(make_cfg, tmp_path):
+    """train (NPFT) → final/ → quantize (RTN + L2QER) → export: the manifest names the run's callbacks and seed."""
+    from qaft.trainer.config import CallbackSpec
+    from qaft.trainer.loop import fit
+
+    cfg = make_cfg("training.max_steps=4", "training.save_steps=0")
+    spec = CallbackSpec.from_plain({"name": "npft", "ratio": 0.01, "calib_windows": 2, "hessian_probes": 0}, "callbacks", [])
+    final = fit(cfg.__class__(**{**cfg.__dict__, "callbacks": (spec,)}))
+    post = make_cfg(*SMALL, f"model.name_or_path={final}", f"training.output_dir={tmp_path / 'post'}")
+    quantize_and_save(post, overwrite=False, progress=False)
+    _, m = export(post, overwrite=False, progress=False)
+    assert m["training"]["callbacks"] == ["npft"] and m["seeds"]["training"] == 0 and m["source_model"] == str(final)
+    assert all(p["max_abs_diff"] <= post.export.parity_atol for p in m["parity"].values())
