@@ -20,7 +20,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -29,11 +28,13 @@ from pathlib import Path
 import torch
 
 from qaft.callbacks.npft import hessian_trace
-from qaft.quant.compare import calibration_ids, run_method
+from qaft.quant.compare import calibration_ids
 from qaft.quant.evaluate import perplexity, token_stream
 from qaft.trainer.config import ModelConfig, load_config
 from qaft.trainer.loop import fit
 from qaft.trainer.model import load_model_and_tokenizer
+
+from common import quantized_ppl, step_times
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "configs" / "smollm2-npft.yaml"
@@ -48,11 +49,6 @@ SCHEMES = {
     "W4 g64": ["quant.weight.granularity=group", "quant.weight.group_size=64"],
     "W3 g64": ["quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=64"],
 }
-
-
-def step_times(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["s_per_step"] for r in rows if r["event"] == "train" and "s_per_step" in r]
 
 
 def outlier_mask(run: Path) -> dict[str, torch.Tensor]:
@@ -108,11 +104,7 @@ def main() -> None:
             row["hessian_trace_outliers"], row["hessian_trace_se"] = est, se
         methods = [(s, "rtn") for s in SCHEMES] + ([("W4 per-channel", "l2qer"), ("W4 per-channel", "aser")] if name.startswith("npft") else [])
         for scheme, method in methods:
-            cfg = load_config(EVAL, [*SCHEMES[scheme], "postpass.rank=32", *args.set])
-            m = copy.deepcopy(model)
-            run_method(m, calib[:1] if method == "rtn" else calib, cfg, method, progress=False)  # RTN reads no statistics
-            row[f"{method} {scheme}"] = perplexity(m, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
-            del m
+            row[f"{method} {scheme}"] = quantized_ppl(model, calib, ids, EVAL, method, [*SCHEMES[scheme], "postpass.rank=32", *args.set])
         results[name] = row
         print(name, {k: round(v, 3) for k, v in row.items()}, flush=True)
         if path is not None:

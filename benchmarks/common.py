@@ -1,0 +1,30 @@
+"""Pieces the training benchmarks share: step times from a run's metrics, post-quantization perplexity."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from qaft.quant.compare import run_method
+from qaft.quant.evaluate import perplexity
+from qaft.trainer.config import load_config
+
+
+def train_rows(run: Path, event: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def step_times(run: Path) -> list[float]:
+    """Seconds per optimizer step, one per logged step (log every step for this to be per step)."""
+    return [r["s_per_step"] for r in train_rows(run) if "s_per_step" in r]
+
+
+def quantized_ppl(model: torch.nn.Module, calib: torch.Tensor, ids: torch.Tensor, config: Path, method: str, overrides: list[str]) -> float:
+    """Perplexity of a quantized copy of ``model`` (``method`` under ``config`` + ``overrides``) on the config's eval protocol."""
+    cfg = load_config(config, overrides)
+    m = copy.deepcopy(model)
+    run_method(m, calib[:1] if method == "rtn" else calib, cfg, method, progress=False)  # RTN reads no statistics
+    return perplexity(m, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
