@@ -15,7 +15,7 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -26,10 +26,19 @@ from qaft.trainer.errors import ConfigError
 from . import aser, l2qer, lqer  # noqa: F401  (register the reconstructors)
 from .calibrate import LayerStats, collect
 from .fakequant import QuantLinear
+from .gptq import SingularHessian
 from .lowrank import RECONSTRUCTORS, LowRank, quantize_factors
-from .rtn import quantize_weight
-from .scheme import Granularity, QuantScheme, WeightFormat
+from .rtn import QuantizedWeight, quantize_weight
+from .scheme import Granularity, QuantScheme, WeightFormat, WeightQuant
 from .smooth import factors, smoothed_stats
+
+
+WeightQuantizer = Callable[[torch.Tensor, LayerStats, WeightQuant], QuantizedWeight]
+"""``(weight, input statistics, spec) -> QuantizedWeight``: RTN ignores the statistics, GPTQ uses them."""
+
+
+def rtn(w: torch.Tensor, stats: LayerStats, spec: WeightQuant) -> QuantizedWeight:
+    return quantize_weight(w, spec)
 
 
 class _Captured(Exception):
@@ -188,7 +197,8 @@ def _set(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
 def quantize_model(
     model: torch.nn.Module, calibration: torch.Tensor, scheme: QuantScheme, reconstructor: str | None, rank: int,
     *, randomized_svd: bool = False, energy: float | None = None, smoothing: SmoothingConfig | None = None,
-    factor_bits: int | None = None, propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
+    factor_bits: int | None = None, quantizer: WeightQuantizer = rtn, propagate: Literal["quantized", "float"] = "quantized",
+    progress: bool = True,
 ) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
     """Quantize every target Linear of ``model`` in place. ``calibration``: ``[n, seq_len]`` token ids.
 
@@ -215,7 +225,10 @@ def quantize_model(
             if name in extracted:  # reading (b): these columns are not quantized; the correction carries them whole
                 to_quantize = w.clone()
                 to_quantize[:, extracted[name]] = 0
-            q = quantize_weight(to_quantize, scheme.weight)
+            try:
+                q = quantizer(to_quantize, stats[name], scheme.weight)
+            except SingularHessian as e:
+                raise ConfigError(f"postpass.gptq.damp: {prefix}.{i}.{name}: {e}; raise postpass.gptq.damp (e.g. 0.1) or calibrate on more tokens") from None
             err = w - q.dequant
             corr = RECONSTRUCTORS[reconstructor](err, stats[name], lowrank) if reconstructor else None
             if corr is not None and factor_bits is not None:

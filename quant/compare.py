@@ -28,27 +28,45 @@ from .evaluate import perplexity, token_stream, windows_of
 
 @dataclass(frozen=True)
 class Method:
+    """A weight quantizer × an error reconstruction (× smoothing): methods compose, they are not copies."""
+
     quantize: bool
     reconstructor: str | None = None
     smooth: bool = False
+    gptq: bool = False
 
 
+_RECON = {"lqer": Method(True, "lqer"), "l2qer": Method(True, "l2qer"), "whiten": Method(True, "whiten"),
+          "aser": Method(True, "whiten", smooth=True)}  # ASER = whitening SVD on activation-smoothed weights
 METHODS: dict[str, Method] = {
     "fp": Method(quantize=False),
     "rtn": Method(quantize=True),
-    "lqer": Method(True, "lqer"),
-    "l2qer": Method(True, "l2qer"),
-    "whiten": Method(True, "whiten"),
-    "aser": Method(True, "whiten", smooth=True),  # ASER = whitening SVD on activation-smoothed weights
+    **_RECON,
+    "gptq": Method(True, gptq=True),
+    **{f"gptq+{k}": Method(True, m.reconstructor, m.smooth, gptq=True) for k, m in _RECON.items()},
 }
+
+
+def method_name(quantizer: str, reconstructor: str) -> str:
+    """``postpass.quantizer`` × ``postpass.reconstructor`` → a METHODS key."""
+    if quantizer == "gptq":
+        return "gptq" if reconstructor == "none" else f"gptq+{reconstructor}"
+    return "rtn" if reconstructor == "none" else reconstructor
 
 
 def run_method(model: torch.nn.Module, calib: torch.Tensor, cfg: Config, method: str, progress: bool) -> list:
     """Quantize ``model`` in place with ``method`` under the config's scheme, rank and smoothing; returns layer reports."""
+    from functools import partial
+
+    from .apply import rtn
+    from .gptq import GPTQSettings, gptq
+
     spec = METHODS[method]
+    g = cfg.postpass.gptq
+    quantizer = partial(gptq, settings=GPTQSettings(g.damp, g.block_size, g.act_order)) if spec.gptq else rtn
     reports, _ = quantize_model(
         model, calib, cfg.quant, spec.reconstructor, cfg.postpass.rank, randomized_svd=cfg.postpass.randomized_svd, energy=cfg.postpass.energy,
-        factor_bits=cfg.postpass.factor_bits, smoothing=cfg.postpass.smoothing if spec.smooth else None, progress=progress,
+        factor_bits=cfg.postpass.factor_bits, quantizer=quantizer, smoothing=cfg.postpass.smoothing if spec.smooth else None, progress=progress,
     )
     return reports
 
@@ -156,12 +174,13 @@ def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) ->
     ensure_writable(out, overwrite)  # before the model load; save_quantized checks again
     model, tok = load_model_and_tokenizer(cfg.model)
     calib = calibration_ids(cfg, tok)
-    method = "rtn" if p.reconstructor == "none" else p.reconstructor
+    method = method_name(p.quantizer, p.reconstructor)
     t0 = time.perf_counter()
     reports = run_method(model, calib, cfg, method, progress)
     meta = {
-        "method": f"{p.quantizer}+{p.reconstructor}", "rank": p.rank if method != "rtn" else 0,
-        "factor_bits": p.factor_bits if method != "rtn" else None, "source_model": cfg.model.name_or_path,
+        "method": f"{p.quantizer}+{p.reconstructor}", "rank": p.rank if METHODS[method].reconstructor else 0,
+        "factor_bits": p.factor_bits if METHODS[method].reconstructor else None,
+        "gptq": to_plain(p.gptq) if METHODS[method].gptq else None, "source_model": cfg.model.name_or_path,
         "smoothing": to_plain(p.smoothing) if METHODS[method].smooth else None,
         "calibration": calibration_record(cfg, calib), "randomized_svd": p.randomized_svd,
         "seconds": time.perf_counter() - t0, "layers": [asdict(r) for r in reports],

@@ -48,42 +48,56 @@ def _groups(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     return w.reshape(1, 1, out * inp)  # tensor
 
 
-def quantize_weight(w: torch.Tensor, spec: WeightQuant) -> QuantizedWeight:
-    """RTN-quantize ``w`` (``[out, in]``) under ``spec``; computed in float32 or wider, returned in ``w``'s dtype."""
-    work = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
-    g = _groups(work, spec)
+def grid_params(g: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) of each group of ``g`` (``[..., group]``), shaped ``[..., 1]``: the grid RTN rounds to."""
     b = spec.bits
     if spec.format is WeightFormat.MXINT:
         amax = g.abs().amax(-1, keepdim=True)
         exp = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
-        scale = torch.exp2(exp - (b - 2))
-        codes = torch.clamp(torch.round(g / scale), -(2 ** (b - 1)), 2 ** (b - 1) - 1)
-        zero = None
-        deq = codes * scale
-    elif spec.symmetric:
-        qmax = 2 ** (b - 1) - 1
+        return torch.exp2(exp - (b - 2)), None
+    if spec.symmetric:
         amax = g.abs().amax(-1, keepdim=True)
-        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-        codes = torch.clamp(torch.round(g / scale), -qmax, qmax)
-        zero = None
-        deq = codes * scale
-    else:
-        qmax = 2**b - 1
-        lo = g.amin(-1, keepdim=True).clamp(max=0)
-        hi = g.amax(-1, keepdim=True).clamp(min=0)  # keep 0 exactly representable
-        scale = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
-        zero = torch.round(-lo / scale)
-        codes = torch.clamp(torch.round(g / scale) + zero, 0, qmax)
-        deq = (codes - zero) * scale
-    shape = w.shape
-    rows = shape[0] if g.shape[0] == shape[0] else 1
+        return torch.where(amax > 0, amax / (2 ** (b - 1) - 1), torch.ones_like(amax)), None
+    lo = g.amin(-1, keepdim=True).clamp(max=0)
+    hi = g.amax(-1, keepdim=True).clamp(min=0)  # keep 0 exactly representable
+    scale = torch.where(hi > lo, (hi - lo) / (2**b - 1), torch.ones_like(hi))
+    return scale, torch.round(-lo / scale)
+
+
+def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, dequantized)`` of ``x`` on a given grid (broadcasting ``scale``/``zero``): RTN's rounding rule, shared with GPTQ."""
+    b = spec.bits
+    if spec.format is WeightFormat.MXINT:
+        codes = torch.clamp(torch.round(x / scale), -(2 ** (b - 1)), 2 ** (b - 1) - 1)
+        return codes, codes * scale
+    if zero is None:
+        qmax = 2 ** (b - 1) - 1
+        codes = torch.clamp(torch.round(x / scale), -qmax, qmax)
+        return codes, codes * scale
+    codes = torch.clamp(torch.round(x / scale) + zero, 0, 2**b - 1)
+    return codes, (codes - zero) * scale
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, deq: torch.Tensor, like: torch.Tensor) -> QuantizedWeight:
+    """Grouped ``[rows, n_groups, group]`` results → a ``QuantizedWeight`` in ``like``'s shape and dtype."""
+    shape = like.shape
+    rows = shape[0] if scale.shape[0] == shape[0] else 1
     flat = lambda t: t.reshape(rows, -1)  # noqa: E731  [rows, n_groups]
     return QuantizedWeight(
         codes=codes.reshape(shape).to(torch.int16),
-        scale=flat(scale).to(w.dtype),
+        scale=flat(scale).to(like.dtype),
         zero=None if zero is None else flat(zero).to(torch.int16),
-        dequant=deq.reshape(shape).to(w.dtype),
+        dequant=deq.reshape(shape).to(like.dtype),
     )
+
+
+def quantize_weight(w: torch.Tensor, spec: WeightQuant) -> QuantizedWeight:
+    """RTN-quantize ``w`` (``[out, in]``) under ``spec``; computed in float32 or wider, returned in ``w``'s dtype."""
+    work = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    g = _groups(work, spec)
+    scale, zero = grid_params(g, spec)
+    codes, deq = round_to_grid(g, scale, zero, spec)
+    return pack(codes, scale, zero, deq, w)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: WeightQuant) -> torch.Tensor:

@@ -63,8 +63,9 @@ def test_qaft_quantize_cli_writes_and_refuses_to_clobber(tmp_path, capsys):
     assert (out / "model.safetensors").read_bytes() == before
     assert main([*argv, "--overwrite", "postpass.reconstructor=none"]) == 0
     assert json.loads((out / "qaft_quant.json").read_text())["rank"] == 0
-    assert main([*argv[:2], "postpass.quantizer=gptq"]) == 2
-    assert "not available yet (issue #11)" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "postpass.quantizer=gptq"]) == 0
+    meta = json.loads((out / "qaft_quant.json").read_text())
+    assert meta["method"] == "gptq+whiten" and meta["gptq"]["damp"] == 0.01
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])

@@ -51,16 +51,12 @@ def _quantize(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.postpass.quantizer != "rtn":
-        from .errors import PreflightError
-
-        raise PreflightError(f"postpass.quantizer: {cfg.postpass.quantizer!r} is not available yet (issue #11); use rtn")
     if args.export:  # fail before the post-pass, not after it
         from qaft.quant.export import check_destination
 
         check_destination(cfg, cfg.quant, args.overwrite)
     out = quantize_and_save(cfg, overwrite=args.overwrite)
-    print(f"qaft quantize: {cfg.quant.label} + {cfg.postpass.reconstructor} (rank {cfg.postpass.rank}) written to {out}")
+    print(f"qaft quantize: {cfg.quant.label}, {cfg.postpass.quantizer} + {cfg.postpass.reconstructor} (rank {cfg.postpass.rank}) written to {out}")
     return _export(args) if args.export else 0
 
 
@@ -110,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = verb("export", "packed int4 base (compressed-tensors) + PEFT adapter + manifest + model card, with a reload parity check", _export)
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export.dir")
     ev = verb("eval", "WikiText-2 perplexity of the float model and of post-pass methods", _eval)
-    ev.add_argument("--methods", default=None, help="comma list of fp, rtn, lqer, l2qer, whiten, aser (default fp,rtn; none with --export)")
+    ev.add_argument("--methods", default=None, help="comma list of fp, rtn, lqer, l2qer, whiten, aser, gptq, gptq+<reconstructor> (default fp,rtn; none with --export)")
     ev.add_argument("--export", metavar="DIR", help="also evaluate an export folder (base alone and base + adapter), after checking its manifest hashes")
     ev.add_argument("--json", metavar="PATH", help='also write {"protocol": {...}, "results": {method: {"ppl", "seconds", ...}}}')
     for name, (help, issue) in PENDING.items():

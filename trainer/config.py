@@ -155,11 +155,23 @@ class SmoothingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GPTQConfig:
+    """GPTQ settings (``postpass.quantizer: gptq``, methods ``gptq*``); see ``quant/gptq.py``."""
+
+    damp: Annotated[float, Ge(0.0)] = 0.01
+    """Added to H's diagonal as a share of its mean."""
+    block_size: Annotated[int, Ge(1)] = 128
+    """Columns per lazy update batch (rounded to a multiple of the group size)."""
+    act_order: bool = False
+    """Quantize columns by decreasing H_jj (groups then use static grids from the original weights)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class PostpassConfig:
     """Used by ``qaft quantize`` (post-training quantization + low-rank error reconstruction)."""
 
     quantizer: Literal["rtn", "gptq"] = "rtn"
-    """Weight quantizer."""
+    """Weight quantizer: round-to-nearest, or GPTQ (error feedback through the inverse input covariance); the reconstructor then works on its residual."""
     reconstructor: Literal["none", "lqer", "l2qer", "whiten", "aser"] = "l2qer"
     """Low-rank error reconstruction: ``lqer`` (plain SVD), ``l2qer`` (activation-scaled SVD), ``whiten`` (whitening SVD), ``aser`` (whitening + activation smoothing)."""
     rank: Annotated[int, Ge(0)] = 32
@@ -180,6 +192,8 @@ class PostpassConfig:
     """Tokens per calibration sequence."""
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
     """Activation smoothing of the ``aser`` method."""
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    """GPTQ settings."""
 
     def __post_init__(self) -> None:
         sm = self.smoothing

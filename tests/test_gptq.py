@@ -1,0 +1,122 @@
+"""GPTQ: RTN when H = I, lower output error on correlated inputs, RTN's grid layout, composition, clear failures."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qaft.quant.apply import quantize_model
+from qaft.quant.calibrate import LayerStats
+from qaft.quant.compare import METHODS, method_name
+from qaft.quant.gptq import GPTQSettings, SingularHessian, gptq
+from qaft.quant.rtn import dequantize, quantize_weight
+from qaft.quant.scheme import Granularity, QuantScheme, WeightFormat, WeightQuant
+from qaft.trainer.config import ModelConfig
+from qaft.trainer.errors import ConfigError
+from qaft.trainer.model import load_model_and_tokenizer
+
+SPECS = [
+    WeightQuant(),
+    WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16),
+    WeightQuant(symmetric=False, granularity=Granularity.GROUP, group_size=16),
+    WeightQuant(format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16),
+    WeightQuant(granularity=Granularity.TENSOR),
+]
+IDS = [s.label for s in SPECS]
+
+
+def stats_of(x: torch.Tensor) -> LayerStats:
+    st = LayerStats(x.shape[-1])
+    st.update(x)
+    return st
+
+
+def correlated(n: int = 4000, d: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) + 0.1 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_identity_hessian_without_damping_is_rtn_exactly(spec):
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
+    a, b = gptq(w, stats_of(torch.eye(64) * 3), spec, GPTQSettings(damp=0.0)), quantize_weight(w, spec)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.dequant, b.dequant)
+    assert (a.zero is None) == (b.zero is None) and (a.zero is None or torch.equal(a.zero, b.zero))
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_gptq_lowers_the_output_error_on_correlated_inputs(spec, act_order):
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(2))
+    st = stats_of(correlated())
+    c = st.covariance.float()
+    err = lambda q: ((w - q) @ c * (w - q)).sum().item()  # noqa: E731  tr((W-Q) C (W-Q)^T)
+    q = gptq(w, st, spec, GPTQSettings(act_order=act_order))
+    assert err(q.dequant) < 0.8 * err(quantize_weight(w, spec).dequant)
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_codes_and_scales_have_rtns_layout_and_respect_group_boundaries(spec, act_order):
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+    q, r = gptq(w, stats_of(correlated()), spec, GPTQSettings(act_order=act_order, block=24)), quantize_weight(w, spec)
+    assert q.codes.shape == r.codes.shape and q.scale.shape == r.scale.shape and (q.zero is None) == (r.zero is None)
+    assert torch.equal(dequantize(q.codes, q.scale, q.zero, spec), q.dequant)  # each code uses its own group's scale
+    lo, hi = {WeightFormat.MXINT: (-8, 7)}.get(spec.format, (-7, 7) if spec.symmetric else (0, 15))
+    if spec.bits == 3:
+        lo, hi = -3, 3
+    assert q.codes.min() >= lo and q.codes.max() <= hi
+
+
+def test_a_hessian_singular_after_damping_is_refused():
+    x = torch.randn(3, 64)  # rank 3 < 64
+    with pytest.raises(SingularHessian, match="not positive definite"):
+        gptq(torch.randn(8, 64), stats_of(x), WeightQuant(), GPTQSettings(damp=0.0))
+    gptq(torch.randn(8, 64), stats_of(x), WeightQuant(), GPTQSettings(damp=0.01))  # damping fixes it
+    with pytest.raises(SingularHessian, match="no calibration tokens"):
+        gptq(torch.randn(8, 64), LayerStats(64), WeightQuant())
+
+
+def test_dead_input_channels_get_zero_weight_columns():
+    x = correlated()
+    x[:, 5] = 0
+    q = gptq(torch.randn(8, 64), stats_of(x), WeightQuant())
+    assert (q.codes[:, 5] == 0).all()
+
+
+@pytest.fixture
+def tiny():
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    return model, torch.randint(0, 257, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+def test_in_the_pipeline_gptq_beats_rtn_on_every_layer_and_composes_with_reconstruction(tiny):
+    from functools import partial
+
+    model, calib = tiny
+    scheme = QuantScheme(weight=WeightQuant(bits=3))
+    g = partial(gptq, settings=GPTQSettings())
+    kw = dict(propagate="float", progress=False)  # same inputs for every method: a per-layer comparison
+    rtn_reports, _ = quantize_model(copy.deepcopy(model), calib, scheme, None, 0, **kw)
+    gptq_reports, _ = quantize_model(copy.deepcopy(model), calib, scheme, None, 0, quantizer=g, **kw)
+    both, _ = quantize_model(copy.deepcopy(model), calib, scheme, "l2qer", 8, quantizer=g, **kw)
+    worse = [a.name for a, b in zip(gptq_reports, rtn_reports) if not a.rel_output_error < b.rel_output_error]
+    assert not worse, worse
+    assert all(c.rel_output_error < a.rel_output_error for c, a in zip(both, gptq_reports))
+
+
+def test_gptq_in_the_pipeline_names_the_layer_and_the_fix(tiny):
+    from functools import partial
+
+    model, _ = tiny
+    few = torch.randint(0, 257, (1, 4))  # 4 tokens: every Hessian has rank <= 4 < 64
+    with pytest.raises(ConfigError, match=r"postpass\.gptq\.damp: model\.layers\.0\.self_attn\.q_proj: .* raise postpass\.gptq\.damp"):
+        quantize_model(model, few, QuantScheme(), None, 0, quantizer=partial(gptq, settings=GPTQSettings(damp=0.0)), progress=False)
+
+
+def test_method_names_compose_quantizer_and_reconstruction():
+    assert method_name("gptq", "none") == "gptq" and method_name("gptq", "aser") == "gptq+aser" and method_name("rtn", "l2qer") == "l2qer"
+    assert METHODS["gptq+aser"].gptq and METHODS["gptq+aser"].smooth and METHODS["gptq+aser"].reconstructor == "whiten"
+    assert {"gptq", "gptq+lqer", "gptq+l2qer", "gptq+whiten", "gptq+aser"} <= set(METHODS)
