@@ -10,6 +10,7 @@ Writes ``benchmarks/results/postpass.json``, ``postpass_ppl_vs_rank.png`` and ``
 
     .venv/bin/python benchmarks/postpass.py                                   # full grid
     .venv/bin/python benchmarks/postpass.py --schemes w4 w4a8 --ranks 8 32    # a quicker slice
+    .venv/bin/python benchmarks/postpass.py --schemes w4 --ranks 32 --methods gptq gptq+l2qer gptq+aser --json-name postpass_gptq.json --no-spectra
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from qaft.quant.aser import cholesky_with_jitter
 from qaft.quant.apply import capture_inputs, decoder_layers, target_linears
 from qaft.quant.calibrate import collect
-from qaft.quant.compare import calibration_ids, run_method
+from qaft.quant.compare import METHODS, calibration_ids, run_method
 from qaft.quant.evaluate import perplexity, token_stream
 from qaft.quant.l2qer import activation_scale
 from qaft.quant.rtn import quantize_weight
@@ -68,7 +69,7 @@ def spectra(model, calib, cfg, layer_index: int, names: list[str]) -> dict[str, 
     return out
 
 
-def plot(report: dict, out_dir: Path) -> list[str]:
+def plot(report: dict, out_dir: Path, stem: str = "postpass") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,6 +84,8 @@ def plot(report: dict, out_dir: Path) -> list[str]:
             ranks = sorted(int(k) for k in by_rank)
             ax.plot(ranks, [by_rank[str(k)]["ppl"] for k in ranks], marker="o", label=method)
         ax.axhline(r["rtn"]["ppl"], color="grey", ls="--", label="RTN")
+        for i, (name, b) in enumerate(r.get("baselines", {}).items()):
+            ax.axhline(b["ppl"], color=f"C{7 + i}", ls="-.", label=name)
         ax.axhline(report["fp"]["ppl"], color="black", ls=":", label="float")
         ax.set_title(scheme)
         ax.set_xlabel("rank")
@@ -90,8 +93,10 @@ def plot(report: dict, out_dir: Path) -> list[str]:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(report["protocol"], fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "postpass_ppl_vs_rank.png", dpi=120)
-    files.append(str(out_dir / "postpass_ppl_vs_rank.png"))
+    fig.savefig(out_dir / f"{stem}_ppl_vs_rank.png", dpi=120)
+    files.append(str(out_dir / f"{stem}_ppl_vs_rank.png"))
+    if "spectra" not in report:
+        return files
     sp = report["spectra"]["layers"]
     fig, axes = plt.subplots(1, len(sp), figsize=(4.2 * len(sp), 3.4), squeeze=False)
     for ax, (name, curves) in zip(axes[0], sp.items()):
@@ -102,15 +107,19 @@ def plot(report: dict, out_dir: Path) -> list[str]:
         ax.set_ylabel("σ / σ₁")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "postpass_spectra.png", dpi=120)
-    files.append(str(out_dir / "postpass_spectra.png"))
+    fig.savefig(out_dir / f"{stem}_spectra.png", dpi=120)
+    files.append(str(out_dir / f"{stem}_spectra.png"))
     return files
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
-    ap.add_argument("--methods", nargs="+", default=["lqer", "l2qer", "aser"], choices=["lqer", "l2qer", "whiten", "aser"])
+    ap.add_argument("--methods", nargs="+", default=["lqer", "l2qer", "aser"], choices=[m for m in METHODS if m not in ("fp", "rtn")],
+                    help="reconstruction methods (run at every rank) and quantizer-only ones such as gptq (run once)")
+    ap.add_argument("--json-name", default="postpass.json", help="output file name; the PNGs take its stem")
+    ap.add_argument("--no-spectra", action="store_true", help="skip the singular-value spectra figure")
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra overrides (e.g. postpass.gptq.act_order=true)")
     ap.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32])
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -130,7 +139,7 @@ def main() -> None:
     print(report["protocol"], f"\nfloat ppl {fp.ppl:.2f}", flush=True)
 
     def one(overrides: list[str], method: str, rank: int) -> dict:
-        cfg = load_config(CONFIG, overrides + [f"postpass.rank={rank}"])
+        cfg = load_config(CONFIG, overrides + args.set + [f"postpass.rank={rank}"])
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         layers = run_method(m, calib, cfg, method, progress=False)
@@ -143,7 +152,10 @@ def main() -> None:
         rtn = one(ov, "rtn", 0)
         res = {"label": rtn["scheme"], "rtn": rtn, "methods": {}}
         print(f"{scheme:<7} {rtn['scheme']:<26} rtn    ppl {rtn['ppl']:8.2f}", flush=True)
-        for method in args.methods:
+        for method in [m for m in args.methods if METHODS[m].reconstructor is None]:  # quantizer only: no rank
+            res.setdefault("baselines", {})[method] = r = one(ov, method, 0)
+            print(f"{scheme:<7} {rtn['scheme']:<26} {method:<6} ppl {r['ppl']:8.2f}  post-pass {r['postpass_seconds']:6.1f} s", flush=True)
+        for method in [m for m in args.methods if METHODS[m].reconstructor is not None]:
             res["methods"][method] = {}
             for rank in args.ranks:
                 r = one(ov, method, rank)
@@ -151,15 +163,16 @@ def main() -> None:
                 print(f"{scheme:<7} {rtn['scheme']:<26} {method:<6} rank {rank:>3} ppl {r['ppl']:8.2f}  "
                       f"post-pass {r['postpass_seconds']:6.1f} s (reconstruct {r['reconstruct_seconds']:5.1f} s)", flush=True)
         report["results"][scheme] = res
-        Path(out_dir / "postpass.json").write_text(json.dumps(report, indent=2))  # partial results survive an interrupt
-    report["spectra"] = {"layer": 10, "layers": spectra(model, calib, cfg0, 10, ["self_attn.q_proj", "mlp.down_proj"])}
+        Path(out_dir / args.json_name).write_text(json.dumps(report, indent=2))  # partial results survive an interrupt
+    if not args.no_spectra:
+        report["spectra"] = {"layer": 10, "layers": spectra(model, calib, cfg0, 10, ["self_attn.q_proj", "mlp.down_proj"])}
     report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    Path(out_dir / "postpass.json").write_text(json.dumps(report, indent=2))
+    Path(out_dir / args.json_name).write_text(json.dumps(report, indent=2))
     try:
-        files = plot(report, out_dir)
+        files = plot(report, out_dir, Path(args.json_name).stem)
     except ImportError:
         files = ["(no plots: pip install 'qaft[plots]')"]
-    print(f"peak RSS {report['peak_rss_gb']:.2f} GB; wrote {out_dir / 'postpass.json'} {' '.join(files)}")
+    print(f"peak RSS {report['peak_rss_gb']:.2f} GB; wrote {out_dir / args.json_name} {' '.join(files)}")
 
 
 if __name__ == "__main__":
