@@ -12,7 +12,7 @@ from qaft.trainer.loop import fit, setup, train
 from qaft.trainer.metrics import MetricsLogger
 from qaft.trainer.model import attach_lora, load_model_and_tokenizer
 
-from helpers import Killed, adapter_tensors, assert_same_tensors, events, kill_after_checkpoint, without_timing
+from helpers import assert_resume_is_exact, events
 
 
 def lora_model(name: str = "tiny-llama"):
@@ -109,16 +109,8 @@ def test_gated_heads_parameters_and_adamw_moments_do_not_change(make_cfg):
 def test_resume_with_mat_active_is_exact(make_cfg, monkeypatch, tmp_path):
     opts = {"warmup_steps": 2, "interval": 3}
     run = lambda out, *extra: with_mat(make_cfg, "training.max_steps=8", "training.save_steps=4", f"training.output_dir={out}", *extra, **opts)  # noqa: E731
-    fit(run(tmp_path / "a"))
-    kill_after_checkpoint(monkeypatch, 4)
-    with pytest.raises(Killed):
-        fit(run(tmp_path / "b"))
-    monkeypatch.undo()
-    fit(run(tmp_path / "b", "training.resume_from_checkpoint=true"))
-    assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "mat/lambda_seconds"} for r in without_timing(rows)]  # noqa: E731
-    assert drop(events(tmp_path / "a", "train")) == drop(events(tmp_path / "b", "train"))
-    fractions = [r["mat/active_fraction"] for r in events(tmp_path / "a", "train")]
+    rows = assert_resume_is_exact(run, monkeypatch, tmp_path, 4, volatile=("mat/lambda_seconds",))
+    fractions = [r["mat/active_fraction"] for r in rows]
     assert fractions[:2] == [1.0, 1.0] and min(fractions) < 1.0
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import qaft.trainer.checkpoint as checkpoint
-import qaft.trainer.loop as loop
 from qaft.trainer.errors import CheckpointError
 from qaft.trainer.loop import fit
 

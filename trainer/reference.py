@@ -75,7 +75,7 @@ def reference() -> str:
             for n in names():
                 cls = get(n)
                 summary = (inspect.getmodule(cls).__doc__ or "").strip().splitlines()[0]
-                lines += [f"- `{n}`: {summary}", "", *_table(cls.Options, f"callbacks[].")] + [""]
+                lines += [f"- `{n}`: {summary}", "", *_table(cls.Options, "callbacks[].")] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
