@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 import re
 import zlib
 from dataclasses import dataclass
@@ -204,6 +205,7 @@ class NPFT(Callback):
         self.round = -1
         self.hessian: dict[str, float] = {}
         self._noisy = False
+        self._overhead = 0.0  # seconds spent applying and removing noise this step (not round scoring)
         self._pending: dict[str, Any] | None = None
 
     @classmethod
@@ -346,6 +348,7 @@ class NPFT(Callback):
         r = min(ctx.state.step // self._round_length(ctx), self.options.rounds - 1)
         if r != self.round or any(m.idx is None for m in self.modules.values()):
             self._start_round(ctx, r)
+        t0 = time.perf_counter()
         with torch.no_grad():
             for name, m in self.modules.items():
                 noise = m.noise
@@ -353,21 +356,25 @@ class NPFT(Callback):
                     noise = self._draw(m, _generator(ctx.config.training.seed, self.name, "step", ctx.state.step, name))
                 m.weight.view(-1)[m.idx] = m.clean + noise
         self._noisy = True
+        self._overhead += time.perf_counter() - t0
 
     @torch.no_grad()
     def _remove_noise(self) -> None:
         if not self._noisy:
             return
+        t0 = time.perf_counter()
         for m in self.modules.values():
             m.weight.view(-1)[m.idx] = m.clean
         self._noisy = False
+        self._overhead += time.perf_counter() - t0
 
     def on_gradients(self, ctx: Context) -> None:
         self._remove_noise()  # the optimizer step, evaluation and checkpoints see the clean base
 
     def on_step_end(self, ctx: Context) -> dict[str, float]:
         self._remove_noise()
-        out = {"round": float(self.round), "outliers": float(sum(len(m.idx) for m in self.modules.values()))}
+        out = {"round": float(self.round), "outliers": float(sum(len(m.idx) for m in self.modules.values())), "noise_s": self._overhead}
+        self._overhead = 0.0
         if ctx.state.step == ctx.state.max_steps and self.options.hessian_probes:
             self.hessian |= dict(zip(("hessian_trace_end", "hessian_trace_end_se"), self._hessian(ctx)))
         if self.hessian:
