@@ -122,9 +122,19 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra overrides (e.g. postpass.gptq.act_order=true)")
     ap.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32])
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge earlier result files (later ones win per scheme) and plot")
     args = ap.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        report = {**parts[0], "results": {}, "parts": [p["protocol"] for p in parts]}
+        for part in parts:
+            report["results"] |= part["results"]
+            report |= {k: part[k] for k in ("spectra", "peak_rss_gb") if k in part}
+        Path(out_dir / args.json_name).write_text(json.dumps(report, indent=2))
+        print(f"merged {len(parts)} files into {out_dir / args.json_name}:", *plot(report, out_dir, Path(args.json_name).stem))
+        return
 
     cfg0 = load_config(CONFIG)
     model, tok = load_model_and_tokenizer(cfg0.model)
