@@ -276,7 +276,7 @@ class MAT(Callback):
         if self.active is None or bool(self.active.all()):
             return
         state = self._optimizer_state(ctx)
-        skipped = {id(p) for p in self._skipped}
+        skipped = {id(p) for p in self._skipped if p.grad is None}  # a grad means someone re-enabled it: gate it the slow way
         for m, on in zip(self.modules, self.active.tolist()):
             if on:
                 continue

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,21 @@ def increments(history: list[torch.Tensor], current: torch.Tensor) -> torch.Tens
     """``[|A_1−A_2|, …, |A_K−A_c|]`` stacked on a time axis: K × ``[b, C, T]`` (oldest first) + ``[b, C, T]`` → ``[b, K, C, T]``."""
     seq = [*history, current]
     return torch.stack([(b - a).abs() for a, b in zip(seq, seq[1:])], dim=1)
+
+
+@contextmanager
+def adapters_off(model: torch.nn.Module) -> Iterator[None]:
+    """peft's ``disable_adapter``, leaving every ``requires_grad`` flag as it found it.
+
+    Re-enabling adapters makes peft set ``requires_grad=True`` on all of them, which would undo
+    another callback's freezing (MAT stops the gradients of fully gated tensors)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
 
 
 class _Stop(Exception):
@@ -189,7 +205,7 @@ class TemporalKD(Callback):
         t0 = time.perf_counter()
         student = self._features()  # captured during the loop's own forward, with grad
         model = ctx.accelerator.unwrap_model(ctx.model)
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), adapters_off(model):
             teacher_logits = model(input_ids=batch["input_ids"]).logits
         teacher = self._features()
         terms = {}

@@ -123,3 +123,24 @@ def test_a_teacher_needs_a_frozen_base():
     ctx = type("Ctx", (), {"accelerator": type("Acc", (), {"unwrap_model": staticmethod(lambda m: m)})(), "model": plain})()
     with pytest.raises(PreflightError, match="teacher is the frozen base"):
         cb.on_train_begin(ctx)
+
+
+def test_the_teacher_pass_leaves_requires_grad_flags_alone(make_cfg, tmp_path):
+    from qaft.callbacks.temporal_kd import adapters_off
+
+    s = setup(with_tkd(make_cfg, "training.max_steps=1", f"training.output_dir={tmp_path}"))
+    model = s.ctx.accelerator.unwrap_model(s.ctx.model)
+    frozen = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    frozen.requires_grad_(False)  # as MAT does for a fully gated tensor
+    with adapters_off(model):
+        pass
+    assert not frozen.requires_grad  # peft's own re-enable would have set it back to True
+
+
+def test_every_callback_together_trains_and_logs(make_cfg, tmp_path):
+    cfg = make_cfg("training.max_steps=8", "training.save_steps=4", "training.logging_steps=1", f"training.output_dir={tmp_path}")
+    specs = [{"name": "npft", "ratio": 0.01, "calib_windows": 2, "hessian_probes": 2}, {"name": "mat", "warmup_steps": 2, "interval": 3, "probe_samples": 4},
+             {"name": "temporal_kd", "phase_steps": 2, "review_every": 2}, {"name": "telemetry", "every": 2}]
+    fit(cfg.__class__(**{**cfg.__dict__, "callbacks": tuple(CallbackSpec.from_plain(x, "callbacks", []) for x in specs)}))
+    keys = set().union(*events(tmp_path, "train"))
+    assert {"npft/hessian_trace_end", "mat/active_fraction", "loss/temporal_kd/mse", "telemetry/update_ratio"} <= keys
