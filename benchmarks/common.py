@@ -28,3 +28,11 @@ def quantized_ppl(model: torch.nn.Module, calib: torch.Tensor, ids: torch.Tensor
     m = copy.deepcopy(model)
     run_method(m, calib[:1] if method == "rtn" else calib, cfg, method, progress=False)  # RTN reads no statistics
     return perplexity(m, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
+
+
+def add_run_arguments(ap, root: Path, name: str) -> None:
+    """``--work`` (training runs), ``--out`` (result JSON), ``--set`` (overrides for every config), ``--train-set`` (training only)."""
+    ap.add_argument("--work", default=str(root / "runs" / f"bench-{name}"))
+    ap.add_argument("--out", default=str(root / "benchmarks" / "results" / f"{name}.json"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for both configs (e.g. data paths)")
+    ap.add_argument("--train-set", nargs="*", default=[], metavar="key=value", help="overrides for the training config only")

@@ -31,7 +31,7 @@ from qaft.trainer.config import ModelConfig, load_config
 from qaft.trainer.loop import fit
 from qaft.trainer.model import load_model_and_tokenizer
 
-from common import quantized_ppl, step_times, train_rows
+from common import add_run_arguments, quantized_ppl, step_times, train_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "configs" / "smollm2-lora.yaml"
@@ -57,10 +57,7 @@ def run(name: str, work: Path, overrides: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench-mat"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mat.json"))
-    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for both configs (e.g. data paths)")
-    ap.add_argument("--train-set", nargs="*", default=[], metavar="key=value", help="overrides for the training config only")
+    add_run_arguments(ap, ROOT, "mat")
     args = ap.parse_args()
     work = Path(args.work)
     base = [f"training.max_steps={args.steps}", f"training.eval_steps={max(1, args.steps // 6)}", "training.save_steps=0", *args.set]

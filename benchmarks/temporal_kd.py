@@ -28,7 +28,7 @@ from qaft.trainer.config import ModelConfig, load_config
 from qaft.trainer.loop import fit
 from qaft.trainer.model import load_model_and_tokenizer
 
-from common import quantized_ppl, step_times
+from common import add_run_arguments, quantized_ppl, step_times
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "configs" / "smollm2-lora.yaml"
@@ -55,10 +55,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--phase", type=int, default=25, help="temporal_kd.phase_steps")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench-tkd"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "temporal_kd.json"))
-    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for both configs (e.g. data paths)")
-    ap.add_argument("--train-set", nargs="*", default=[], metavar="key=value", help="overrides for the training config only")
+    add_run_arguments(ap, ROOT, "temporal_kd")
     args = ap.parse_args()
     work = Path(args.work)
     report = {"train_config": TRAIN.name, "steps": args.steps, "runs": {}}
