@@ -34,7 +34,6 @@ from __future__ import annotations
 import enum
 import math
 import time
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Annotated, Any, Iterable, Mapping
@@ -224,8 +223,7 @@ class NPFT(Callback):
             if not isinstance(mod, torch.nn.Linear) or "lora_" in name or ".layers." not in f".{name}.":
                 continue
             clean_name = name.replace(".base_layer", "")
-            s = ctx.scheme
-            if any(re.search(p, clean_name) for p in s.ignore) or (s.targets and not any(re.search(p, clean_name) for p in s.targets)):
+            if not ctx.scheme.selects(clean_name):
                 continue
             owner = model.get_submodule(name.rpartition(".")[0]) if name.endswith(".base_layer") else None
             if getattr(mod.weight, "ds_id", None) is not None or mod.weight.numel() == 0:

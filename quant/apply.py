@@ -11,7 +11,6 @@ layer's activations and statistics. Records per-layer telemetry.
 
 from __future__ import annotations
 
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,12 +73,8 @@ def target_linears(layer: torch.nn.Module, prefix: str, scheme: QuantScheme) -> 
     """Linears of one decoder layer that the scheme quantizes, by name relative to the layer."""
     out = {}
     for name, mod in layer.named_modules():
-        full = f"{prefix}.{name}"
-        if not isinstance(mod, torch.nn.Linear) or any(re.search(p, full) for p in scheme.ignore):
-            continue
-        if scheme.targets and not any(re.search(p, full) for p in scheme.targets):
-            continue
-        out[name] = mod
+        if isinstance(mod, torch.nn.Linear) and scheme.selects(f"{prefix}.{name}"):
+            out[name] = mod
     return out
 
 

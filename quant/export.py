@@ -275,13 +275,14 @@ def export(cfg: Config, *, overwrite: bool, progress: bool = True) -> tuple[Path
         size = sizes(tmp, reference)
         del reference
         evaluation = evaluate(cfg, tmp, progress) if cfg.export.evaluate else None
+        training = training_record(cfg)
         record = {
             "format": {"base": f"compressed-tensors {FORMAT}", "adapter": "peft lora" if ranks else None},
             "scheme": meta["scheme"], "scheme_label": scheme.label, "method": meta["method"],
             "rank": meta["rank"], "ranks": ranks or {}, "factor_bits": meta.get("factor_bits"), "smoothing": meta.get("smoothing"),
             "source_model": meta["source_model"], "quantized_modules": quantized, "calibration": meta["calibration"],
-            "training": training_record(cfg),
-            "seeds": {"training": (training_record(cfg) or {}).get("seed"), "randomized_svd": 0 if meta.get("randomized_svd") else None},
+            "training": training,
+            "seeds": {"training": (training or {}).get("seed"), "randomized_svd": 0 if meta.get("randomized_svd") else None},
             "postpass_seconds": meta.get("seconds"), "parity": {k: asdict(v) for k, v in parity.items()}, "sizes": size, "evaluation": evaluation,
         }
         (tmp / "README.md").write_text(model_card(record))

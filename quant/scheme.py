@@ -9,6 +9,7 @@ activations, every Linear inside the decoder blocks (embeddings and ``lm_head`` 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -93,6 +94,12 @@ class QuantScheme:
     def __post_init__(self) -> None:
         if self.version != 1:
             raise ValueError(f"version: got {self.version}, expected 1 (this qaft reads scheme version 1)")
+
+    def selects(self, name: str) -> bool:
+        """Whether the Linear called ``name`` is quantized: matches ``targets`` (or there are none) and no ``ignore``."""
+        if any(re.search(p, name) for p in self.ignore):
+            return False
+        return not self.targets or any(re.search(p, name) for p in self.targets)
 
     @property
     def label(self) -> str:
