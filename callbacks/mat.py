@@ -304,10 +304,10 @@ class MAT(Callback):
         self._saved = []
         out = {"active_fraction": float(self.active.float().mean()) if self.active is not None else 1.0}
         if self.active is not None and not bool(self.active.all()):
-            gated = [s.param.numel() * s.length / s.param.shape[s.dim] for m, on in zip(self.modules, self.active.tolist()) if not on for s in m.slices]
             skipped = {id(p) for p in self._skipped}
-            out["grad_skipped"] = sum(s.param.numel() * s.length / s.param.shape[s.dim] for m, on in zip(self.modules, self.active.tolist())
-                                      if not on for s in m.slices if id(s.param) in skipped) / max(sum(gated), 1)
+            gated = [(s.length * s.param.numel() / s.param.shape[s.dim], id(s.param) in skipped)
+                     for m, on in zip(self.modules, self.active.tolist()) if not on for s in m.slices]  # (elements, gradient not computed)
+            out["grad_skipped"] = sum(n for n, off in gated if off) / max(sum(n for n, _ in gated), 1)
         if self.history and self.history[-1]["step"] == ctx.state.step - 1:
             lam = torch.tensor(self.history[-1]["lambda"])
             out |= {"lambda_mean": lam.mean().item(), "lambda_max": lam.max().item(), "lambda_min": lam.min().item(), "lambda_seconds": self._seconds}

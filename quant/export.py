@@ -195,7 +195,7 @@ def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
     """Bytes on disk, and effective bits per quantized weight (codes + scales [+ zeros], then + adapter)."""
     from safetensors import safe_open
 
-    seen, params, quantized = set(), 0, 0
+    seen, params = set(), 0
     for name, t in list(reference.named_parameters()) + list(reference.named_buffers()):
         if t.data_ptr() in seen or name.rpartition(".")[2] in ("codes", "scale", "zero", "lora_A", "lora_B", "input_scale"):
             continue
