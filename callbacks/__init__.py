@@ -3,7 +3,7 @@
 Importing this package registers the built-in callbacks.
 """
 
-from . import mat, npft, telemetry, temporal_kd  # noqa: F401  (registration)
+from . import mat, npft, qat, telemetry, temporal_kd  # noqa: F401  (registration)
 from .base import Callback, Context, TrainState
 from .dispatch import CallbackList
 from .registry import create, get, names, register

@@ -69,6 +69,8 @@ class Callback:
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    conflicts: ClassVar[Mapping[str, str]] = {}
+    """Callbacks this one cannot run beside, each with the reason (checked when the config loads)."""
 
     def __init__(self, options: Any, *, generator: torch.Generator):
         self.options = options

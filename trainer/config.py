@@ -283,6 +283,12 @@ class Config:
             if spec.name in seen:
                 raise ValueError(f"callbacks[{i}].name: {spec.name!r} is listed twice; each callback may appear once")
             seen.add(spec.name)
+        from qaft import callbacks
+
+        for spec in self.callbacks:
+            for other, why in callbacks.get(spec.name).conflicts.items():
+                if other in seen:
+                    raise ValueError(f"callbacks: {spec.name} cannot be combined with {other}: {why}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
