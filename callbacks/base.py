@@ -77,6 +77,13 @@ class Callback:
         self.generator = generator
 
     @classmethod
+    def sharded_weights_problem(cls, options: Any) -> str | None:
+        """Why this callback cannot run while weights are sharded across processes (DeepSpeed ZeRO-3,
+        FSDP), or None. ``qaft doctor`` reports it before a launch; the default assumes it only reads
+        what the loop hands it."""
+        return None
+
+    @classmethod
     def neutral_options(cls) -> Any:
         """Options under which the callback leaves training bit-identical (contract-tested)."""
         return cls.Options()

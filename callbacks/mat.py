@@ -195,6 +195,10 @@ class MAT(Callback):
     name = "mat"
     Options = MATOptions
 
+    @classmethod
+    def sharded_weights_problem(cls, options: MATOptions) -> str | None:
+        return "per-sample gradients and per-head freezing slice whole lora_A/lora_B tensors, which each process holds only a shard of"
+
     def __init__(self, options: MATOptions, *, generator: torch.Generator):
         super().__init__(options, generator=generator)
         self.modules: list[HeadModule] = []

@@ -198,6 +198,10 @@ class NPFT(Callback):
     name = "npft"
     Options = NPFTOptions
 
+    @classmethod
+    def sharded_weights_problem(cls, options: NPFTOptions) -> str | None:
+        return "it scores and perturbs whole rows of the base weights in place, which each process holds only a shard of"
+
     def __init__(self, options: NPFTOptions, *, generator: torch.Generator):
         super().__init__(options, generator=generator)
         self.modules: dict[str, _Module] = {}

@@ -116,6 +116,10 @@ class QAT(Callback):
     Options = QATOptions
     conflicts = {"npft": "both redefine the base weight the forward reads (NPFT adds noise to W, QAT rounds W + s·BA) and no order is defined; use one"}
 
+    @classmethod
+    def sharded_weights_problem(cls, options: QATOptions) -> str | None:
+        return "its forward rounds the whole merged weight W + s·BA, read outside the base layer's own forward, where ZeRO-3/FSDP would gather it"
+
     def __init__(self, options: QATOptions, *, generator: torch.Generator):
         super().__init__(options, generator=generator)
         self.initialized = False  # LoftQ has rewritten the base weights

@@ -105,6 +105,10 @@ class TemporalKD(Callback):
     name = "temporal_kd"
     Options = TemporalKDOptions
 
+    @classmethod
+    def sharded_weights_problem(cls, options: TemporalKDOptions) -> str | None:
+        return "its snapshot ring copies and swaps whole adapter tensors, which each process holds only a shard of"
+
     def __init__(self, options: TemporalKDOptions, *, generator: torch.Generator):
         super().__init__(options, generator=generator)
         with torch.random.fork_rng(devices=[]):  # initialise from our own generator, not the global RNG

@@ -144,7 +144,23 @@ def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None
     if methods:
         model, tok = load_model_and_tokenizer(cfg.model)
         eval_ids = token_stream(eval_path, tok)
-    calib = calibration_ids(cfg, tok) if any(METHODS[m].quantize for m in methods) else None
+        calib = calibration_ids(cfg, tok) if any(METHODS[m].quantize for m in methods) else None
+        results |= evaluate_methods(model, eval_ids, calib, cfg, methods, progress)
+    r = windows_of(eval_ids, cfg.eval.seq_len, cfg.eval.windows)
+    return {
+        "protocol": {
+            "model": cfg.model.name_or_path, "eval_path": str(eval_path), "windows": r.shape[0], "seq_len": r.shape[1], "tokens": r.shape[0] * (r.shape[1] - 1),
+            "scheme": cfg.quant.label, "rank": cfg.postpass.rank, "energy": cfg.postpass.energy, "factor_bits": cfg.postpass.factor_bits, "svd": "randomized" if cfg.postpass.randomized_svd else "exact",
+            "calibration": {"path": cfg.postpass.calibration_path or cfg.data.path, "samples": cfg.postpass.calibration_samples, "seq_len": cfg.postpass.calibration_seq_len},
+        },
+        "results": results,
+    } | ({"export": {"path": str(export), "scheme": record["scheme_label"], "method": record["method"], "manifest_verified": True}} if export is not None else {})
+
+
+def evaluate_methods(model: torch.nn.Module, eval_ids: torch.Tensor, calib: torch.Tensor | None, cfg: Config, methods: list[str],
+                     progress: bool) -> dict[str, dict[str, Any]]:
+    """Perplexity of ``model`` under each method; every quantizing method works on its own copy (``model`` is untouched)."""
+    results = {}
     for m in methods:
         t0 = time.perf_counter()
         mm = copy.deepcopy(model) if METHODS[m].quantize else model
@@ -153,14 +169,7 @@ def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None
         r = perplexity(mm, eval_ids, cfg.eval.seq_len, cfg.eval.windows, progress=progress)
         results[m] = {"ppl": r.ppl, "seconds": postpass_s + r.seconds, "postpass_seconds": postpass_s, "eval_seconds": r.seconds, "layers": layers}
         del mm
-    return {
-        "protocol": {
-            "model": cfg.model.name_or_path, "eval_path": str(eval_path), "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens,
-            "scheme": cfg.quant.label, "rank": cfg.postpass.rank, "energy": cfg.postpass.energy, "factor_bits": cfg.postpass.factor_bits, "svd": "randomized" if cfg.postpass.randomized_svd else "exact",
-            "calibration": {"path": cfg.postpass.calibration_path or cfg.data.path, "samples": cfg.postpass.calibration_samples, "seq_len": cfg.postpass.calibration_seq_len},
-        },
-        "results": results,
-    } | ({"export": {"path": str(export), "scheme": record["scheme_label"], "method": record["method"], "manifest_verified": True}} if export is not None else {})
+    return results
 
 
 def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) -> Path:

@@ -18,12 +18,6 @@ import traceback
 import warnings
 from typing import Callable, Sequence
 
-PENDING = {
-    "run": ("train → quantize → export → eval → report, resumable by stage", 8),
-    "doctor": ("check a config and the environment before any work", 8),
-}
-
-
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .loop import fit
@@ -78,13 +72,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pending(verb: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        from .errors import PreflightError
+def _run(args: argparse.Namespace) -> int:
+    from .doctor import launch_from
+    from .run import run
 
-        raise PreflightError(f"`qaft {verb}` is not available yet in this version (tracked in issue #{issue}); `qaft train` is")
+    run(args.config, args.overrides, overwrite=args.overwrite, start=args.start, launch=launch_from(args.launch))
+    return 0
 
-    return run
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import blocking, diagnose, launch_from, render
+
+    rows = diagnose(args.config, args.overrides, launch_from(args.launch))
+    print(render(rows))
+    bad = blocking(rows)
+    if bad:
+        print(f"qaft doctor: {len(bad)} blocking problem(s)", file=sys.stderr)
+        return 2
+    print("qaft doctor: no blocking problem")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default=None, help="comma list of fp, rtn, lqer, l2qer, whiten, aser, gptq, gptq+<reconstructor> (default fp,rtn; none with --export)")
     ev.add_argument("--export", metavar="DIR", help="also evaluate an export folder (base alone and base + adapter), after checking its manifest hashes")
     ev.add_argument("--json", metavar="PATH", help='also write {"protocol": {...}, "results": {method: {"ppl", "seconds", ...}}}')
-    for name, (help, issue) in PENDING.items():
-        verb(name, f"{help} (not available yet)", _pending(name, issue))
+    from .run import STAGES
+
+    rn = verb("run", "doctor → train → quantize → export → eval → report, resumable by stage", _run)
+    rn.add_argument("--from", dest="start", choices=STAGES, help="redo this stage and the ones after it (finished stages are otherwise skipped)")
+    rn.add_argument("--overwrite", action="store_true", help="start over: remove this run's outputs in training.output_dir")
+    rn.add_argument("--launch", metavar="ACCELERATE_YAML", help="the accelerate config the doctor checks the callbacks against")
+    doc = verb("doctor", "check a config, the model's layout, the launch and the data before any work (exit 2 on a blocking problem)", _doctor)
+    doc.add_argument("--launch", metavar="ACCELERATE_YAML", help="the accelerate config you will launch with (default: read accelerate's environment)")
     return p
 
 

@@ -227,6 +227,29 @@ class EvalConfig:
     """Tokens per window."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Used by ``qaft run``'s eval stage: what the report's perplexity table compares."""
+
+    compare_original: bool = True
+    """Also evaluate the model before fine-tuning (float and RTN): the baseline the fine-tuning has to beat."""
+    rtn_bits: tuple[int, ...] = ()
+    """Extra RTN rows at these weight bit widths (the scheme otherwise unchanged), e.g. ``[3]``."""
+    methods: tuple[str, ...] = ()
+    """Extra post-pass methods on the fine-tuned model (``qaft eval --methods`` names) beside fp, RTN and the configured one."""
+
+    def __post_init__(self) -> None:
+        for b in self.rtn_bits:
+            if not 2 <= b <= 8:
+                raise ValueError(f"rtn_bits: got {b}, expected bit widths from 2 to 8")
+        if self.methods:
+            from qaft.quant.compare import METHODS
+
+            unknown = [m for m in self.methods if m not in METHODS]
+            if unknown:
+                raise ValueError(f"methods: unknown {unknown}; expected names from {', '.join(METHODS)}")
+
+
 @dataclass(frozen=True)
 class CallbackSpec:
     """One entry of ``callbacks``: ``{name: <registered name>, <option>: <value>, ...}``."""
@@ -276,6 +299,8 @@ class Config:
     """Deployable files."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Perplexity evaluation."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """What ``qaft run`` compares in its report."""
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -395,6 +420,6 @@ def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 
 __all__ = [
     "CallbackSpec", "Config", "DataConfig", "SmoothingConfig", "EvalConfig", "ExportConfig", "LoraSection", "ModelConfig",
-    "PostpassConfig", "TrainingConfig", "apply_overrides", "config_from_dict", "diff_configs", "dump_config",
+    "PostpassConfig", "RunConfig", "TrainingConfig", "apply_overrides", "config_from_dict", "diff_configs", "dump_config",
     "load_config", "read_yaml", "suggest",
 ]

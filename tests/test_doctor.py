@@ -1,0 +1,108 @@
+"""``qaft doctor``: each check finds the problem it is for (and only then), and the exit code says whether one blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from qaft.trainer.cli import main
+from qaft.trainer.doctor import Launch, Status, diagnose, launch_from
+
+
+@pytest.fixture
+def smoke_file(smoke_raw, tmp_path):
+    p = tmp_path / "smoke.yaml"
+    p.write_text(yaml.safe_dump(smoke_raw))
+    return p
+
+
+def rows_of(findings, check):
+    return [r for r in findings if r.check == check]
+
+
+def only_status(findings, check) -> Status:
+    (row,) = rows_of(findings, check)
+    return row.status
+
+
+def test_a_sound_config_passes_and_names_what_it_checked(smoke_file, capsys):
+    assert main(["doctor", str(smoke_file)]) == 0
+    out = capsys.readouterr().out
+    for check in ("torch", "peft", "config", "model", "lora targets", "lora rank", "quant scheme", "tied embeddings", "disk space", "output dir", "launch"):
+        assert any(line.startswith(check) and " ok " in line for line in out.splitlines()), (check, out)
+    assert "LlamaForCausalLM" in out and "W4 per-channel sym on 14 Linear layers in 2 blocks" in out
+
+
+@pytest.mark.parametrize("overrides, check, needle", [
+    (["quant.weight.granularity=group", "quant.weight.group_size=48"], "quant scheme", "quant.weight.group_size: 48 does not divide the input width"),
+    (["postpass.rank=100"], "quant scheme", "postpass.rank: 100 exceeds"),
+    (["lora.target_modules=[q_proj, qproj]"], "lora targets", "['qproj'] match no Linear"),
+    (["lora.r=65"], "lora rank", "lora.r: 65 exceeds min(out, in)"),
+    (["quant.targets=[nothing_here]"], "quant targets", "select no decoder Linear"),
+])
+def test_model_layout_problems_block(smoke_file, overrides, check, needle):
+    rows = diagnose(smoke_file, overrides, Launch("test"))
+    bad = [r for r in rows if r.status is Status.FAIL]
+    assert [r.check for r in bad] == [check] and needle in bad[0].detail, bad
+
+
+def test_incompatible_callbacks_are_a_config_failure(smoke_file, capsys):
+    code = main(["doctor", str(smoke_file), "callbacks=[{name: qat}, {name: npft}]"])
+    assert code == 2
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("config")]
+    assert "FAIL" in line and "qat cannot be combined with npft" in line
+
+
+@pytest.mark.parametrize("callback, blocks", [("npft", True), ("qat", True), ("mat", True), ("temporal_kd", True), ("telemetry", False)])
+def test_sharded_launch_against_callbacks(smoke_file, tmp_path, callback, blocks):
+    extra = {"temporal_kd": "{name: temporal_kd, layers: [1]}"}.get(callback, f"{{name: {callback}}}")
+    zero3 = tmp_path / "zero3.yaml"
+    zero3.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "num_processes": 2, "deepspeed_config": {"zero_stage": 3}}))
+    rows = diagnose(smoke_file, [f"callbacks=[{extra}]"], launch_from(str(zero3)))
+    assert (only_status(rows, f"callback {callback}") is Status.FAIL) if blocks else not rows_of(rows, f"callback {callback}")
+    zero2 = launch_from(None, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    assert zero2.sharded is None and not rows_of(diagnose(smoke_file, [f"callbacks=[{extra}]"], zero2), f"callback {callback}")
+    assert launch_from(None, {"ACCELERATE_USE_FSDP": "true"}).sharded == "FSDP"
+
+
+def test_eval_text_overlapping_calibration_or_training_text_blocks(smoke_file, corpus, tmp_path):
+    assert only_status(diagnose(smoke_file, [f"eval.path={corpus}"], Launch("t")), "data overlap") is Status.FAIL  # the same file
+    lines = [f"line {i}: " + "an ordinary sentence of prose that is long enough to count as a real line. " * 2 for i in range(200)]
+    ev, cal = tmp_path / "eval.txt", tmp_path / "cal.txt"
+    ev.write_text("\n".join(lines))
+    cal.write_text("\n".join(f"other {i}: " + "x" * 90 for i in range(300)))
+    clean = diagnose(smoke_file, [f"eval.path={ev}", f"postpass.calibration_path={cal}"], Launch("t"))
+    assert [r.status for r in rows_of(clean, "data overlap")] == [Status.OK, Status.OK]
+    cal.write_text("\n".join([*(f"other {i}: " + "x" * 90 for i in range(300)), *lines[:5]]))  # 2.5% of the eval lines leak
+    leaky = diagnose(smoke_file, [f"eval.path={ev}", f"postpass.calibration_path={cal}"], Launch("t"))
+    (bad,) = [r for r in leaky if r.status is Status.FAIL]
+    assert "postpass.calibration_path" in bad.detail and "2.5%" in bad.detail
+
+
+def test_tied_embeddings_with_a_lora_head_block(smoke_file, tmp_path):
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "tied"  # a config.json is all the doctor reads: it builds the model on the meta device
+    LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+    ok = diagnose(smoke_file, [f"model.name_or_path={folder}"], Launch("t"))
+    assert only_status(ok, "tied embeddings") is Status.OK and "tied to the input embedding" in rows_of(ok, "tied embeddings")[0].detail
+    bad = diagnose(smoke_file, [f"model.name_or_path={folder}", "lora.target_modules=[q_proj, lm_head]"], Launch("t"))
+    assert only_status(bad, "tied embeddings") is Status.FAIL
+
+
+def test_an_unreadable_model_is_one_failing_row(smoke_file, tmp_path, capsys):
+    assert main(["doctor", str(smoke_file), f"model.name_or_path={tmp_path / 'nope'}"]) == 2
+    captured = capsys.readouterr()
+    (line,) = [ln for ln in captured.out.splitlines() if ln.startswith("model ")]
+    assert "FAIL" in line and "cannot read the config" in line and "Traceback" not in captured.err
+
+
+def test_a_previous_run_in_the_output_dir_is_a_warning(smoke_file, smoke_raw, tmp_path):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    assert only_status(diagnose(smoke_file, [f"training.output_dir={out}"], Launch("t")), "output dir") is Status.WARN

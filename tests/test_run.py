@@ -1,0 +1,123 @@
+"""``qaft run``: all stages on a tiny model, resume by stage, ``--from``, config changes, and the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import qaft.trainer.run as run_mod
+from qaft.trainer.cli import main
+from qaft.trainer.errors import CheckpointError
+from qaft.trainer.run import STAGES, run
+
+
+@pytest.fixture
+def run_file(smoke_raw, tmp_path):
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ev = tmp_path / "eval.txt"
+    ev.write_text(text[-30_000:])  # the corpus fixture is the first 60 KB: no overlap
+    raw = smoke_raw | {
+        "training": smoke_raw["training"] | {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1},
+        "callbacks": [{"name": "telemetry", "every": 1}],
+        "postpass": {"rank": 4, "calibration_samples": 4, "calibration_seq_len": 64, "reconstructor": "l2qer"},
+        "eval": {"path": str(ev), "windows": 4, "seq_len": 64},
+        "run": {"rtn_bits": [3]},
+    }
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def quiet(*_a, **_k) -> None:
+    pass
+
+
+def mtimes(out: Path) -> dict[str, float]:
+    return {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in STAGES if (out / "stages" / f"{s}.json").exists()}
+
+
+def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls: list[str] = []
+    for stage, fn in list(run_mod.RUNNERS.items()):
+        monkeypatch.setitem(run_mod.RUNNERS, stage, lambda p, fn=fn, stage=stage: (calls.append(stage), fn(p))[1])
+
+    def crash(p):
+        raise KeyboardInterrupt  # a kill during the export stage
+
+    original_export = run_mod.RUNNERS["export"]
+    monkeypatch.setitem(run_mod.RUNNERS, "export", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(run_file, [], echo=quiet)
+    assert calls == ["train", "quantize"] and sorted(mtimes(out)) == ["quantize", "train"]
+    assert not (out / "export").exists() and not any(p.name.startswith(".tmp") for p in out.iterdir())
+
+    monkeypatch.setitem(run_mod.RUNNERS, "export", original_export)
+    before = mtimes(out)
+    calls.clear()
+    run(run_file, [], echo=quiet)
+    assert calls == ["export", "eval", "report"]  # nothing finished is redone
+    assert {k: v for k, v in mtimes(out).items() if k in before} == before
+
+    ev = json.loads((out / "eval.json").read_text())
+    table = {(r["model"], r["method"], r["scheme"]): r["ppl"] for r in ev["rows"]}
+    for key in [("original", "fp", None), ("original", "rtn", "W4 per-channel sym"), ("original", "rtn", "W3 per-channel sym"),
+                ("fine-tuned", "fp", None), ("fine-tuned", "rtn", "W4 per-channel sym"), ("fine-tuned", "rtn+l2qer r4", "W4 per-channel sym"),
+                ("fine-tuned", "export-base", "W4 per-channel sym"), ("fine-tuned", "export", "W4 per-channel sym")]:
+        assert key in table, (key, sorted(table))
+    assert table[("fine-tuned", "fp", None)] < table[("original", "fp", None)]  # the fine-tuning did something
+    assert table[("fine-tuned", "rtn", "W3 per-channel sym")] != table[("fine-tuned", "rtn", "W4 per-channel sym")]  # really another grid
+
+    # the report's export rows are what `qaft eval --export` prints for the same folder
+    from qaft.quant.compare import compare
+
+    direct = compare(run_mod.Pipeline(run_mod.load_config(run_file), out).tuned(), [], export=out / "export", progress=False)
+    assert direct["results"]["export"]["ppl"] == table[("fine-tuned", "export", "W4 per-channel sym")]
+    md = (out / "report" / "report.md").read_text()
+    assert f"{table[('fine-tuned', 'export', 'W4 per-channel sym')]:.2f}" in md
+    page = (out / "report" / "index.html").read_text()
+    for section in ("Perplexity", "Training curves", "Callback telemetry", "Per-layer quantization error", "Singular-value spectra", "Export: size and reload parity", "Config"):
+        assert f"<h2>{section}" in page, section
+    assert page.count("data:image/png;base64,") >= 4
+
+    # --from eval redoes eval and report only
+    calls.clear()
+    run(run_file, [], start="eval", echo=quiet)
+    assert calls == ["eval", "report"]
+
+    # a config change behind a finished stage names the keys and the stage to redo from
+    with pytest.raises(CheckpointError, match=r"config changed since stage 'quantize' finished \(postpass\.rank\); rerun with --from quantize"):
+        run(run_file, ["postpass.rank=2"], echo=quiet)
+    calls.clear()
+    run(run_file, ["postpass.rank=2"], start="quantize", echo=quiet)
+    assert calls == ["quantize", "export", "eval", "report"]
+    assert json.loads((out / "quantized" / "qaft_quant.json").read_text())["rank"] == 2
+    render_headless(out / "report" / "index.html")
+
+
+def render_headless(page: Path) -> None:
+    """Open the report in headless chromium and check every image decoded (skip only when no chromium exists)."""
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        pytest.skip("chromium is not installed (.ci/run installs it with apt); the report's rendering was not checked")
+    dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    n = page.read_text().count("<img ")
+    assert n >= 4 and f'data-images="{n}"' in dom, dom[:500]
+    assert dom.count('data-decoded="1"') == n and 'data-decoded="0"' not in dom
+
+
+def test_a_foreign_output_folder_is_not_touched_without_overwrite(run_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "keep.txt").write_text("a previous qaft train result")
+    assert main(["run", str(run_file)]) == 2
+    assert "not written by `qaft run`" in capsys.readouterr().err
+    assert (out / "final" / "keep.txt").read_text() == "a previous qaft train result"

@@ -1,0 +1,302 @@
+"""``qaft doctor CONFIG``: everything that can be checked before any work, as one table.
+
+Each check is a small function returning ``Finding`` rows; a ``fail`` row is a problem that would
+stop (or silently spoil) the run, and makes the command exit 2. Nothing is trained, loaded onto a
+device or written: the model is built on the ``meta`` device from its config (a GGUF header or a
+``config.json``, never the weights), so the doctor takes seconds even for large models.
+
+Checks: library versions; the config (every problem at once, incompatible callbacks included);
+the model's structure; LoRA targets exist and the rank fits; the quant scheme selects layers whose
+widths the group size divides and the post-pass rank fits; tied embeddings; sharded weights
+(DeepSpeed ZeRO-3 / FSDP, from ``--launch`` or the ``accelerate launch`` environment) against the
+callbacks that need whole base weights; disk space for the outputs; the output folder; overlap of
+the evaluation text with the calibration and training text.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.metadata
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .config import Config, load_config
+from .errors import QaftError
+
+
+class Status(str, enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    status: Status
+    detail: str
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the launch will do with the weights: the doctor only needs whether they are sharded."""
+
+    description: str
+    sharded: str | None = None
+    """``None``, or what shards them (``DeepSpeed ZeRO-3``, ``FSDP``)."""
+
+
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "compressed-tensors", "gguf", "safetensors")
+OPTIONAL = ("deepspeed", "matplotlib", "tensorboard")
+
+
+def versions() -> list[Finding]:
+    rows = [Finding("python", Status.OK, sys.version.split()[0])]
+    for lib in LIBRARIES:
+        try:
+            rows.append(Finding(lib, Status.OK, importlib.metadata.version(lib)))
+        except importlib.metadata.PackageNotFoundError:
+            rows.append(Finding(lib, Status.FAIL, "not installed: `pip install -e .` in the qaft folder installs it"))
+    present = []
+    for lib in OPTIONAL:
+        try:
+            present.append(f"{lib} {importlib.metadata.version(lib)}")
+        except importlib.metadata.PackageNotFoundError:
+            present.append(f"{lib} -")
+    rows.append(Finding("optional", Status.OK, ", ".join(present)))
+    return rows
+
+
+# -- the launch
+
+
+def launch_from(config_file: str | None, environ: dict[str, str] | None = None) -> Launch:
+    """Read an accelerate config file, or the variables ``accelerate launch`` exports to the process."""
+    env = os.environ if environ is None else environ
+    if config_file:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise QaftError(f"--launch: cannot read accelerate config {config_file!r}: {str(e).splitlines()[0]}") from None
+        kind = str(raw.get("distributed_type", "NO")).upper()
+        procs = raw.get("num_processes", 1)
+        if kind == "DEEPSPEED":
+            stage = int((raw.get("deepspeed_config") or {}).get("zero_stage", 0))
+            return Launch(f"DeepSpeed ZeRO-{stage}, {procs} process(es)", "DeepSpeed ZeRO-3" if stage == 3 else None)
+        if kind == "FSDP":
+            return Launch(f"FSDP, {procs} process(es)", "FSDP")
+        return Launch(f"{kind}, {procs} process(es)")
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
+        return Launch(f"DeepSpeed ZeRO-{stage} (environment)", "DeepSpeed ZeRO-3" if stage == "3" else None)
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return Launch("FSDP (environment)", "FSDP")
+    return Launch(f"single process or DDP ({env.get('WORLD_SIZE', '1')} process(es))")
+
+
+# -- the model, without its weights
+
+
+def skeleton(cfg: Config) -> Any:
+    """The model built on the meta device from its config: names, shapes and tying, no weights read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model import TINY_MODELS, byte_tokenizer, resolve
+
+    if cfg.model.name_or_path in TINY_MODELS:
+        mcfg = TINY_MODELS[cfg.model.name_or_path](len(byte_tokenizer()))
+    else:
+        src = resolve(cfg.model)
+        mcfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def model_checks(cfg: Config) -> list[Finding]:
+    import torch
+
+    try:
+        model = skeleton(cfg)
+    except QaftError as e:
+        return [Finding("model", Status.FAIL, str(e))]
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return [Finding("model", Status.FAIL, f"model.name_or_path: cannot read the config of {cfg.model.name_or_path!r}: {first}")]
+    n = sum(p.numel() for p in model.parameters())
+    rows = [Finding("model", Status.OK, f"{type(model).__name__}, {n / 1e6:.1f}M parameters ({cfg.model.dtype})")]
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for check in (lora_targets, quant_targets, tied_embeddings):
+        rows += check(cfg, model, linears)
+    rows += disk_space(cfg, n)
+    return rows
+
+
+def _lora_modules(cfg: Config, model: Any, linears: dict[str, Any]) -> dict[str, Any]:
+    if cfg.lora.target_modules == "all-linear":  # peft: every Linear but the output head
+        head = model.get_output_embeddings()
+        return {n: m for n, m in linears.items() if m is not head}
+    return {n: m for n, m in linears.items() if any(n == t or n.endswith(f".{t}") for t in cfg.lora.target_modules)}
+
+
+def lora_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
+    found = _lora_modules(cfg, model, linears)
+    if cfg.lora.target_modules != "all-linear":
+        missing = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in linears)]
+        if missing:
+            suffixes = sorted({n.rpartition(".")[2] for n in linears})
+            return [Finding("lora targets", Status.FAIL, f"lora.target_modules: {missing} match no Linear; this model has {suffixes}")]
+    if not found:
+        return [Finding("lora targets", Status.FAIL, "lora.target_modules selects no Linear; use all-linear or names such as q_proj")]
+    too_small = sorted(n for n, m in found.items() if cfg.lora.r > min(m.in_features, m.out_features))
+    rows = [Finding("lora targets", Status.OK, f"{len(found)} Linear layers, {sum(cfg.lora.r * (m.in_features + m.out_features) for m in found.values()) / 1e6:.2f}M adapter parameters")]
+    if too_small:
+        rows.append(Finding("lora rank", Status.FAIL, f"lora.r: {cfg.lora.r} exceeds min(out, in) of {len(too_small)} layer(s), e.g. {too_small[0]}; lower lora.r"))
+    else:
+        rows.append(Finding("lora rank", Status.OK, f"r={cfg.lora.r} fits every target"))
+    return rows
+
+
+def quant_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
+    from qaft.quant.apply import check_scheme, decoder_layers
+
+    from .errors import ConfigError
+
+    try:
+        prefix, layers = decoder_layers(model)
+    except ValueError as e:
+        return [Finding("quant targets", Status.FAIL, f"{type(model).__name__}: {e}")]
+    selected = [n for n in linears if n.startswith(f"{prefix}.") and cfg.quant.selects(n)]
+    if not selected:
+        return [Finding("quant targets", Status.FAIL, "quant.targets/quant.ignore select no decoder Linear; nothing would be quantized")]
+    try:
+        check_scheme(model, cfg.quant, cfg.postpass.rank)
+    except ConfigError as e:  # one row per setting, with its first layer as the example
+        by_key: dict[str, list[str]] = {}
+        for p in e.problems:
+            if not p.startswith("..."):
+                by_key.setdefault(p.split(":")[0], []).append(p)
+        return [Finding("quant scheme", Status.FAIL, ps[0] + (" (and other layers)" if len(ps) > 1 or len(e.problems) > len(ps) else ""))
+                for ps in by_key.values()]
+    return [Finding("quant scheme", Status.OK, f"{cfg.quant.label} on {len(selected)} Linear layers in {len(layers)} blocks; "
+                    f"group size and post-pass rank {cfg.postpass.rank} fit every one")]
+
+
+def tied_embeddings(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or emb is None or head.weight is not emb.weight:
+        return [Finding("tied embeddings", Status.OK, "not tied")]
+    head_name = next((n for n, m in linears.items() if m is head), "lm_head")
+    if head_name in _lora_modules(cfg, model, linears):
+        return [Finding("tied embeddings", Status.FAIL, f"lora.target_modules includes {head_name}, which shares its weight with the input embedding: "
+                        "merging would change the embedding too; drop it from lora.target_modules")]
+    return [Finding("tied embeddings", Status.OK, f"{head_name} is tied to the input embedding: neither is LoRA-trained or quantized; exports keep them tied")]
+
+
+def disk_space(cfg: Config, params: int) -> list[Finding]:
+    """Room for final/ (the merged model), the post-pass result and the export, plus checkpoints (adapter + AdamW)."""
+    per = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
+    need = params * per * 2 + params  # final/, the post-pass's float residual view, a packed int4 export (generous)
+    out = Path(cfg.training.output_dir).resolve()
+    probe = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(probe).free
+    detail = f"about {need / 2**30:.2f} GiB needed under {out}, {free / 2**30:.1f} GiB free"
+    return [Finding("disk space", Status.FAIL if free < need else Status.WARN if free < 2 * need else Status.OK, detail)]
+
+
+# -- everything that needs no model
+
+
+def sharding(cfg: Config, launch: Launch) -> list[Finding]:
+    from qaft import callbacks
+
+    if launch.sharded is None:
+        return [Finding("launch", Status.OK, launch.description)]
+    rows = [Finding("launch", Status.OK, f"{launch.description}: base weights are sharded across processes")]
+    for spec in cfg.callbacks:
+        why = callbacks.get(spec.name).sharded_weights_problem(spec.options)
+        if why:
+            rows.append(Finding(f"callback {spec.name}", Status.FAIL, f"callbacks: {spec.name} under {launch.sharded}: {why}; launch with DDP or ZeRO-2 (launch/)"))
+    return rows
+
+
+def output_dir(cfg: Config) -> list[Finding]:
+    from .checkpoint import list_checkpoints
+
+    out = Path(cfg.training.output_dir)
+    if out.exists() and not out.is_dir():
+        return [Finding("output dir", Status.FAIL, f"training.output_dir: {out} exists and is not a folder; choose another path")]
+    previous = list_checkpoints(out) + ([out / "final"] if (out / "final").exists() else [])
+    if previous and cfg.training.resume_from_checkpoint is None:
+        return [Finding("output dir", Status.WARN, f"{out} holds a previous run ({previous[-1].name}): `qaft train` needs --overwrite or training.resume_from_checkpoint=true")]
+    parent = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
+    if not os.access(parent, os.W_OK):
+        return [Finding("output dir", Status.FAIL, f"training.output_dir: {parent} is not writable; choose another output_dir")]
+    return [Finding("output dir", Status.OK, f"{out} ({'resume' if previous else 'fresh'})")]
+
+
+def _long_lines(path: Path, min_chars: int = 80) -> set[str]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        return {s for s in (line.strip() for line in f) if len(s) >= min_chars}
+
+
+def data_overlap(cfg: Config) -> list[Finding]:
+    """The evaluation text must not be (part of) what the model is calibrated or trained on."""
+    if cfg.eval.path is None:
+        return [Finding("data overlap", Status.OK, "no eval.path: nothing to compare")]
+    ev = Path(cfg.eval.path)
+    if not ev.is_file():
+        return [Finding("eval data", Status.FAIL, f"eval.path: {ev} is not a file; point it at the WikiText-2 raw test text")]
+    sources = {"data.path": cfg.data.path}
+    if cfg.postpass.calibration_path and cfg.postpass.calibration_path != cfg.data.path:
+        sources = {"postpass.calibration_path": cfg.postpass.calibration_path, **sources}
+    else:
+        sources = {"data.path (also the calibration text)": cfg.data.path}
+    rows, eval_lines = [], _long_lines(ev)
+    for key, src in sources.items():
+        p = Path(src)
+        if not p.is_file():
+            rows.append(Finding("data overlap", Status.OK, f"{key}: {src} is not a local file (hub dataset or folder); not compared"))
+            continue
+        if p.resolve() == ev.resolve():
+            rows.append(Finding("data overlap", Status.FAIL, f"{key}: {src} is the evaluation text itself; calibrate/train on other text (e.g. WikiText-2 validation)"))
+            continue
+        shared = len(eval_lines & _long_lines(p)) / max(len(eval_lines), 1)
+        status = Status.FAIL if shared >= 0.01 else Status.WARN if shared > 0 else Status.OK
+        rows.append(Finding("data overlap", status, f"{key}: {shared:.1%} of the eval text's long lines also appear in {p.name}"))
+    return rows
+
+
+# -- the command
+
+
+def diagnose(config: str | Path, overrides: Iterable[str] = (), launch: Launch | None = None) -> list[Finding]:
+    rows = versions()
+    try:
+        cfg = load_config(config, list(overrides))
+    except QaftError as e:
+        return rows + [Finding("config", Status.FAIL, line) for line in str(e).splitlines()]
+    rows.append(Finding("config", Status.OK, f"{config} ({len(cfg.callbacks)} callback(s): {', '.join(s.name for s in cfg.callbacks) or 'none'})"))
+    checks: list[Callable[[], list[Finding]]] = [
+        lambda: sharding(cfg, launch or launch_from(None)), lambda: output_dir(cfg), lambda: data_overlap(cfg), lambda: model_checks(cfg),
+    ]
+    for check in checks:
+        rows += check()
+    return rows
+
+
+def render(rows: list[Finding]) -> str:
+    width = max(len(r.check) for r in rows)
+    return "\n".join(f"{r.check:<{width}}  {r.status.value:<4}  {r.detail}" for r in rows)
+
+
+def blocking(rows: list[Finding]) -> list[Finding]:
+    return [r for r in rows if r.status is Status.FAIL]
+

@@ -1,0 +1,54 @@
+"""The eval stage of ``qaft run``: one perplexity table over the original and the fine-tuned model.
+
+Rows, all on the config's ``eval`` protocol: (original | fine-tuned) × (fp, RTN of the scheme, RTN
+at each ``run.rtn_bits``); on the fine-tuned model also ``run.methods``, the saved post-pass result
+(``quantized/``, the method the export ships) and the export reloaded through transformers + peft,
+computed by ``qaft eval --export``'s own function, so the report and that command agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+
+def with_bits(cfg: Config, bits: int) -> Config:
+    return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, weight=dataclasses.replace(cfg.quant.weight, bits=bits)))
+
+
+def _row(model: str, method: str, scheme: str | None, result: dict[str, Any]) -> dict[str, Any]:
+    return {"model": model, "method": method, "scheme": scheme, "ppl": result["ppl"], "seconds": result["seconds"]}
+
+
+def evaluate_run(cfg: Config, tuned: Config, out: Path, *, progress: bool = True) -> dict[str, Any]:
+    from qaft.quant.compare import calibration_ids, check_inputs, compare, evaluate_methods
+    from qaft.quant.evaluate import perplexity, token_stream
+    from qaft.quant.store import load_quantized
+
+    from .model import load_model_and_tokenizer
+
+    eval_path = check_inputs(cfg)
+    rows: list[dict[str, Any]] = []
+    sources = [("original", cfg), ("fine-tuned", tuned)] if cfg.run.compare_original else [("fine-tuned", tuned)]
+    for label, source in sources:
+        model, tok = load_model_and_tokenizer(source.model)
+        ids, calib = token_stream(eval_path, tok), calibration_ids(source, tok)
+        plans = [(source, ["fp", "rtn"])] + [(with_bits(source, b), ["rtn"]) for b in source.run.rtn_bits]
+        if label == "fine-tuned":
+            plans.append((source, list(source.run.methods)))
+        for scheme_cfg, methods in plans:
+            for m, r in evaluate_methods(model, ids, calib, scheme_cfg, methods, progress).items():
+                rows.append(_row(label, m, None if m == "fp" else scheme_cfg.quant.label, r))
+        del model
+    qmodel, tok, meta = load_quantized(out / "quantized")
+    r = perplexity(qmodel, token_stream(eval_path, tok), cfg.eval.seq_len, cfg.eval.windows, progress=progress)
+    rows.append(_row("fine-tuned", f"{meta['method']} r{meta['rank']}" if meta["rank"] else meta["method"], cfg.quant.label, {"ppl": r.ppl, "seconds": r.seconds}))
+    del qmodel
+    exported = compare(tuned, [], export=out / "export", progress=progress)
+    for name, res in exported["results"].items():
+        rows.append(_row("fine-tuned", name, exported["export"]["scheme"], res))
+    protocol = exported["protocol"] | {"model": cfg.model.name_or_path, "fine_tuned": str(tuned.model.name_or_path)}
+    return {"protocol": protocol, "rows": rows}

@@ -1,0 +1,220 @@
+"""``qaft run CONFIG``: doctor → train → quantize → export → eval → report, resumable by stage.
+
+``training.output_dir`` is the run's folder and ``qaft run`` owns it::
+
+    stages/run.yaml          the resolved config the run was started with
+    stages/<stage>.json      written (atomically) when a stage has published all its outputs
+    checkpoint-N/ final/     train          (``qaft train`` with resume on: a kill loses ≤ save_steps steps)
+    quantized/               quantize       (``qaft quantize`` on final/)
+    export/                  export         (``qaft export``: packed base + PEFT adapter, parity, manifest)
+    eval.json                eval           (perplexity table: original and fine-tuned, fp / RTN / the method / the export)
+    report/                  report         (index.html with embedded images, report.md, the PNGs)
+
+A rerun skips every stage with a record and continues with the first without one; each stage's
+outputs are written to a temp name and renamed when complete, so a kill leaves either the whole
+output or none. ``--from STAGE`` drops the records from that stage on and redoes them. If the config
+changed since a stage finished, the run stops and names the changed keys and the first stage that
+reads them (rerun with ``--from`` that stage, or ``--overwrite`` to start over).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .config import Config, ModelConfig, diff_configs, load_config, read_yaml
+from .errors import CheckpointError, PreflightError
+from .typed import to_plain
+
+STAGES = ("train", "quantize", "export", "eval", "report")
+# The config sections each stage reads (a change there invalidates the stage and everything after it).
+READS = {
+    "train": ("model", "data", "lora", "training", "quant", "callbacks"),
+    "quantize": ("postpass",),
+    "export": ("export",),
+    "eval": ("eval", "run"),
+    "report": (),
+}
+# Keys that never change a stage's result: where things go, how often to log, resume mode.
+IGNORED = {"training.resume_from_checkpoint", "training.logging_steps", "training.report_to"}
+OWNED = ("stages", "quantized", "export", "eval.json", "report")
+
+
+@dataclass
+class Pipeline:
+    cfg: Config
+    out: Path
+    progress: bool = True
+
+    @property
+    def stages_dir(self) -> Path:
+        return self.out / "stages"
+
+    def record_path(self, stage: str) -> Path:
+        return self.stages_dir / f"{stage}.json"
+
+    def done(self, stage: str) -> bool:
+        return self.record_path(stage).is_file()
+
+    def finish(self, stage: str, summary: dict[str, Any]) -> None:
+        tmp = self.stages_dir / f".tmp-{stage}.json"
+        tmp.write_text(json.dumps({"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}, indent=2))
+        os.replace(tmp, self.record_path(stage))
+
+    @property
+    def final(self) -> Path:
+        return self.out / "final"
+
+    def tuned(self) -> Config:
+        """The config with the fine-tuned model as the source: what quantize, export and eval read."""
+        model = ModelConfig(name_or_path=str(self.final), dtype=self.cfg.model.dtype)
+        return dataclasses.replace(self.cfg, model=model)
+
+
+# -- the stages
+
+
+def stage_train(p: Pipeline) -> dict[str, Any]:
+    from .loop import fit
+
+    cfg = dataclasses.replace(p.cfg, training=dataclasses.replace(p.cfg.training, resume_from_checkpoint=True))
+    if not _finished_training(p):  # killed after final/ was published but before this stage's record: keep it
+        fit(cfg)
+    state = json.loads((p.final / "trainer_state.json").read_text())
+    return {"steps": state["step"], "final": str(p.final)}
+
+
+def _finished_training(p: Pipeline) -> bool:
+    saved = p.final / "config.yaml"
+    if not (p.final / "trainer_state.json").is_file() or not saved.is_file():
+        return False
+    bad = first_invalid_stage(read_yaml(saved), _plain(p.cfg))
+    return bad is None or bad[0] != "train"
+
+
+def stage_quantize(p: Pipeline) -> dict[str, Any]:
+    from qaft.quant.compare import quantize_and_save
+
+    out = quantize_and_save(p.tuned(), overwrite=True, progress=p.progress)
+    meta = json.loads((out / "qaft_quant.json").read_text())
+    return {"dir": str(out), "method": meta["method"], "seconds": meta["seconds"]}
+
+
+def stage_export(p: Pipeline) -> dict[str, Any]:
+    from qaft.quant.export import export
+
+    out, manifest = export(p.tuned(), overwrite=True, progress=p.progress)
+    return {"dir": str(out), "parity": manifest["parity"], "sizes": manifest["sizes"]}
+
+
+def stage_eval(p: Pipeline) -> dict[str, Any]:
+    from .evaluation import evaluate_run
+
+    report = evaluate_run(p.cfg, p.tuned(), p.out, progress=p.progress)
+    tmp = p.out / ".tmp-eval.json"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, p.out / "eval.json")
+    return {"rows": len(report["rows"])}
+
+
+def stage_report(p: Pipeline) -> dict[str, Any]:
+    from .report import write_report
+
+    folder = write_report(p.out)
+    return {"dir": str(folder)}
+
+
+RUNNERS: dict[str, Callable[[Pipeline], dict[str, Any]]] = {
+    "train": stage_train, "quantize": stage_quantize, "export": stage_export, "eval": stage_eval, "report": stage_report,
+}
+
+
+# -- bookkeeping
+
+
+def _plain(cfg: Config) -> dict[str, Any]:
+    return to_plain(cfg)
+
+
+def first_invalid_stage(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """The earliest stage whose inputs changed between the saved and the current config, with the keys."""
+    changed = [k for k in diff_configs(saved, current) if k not in IGNORED]
+    for stage in STAGES:
+        keys = [k for k in changed if k.split(".")[0] in READS[stage]]
+        if keys:
+            return stage, keys
+    return None
+
+
+def prepare(cfg: Config, *, overwrite: bool, start: str | None) -> Pipeline:
+    """Check the folder against the run's own record; clear or trim it as asked. Read-only unless asked."""
+    from .checkpoint import list_checkpoints
+    from .outputs import OWNED as TRAIN_OWNED
+
+    p = Pipeline(cfg, Path(cfg.training.output_dir))
+    saved_file = p.stages_dir / "run.yaml"
+    ours = saved_file.is_file()
+    foreign = [n for n in (*TRAIN_OWNED, *OWNED) if (p.out / n).exists()] + [c.name for c in list_checkpoints(p.out)]
+    if overwrite:
+        for name in [*TRAIN_OWNED, *OWNED, *(c.name for c in list_checkpoints(p.out))]:
+            path = p.out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        ours = False
+    elif not ours and foreign:
+        raise CheckpointError(f"training.output_dir: {p.out} holds outputs not written by `qaft run` ({', '.join(sorted(foreign)[:4])}); "
+                              "pass --overwrite to replace them or choose another output_dir")
+    if ours:
+        saved = yaml.safe_load(saved_file.read_text())
+        bad = first_invalid_stage(saved, _plain(cfg))
+        if bad is not None:
+            stage, keys = bad
+            already = [s for s in STAGES[STAGES.index(stage):] if p.done(s)]
+            redo_from = start is not None and STAGES.index(start) <= STAGES.index(stage)
+            if already and not redo_from:
+                raise CheckpointError(f"config changed since stage {stage!r} finished ({', '.join(keys[:4])}); "
+                                      f"rerun with --from {stage} to redo it and what follows, or --overwrite to start over")
+    if start is not None:
+        if start == "train" and ours:
+            raise CheckpointError("--from train: retraining replaces the checkpoints and final/; use --overwrite for that")
+        for s in STAGES[STAGES.index(start):]:
+            p.record_path(s).unlink(missing_ok=True)
+    p.stages_dir.mkdir(parents=True, exist_ok=True)
+    tmp = p.stages_dir / ".tmp-run.yaml"
+    tmp.write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
+    os.replace(tmp, saved_file)
+    return p
+
+
+def run(config: str | Path, overrides: list[str], *, overwrite: bool = False, start: str | None = None,
+        launch: Any = None, echo: Callable[[str], None] = print) -> Pipeline:
+    """``qaft run``: the doctor first (exit 2 on a blocking problem), then every stage not yet done."""
+    from .doctor import blocking, diagnose, render
+
+    cfg = load_config(config, overrides)
+    if start is not None and start not in STAGES:
+        raise PreflightError(f"--from: got {start!r}, expected one of {', '.join(STAGES)}")
+    rows = diagnose(config, overrides, launch)
+    bad = blocking(rows)
+    if bad:
+        raise PreflightError("qaft doctor found blocking problems:\n" + render(bad))
+    p = prepare(cfg, overwrite=overwrite, start=start)
+    for stage in STAGES:
+        if p.done(stage):
+            echo(f"qaft run: {stage}: done earlier, skipped")
+            continue
+        echo(f"qaft run: {stage} ...")
+        t0 = time.perf_counter()
+        summary = RUNNERS[stage](p)
+        p.finish(stage, {"seconds": time.perf_counter() - t0, **summary})
+        echo(f"qaft run: {stage}: done in {time.perf_counter() - t0:.0f} s")
+    echo(f"qaft run: report in {p.out / 'report' / 'index.html'}")
+    return p
+
