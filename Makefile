@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/qaft train configs/demo.yaml --overwrite
+	$(VENV)/bin/qaft run configs/demo.yaml --overwrite
 
 test: setup
 	$(PY) -m pytest --durations=15

@@ -113,12 +113,19 @@ def calibration_record(cfg: Config, ids: torch.Tensor) -> dict[str, Any]:
 def check_inputs(cfg: Config) -> Path:
     if cfg.eval.path is None:
         raise ConfigError("eval.path: not set; give the evaluation text, e.g. eval.path=../shared/data/wikitext-2-raw/wiki.test.raw")
+    from qaft.trainer import corpora
+
+    cal = cfg.postpass.calibration_path or cfg.data.path
+    same = ConfigError("postpass.calibration_path: the calibration text is the evaluation text; calibrate on other data (e.g. WikiText-2 validation)")
+    if corpora.is_builtin(cfg.eval.path):
+        if cal == cfg.eval.path:
+            raise same
+        return Path(cfg.eval.path)
     path = Path(cfg.eval.path)
     if not path.is_file():
         raise DataError(f"eval.path: file {cfg.eval.path!r} does not exist")
-    cal = cfg.postpass.calibration_path or cfg.data.path
     if Path(cal).is_file() and Path(cal).resolve() == path.resolve():
-        raise ConfigError("postpass.calibration_path: the calibration text is the evaluation text; calibrate on other data (e.g. WikiText-2 validation)")
+        raise same
     return path
 
 

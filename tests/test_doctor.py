@@ -70,16 +70,21 @@ def test_sharded_launch_against_callbacks(smoke_file, tmp_path, callback, blocks
 
 def test_eval_text_overlapping_calibration_or_training_text_blocks(smoke_file, corpus, tmp_path):
     assert only_status(diagnose(smoke_file, [f"eval.path={corpus}"], Launch("t")), "data overlap") is Status.FAIL  # the same file
-    lines = [f"line {i}: " + "an ordinary sentence of prose that is long enough to count as a real line. " * 2 for i in range(200)]
+    import random
+
+    rnd = random.Random(0)
+    vocab = [f"w{i}" for i in range(5000)]
+    words = lambda n: " ".join(rnd.choice(vocab) for _ in range(n))  # noqa: E731  (random text shares no 13-gram by chance)
+    eval_text = words(4000)
     ev, cal = tmp_path / "eval.txt", tmp_path / "cal.txt"
-    ev.write_text("\n".join(lines))
-    cal.write_text("\n".join(f"other {i}: " + "x" * 90 for i in range(300)))
+    ev.write_text(eval_text)
+    cal.write_text(words(6000))
     clean = diagnose(smoke_file, [f"eval.path={ev}", f"postpass.calibration_path={cal}"], Launch("t"))
     assert [r.status for r in rows_of(clean, "data overlap")] == [Status.OK, Status.OK]
-    cal.write_text("\n".join([*(f"other {i}: " + "x" * 90 for i in range(300)), *lines[:5]]))  # 2.5% of the eval lines leak
+    cal.write_text(words(6000) + " " + " ".join(eval_text.split()[:112]))  # 100 of the ~3988 eval 13-grams leak: 2.5%
     leaky = diagnose(smoke_file, [f"eval.path={ev}", f"postpass.calibration_path={cal}"], Launch("t"))
     (bad,) = [r for r in leaky if r.status is Status.FAIL]
-    assert "postpass.calibration_path" in bad.detail and "2.5%" in bad.detail
+    assert "postpass.calibration_path" in bad.detail and "2.5%" in bad.detail, bad
 
 
 def test_tied_embeddings_with_a_lora_head_block(smoke_file, tmp_path):
@@ -106,3 +111,17 @@ def test_a_previous_run_in_the_output_dir_is_a_warning(smoke_file, smoke_raw, tm
     out = tmp_path / "run"
     (out / "final").mkdir(parents=True)
     assert only_status(diagnose(smoke_file, [f"training.output_dir={out}"], Launch("t")), "output dir") is Status.WARN
+
+
+def test_builtin_corpora_train_and_heldout_are_disjoint_and_checked(smoke_file):
+    from qaft.trainer import corpora
+
+    train, held = corpora.documents("python-docs-train"), corpora.documents("python-docs-heldout")
+    every = corpora.documents("python-docs")
+    assert held == every[-len(held):] and set(train) < set(every) and not set(train) & set(held)
+    assert not corpora.ngrams("\n\n".join(train)) & corpora.ngrams("\n\n".join(held))  # no shared passage either
+    ok = diagnose(smoke_file, ["data.path=python-docs-train", "eval.path=python-docs-heldout"], Launch("t"))
+    (row,) = rows_of(ok, "data overlap")
+    assert row.status is Status.OK and " 0.0%" in row.detail
+    bad = diagnose(smoke_file, ["data.path=python-docs", "eval.path=python-docs-heldout"], Launch("t"))
+    assert only_status(bad, "data overlap") is Status.FAIL  # the full corpus contains the held-out part

@@ -45,7 +45,7 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     path: str
-    """Local text/jsonl/json/parquet/csv file or folder, a hub dataset name, or ``python-docs`` (a corpus that ships with Python: pydoc's topic texts)."""
+    """Local text/jsonl/json/parquet/csv file or folder, a hub dataset name, or ``python-docs`` / ``python-docs-train`` / ``python-docs-heldout`` (pydoc's topic texts, which ship with Python; the last two are disjoint)."""
     config_name: str | None = None
     """Hub dataset configuration, e.g. ``wikitext-2-raw-v1``."""
     split: str = "train"
@@ -220,7 +220,7 @@ class EvalConfig:
     """Used by ``qaft eval``: WikiText-2 perplexity on the protocol of ``shared/docs/protocol.md``."""
 
     path: str | None = None
-    """Evaluation text file (WikiText-2 raw test); read whole, tokenized once."""
+    """Evaluation text file (WikiText-2 raw test) or a built-in corpus (``python-docs-heldout``); read whole, tokenized once."""
     windows: Annotated[int, Ge(1)] | None = 8
     """Evaluate the first N non-overlapping windows; null = the whole text."""
     seq_len: Annotated[int, Ge(8)] = 512

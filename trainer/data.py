@@ -8,8 +8,8 @@ resume can jump to any position without replaying the data.
 
 Plain text files (``.txt``, ``.raw``) are read whole, as one document, the way the perplexity
 protocol reads WikiText; structured files (jsonl/json/parquet/csv) give one document per row.
-``python-docs`` is pydoc's topic help (~465 KB of English prose that ships with every CPython),
-so the demo runs on a machine with no data and no network.
+``python-docs`` (and its disjoint ``-train`` / ``-heldout`` parts, see ``corpora.py``) is pydoc's
+topic help, which ships with every CPython, so the demo runs on a machine with no data and no network.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import corpora
 from .config import DataConfig
 from .errors import DataError
 from .typed import suggest
 
-BUILTIN_CORPORA = ("python-docs",)
+BUILTIN_CORPORA = corpora.NAMES
 _BUILDERS = {".txt": "text", ".raw": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -35,10 +36,8 @@ def load_documents(cfg: DataConfig) -> "Any":
     import datasets
 
     datasets.disable_progress_bars()
-    if cfg.path == "python-docs":
-        from pydoc_data.topics import topics
-
-        return datasets.Dataset.from_dict({"text": [topics[k] for k in sorted(topics)]})
+    if corpora.is_builtin(cfg.path):
+        return datasets.Dataset.from_dict({"text": corpora.documents(cfg.path)})
     p = Path(cfg.path)
     try:
         if p.is_file():

@@ -230,7 +230,7 @@ def write_report(out: str | Path) -> Path:
 
         if ev:
             p = ev["protocol"]
-            proto = (f"WikiText-2 {p['windows']} × {p['seq_len']} tokens ({p['eval_path']}); calibration {p['calibration']['samples']} × "
+            proto = (f"{p['eval_path']}: {p['windows']} windows × {p['seq_len']} tokens; calibration {p['calibration']['samples']} × "
                      f"{p['calibration']['seq_len']} from {p['calibration']['path']}; rank {p['rank']}")
             head, body = ppl_table(ev)
             add("Perplexity", f"<p>{html.escape(proto)}</p>" + _html_table(head, body), f"{proto}\n\n" + _md_table(head, body))
