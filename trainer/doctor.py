@@ -22,7 +22,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from .config import Config, load_config
 from .errors import QaftError
@@ -293,11 +293,10 @@ def diagnose(config: str | Path, overrides: Iterable[str] = (), launch: Launch |
     except QaftError as e:
         return rows + [Finding("config", Status.FAIL, line) for line in str(e).splitlines()]
     rows.append(Finding("config", Status.OK, f"{config} ({len(cfg.callbacks)} callback(s): {', '.join(s.name for s in cfg.callbacks) or 'none'})"))
-    checks: list[Callable[[], list[Finding]]] = [
-        lambda: sharding(cfg, launch or launch_from(None)), lambda: output_dir(cfg), lambda: data_overlap(cfg), lambda: model_checks(cfg),
-    ]
-    for check in checks:
-        rows += check()
+    rows += sharding(cfg, launch or launch_from(None))
+    rows += output_dir(cfg)
+    rows += data_overlap(cfg)
+    rows += model_checks(cfg)
     return rows
 
 

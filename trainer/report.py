@@ -78,9 +78,9 @@ class Figures:
                 ax.legend(fontsize=7)
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        return self._save(fig, name)
+        return self.save(fig, name)
 
-    def _save(self, fig: Any, name: str) -> Path:
+    def save(self, fig: Any, name: str) -> Path:
         path = self.folder / f"{name}.png"
         fig.savefig(path, dpi=100)
         self.plt.close(fig)
@@ -124,7 +124,7 @@ def layer_error_figure(fig: Figures, meta: dict[str, Any]) -> Path | None:
     ax.legend(fontsize=7)
     ax.set_title(f"per-layer output error, {meta.get('method')}", fontsize=10)
     f.tight_layout()
-    return fig._save(f, "layer-error")
+    return fig.save(f, "layer-error")
 
 
 def spectra_figure(fig: Figures, out: Path, meta: dict[str, Any]) -> Path | None:
@@ -165,7 +165,7 @@ def spectra_figure(fig: Figures, out: Path, meta: dict[str, Any]) -> Path | None
     ax.set_title(f"quantization error spectra ({scheme.label})", fontsize=10)
     ax.legend(fontsize=6)
     f.tight_layout()
-    return fig._save(f, "spectra")
+    return fig.save(f, "spectra")
 
 
 # -- tables
@@ -215,8 +215,9 @@ def write_report(out: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        config = (out / "stages" / "run.yaml").read_text() if (out / "stages" / "run.yaml").is_file() else "(no stages/run.yaml)"
-        callbacks = [c["name"] for c in (yaml.safe_load(config) or {}).get("callbacks") or []] if not config.startswith("(") else []
+        run_yaml = out / "stages" / "run.yaml"
+        config = run_yaml.read_text() if run_yaml.is_file() else "(no stages/run.yaml)\n"
+        callbacks = [c["name"] for c in (yaml.safe_load(config) if run_yaml.is_file() else {}).get("callbacks") or []]
         rows = _metrics(out)
         figs = Figures(tmp)
         ev, meta, manifest = _read_json(out / "eval.json"), _read_json(out / "quantized" / "qaft_quant.json"), _read_json(out / "export" / "manifest.json")

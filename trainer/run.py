@@ -96,7 +96,7 @@ def _finished_training(p: Pipeline) -> bool:
     saved = p.final / "config.yaml"
     if not (p.final / "trainer_state.json").is_file() or not saved.is_file():
         return False
-    bad = first_invalid_stage(read_yaml(saved), _plain(p.cfg))
+    bad = first_invalid_stage(read_yaml(saved), to_plain(p.cfg))
     return bad is None or bad[0] != "train"
 
 
@@ -140,10 +140,6 @@ RUNNERS: dict[str, Callable[[Pipeline], dict[str, Any]]] = {
 # -- bookkeeping
 
 
-def _plain(cfg: Config) -> dict[str, Any]:
-    return to_plain(cfg)
-
-
 def first_invalid_stage(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, list[str]] | None:
     """The earliest stage whose inputs changed between the saved and the current config, with the keys."""
     changed = [k for k in diff_configs(saved, current) if k not in IGNORED]
@@ -173,7 +169,7 @@ def prepare(cfg: Config, *, overwrite: bool, start: str | None) -> Pipeline:
                               "pass --overwrite to replace them or choose another output_dir")
     if ours:
         saved = yaml.safe_load(saved_file.read_text())
-        bad = first_invalid_stage(saved, _plain(cfg))
+        bad = first_invalid_stage(saved, to_plain(cfg))
         if bad is not None:
             stage, keys = bad
             already = [s for s in STAGES[STAGES.index(stage):] if p.done(s)]
@@ -188,7 +184,7 @@ def prepare(cfg: Config, *, overwrite: bool, start: str | None) -> Pipeline:
             p.record_path(s).unlink(missing_ok=True)
     p.stages_dir.mkdir(parents=True, exist_ok=True)
     tmp = p.stages_dir / ".tmp-run.yaml"
-    tmp.write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
     os.replace(tmp, saved_file)
     return p
 
