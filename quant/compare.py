@@ -115,17 +115,11 @@ def check_inputs(cfg: Config) -> Path:
         raise ConfigError("eval.path: not set; give the evaluation text, e.g. eval.path=../shared/data/wikitext-2-raw/wiki.test.raw")
     from qaft.trainer import corpora
 
-    cal = cfg.postpass.calibration_path or cfg.data.path
-    same = ConfigError("postpass.calibration_path: the calibration text is the evaluation text; calibrate on other data (e.g. WikiText-2 validation)")
-    if corpora.is_builtin(cfg.eval.path):
-        if cal == cfg.eval.path:
-            raise same
-        return Path(cfg.eval.path)
     path = Path(cfg.eval.path)
-    if not path.is_file():
+    if not corpora.is_builtin(cfg.eval.path) and not path.is_file():
         raise DataError(f"eval.path: file {cfg.eval.path!r} does not exist")
-    if Path(cal).is_file() and Path(cal).resolve() == path.resolve():
-        raise same
+    if corpora.same_source(cfg.postpass.calibration_path or cfg.data.path, cfg.eval.path):
+        raise ConfigError("postpass.calibration_path: the calibration text is the evaluation text; calibrate on other data (e.g. WikiText-2 validation)")
     return path
 
 

@@ -121,3 +121,17 @@ def test_a_foreign_output_folder_is_not_touched_without_overwrite(run_file, tmp_
     assert main(["run", str(run_file)]) == 2
     assert "not written by `qaft run`" in capsys.readouterr().err
     assert (out / "final" / "keep.txt").read_text() == "a previous qaft train result"
+
+
+def test_overwrite_removes_what_qaft_wrote_and_nothing_else(run_file, tmp_path):
+    from qaft.trainer.config import load_config
+    from qaft.trainer.run import prepare
+
+    out = tmp_path / "run"
+    for d in ("final", "checkpoint-2", "stages", "quantized", "export", "report", ".tmp-checkpoint-4"):
+        (out / d).mkdir(parents=True)
+    for f in ("metrics.jsonl", "eval.json", "stages/train.json", "notes.txt"):
+        (out / f).write_text("x")
+    prepare(load_config(run_file), overwrite=True, start=None)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "stages"]  # a foreign file stays
+    assert [p.name for p in (out / "stages").iterdir()] == ["run.yaml"]  # no stage record survives

@@ -55,6 +55,14 @@ def documents(name: str) -> list[str]:
     return list({"python-docs-train": train, "python-docs-heldout": held}[name])
 
 
+def same_source(a: str, b: str) -> bool:
+    """Whether two text settings (file paths or built-in names) name the same text."""
+    from pathlib import Path
+
+    return a == b or (not is_builtin(a) and not is_builtin(b) and Path(a).is_file() and Path(b).is_file()
+                      and Path(a).resolve() == Path(b).resolve())
+
+
 def text(name: str) -> str:
     """The corpus as one string, documents separated by blank lines (how ``eval`` reads a text file)."""
     return "\n\n".join(documents(name))

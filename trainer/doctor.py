@@ -253,12 +253,10 @@ def _ngrams(source: str) -> set[tuple[str, ...]] | None:
     return None
 
 
-def _same(a: str, b: str) -> bool:
-    return a == b or (Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve())
-
-
 def data_overlap(cfg: Config) -> list[Finding]:
     """The evaluation text must not be (part of) what the model is calibrated or trained on."""
+    from . import corpora
+
     if cfg.eval.path is None:
         return [Finding("data overlap", Status.OK, "no eval.path: nothing to compare")]
     eval_grams = _ngrams(cfg.eval.path)
@@ -270,7 +268,7 @@ def data_overlap(cfg: Config) -> list[Finding]:
         sources = {"data.path (also the calibration text)": cfg.data.path}
     rows = []
     for key, src in sources.items():
-        if _same(src, cfg.eval.path):
+        if corpora.same_source(src, cfg.eval.path):
             rows.append(Finding("data overlap", Status.FAIL, f"{key}: {src} is the evaluation text itself; calibrate/train on other text (e.g. WikiText-2 validation)"))
             continue
         grams = _ngrams(src)

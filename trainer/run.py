@@ -154,13 +154,15 @@ def prepare(cfg: Config, *, overwrite: bool, start: str | None) -> Pipeline:
     """Check the folder against the run's own record; clear or trim it as asked. Read-only unless asked."""
     from .checkpoint import list_checkpoints
     from .outputs import OWNED as TRAIN_OWNED
+    from .outputs import prepare_output_dir
 
     p = Pipeline(cfg, Path(cfg.training.output_dir))
     saved_file = p.stages_dir / "run.yaml"
     ours = saved_file.is_file()
     foreign = [n for n in (*TRAIN_OWNED, *OWNED) if (p.out / n).exists()] + [c.name for c in list_checkpoints(p.out)]
-    if overwrite:
-        for name in [*TRAIN_OWNED, *OWNED, *(c.name for c in list_checkpoints(p.out))]:
+    if overwrite:  # qaft train's own clean-up (checkpoints, final/, metrics, temps), then the later stages' outputs
+        prepare_output_dir(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, resume_from_checkpoint=None)), overwrite=True, clear=True)
+        for name in OWNED:
             path = p.out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         ours = False
@@ -168,7 +170,7 @@ def prepare(cfg: Config, *, overwrite: bool, start: str | None) -> Pipeline:
         raise CheckpointError(f"training.output_dir: {p.out} holds outputs not written by `qaft run` ({', '.join(sorted(foreign)[:4])}); "
                               "pass --overwrite to replace them or choose another output_dir")
     if ours:
-        saved = yaml.safe_load(saved_file.read_text())
+        saved = read_yaml(saved_file)
         bad = first_invalid_stage(saved, to_plain(cfg))
         if bad is not None:
             stage, keys = bad
