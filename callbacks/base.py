@@ -84,6 +84,13 @@ class Callback:
         return None
 
     @classmethod
+    def engine_step_problem(cls, options: Any) -> str | None:
+        """Why this callback cannot run where the optimizer step happens inside the backward pass and
+        gradients live in the engine's buffers, not ``p.grad`` (DeepSpeed, any ZeRO stage), or None.
+        There ``on_gradients`` still runs, but after the step."""
+        return None
+
+    @classmethod
     def neutral_options(cls) -> Any:
         """Options under which the callback leaves training bit-identical (contract-tested)."""
         return cls.Options()

@@ -199,6 +199,10 @@ class MAT(Callback):
     def sharded_weights_problem(cls, options: MATOptions) -> str | None:
         return "per-sample gradients and per-head freezing slice whole lora_A/lora_B tensors, which each process holds only a shard of"
 
+    @classmethod
+    def engine_step_problem(cls, options: MATOptions) -> str | None:
+        return "it freezes heads by masking p.grad and the optimizer state between backward and step, and DeepSpeed steps inside backward from its own gradient buffers"
+
     def __init__(self, options: MATOptions, *, generator: torch.Generator):
         super().__init__(options, generator=generator)
         self.modules: list[HeadModule] = []

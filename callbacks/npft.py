@@ -277,23 +277,20 @@ class NPFT(Callback):
         return [{"input_ids": b[None].to(dev), "labels": b[None].to(dev)} for b in ctx.probe_blocks[:n]]
 
     def _fisher(self, model: torch.nn.Module, blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``autograd.grad``, not ``backward``: it leaves every ``.grad`` alone and fires no gradient hook,
+        so the adapter's accumulated gradients (and DeepSpeed's buffers, which hooks fill) are untouched."""
         weights = {n: m.weight for n, m in self.modules.items()}
         fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
-        others = [p for p in model.parameters() if p.requires_grad]
         for w in weights.values():
             w.requires_grad_(True)
         try:
             for b in blocks:  # batch 1: the diagonal Fisher is a sum of per-sample squared gradients
-                model(**b).loss.backward()
-                for n, w in weights.items():
-                    fisher[n].add_(w.grad.float().square())
-                    w.grad = None
+                grads = torch.autograd.grad(model(**b).loss, list(weights.values()))
+                for f, g in zip(fisher.values(), grads):
+                    f.add_(g.float().square())
         finally:
             for w in weights.values():
                 w.requires_grad_(False)
-                w.grad = None
-            for p in others:
-                p.grad = None
         return fisher
 
     @torch.no_grad()

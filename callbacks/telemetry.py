@@ -5,6 +5,10 @@ Logs, every ``every`` steps: the gradient norm of the ``lora_A`` and ``lora_B`` 
 norm, and the relative update ``‖Δθ‖ / ‖θ‖`` of the step. ``lora_B`` starts at zero, so an A/B
 gradient ratio that stays extreme, or an update ratio far above ~1e-2, flags a bad learning rate
 long before the loss does. It never writes to the model, so it is a no-op for training.
+
+Under DeepSpeed the engine steps inside backward and keeps gradients in its own buffers, so the
+A/B gradient norms are left out (the loop's ``grad_norm`` is the engine's global norm); weight
+norm and update ratio are still logged. Under ZeRO-3 it is refused: it reads whole adapter tensors.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class Telemetry(Callback):
     name = "telemetry"
     Options = TelemetryOptions
 
+    @classmethod
+    def sharded_weights_problem(cls, options: TelemetryOptions) -> str | None:
+        return "it reads whole adapter tensors to measure their norms, and each process holds only a shard of them"
+
     def __init__(self, options: TelemetryOptions, *, generator: torch.Generator):
         super().__init__(options, generator=generator)
         self._before: list[torch.Tensor] | None = None
@@ -50,6 +58,9 @@ class Telemetry(Callback):
         if self._before is None:
             return
         params = self._params(ctx)
+        if all(p.grad is None for _, p in params):  # DeepSpeed: no p.grad to read (see the module docstring)
+            self._grads = {}
+            return
         self._grads = {
             f"grad_norm/{part}": _norm([p.grad for n, p in params if part in n and p.grad is not None])
             for part in ("lora_A", "lora_B")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from qaft.trainer.cli import main
+from qaft.trainer.errors import QaftError
 from qaft.trainer.doctor import Launch, Status, diagnose, launch_from
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -56,16 +60,33 @@ def test_incompatible_callbacks_are_a_config_failure(smoke_file, capsys):
     assert "FAIL" in line and "qat cannot be combined with npft" in line
 
 
-@pytest.mark.parametrize("callback, blocks", [("npft", True), ("qat", True), ("mat", True), ("temporal_kd", True), ("telemetry", False)])
-def test_sharded_launch_against_callbacks(smoke_file, tmp_path, callback, blocks):
+@pytest.mark.parametrize("callback, zero3_blocks, zero2_blocks", [
+    ("npft", True, False), ("qat", True, False), ("temporal_kd", True, False),
+    ("mat", True, True),  # masks p.grad between backward and step, a point DeepSpeed does not have
+    ("telemetry", True, False),  # reads whole adapter tensors; logs without gradient norms under ZeRO-2
+])
+def test_deepspeed_launch_against_callbacks(smoke_file, callback, zero3_blocks, zero2_blocks):
     extra = {"temporal_kd": "{name: temporal_kd, layers: [1]}"}.get(callback, f"{{name: {callback}}}")
-    zero3 = tmp_path / "zero3.yaml"
-    zero3.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "num_processes": 2, "deepspeed_config": {"zero_stage": 3}}))
-    rows = diagnose(smoke_file, [f"callbacks=[{extra}]"], launch_from(str(zero3)))
-    assert (only_status(rows, f"callback {callback}") is Status.FAIL) if blocks else not rows_of(rows, f"callback {callback}")
+    zero3 = launch_from(str(ROOT / "launch" / "zero3.yaml"))
     zero2 = launch_from(None, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
-    assert zero2.sharded is None and not rows_of(diagnose(smoke_file, [f"callbacks=[{extra}]"], zero2), f"callback {callback}")
+    for launch, blocks in ((zero3, zero3_blocks), (zero2, zero2_blocks)):
+        rows = diagnose(smoke_file, [f"callbacks=[{extra}]"], launch)
+        assert (only_status(rows, f"callback {callback}") is Status.FAIL) if blocks else not rows_of(rows, f"callback {callback}")
+    ddp = launch_from(str(ROOT / "launch" / "ddp-cpu.yaml"))
+    assert not rows_of(diagnose(smoke_file, [f"callbacks=[{extra}]"], ddp), f"callback {callback}")
     assert launch_from(None, {"ACCELERATE_USE_FSDP": "true"}).sharded == "FSDP"
+
+
+def test_the_zero_stage_of_a_deepspeed_json_file_is_read(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}}')
+    z3 = tmp_path / "z3.yaml"
+    z3.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "num_processes": 2, "deepspeed_config": {"deepspeed_config_file": str(ds)}}))
+    launch = launch_from(str(z3))
+    assert launch.sharded == "DeepSpeed ZeRO-3" and launch.engine_step == "DeepSpeed"
+    ds.write_text("{not json")
+    with pytest.raises(QaftError, match="cannot read deepspeed_config_file"):
+        launch_from(str(z3))
 
 
 def test_eval_text_overlapping_calibration_or_training_text_blocks(smoke_file, corpus, tmp_path):
@@ -125,3 +146,4 @@ def test_builtin_corpora_train_and_heldout_are_disjoint_and_checked(smoke_file):
     assert row.status is Status.OK and " 0.0%" in row.detail
     bad = diagnose(smoke_file, ["data.path=python-docs", "eval.path=python-docs-heldout"], Launch("t"))
     assert only_status(bad, "data overlap") is Status.FAIL  # the full corpus contains the held-out part
+

@@ -71,3 +71,17 @@ def test_two_process_cpu_ddp_matches_one_process_with_the_same_global_batch(smok
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     moved = max(one[k].abs().max().item() for k in one if "lora_B" in k)
     assert moved > 1e-3 and worst < 1e-5, (worst, moved)
+
+
+def test_fsdp_stops_with_one_line_before_any_work(smoke_raw, tmp_path):
+    """FSDP saves are untested here (no GPU; on CPU accelerate runs each FSDP rank as if alone): refused by the
+    doctor inside train.sh and by `qaft train` itself, never half-run."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(smoke_raw | {"callbacks": []}))
+    env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(LAUNCH / "train.sh"), "fsdp", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 2 and "FSDP is not supported by qaft train yet" in r.stdout, r.stdout[-3000:]
+    direct = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "fsdp.yaml"),
+                             "-m", "qaft.trainer.cli", "train", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert direct.returncode != 0 and "FSDP is not supported by qaft train yet" in direct.stderr and "internal error" not in direct.stderr, direct.stderr[-3000:]
+    assert not Path(smoke_raw["training"]["output_dir"]).exists()

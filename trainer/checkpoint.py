@@ -12,7 +12,10 @@ Everything is written into ``.tmp-checkpoint-{step}`` and renamed into place onl
 a rename is atomic on one filesystem, so a kill mid-save leaves the previous checkpoint as the
 latest one and a stray temp folder that the next run deletes. accelerate would also save the whole
 base model (540 MB for SmolLM2) with every checkpoint: a save/load pre-hook removes the model from
-its lists, and we save and load the adapter ourselves.
+its lists, and we save and load the adapter ourselves. Under DeepSpeed the engine must save its
+module with its optimizer (the fp32 master partitions live there): frozen parameters are excluded,
+so ``accelerate/`` holds the adapter and optimizer partitions only. Under ZeRO-3 the adapter is
+gathered from every process before it is written (``parallel.gathered``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from qaft.callbacks import CallbackList, Context, TrainState
 
 from .config import RESUMABLE_CHANGES, Config, diff_configs, dump_config
 from .errors import CheckpointError
+from .parallel import gathered, zero_stage
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -74,6 +78,28 @@ def install_adapter_only_hooks(accelerator: Any) -> None:
     accelerator.register_load_state_pre_hook(drop_models)
 
 
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _engine_kwargs(acc: Any, save: bool) -> dict[str, Any]:
+    """What DeepSpeed's engine needs to save and load an adapter-only checkpoint; nothing otherwise."""
+    if zero_stage(acc) is None:
+        return {}
+    return {"exclude_frozen_parameters": True} if save else {"load_module_strict": False}
+
+
+def save_adapter(acc: Any, model: torch.nn.Module, folder: Path) -> None:
+    """``save_pretrained`` of the adapter by the main process, with whole tensors (every process calls this)."""
+    peft_model = acc.unwrap_model(model)
+    params = trainable(peft_model)
+    with gathered(acc, params):
+        if any(p.numel() == 0 for p in params):  # a shard slipped through: never write an empty adapter
+            raise CheckpointError(f"{folder}: the adapter is sharded across processes and was not gathered; this launch is not supported")
+        if acc.is_main_process:
+            peft_model.save_pretrained(folder)
+
+
 def publish(tmp: Path, final: Path) -> None:
     """fsync the files, then rename ``tmp`` to ``final`` (replacing an older folder of that name)."""
     for f in tmp.rglob("*"):
@@ -100,10 +126,10 @@ def save_checkpoint(ctx: Context, callbacks: CallbackList, output_dir: str | Pat
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "callbacks").mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp / "accelerate"))
+    acc.save_state(str(tmp / "accelerate"), **_engine_kwargs(acc, save=True))
     torch.save(callbacks.state_dict(), tmp / "callbacks" / f"rank{acc.process_index}.pt")
+    save_adapter(acc, ctx.model, tmp / "adapter")
     if acc.is_main_process:
-        acc.unwrap_model(ctx.model).save_pretrained(tmp / "adapter")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(ctx.state), indent=2))
         (tmp / "config.yaml").write_text(dump_config(ctx.config))
     acc.wait_for_everyone()
@@ -144,10 +170,12 @@ def load_checkpoint(ctx: Context, callbacks: CallbackList, path: Path) -> None:
     acc = ctx.accelerator
     try:
         adapter = load_file(path / "adapter" / ADAPTER_WEIGHTS)
-        result = set_peft_model_state_dict(acc.unwrap_model(ctx.model), adapter)
+        peft_model = acc.unwrap_model(ctx.model)
+        with gathered(acc, trainable(peft_model), modifier_rank=0):  # every process loads the same file
+            result = set_peft_model_state_dict(peft_model, adapter)
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"checkpoint {path}: adapter has tensors this model lacks: {result.unexpected_keys[:3]}")
-        acc.load_state(str(path / "accelerate"))
+        acc.load_state(str(path / "accelerate"), **_engine_kwargs(acc, save=False))
         rank_file = path / "callbacks" / f"rank{acc.process_index}.pt"
         callbacks.load_state_dict(torch.load(rank_file, weights_only=False))
         state = json.loads((path / STATE_FILE).read_text())
@@ -167,15 +195,16 @@ def save_final(ctx: Context, tokenizer: Any, output_dir: str | Path, train_state
     out = Path(output_dir)
     tmp, final = out / f"{TMP_PREFIX}final", out / "final"
     acc.wait_for_everyone()
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        peft_model = acc.unwrap_model(ctx.model)
-        peft_model.save_pretrained(tmp / "adapter")
-        merged = peft_model.merge_and_unload()  # training is over: merging in place is fine
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "config.yaml").write_text(dump_config(ctx.config))
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=2))
-        publish(tmp, final)
+    peft_model = acc.unwrap_model(ctx.model)
+    with gathered(acc, peft_model.parameters()):  # ZeRO-3: the whole model, for the merge; dropped on exit
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            peft_model.save_pretrained(tmp / "adapter")
+            merged = peft_model.merge_and_unload()  # training is over: merging in place is fine
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "config.yaml").write_text(dump_config(ctx.config))
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=2))
+            publish(tmp, final)
     acc.wait_for_everyone()
     return final

@@ -7,9 +7,9 @@ device or written: the model is built on the ``meta`` device from its config (a 
 
 Checks: library versions; the config (every problem at once, incompatible callbacks included);
 the model's structure; LoRA targets exist and the rank fits; the quant scheme selects layers whose
-widths the group size divides and the post-pass rank fits; tied embeddings; sharded weights
-(DeepSpeed ZeRO-3 / FSDP, from ``--launch`` or the ``accelerate launch`` environment) against the
-callbacks that need whole base weights; disk space for the outputs; the output folder; overlap of
+widths the group size divides and the post-pass rank fits; tied embeddings; the launch (from
+``--launch`` or the ``accelerate launch`` environment; see ``parallel``) against the callbacks that
+need whole weights or a gradient step of their own; disk space for the outputs; the output folder; overlap of
 the evaluation text with the calibration and training text.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import sys
@@ -26,6 +27,9 @@ from typing import Any, Iterable
 
 from .config import Config, load_config
 from .errors import QaftError
+from .parallel import FSDP_REFUSED, Launch, callback_problems, launch_from
+
+__all__ = ["Finding", "Launch", "Status", "blocking", "diagnose", "launch_from", "render"]
 
 
 class Status(str, enum.Enum):
@@ -39,15 +43,6 @@ class Finding:
     check: str
     status: Status
     detail: str
-
-
-@dataclass(frozen=True)
-class Launch:
-    """What the launch will do with the weights: the doctor only needs whether they are sharded."""
-
-    description: str
-    sharded: str | None = None
-    """``None``, or what shards them (``DeepSpeed ZeRO-3``, ``FSDP``)."""
 
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "compressed-tensors", "gguf", "safetensors")
@@ -72,32 +67,6 @@ def versions() -> list[Finding]:
 
 
 # -- the launch
-
-
-def launch_from(config_file: str | None, environ: dict[str, str] | None = None) -> Launch:
-    """Read an accelerate config file, or the variables ``accelerate launch`` exports to the process."""
-    env = os.environ if environ is None else environ
-    if config_file:
-        import yaml
-
-        try:
-            raw = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise QaftError(f"--launch: cannot read accelerate config {config_file!r}: {str(e).splitlines()[0]}") from None
-        kind = str(raw.get("distributed_type", "NO")).upper()
-        procs = raw.get("num_processes", 1)
-        if kind == "DEEPSPEED":
-            stage = int((raw.get("deepspeed_config") or {}).get("zero_stage", 0))
-            return Launch(f"DeepSpeed ZeRO-{stage}, {procs} process(es)", "DeepSpeed ZeRO-3" if stage == 3 else None)
-        if kind == "FSDP":
-            return Launch(f"FSDP, {procs} process(es)", "FSDP")
-        return Launch(f"{kind}, {procs} process(es)")
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
-        return Launch(f"DeepSpeed ZeRO-{stage} (environment)", "DeepSpeed ZeRO-3" if stage == "3" else None)
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return Launch("FSDP (environment)", "FSDP")
-    return Launch(f"single process or DDP ({env.get('WORLD_SIZE', '1')} process(es))")
 
 
 # -- the model, without its weights
@@ -215,16 +184,14 @@ def disk_space(cfg: Config, params: int) -> list[Finding]:
 
 
 def sharding(cfg: Config, launch: Launch) -> list[Finding]:
-    from qaft import callbacks
-
-    if launch.sharded is None:
-        return [Finding("launch", Status.OK, launch.description)]
-    rows = [Finding("launch", Status.OK, f"{launch.description}: base weights are sharded across processes")]
-    for spec in cfg.callbacks:
-        why = callbacks.get(spec.name).sharded_weights_problem(spec.options)
-        if why:
-            rows.append(Finding(f"callback {spec.name}", Status.FAIL, f"callbacks: {spec.name} under {launch.sharded}: {why}; launch with DDP or ZeRO-2 (launch/)"))
-    return rows
+    problems = callback_problems(cfg.callbacks, launch)
+    what = [w for w, on in (("base weights are sharded across processes", launch.sharded), (f"{launch.engine_step} runs the optimizer step inside backward", launch.engine_step)) if on]
+    rows = [Finding("launch", Status.OK, launch.description + (": " + "; ".join(what) if what else ""))]
+    if launch.sharded == "FSDP":
+        rows.append(Finding("fsdp", Status.FAIL, FSDP_REFUSED))
+    if launch.engine_step == "DeepSpeed" and importlib.util.find_spec("deepspeed") is None:
+        rows.append(Finding("deepspeed", Status.FAIL, "the launch uses DeepSpeed, which is not installed: pip install 'qaft[deepspeed]'"))
+    return rows + [Finding(f"callback {name}", Status.FAIL, why) for name, why in problems]
 
 
 def output_dir(cfg: Config) -> list[Finding]:

@@ -27,6 +27,7 @@ from .errors import PreflightError
 from .metrics import MetricsLogger, Throughput
 from .model import attach_lora, load_model_and_tokenizer
 from .outputs import prepare_output_dir
+from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config
 
 
 @dataclass
@@ -42,13 +43,29 @@ def build_accelerator(t: TrainingConfig) -> Any:
     for tracker in t.report_to:
         if tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise PreflightError("training.report_to: tensorboard is not installed; run `pip install 'qaft[tensorboard]'` or drop it from report_to")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise PreflightError(FSDP_REFUSED)
     plugin = GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False)
-    acc = Accelerator(
-        gradient_accumulation_plugin=plugin, mixed_precision="bf16" if t.bf16 else "no",
-        log_with=list(t.report_to) or None, project_dir=str(Path(t.output_dir) / "runs"),  # trackers write under runs/
-    )
+    try:
+        acc = Accelerator(
+            gradient_accumulation_plugin=plugin, mixed_precision="bf16" if t.bf16 else "no", kwargs_handlers=process_group_kwargs(),
+            log_with=list(t.report_to) or None, project_dir=str(Path(t.output_dir) / "runs"),  # trackers write under runs/
+        )
+    except (ValueError, ImportError) as e:  # accelerate's verdict on the launch configuration (DeepSpeed/FSDP plugin checks)
+        raise PreflightError(f"launch: accelerate refuses this launch configuration: {' '.join(str(e).split())[:400]}") from None
+    fill_deepspeed_config(acc, t.max_grad_norm, t.gradient_accumulation_steps)
     install_adapter_only_hooks(acc)
     return acc
+
+
+def process_group_kwargs() -> list:
+    """gloo for DeepSpeed on a machine without GPUs: accelerate picks no backend there, and every rank
+    would believe it is alone while DeepSpeed's own world has them all (its batch check then fails)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
@@ -168,6 +185,7 @@ def setup(cfg: Config, *, overwrite: bool = False) -> Session:
     resume_from = prepare_output_dir(cfg, overwrite=overwrite, clear=False)  # read-only checks first
     documents = load_documents(cfg.data)  # before the model: a bad path should fail in a second, not after a model load
     acc = build_accelerator(t)
+    check_launch(cfg.callbacks, acc)  # before the model load: a refused callback should fail in seconds
     set_seed(t.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     if t.gradient_checkpointing:

