@@ -41,6 +41,8 @@ class TrainState:
     """Passes over the training blocks started so far, counted from 0."""
     tokens_seen: int = 0
     """Training tokens consumed by all processes together."""
+    skipped_steps: int = 0
+    """Steps skipped for a non-finite gradient (``training.max_nonfinite_steps``); not counted in ``step``."""
 
 
 @dataclass(frozen=True)

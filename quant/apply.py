@@ -11,6 +11,8 @@ layer's activations and statistics. Records per-layer telemetry.
 
 from __future__ import annotations
 
+import math
+
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,19 +81,36 @@ def target_linears(layer: torch.nn.Module, prefix: str, scheme: QuantScheme) -> 
 
 
 def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None:
-    """Fail before any work if a layer cannot take the scheme or the rank, naming the layer."""
+    """Fail before any work if a layer cannot take the scheme or the rank: one line per kind of problem,
+    naming the first layer, how many more there are, and a value that would fit them all."""
     prefix, layers = decoder_layers(model)
-    problems = []
+    needs_group = scheme.weight.format is WeightFormat.MXINT or scheme.weight.granularity is Granularity.GROUP
+    g = scheme.weight.group_size
+    bad_group: list[tuple[int, str]] = []  # (input width, layer)
+    bad_rank: list[tuple[int, str]] = []  # (min(out, in), layer)
     for i, layer in enumerate(layers):
         for name, lin in target_linears(layer, f"{prefix}.{i}", scheme).items():
-            w = lin.in_features
-            needs_group = scheme.weight.format is WeightFormat.MXINT or scheme.weight.granularity is Granularity.GROUP
-            if needs_group and w % scheme.weight.group_size:
-                problems.append(f"quant.weight.group_size: {scheme.weight.group_size} does not divide the input width {w} of {prefix}.{i}.{name}")
+            if needs_group and lin.in_features % g:
+                bad_group.append((lin.in_features, f"{prefix}.{i}.{name}"))
             if rank > min(lin.in_features, lin.out_features):
-                problems.append(f"postpass.rank: {rank} exceeds min(out, in) = {min(lin.in_features, lin.out_features)} of {prefix}.{i}.{name}")
+                bad_rank.append((min(lin.in_features, lin.out_features), f"{prefix}.{i}.{name}"))
+    problems = []
+    if bad_group:
+        (w, first), widths = min(bad_group), sorted({w for w, _ in bad_group})
+        fit = math.gcd(*widths)
+        fits = max((d for d in (256, 128, 64, 32, 16, 8) if fit % d == 0), default=None)
+        problems.append(f"quant.weight.group_size: {g} does not divide the input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); "
+                        + (f"use a group size that divides them all, e.g. {fits}, " if fits else "")
+                        + "or quant.weight.granularity=channel")
+    if bad_rank:
+        (m, first) = min(bad_rank)
+        problems.append(f"postpass.rank: {rank} exceeds min(out, in) = {m} of {first}{_more(bad_rank)}; use postpass.rank <= {m}")
     if problems:
-        raise ConfigError(sorted(set(problems))[:5] + ([f"... and {len(set(problems)) - 5} more"] if len(set(problems)) > 5 else []))
+        raise ConfigError(problems)
+
+
+def _more(found: list) -> str:
+    return f" and {len(found) - 1} more targeted Linear layer(s)" if len(found) > 1 else ""
 
 
 @contextmanager

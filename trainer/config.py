@@ -130,6 +130,10 @@ class TrainingConfig:
     """bfloat16 autocast (GPU; on CPU it is ~5x slower than float32)."""
     report_to: tuple[Literal[TRACKERS], ...] = ()  # type: ignore[valid-type]
     """Experiment trackers through accelerate, e.g. ``[tensorboard]`` (logs under ``output_dir/runs``)."""
+    max_nonfinite_steps: Annotated[int, Ge(0)] = 10
+    """Optimizer steps whose gradient norm is NaN/Inf are skipped (no update, no scheduler step; the data
+    moves on) and counted; more than this many stop the run with an error, checkpoints intact. Under
+    DeepSpeed the engine has already applied the update: the first one stops the run."""
     resume_from_checkpoint: bool | str | None = None
     """``true``: continue from the newest checkpoint in ``output_dir`` (start fresh if there is none); a path: from that checkpoint."""
 
@@ -400,7 +404,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "training.max_steps", "training.num_train_epochs", "training.logging_steps", "training.eval_steps", "training.eval_on_start",
         "training.save_steps", "training.save_total_limit", "training.report_to",
-        "training.resume_from_checkpoint", "training.output_dir",
+        "training.resume_from_checkpoint", "training.output_dir", "training.max_nonfinite_steps",
     }
 )
 

@@ -27,6 +27,10 @@ class CheckpointError(QaftError):
     """A checkpoint or output folder that is missing, incomplete, or incompatible with the config."""
 
 
+class DivergedError(QaftError):
+    """Training produced non-finite gradients more often than ``training.max_nonfinite_steps`` allows."""
+
+
 class PreflightError(QaftError):
     """An environment problem found before any work starts (missing package, output folder in use)."""
 

@@ -23,11 +23,11 @@ from qaft.callbacks import CallbackList, Context, TrainState, create
 from .checkpoint import install_adapter_only_hooks, load_checkpoint, save_checkpoint, save_final
 from .config import Config, TrainingConfig
 from .data import build_blocks, eval_loader, load_documents, train_loader
-from .errors import PreflightError
+from .errors import DivergedError, PreflightError
 from .metrics import MetricsLogger, Throughput
 from .model import attach_lora, load_model_and_tokenizer
 from .outputs import prepare_output_dir
-from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config
+from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, zero_stage
 
 
 @dataclass
@@ -127,6 +127,7 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
     while st.step < st.max_steps:
         model.train()
         callbacks.on_step_begin(ctx)
+        step_sums: dict[str, Any] = {}
         for _ in range(t.gradient_accumulation_steps):
             st.epoch, batch = next(batches)
             with acc.accumulate(model):
@@ -134,10 +135,15 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
                 terms = {"loss": out.loss, **callbacks.loss_terms(ctx, batch, out)}
                 acc.backward(sum(terms.values()))  # accelerate divides by the accumulation steps
             for k, v in terms.items():  # detached tensors: no device sync per micro-batch
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / t.gradient_accumulation_steps
+                step_sums[k] = step_sums.get(k, 0.0) + v.detach().float() / t.gradient_accumulation_steps
             st.micro_batches += 1
         callbacks.on_gradients(ctx)
-        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)  # inf: measure only
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            skip_nonfinite_step(ctx, log, float(grad_norm))
+            continue
+        for k, v in step_sums.items():
+            sums[k] = sums.get(k, 0.0) + v
         opt.step()
         scheduler.step()
         opt.zero_grad(set_to_none=True)
@@ -153,6 +159,8 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
             row |= {"lr": scheduler.get_last_lr()[0], "epoch": st.epoch, "tokens_seen": st.tokens_seen, **timing, **latest}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
+            if st.skipped_steps:
+                row["skipped_steps"] = st.skipped_steps
             log.log("train", st.step, row)
             log.progress(st.step, loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
             sums, latest = {}, {}
@@ -162,6 +170,29 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
             save_checkpoint(ctx, callbacks, t.output_dir, t.save_total_limit)
     callbacks.on_train_end(ctx)
     return st
+
+
+def skip_nonfinite_step(ctx: Context, log: MetricsLogger, grad_norm: float) -> None:
+    """Drop this step's gradients (no update, no scheduler step, ``step`` not advanced; the data moves on),
+    count it, and stop the run past ``training.max_nonfinite_steps``. Decided on the global gradient norm,
+    which every rank shares, so ranks never disagree on skipping. Under DeepSpeed the engine stepped
+    inside backward already: the weights may hold the bad update, so the first one stops the run."""
+    acc, st, t = ctx.accelerator, ctx.state, ctx.config.training
+    ctx.optimizer.zero_grad(set_to_none=True)
+    st.skipped_steps += 1
+    log.log("nonfinite", st.step + 1, {"grad_norm": grad_norm, "skipped_steps": st.skipped_steps})
+    engine = zero_stage(acc) is not None
+    if engine or st.skipped_steps > t.max_nonfinite_steps:
+        from .checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(t.output_dir)
+        why = ("under DeepSpeed the engine applied that update before it could be checked" if engine else
+               f"{st.skipped_steps} steps skipped, more than training.max_nonfinite_steps={t.max_nonfinite_steps}")
+        raise DivergedError(
+            f"training: non-finite gradient norm ({grad_norm}) at step {st.step + 1}; {why}. Newest checkpoint, intact: "
+            f"{last or 'none'}. Lower training.learning_rate or training.max_grad_norm and start again"
+            + ("" if engine else ", or raise the limit and resume (training.resume_from_checkpoint=true)")
+        )
 
 
 @dataclass

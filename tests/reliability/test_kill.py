@@ -1,0 +1,124 @@
+"""SIGKILL ``qaft train`` (a real subprocess) mid-step and mid-checkpoint, resume, and compare with an
+uninterrupted run: the adapter must be bit-identical and every checkpoint folder either complete or absent.
+
+Kills mid-checkpoint are made deterministic by a wrapper that pauses inside ``save_checkpoint`` at a
+chosen point (after the optimizer state, before the adapter; or after everything, before the atomic
+rename): the test kills the process while it sleeps there. Mid-step kills land at a seeded random
+moment after a seeded random step."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from helpers import assert_same_tensors
+from qaft.trainer.checkpoint import check_resumable, list_checkpoints
+from qaft.trainer.config import config_from_dict
+
+pytestmark = pytest.mark.slow
+
+STEPS, SAVE_EVERY = 12, 3
+# Runs qaft's CLI, pausing inside the save of one checkpoint when QAFT_TEST_PAUSE=adapter:N or publish:N.
+RUNNER = """
+import os, sys, time
+import qaft.trainer.checkpoint as c
+if os.environ.get("QAFT_TEST_PAUSE"):
+    where, step = os.environ["QAFT_TEST_PAUSE"].split(":")
+    name = {"adapter": "save_adapter", "publish": "publish"}[where]
+    real = getattr(c, name)
+    def paused(*a, **k):
+        if any(f"checkpoint-{step}" in str(x) for x in a):
+            time.sleep(60)  # the test kills us in here
+        return real(*a, **k)
+    setattr(c, name, paused)
+from qaft.trainer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def config(smoke_raw, tmp_path: Path, name: str) -> tuple[Path, Path]:
+    out = tmp_path / name
+    raw = smoke_raw | {"training": smoke_raw["training"] | {"max_steps": STEPS, "save_steps": SAVE_EVERY, "logging_steps": 1, "eval_steps": None,
+                                                            "save_total_limit": 2, "output_dir": str(out)}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, out
+
+
+def start(cfg: Path, *extra: str, pause: str | None = None) -> subprocess.Popen:
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | ({"QAFT_TEST_PAUSE": pause} if pause else {})
+    return subprocess.Popen([sys.executable, "-c", RUNNER, "train", str(cfg), *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
+    t0 = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, f"the run ended before the kill point: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() - t0 < timeout, "kill point never reached"
+        time.sleep(0.005)
+
+
+def logged_steps(out: Path) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum('"event": "train"' in ln for ln in lines)
+
+
+def assert_every_checkpoint_complete(out: Path, cfg: Path) -> None:
+    """Each ``checkpoint-*`` folder passes the resume check and its adapter loads; temp folders are the only partial ones."""
+    c = config_from_dict(yaml.safe_load(cfg.read_text()), [])
+    for ckpt in list_checkpoints(out):
+        check_resumable(ckpt, c)
+        assert load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+        assert (ckpt / "accelerate" / "optimizer.bin").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml").read_text())
+    raw["data"]["path"] = str(corpus)
+    tmp = tmp_path_factory.mktemp("kill")
+    cfg, out = config(raw, tmp, "straight")
+    p = start(cfg)
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    return raw, load_file(str(out / "final" / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("scenario", ["step-0", "step-1", "save-adapter-0", "save-publish-1"])
+def test_sigkill_then_resume_gives_the_uninterrupted_adapter(reference, tmp_path, scenario):
+    raw, straight = reference
+    kind, seed = scenario.rsplit("-", 1)
+    rng = random.Random(int(seed))
+    cfg, out = config(raw, tmp_path, "killed")
+    if kind == "step":
+        target = rng.randint(SAVE_EVERY + 1, STEPS - 1)  # after the first checkpoint, before the end
+        p = start(cfg)
+        wait_for(p, lambda: logged_steps(out) >= target)
+        time.sleep(rng.uniform(0.0, 0.05))  # somewhere inside one of the next steps
+    else:
+        save = rng.choice([2, 3]) * SAVE_EVERY  # the second or third checkpoint (one complete one exists already)
+        p = start(cfg, pause=f"{kind.split('-')[1]}:{save}")
+        wait_for(p, lambda: (out / f".tmp-checkpoint-{save}").exists())
+        time.sleep(0.3)  # inside the pause
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    if kind != "step":
+        assert (out / f".tmp-checkpoint-{save}").exists() and not (out / f"checkpoint-{save}").exists()  # killed mid-save
+    assert list_checkpoints(out), "no checkpoint to resume from"
+    assert_every_checkpoint_complete(out, cfg)
+    p = start(cfg, "training.resume_from_checkpoint=true")
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    assert not list(out.glob(".tmp-*"))  # the stray temp folder was cleared
+    assert_same_tensors(straight, load_file(str(out / "final" / "adapter" / "adapter_model.safetensors")))
