@@ -99,9 +99,15 @@ def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None
         (w, first), widths = min(bad_group), sorted({w for w, _ in bad_group})
         fit = math.gcd(*widths)
         fits = max((d for d in (256, 128, 64, 32, 16, 8) if fit % d == 0), default=None)
-        problems.append(f"quant.weight.group_size: {g} does not divide the input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); "
-                        + (f"use a group size that divides them all, e.g. {fits}, " if fits else "")
-                        + "or quant.weight.granularity=channel")
+        if scheme.weight.gguf_type is not None:  # the block is the type's: the fix is to keep those layers in float
+            names = sorted({n.rpartition(".")[2] for _, n in bad_group})
+            problems.append(f"quant.weight.gguf_type: {scheme.weight.gguf_type.value} blocks are 32 input channels wide, which does not divide the "
+                            f"input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); keep them in float with "
+                            f"quant.ignore=[lm_head, {', '.join(names)}] (llama.cpp stores such tensors as F16)")
+        else:
+            problems.append(f"quant.weight.group_size: {g} does not divide the input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); "
+                            + (f"use a group size that divides them all, e.g. {fits}, " if fits else "")
+                            + "or quant.weight.granularity=channel")
     if bad_rank:
         (m, first) = min(bad_rank)
         problems.append(f"postpass.rank: {rank} exceeds min(out, in) = {m} of {first}{_more(bad_rank)}; use postpass.rank <= {m}")

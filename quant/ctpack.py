@@ -41,6 +41,11 @@ def check_expressible(scheme: QuantScheme) -> None:
             f"quant.weight: {scheme.weight.label} has no compressed-tensors integer format (its MX formats are floating point); "
             "export an int scheme (e.g. quant.weight.format=int quant.weight.granularity=group quant.weight.group_size=64) or use GGUF"
         )
+    if scheme.weight.format is WeightFormat.GGUF:
+        raise ExportError(
+            f"quant.weight: {scheme.weight.label} is a llama.cpp block format (fp16 scales, its own rounding), not a compressed-tensors one; "
+            "evaluate it with qaft quantize / qaft eval, or export an int scheme (e.g. quant.weight.format=int quant.weight.granularity=group quant.weight.group_size=64)"
+        )
 
 
 def quantization_config(scheme: QuantScheme, ignore: list[str]) -> Any:

@@ -1,10 +1,12 @@
 """``qaft export``: a post-pass result → a folder users can ship without qaft.
 
-    export/
+    export/                     (export.format: compressed-tensors, for int schemes)
       base/           Hugging Face model, quantized Linears packed by compressed-tensors (``ctpack``)
       adapter/        the low-rank factors as a PEFT LoRA adapter, scaling 1 (``adapter``)
       README.md       model card: scheme, method, perplexity table, sizes, parity, how to load
       manifest.json   provenance and a sha256 of every file (``manifest``)
+    export/                     (export.format: gguf, for GGUF schemes; ``ggufexport``)
+      model-<TYPE>.gguf, adapter-lowrank.gguf, README.md, manifest.json
 
 Written into ``.tmp-export`` and renamed only after the reload parity check passed, so a failed or
 interrupted export never leaves a folder that looks complete. Parity: ``base/`` is reloaded with
@@ -37,7 +39,7 @@ from .adapter import WEIGHTS, write_adapter
 from .ctpack import FORMAT, check_expressible, reference_activation_quant, write_packed
 from .fakequant import QuantLinear
 from .rtn import fake_quant_activation
-from .scheme import ActQuant, QuantScheme
+from .scheme import ActQuant, QuantScheme, WeightFormat
 from .store import META, ensure_writable, load_quantized
 
 PROMPTS = (
@@ -70,11 +72,21 @@ def export_dir(cfg: Config) -> Path:
     return Path(cfg.export.dir or Path(cfg.training.output_dir) / "export")
 
 
+def export_format(cfg: Config, scheme: QuantScheme) -> str:
+    """``export.format``, ``auto`` resolved by the scheme; a format that cannot hold the scheme is an error."""
+    gguf_scheme = scheme.weight.format is WeightFormat.GGUF
+    fmt = cfg.export.format if cfg.export.format != "auto" else ("gguf" if gguf_scheme else "compressed-tensors")
+    if fmt == "gguf" and not gguf_scheme:
+        raise ExportError(f"export.format: gguf files hold llama.cpp's block grids, and this result is {scheme.weight.label}; quantize with "
+                          "quant.weight.format=gguf quant.weight.gguf_type=Q4_0 (or Q4_1, Q5_0, Q5_1, Q8_0, MXFP4), or use export.format=compressed-tensors")
+    if fmt == "compressed-tensors":
+        check_expressible(scheme)
+    return fmt
+
+
 def check_destination(cfg: Config, scheme: QuantScheme, overwrite: bool) -> Path:
-    """The export can be written: a supported format, a scheme it can express, a free (or --overwrite) folder."""
-    if "gguf" in cfg.export.formats:
-        raise ExportError("export.formats: gguf is not available yet (issue #12); use export.formats=[compressed-tensors]")
-    check_expressible(scheme)
+    """The export can be written: a format that can hold the scheme, a free (or --overwrite) folder."""
+    export_format(cfg, scheme)
     out = export_dir(cfg)
     ensure_writable(out, overwrite, key="export.dir")
     return out
@@ -110,7 +122,7 @@ def activations_float(model: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _compare(a: torch.nn.Module, b: torch.nn.Module, prompts: list[torch.Tensor]) -> tuple[float, float]:
+def compare_logits(a: torch.nn.Module, b: torch.nn.Module, prompts: list[torch.Tensor]) -> tuple[float, float]:
     worst, agree, total = 0.0, 0, 0
     for ids in prompts:
         la, lb = a(input_ids=ids[None]).logits[0].float(), b(input_ids=ids[None]).logits[0].float()
@@ -138,9 +150,13 @@ def load_export(path: str | Path, *, verify: bool = True, loader: str | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .ctpack import load_packed
+    from .ggufexport import load_gguf
 
     root = Path(path)
     record = manifest.verify(root) if verify else {}
+    if any(root.glob("model-*.gguf")):
+        model, tok = load_gguf(root)
+        return model, tok, record
     if loader is None:
         groups = json.loads((root / "base" / "config.json").read_text())["quantization_config"]["config_groups"]
         loader = "transformers" if all(g["weights"]["symmetric"] for g in groups.values()) else "compressed-tensors"
@@ -176,12 +192,12 @@ def check_parity(folder: Path, reference: torch.nn.Module, tokenizer: Any, schem
     for loader in loaders:
         loaded, _, _ = load_export(folder, verify=False, loader=loader)
         with activations_float(reference), activations_float(loaded):
-            diff, top1 = _compare(reference, loaded, prompts)
+            diff, top1 = compare_logits(reference, loaded, prompts)
         act_diff, server = None, (None, None)
         if scheme.activation.bits is not None:
             with reference_rounding(reference):
-                act_diff, _ = _compare(reference, loaded, prompts)
-            server = _compare(reference, loaded, prompts)
+                act_diff, _ = compare_logits(reference, loaded, prompts)
+            server = compare_logits(reference, loaded, prompts)
         worst = max(diff, act_diff or 0.0)
         if not worst <= tolerance:
             raise ExportError(f"reload parity failed ({loader} loader): max |logit diff| {worst:.3g} > export.parity_atol {tolerance:g} "
@@ -191,16 +207,22 @@ def check_parity(folder: Path, reference: torch.nn.Module, tokenizer: Any, schem
     return results
 
 
-def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
-    """Bytes on disk, and effective bits per quantized weight (codes + scales [+ zeros], then + adapter)."""
-    from safetensors import safe_open
-
+def parameter_count(reference: torch.nn.Module) -> int:
+    """Weights of the model as a float checkpoint would hold them (tied tensors once; no codes, scales or factors)."""
     seen, params = set(), 0
     for name, t in list(reference.named_parameters()) + list(reference.named_buffers()):
         if t.data_ptr() in seen or name.rpartition(".")[2] in ("codes", "scale", "zero", "lora_A", "lora_B", "input_scale"):
             continue
         seen.add(t.data_ptr())
         params += t.numel()
+    return params
+
+
+def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
+    """Bytes on disk, and effective bits per quantized weight (codes + scales [+ zeros], then + adapter)."""
+    from safetensors import safe_open
+
+    params = parameter_count(reference)
     quantized = sum(m.weight.numel() for m in reference.modules() if isinstance(m, QuantLinear))
     packed_bytes = 0
     for f in (folder / "base").glob("*.safetensors"):
@@ -256,34 +278,45 @@ def evaluate(cfg: Config, folder: Path, progress: bool) -> dict[str, Any] | None
     return {"protocol": {"eval_path": cfg.eval.path, "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens}, "ppl": results}
 
 
+def write_compressed_tensors(cfg: Config, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tok: Any, scheme: QuantScheme,
+                             meta: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """``base/`` + ``adapter/`` into ``tmp``, parity-checked and measured: the format-specific part of the manifest."""
+    ranks = write_adapter(model, tmp / "adapter", base_name_or_path="base")
+    quantized = write_packed(model, tok, scheme, tmp / "base")
+    parity = check_parity(tmp, reference, tok, scheme, cfg.export.parity_atol)
+    return {
+        "format": {"base": f"compressed-tensors {FORMAT}", "adapter": "peft lora" if ranks else None},
+        "ranks": ranks or {}, "quantized_modules": quantized, "parity": {k: asdict(v) for k, v in parity.items()},
+        "sizes": sizes(tmp, reference), "evaluation": evaluate(cfg, tmp, progress) if cfg.export.evaluate else None,
+    }
+
+
 def export(cfg: Config, *, overwrite: bool, progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Write the export folder; returns its path and manifest."""
     from .card import model_card
+    from .ggufexport import write_gguf
+    from .gguffile import check_model
 
     src, out = preflight(cfg, overwrite)
     model, tok, meta = load_quantized(src)
     scheme = parse(QuantScheme, meta["scheme"], "scheme")
-    reference = copy.deepcopy(model)  # write_packed consumes ``model``
+    fmt = export_format(cfg, scheme)
+    if fmt == "gguf":
+        check_model(model, scheme)
+    reference = copy.deepcopy(model)  # the writers may consume ``model``
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        ranks = write_adapter(model, tmp / "adapter", base_name_or_path="base")
-        quantized = write_packed(model, tok, scheme, tmp / "base")
-        del model
-        parity = check_parity(tmp, reference, tok, scheme, cfg.export.parity_atol)
-        size = sizes(tmp, reference)
-        del reference
-        evaluation = evaluate(cfg, tmp, progress) if cfg.export.evaluate else None
+        written = (write_gguf if fmt == "gguf" else write_compressed_tensors)(cfg, tmp, model, reference, tok, scheme, meta, progress)
+        del model, reference
         training = training_record(cfg)
         record = {
-            "format": {"base": f"compressed-tensors {FORMAT}", "adapter": "peft lora" if ranks else None},
-            "scheme": meta["scheme"], "scheme_label": scheme.label, "method": meta["method"],
-            "rank": meta["rank"], "ranks": ranks or {}, "factor_bits": meta.get("factor_bits"), "smoothing": meta.get("smoothing"),
-            "source_model": meta["source_model"], "quantized_modules": quantized, "calibration": meta["calibration"],
-            "training": training,
+            **written, "scheme": meta["scheme"], "scheme_label": scheme.label, "method": meta["method"],
+            "rank": meta["rank"], "factor_bits": meta.get("factor_bits"), "smoothing": meta.get("smoothing"),
+            "source_model": meta["source_model"], "calibration": meta["calibration"], "training": training,
             "seeds": {"training": (training or {}).get("seed"), "randomized_svd": 0 if meta.get("randomized_svd") else None},
-            "postpass_seconds": meta.get("seconds"), "parity": {k: asdict(v) for k, v in parity.items()}, "sizes": size, "evaluation": evaluation,
+            "postpass_seconds": meta.get("seconds"),
         }
         (tmp / "README.md").write_text(model_card(record))
         written = manifest.write(tmp, record)
@@ -292,4 +325,3 @@ def export(cfg: Config, *, overwrite: bool, progress: bool = True) -> tuple[Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out, written
-

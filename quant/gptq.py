@@ -103,4 +103,4 @@ def gptq(w: torch.Tensor, stats: LayerStats, spec: WeightQuant, settings: GPTQSe
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return pack(codes[:, inv], scale_g, zero_g, Q[:, inv], w)
+    return pack(codes[:, inv], scale_g, zero_g, Q[:, inv], w, spec)

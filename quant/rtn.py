@@ -11,8 +11,13 @@ Pure functions on tensors, no model access. Weights are ``[out, in]``; a group o
   are b-bit two's complement fixed point with ``b-2`` fractional bits, so
   ``w ≈ X · code / 2^(b-2)``, codes in ``[-2^(b-1), 2^(b-1) - 1]``.
 
+- gguf (llama.cpp's Q4_0 … Q8_0, MXFP4 on blocks of 32): the rules live in ``ggufgrid``; a
+  ``QuantizedWeight`` holds the fp16 grid the file stores, and for ``Q4_1``/``Q5_1`` its ``zero`` is the
+  float block minimum added after scaling (``value = scale·code + zero``), not an integer zero point.
+
 ``quant_step`` gives Δ, the distance between neighbouring grid points for each weight (NPFT draws
-noise of that size); the RTN error of every weight is at most Δ/2.
+noise of that size); the RTN error of every weight is at most Δ/2 (GGUF's ``_0`` types clip the top
+code, llama.cpp's choice: a weight of the opposite sign to the block's extreme can err by up to Δ).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ggufgrid
 from .scheme import ActGranularity, ActQuant, Granularity, WeightFormat, WeightQuant
 
 
@@ -31,7 +37,7 @@ class QuantizedWeight:
     scale: torch.Tensor
     """``[out, n_groups]`` float: Δ of each row/group (per-tensor and per-channel are 1 or few groups)."""
     zero: torch.Tensor | None
-    """``[out, n_groups]`` integer zero points (asymmetric only)."""
+    """``[out, n_groups]`` integer zero points (int asymmetric), or GGUF ``_1`` types' float block minimum."""
     dequant: torch.Tensor
     """``[out, in]`` the float weight the codes represent."""
 
@@ -51,6 +57,8 @@ def _groups(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
 def grid_params(g: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point) of each group of ``g`` (``[..., group]``), shaped ``[..., 1]``: the grid RTN rounds to."""
     b = spec.bits
+    if spec.gguf_type is not None:
+        return ggufgrid.grid(g, spec.gguf_type)
     if spec.format is WeightFormat.MXINT:
         amax = g.abs().amax(-1, keepdim=True)
         exp = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
@@ -67,6 +75,8 @@ def grid_params(g: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch
 def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, dequantized)`` of ``x`` on a given grid (broadcasting ``scale``/``zero``): RTN's rounding rule, shared with GPTQ."""
     b = spec.bits
+    if spec.gguf_type is not None:
+        return ggufgrid.round_block(x, scale, zero, spec.gguf_type)
     if spec.format is WeightFormat.MXINT:
         codes = torch.clamp(torch.round(x / scale), -(2 ** (b - 1)), 2 ** (b - 1) - 1)
         return codes, codes * scale
@@ -78,15 +88,18 @@ def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return codes, (codes - zero) * scale
 
 
-def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, deq: torch.Tensor, like: torch.Tensor) -> QuantizedWeight:
-    """Grouped ``[rows, n_groups, group]`` results → a ``QuantizedWeight`` in ``like``'s shape and dtype."""
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, deq: torch.Tensor, like: torch.Tensor,
+         spec: WeightQuant) -> QuantizedWeight:
+    """Grouped ``[rows, n_groups, group]`` results on the rounding grid → a ``QuantizedWeight`` (stored grid) in ``like``'s shape and dtype."""
+    if spec.gguf_type is not None:
+        scale, zero = ggufgrid.stored(scale, zero, spec.gguf_type)
     shape = like.shape
     rows = shape[0] if scale.shape[0] == shape[0] else 1
     flat = lambda t: t.reshape(rows, -1)  # noqa: E731  [rows, n_groups]
     return QuantizedWeight(
         codes=codes.reshape(shape).to(torch.int16),
         scale=flat(scale).to(like.dtype),
-        zero=None if zero is None else flat(zero).to(torch.int16),
+        zero=None if zero is None else flat(zero).to(like.dtype if spec.gguf_type is not None else torch.int16),
         dequant=deq.reshape(shape).to(like.dtype),
     )
 
@@ -97,7 +110,7 @@ def quantize_weight(w: torch.Tensor, spec: WeightQuant) -> QuantizedWeight:
     g = _groups(work, spec)
     scale, zero = grid_params(g, spec)
     codes, deq = round_to_grid(g, scale, zero, spec)
-    return pack(codes, scale, zero, deq, w)
+    return pack(codes, scale, zero, deq, w, spec)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: WeightQuant) -> torch.Tensor:
@@ -105,6 +118,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     out, inp = codes.shape
     n_groups = scale.shape[1]
     g = codes.to(scale.dtype).reshape(scale.shape[0], n_groups, -1)
+    if spec.gguf_type is not None:
+        return ggufgrid.dequantize(g, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)).reshape(out, inp)
     z = 0 if zero is None else zero.to(scale.dtype).unsqueeze(-1)
     return ((g - z) * scale.unsqueeze(-1)).reshape(out, inp)
 
@@ -113,7 +128,10 @@ def quant_step(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     """Δ for every weight, ``[out, in]``: the RTN grid spacing in that weight's row/group."""
     q = quantize_weight(w, spec)
     g = _groups(w, spec)
-    return q.scale.reshape(g.shape[0], g.shape[1], 1).expand_as(g).reshape(w.shape)
+    scale = q.scale.reshape(g.shape[0], g.shape[1], 1)
+    if spec.gguf_type is not None:
+        return ggufgrid.step(g, scale, spec.gguf_type).reshape(w.shape).to(w.dtype)
+    return scale.expand_as(g).reshape(w.shape)
 
 
 def fake_quant_activation(x: torch.Tensor, spec: ActQuant) -> torch.Tensor:

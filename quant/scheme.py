@@ -21,6 +21,36 @@ class WeightFormat(str, enum.Enum):
     """Integer codes with a float scale (and zero point when asymmetric) per tensor/channel/group."""
     MXINT = "mxint"
     """OCP microscaling: ``group_size`` values share one power-of-two exponent (always symmetric)."""
+    GGUF = "gguf"
+    """llama.cpp's round-to-nearest block formats (``gguf_type``), bit-exact with the ``gguf`` package."""
+
+
+class GGUFType(str, enum.Enum):
+    """The GGUF block types qaft trains for, quantizes and exports: blocks of 32 input channels."""
+
+    Q4_0 = "Q4_0"
+    """4-bit codes, fp16 scale, no offset: the block's largest-magnitude weight is code −8."""
+    Q4_1 = "Q4_1"
+    """4-bit codes, fp16 scale and fp16 block minimum."""
+    Q5_0 = "Q5_0"
+    Q5_1 = "Q5_1"
+    Q8_0 = "Q8_0"
+    """8-bit codes ±127, fp16 scale."""
+    MXFP4 = "MXFP4"
+    """OCP MXFP4: FP4 E2M1 elements, one shared power-of-two (E8M0) scale."""
+
+    @property
+    def bits(self) -> int:
+        return {"Q4": 4, "Q5": 5, "Q8": 8, "MX": 4}[self.value[:2]]
+
+    @property
+    def symmetric(self) -> bool:
+        """No offset: ``_1`` types store a block minimum."""
+        return not self.value.endswith("_1")
+
+
+GGUF_BLOCK = 32
+"""Every GGUF type above quantizes blocks of 32 consecutive input channels."""
 
 
 class Granularity(str, enum.Enum):
@@ -42,22 +72,40 @@ class WeightQuant:
     bits: Annotated[int, Ge(2), Le(8)] = 4
     """Bits per weight code."""
     format: WeightFormat = WeightFormat.INT
-    """``int`` or ``mxint`` (block floating point with a shared exponent)."""
+    """``int``, ``mxint`` (block floating point with a shared exponent) or ``gguf`` (llama.cpp's block types)."""
     symmetric: bool = True
     """Symmetric (no zero point) or asymmetric min–max."""
     granularity: Granularity = Granularity.CHANNEL
     """Scope of one scale: ``tensor``, ``channel`` or ``group``."""
     group_size: Annotated[int, Gt(0)] = 64
     """Input channels per group (``granularity: group``) or per MX block (``format: mxint``)."""
+    gguf_type: GGUFType | None = None
+    """With ``format: gguf``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or MXFP4 (it fixes bits, offset and block 32)."""
 
     def __post_init__(self) -> None:
+        if (self.format is WeightFormat.GGUF) != (self.gguf_type is not None):
+            raise ValueError("gguf_type: set it (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4) exactly when format is 'gguf'")
+        if self.gguf_type is not None:
+            self._fix_to_gguf(self.gguf_type)
         if self.format is WeightFormat.MXINT and not self.symmetric:
             raise ValueError("symmetric: got False, expected True for format 'mxint' (blocks share one exponent, no zero point)")
         if self.format is WeightFormat.MXINT and self.granularity is not Granularity.GROUP:
             raise ValueError("granularity: format 'mxint' works on blocks of input channels; set granularity: group and group_size: 16 or 32")
 
+    def _fix_to_gguf(self, t: GGUFType) -> None:
+        """Set bits/symmetric/granularity/group_size from the GGUF type; a value that is neither the
+        default nor the type's own is an error rather than silently replaced."""
+        implied = {"bits": t.bits, "symmetric": t.symmetric, "granularity": Granularity.GROUP, "group_size": GGUF_BLOCK}
+        for name, value in implied.items():
+            got, default = getattr(self, name), WeightQuant.__dataclass_fields__[name].default
+            if got != value and got != default:
+                raise ValueError(f"{name}: got {got!r}, but gguf_type {t.value} implies {value!r}; drop {name}")
+            object.__setattr__(self, name, value)
+
     @property
     def label(self) -> str:
+        if self.gguf_type is not None:
+            return f"GGUF {self.gguf_type.value}"
         if self.format is WeightFormat.MXINT:
             return f"MXINT{self.bits} b{self.group_size}"
         scope = {Granularity.TENSOR: "per-tensor", Granularity.CHANNEL: "per-channel", Granularity.GROUP: f"g{self.group_size}"}

@@ -34,7 +34,7 @@ def only_status(findings, check) -> Status:
 def test_a_sound_config_passes_and_names_what_it_checked(smoke_file, capsys):
     assert main(["doctor", str(smoke_file)]) == 0
     out = capsys.readouterr().out
-    for check in ("torch", "peft", "config", "model", "lora targets", "lora rank", "quant scheme", "tied embeddings", "disk space", "output dir", "launch"):
+    for check in ("torch", "peft", "config", "model", "lora targets", "lora rank", "quant scheme", "tied embeddings", "export", "disk space", "output dir", "launch"):
         assert any(line.startswith(check) and " ok " in line for line in out.splitlines()), (check, out)
     assert "LlamaForCausalLM" in out and "W4 per-channel sym on 14 Linear layers in 2 blocks" in out
 
@@ -45,6 +45,9 @@ def test_a_sound_config_passes_and_names_what_it_checked(smoke_file, capsys):
     (["lora.target_modules=[q_proj, qproj]"], "lora targets", "['qproj'] match no Linear"),
     (["lora.r=65"], "lora rank", "lora.r: 65 exceeds min(out, in)"),
     (["quant.targets=[nothing_here]"], "quant targets", "select no decoder Linear"),
+    (["model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"], "export", "gguf is written for Llama-family models"),
+    (["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.activation.bits=8"], "export", "llama.cpp picks activation precision"),
+    (["export.format=gguf"], "export", "gguf files hold llama.cpp's block grids"),
 ])
 def test_model_layout_problems_block(smoke_file, overrides, check, needle):
     rows = diagnose(smoke_file, overrides, Launch("test"))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from qaft.quant.compare import quantize_and_save
-from qaft.quant.export import PROMPTS, _compare, activations_float, export, load_export
+from qaft.quant.export import PROMPTS, activations_float, compare_logits, export, load_export
 from qaft.quant.store import load_quantized
 from qaft.trainer.cli import main
 from qaft.trainer.errors import ExportError
@@ -42,11 +42,11 @@ def test_export_reloads_with_transformers_and_peft_to_the_same_logits(make_cfg, 
     ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
     theirs, _, manifest = load_export(out)
     prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
-    diff, top1 = _compare(ours, theirs, prompts)
+    diff, top1 = compare_logits(ours, theirs, prompts)
     assert diff < 1e-4 and top1 == 1.0
     # and the correction matters: without the adapter the logits differ
     with theirs.disable_adapter():
-        assert _compare(ours, theirs, prompts)[0] > 100 * max(diff, 1e-6)
+        assert compare_logits(ours, theirs, prompts)[0] > 100 * max(diff, 1e-6)
     assert set(manifest["ranks"]) == set(manifest["quantized_modules"])
     if "postpass.energy=0.5" in overrides:  # per-layer ranks went through rank_pattern / alpha_pattern
         assert len(set(manifest["ranks"].values())) > 1

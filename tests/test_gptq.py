@@ -10,9 +10,10 @@ import torch
 from qaft.quant.apply import quantize_model
 from qaft.quant.calibrate import LayerStats
 from qaft.quant.compare import METHODS, method_name
+from qaft.quant.ggufgrid import CODE_RANGE
 from qaft.quant.gptq import GPTQSettings, SingularHessian, gptq
 from qaft.quant.rtn import dequantize, quantize_weight
-from qaft.quant.scheme import Granularity, QuantScheme, WeightFormat, WeightQuant
+from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
 from qaft.trainer.config import ModelConfig
 from qaft.trainer.errors import ConfigError
 from qaft.trainer.model import load_model_and_tokenizer
@@ -22,6 +23,7 @@ SPECS = [
     WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16),
     WeightQuant(symmetric=False, granularity=Granularity.GROUP, group_size=16),
     WeightQuant(format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16),
+    *(WeightQuant(format=WeightFormat.GGUF, gguf_type=t) for t in (GGUFType.Q4_0, GGUFType.Q4_1, GGUFType.MXFP4)),
     WeightQuant(granularity=Granularity.TENSOR),
 ]
 IDS = [s.label for s in SPECS]
@@ -65,6 +67,8 @@ def test_codes_and_scales_have_rtns_layout_and_respect_group_boundaries(spec, ac
     assert q.codes.shape == r.codes.shape and q.scale.shape == r.scale.shape and (q.zero is None) == (r.zero is None)
     assert torch.equal(dequantize(q.codes, q.scale, q.zero, spec), q.dequant)  # each code uses its own group's scale
     lo, hi = {WeightFormat.MXINT: (-8, 7)}.get(spec.format, (-7, 7) if spec.symmetric else (0, 15))
+    if spec.gguf_type is not None:
+        lo, hi = CODE_RANGE[spec.gguf_type]
     if spec.bits == 3:
         lo, hi = -3, 3
     assert q.codes.min() >= lo and q.codes.max() <= hi

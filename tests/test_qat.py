@@ -11,7 +11,7 @@ from qaft.callbacks.qat import QAT, ste_activation
 from qaft.quant.apply import quantize_model
 from qaft.quant.loftq import loftq, loftq_base
 from qaft.quant.rtn import fake_quant_activation, quantize_weight
-from qaft.quant.scheme import ActQuant, Granularity, QuantScheme, WeightFormat, WeightQuant
+from qaft.quant.scheme import ActQuant, GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
 from qaft.trainer.config import CallbackSpec, ModelConfig
 from qaft.trainer.errors import ConfigError
 from qaft.trainer.loop import fit
@@ -25,6 +25,7 @@ SCHEMES = {
     "W3 g32 asym A8": ["quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=32",
                        "quant.weight.symmetric=false", "quant.activation.bits=8"],
     "MXINT4": ["quant.weight.format=mxint", "quant.weight.granularity=group", "quant.weight.group_size=16"],
+    "GGUF Q4_1": ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_1"],
 }
 
 
@@ -97,8 +98,9 @@ def test_ste_activation_is_identity_in_the_backward_even_for_clipped_tokens():
 
 
 @pytest.mark.parametrize("spec", [W4, WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16, symmetric=False),
-                                  WeightQuant(bits=4, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16)],
-                         ids=["W4", "W3g16asym", "MXINT4"])
+                                  WeightQuant(bits=4, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16),
+                                  WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q4_0)],
+                         ids=["W4", "W3g16asym", "MXINT4", "GGUF-Q4_0"])
 @pytest.mark.parametrize("scaling", [1.0, 2.0, 0.25])
 def test_loftq_residual_is_below_rtn_every_iteration(spec, scaling):
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 
 from qaft.quant.apply import quantize_model
 from qaft.quant.fakequant import QuantLinear
-from qaft.quant.scheme import Granularity, QuantScheme, WeightFormat, WeightQuant
+from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
 from qaft.quant.store import load_quantized, save_quantized
 from qaft.trainer.cli import main
 from qaft.trainer.config import ModelConfig
@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
     QuantScheme(),
     QuantScheme(weight=WeightQuant(bits=3, symmetric=False, granularity=Granularity.GROUP, group_size=16)),
     QuantScheme(weight=WeightQuant(bits=4, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16)),
-], ids=["w4-channel", "w3-g16-asym", "mxint4-b16"])
+    QuantScheme(weight=WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q4_1)),
+], ids=["w4-channel", "w3-g16-asym", "mxint4-b16", "gguf-q4_1"])
 def test_save_then_load_reproduces_the_logits_exactly(tmp_path, name, scheme):
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=name))

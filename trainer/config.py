@@ -209,8 +209,10 @@ class PostpassConfig:
 class ExportConfig:
     """Used by ``qaft export``."""
 
-    formats: tuple[Literal["compressed-tensors", "gguf"], ...] = ("compressed-tensors",)
-    """What to write: packed checkpoint + PEFT adapter, and/or GGUF for llama.cpp."""
+    format: Literal["auto", "compressed-tensors", "gguf"] = "auto"
+    """``compressed-tensors`` (packed checkpoint + PEFT adapter) or ``gguf`` (llama.cpp model + LoRA adapter files); ``auto`` = ``gguf`` for ``quant.weight.format: gguf`` schemes, else ``compressed-tensors``."""
+    gguf_float_type: Literal["F16", "F32"] = "F16"
+    """GGUF only: how 2-D tensors that stay float (embeddings, untied ``output``, ignored Linears) are stored; norms are always F32."""
     dir: str | None = None
     """Where ``qaft export`` writes; null = ``<training.output_dir>/export``. Reads the post-pass result from ``postpass.output_dir``."""
     parity_atol: Annotated[float, Gt(0.0)] = 1e-3

@@ -7,7 +7,8 @@ device or written: the model is built on the ``meta`` device from its config (a 
 
 Checks: library versions; the config (every problem at once, incompatible callbacks included);
 the model's structure; LoRA targets exist and the rank fits; the quant scheme selects layers whose
-widths the group size divides and the post-pass rank fits; tied embeddings; the launch (from
+widths the group size divides and the post-pass rank fits; tied embeddings; the export format can
+hold the scheme and the model (GGUF: Llama family, weight-only); the launch (from
 ``--launch`` or the ``accelerate launch`` environment; see ``parallel``) against the callbacks that
 need whole weights or a gradient step of their own; disk space for the outputs; the output folder; overlap of
 the evaluation text with the calibration and training text.
@@ -102,7 +103,7 @@ def model_checks(cfg: Config) -> list[Finding]:
     n = sum(p.numel() for p in model.parameters())
     rows = [Finding("model", Status.OK, f"{type(model).__name__}, {n / 1e6:.1f}M parameters ({cfg.model.dtype})")]
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for check in (lora_targets, quant_targets, tied_embeddings):
+    for check in (lora_targets, quant_targets, tied_embeddings, export_target):
         rows += check(cfg, model, linears)
     rows += disk_space(cfg, n)
     return rows
@@ -167,6 +168,22 @@ def tied_embeddings(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Fi
         return [Finding("tied embeddings", Status.FAIL, f"lora.target_modules includes {head_name}, which shares its weight with the input embedding: "
                         "merging would change the embedding too; drop it from lora.target_modules")]
     return [Finding("tied embeddings", Status.OK, f"{head_name} is tied to the input embedding: neither is LoRA-trained or quantized; exports keep them tied")]
+
+
+def export_target(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
+    """The export format can hold the scheme and this model (otherwise `qaft run` fails at its last stage)."""
+    from qaft.quant.export import export_format
+    from qaft.quant.gguffile import check_config
+
+    try:
+        fmt = export_format(cfg, cfg.quant)
+        if fmt == "gguf":
+            if not model.config.architectures:
+                model.config.architectures = [type(model).__name__]
+            check_config(model.config, cfg.quant)
+    except QaftError as e:
+        return [Finding("export", Status.FAIL, str(e))]
+    return [Finding("export", Status.OK, f"{fmt}: {'llama.cpp model + LoRA adapter files' if fmt == 'gguf' else 'packed checkpoint + PEFT adapter'}")]
 
 
 def disk_space(cfg: Config, params: int) -> list[Finding]:

@@ -87,6 +87,13 @@ MATRIX: list[Case] = [
     Case("resume from a missing folder", ("train", "CFG", "training.resume_from_checkpoint=TMP/nope"), r"training\.resume_from_checkpoint: '.*nope' is not a folder"),
     # later stages
     Case("export before quantize", ("export", "CFG", "postpass.output_dir=TMP/none", "export.dir=TMP/ex"), r".*(quantize|post-pass)"),
+    # GGUF (#12)
+    Case("GGUF type the gguf package cannot quantize", ("quantize", "CFG", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_K",
+                                                        "postpass.output_dir=TMP/pp"), r"quant\.weight\.gguf_type: got 'Q4_K', expected .*Q4_0.*MXFP4"),
+    Case("GGUF export of an int scheme", ("quantize", "CFG", "export.format=gguf", "postpass.output_dir=TMP/pp", "export.dir=TMP/ex", "--export"),
+         r"export\.format: gguf files hold llama\.cpp's block grids, and this result is W4 per-channel sym; quantize with quant\.weight\.format=gguf"),
+    Case("GGUF bits that contradict the type", ("quantize", "CFG", "quant.weight.format=gguf", "quant.weight.gguf_type=Q8_0", "quant.weight.bits=3",
+                                                "postpass.output_dir=TMP/pp"), r"quant\.weight\.bits: got 3, but gguf_type Q8_0 implies 8; drop bits"),
 ]
 
 

@@ -1,0 +1,83 @@
+"""GGUF Q4_0 benchmark on SmolLM2-135M: original vs LoRA vs NPFT trained for the Q4_0 grid, each exported
+to llama.cpp files and reloaded through transformers' GGUF loader.
+
+Per model: ``qaft quantize`` (RTN on the Q4_0 grid, L2QER rank 32 on its error) → ``qaft export``
+(``model-Q4_0.gguf`` + ``adapter-lowrank.gguf``) → perplexity of the reloaded files (the model alone,
+and with the adapter's factors read back from the GGUF), beside the same scheme evaluated in memory
+by qaft (``rtn`` and ``l2qer`` rows: what ``qaft eval`` reports), and file sizes. Training: both
+runs from ``configs/smollm2-lora.yaml`` with the same data, steps and seed; NPFT with
+``noise: quant_step`` under ``quant: {weight: {format: gguf, gguf_type: Q4_0}}``, so its noise is
+the Q4_0 rounding error. Protocol of ``configs/smollm2-postpass.yaml`` (WikiText-2 test 8 × 512,
+calibration 16 × 512 of WikiText-2 valid). Writes ``benchmarks/results/gguf_export.json``.
+
+    .venv/bin/python benchmarks/gguf_export.py --steps 60 --train-set training.per_device_train_batch_size=2
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+from pathlib import Path
+
+from qaft.quant.compare import calibration_ids, quantize_and_save
+from qaft.quant.evaluate import token_stream
+from qaft.quant.export import export
+from qaft.trainer.config import ModelConfig, load_config
+from qaft.trainer.loop import fit
+from qaft.trainer.model import load_model_and_tokenizer
+
+from common import add_run_arguments, quantized_ppl
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "configs" / "smollm2-lora.yaml"
+EVAL = ROOT / "configs" / "smollm2-postpass.yaml"
+Q4_0 = ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"]
+RUNS = {"lora": [], "npft": [{"name": "npft", "noise": "quant_step", "hessian_probes": 0}]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    add_run_arguments(ap, ROOT, "gguf_export")
+    args = ap.parse_args()
+    work = Path(args.work)
+    models = {"original": "smollm2-135m"}
+    for name in args.runs:
+        cfg = load_config(TRAIN, [f"training.max_steps={args.steps}", "training.save_steps=0", "training.report_to=[]", *Q4_0, *args.set,
+                                  *args.train_set, "callbacks=" + json.dumps(RUNS[name]), f"training.output_dir={work / name}"])
+        models[name] = str(fit(cfg, overwrite=True))
+    report = {"steps": args.steps, "results": {}}
+    for name, source in models.items():
+        cfg = load_config(EVAL, [f"model.name_or_path={source}", *Q4_0, "postpass.reconstructor=l2qer", "postpass.rank=32",
+                                 f"training.output_dir={work / ('post-' + name)}", *args.set])
+        quantize_and_save(cfg, overwrite=True, progress=False)
+        out, m = export(cfg, overwrite=True, progress=False)
+        model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=source))
+        ids, calib = token_stream(cfg.eval.path, tok), calibration_ids(cfg, tok)
+        in_memory = {"rtn": quantized_ppl(model, calib, ids, EVAL, "rtn", [*Q4_0, *args.set]),
+                     "l2qer": quantized_ppl(model, calib, ids, EVAL, "l2qer", [*Q4_0, "postpass.rank=32", *args.set])}
+        ppl = m["evaluation"]["ppl"]
+        r = {"ppl_reloaded_gguf": ppl, "ppl_in_memory": in_memory,
+             "gguf_vs_in_memory": {"rtn": ppl["base"] / in_memory["rtn"] - 1, "l2qer": ppl["base+adapter"] / in_memory["l2qer"] - 1},
+             "sizes": m["sizes"], "parity": m["parity"], "export": str(out)}
+        report["results"][name] = r
+        print(name, json.dumps({k: r[k] for k in ("ppl_reloaded_gguf", "ppl_in_memory", "gguf_vs_in_memory")}), flush=True)
+        report["protocol"] = (f"train {TRAIN.name} {args.steps} steps seed 0 | Q4_0 RTN + L2QER r32, calibration {cfg.postpass.calibration_samples} x "
+                              f"{cfg.postpass.calibration_seq_len} | ppl: WikiText-2 test {cfg.eval.windows} x {cfg.eval.seq_len}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(report["protocol"])
+    print(f"{'model':<10}{'float':>8}{'Q4_0 gguf':>11}{'in mem':>8}{'+L2QER gguf':>13}{'in mem':>8}{'model MiB':>11}{'adapter MiB':>13}")
+    for name, r in report["results"].items():
+        p, q, s = r["ppl_reloaded_gguf"], r["ppl_in_memory"], r["sizes"]
+        print(f"{name:<10}{p['float']:>8.2f}{p['base']:>11.2f}{q['rtn']:>8.2f}{p['base+adapter']:>13.2f}{q['l2qer']:>8.2f}"
+              f"{s['base_bytes'] / 2**20:>11.1f}{s['adapter_bytes'] / 2**20:>13.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""GGUF files for llama.cpp users: the quantized model and the low-rank factors as a LoRA adapter.
+
+    model-<TYPE>.gguf       llama-architecture model; quantized Linears in the scheme's GGUF type
+    adapter-lowrank.gguf    ``general.type = adapter``, ``adapter.type = lora``; apply with
+                            ``llama-cli -m model-Q4_0.gguf --lora adapter-lowrank.gguf``
+
+Choices (llama.cpp's converter, ``convert_hf_to_gguf.py`` with its default ``--outtype f16``, is the
+model): tensor names from ``gguf.TensorNameMap``; q/k rows permuted to llama.cpp's rotary layout
+(``permute``); 1-D tensors (norms, biases) F32; 2-D float tensors (embeddings, an untied
+``output.weight``, Linears the scheme ignores) in ``export.gguf_float_type`` (F16 by default).
+Block packing is the ``gguf`` package's (``gguf.quants.quantize``), never ours: our Linear holds
+values on the type's grid, and ``quantize`` of a grid value reproduces it exactly for RTN results
+(``quantized`` checks every tensor and names the layer when a block would be re-rounded, as GPTQ's
+blocks can be when their extreme did not get the extreme code).
+
+The tokenizer is copied field by field from the source GGUF when the model came from one, and
+built from a byte-level BPE Hugging Face tokenizer otherwise (``tokenizer.ggml.model = gpt2``).
+
+LoRA adapter: ``<tensor>.lora_a`` ``[rank, in]`` and ``<tensor>.lora_b`` ``[out, rank]`` (q/k rows
+permuted like their weight), ``adapter.lora.alpha = rank`` so llama.cpp's ``alpha / rank`` scale is 1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qaft.trainer.errors import ExportError
+
+from .fakequant import QuantLinear
+from .scheme import GGUFType, QuantScheme
+
+MODEL_TYPES = ("llama", "mistral")
+"""Hugging Face ``model_type``s written as llama.cpp's ``llama`` architecture (as its converter does)."""
+
+FILE_TYPES = {GGUFType.Q4_0: "MOSTLY_Q4_0", GGUFType.Q4_1: "MOSTLY_Q4_1", GGUFType.Q5_0: "MOSTLY_Q5_0",
+              GGUFType.Q5_1: "MOSTLY_Q5_1", GGUFType.Q8_0: "MOSTLY_Q8_0", GGUFType.MXFP4: "MOSTLY_MXFP4_MOE"}
+"""``general.file_type`` of each type (llama.cpp names its only MXFP4 file type ``_MOE``)."""
+
+ADAPTER_FILE = "adapter-lowrank.gguf"
+
+
+def model_file(t: GGUFType) -> str:
+    return f"model-{t.value}.gguf"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the name map and the q/k permutation need to know of the model."""
+
+    n_blocks: int
+    n_head: int
+    n_head_kv: int
+
+    @classmethod
+    def of(cls, config: Any) -> Layout:
+        return cls(config.num_hidden_layers, config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+    def _heads(self, name: str) -> int | None:
+        return self.n_head if ".attn_q." in name else self.n_head_kv if ".attn_k." in name else None
+
+    def permute(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """llama.cpp's rotary row order for ``attn_q`` / ``attn_k`` rows (HF interleaves halves differently)."""
+        h = self._heads(name)
+        return rows if h is None else rows.reshape(h, 2, rows.shape[0] // h // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+    def unpermute(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        h = self._heads(name)
+        return rows if h is None else rows.reshape(h, rows.shape[0] // h // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def check_config(config: Any, scheme: QuantScheme) -> None:
+    """What the model's config and the scheme must be for GGUF files (``qaft doctor`` runs this too)."""
+    if config.model_type not in MODEL_TYPES:
+        raise ExportError(f"export.format: gguf is written for Llama-family models ({', '.join(MODEL_TYPES)}); this model is {config.model_type!r} "
+                          f"({(config.architectures or ['?'])[0]}); quantize it with an int scheme and export.format=compressed-tensors")
+    rope = getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ExportError(f"export.format: gguf: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not written by qaft yet; "
+                          "quantize with an int scheme and export.format=compressed-tensors")
+    if scheme.activation.bits is not None:
+        raise ExportError(f"quant.activation.bits: {scheme.activation.bits}, but llama.cpp picks activation precision itself; "
+                          "export a weight-only scheme (quant.activation.bits=null) to GGUF")
+
+
+def check_model(model: torch.nn.Module, scheme: QuantScheme) -> None:
+    """Refuse, before writing anything, what the GGUF files cannot carry."""
+    if not model.config.architectures:
+        model.config.architectures = [type(model).__name__]
+    check_config(model.config, scheme)
+    scaled = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None]
+    if scaled:
+        raise ExportError(f"{scaled[0]} (and {len(scaled) - 1} more) has an explicit input scale (ASER smoothing with no norm to fold into), "
+                          "which GGUF cannot hold; use postpass.smoothing.fold_only=true")
+
+
+def _name_map(model: torch.nn.Module):
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, Layout.of(model.config).n_blocks)
+
+
+def gguf_name(tmap: Any, hf_name: str) -> str:
+    name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise ExportError(f"{hf_name}: no llama.cpp tensor name for it (gguf.TensorNameMap, arch llama); this model's layout is not Llama's")
+    return name
+
+
+def quantized(name: str, values: torch.Tensor, t: GGUFType) -> np.ndarray:
+    """Packed blocks of ``values`` (already on the grid) by ``gguf.quants``, checked to decode to them exactly."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[t.value]
+    array = values.detach().to(torch.float32).contiguous().numpy()
+    packed = gguf.quants.quantize(array, qtype)
+    back = gguf.quants.dequantize(packed, qtype)
+    changed = int((back != array).sum())
+    if changed:
+        raise ExportError(f"{name}: gguf would re-round {changed} of {array.size} weights (a block whose largest weight does not sit on the "
+                          f"type's extreme code, which GPTQ can produce); llama.cpp files only hold round-to-nearest blocks: "
+                          "use postpass.quantizer=rtn for a GGUF export")
+    return packed
+
+
+def _float(t: torch.Tensor, float_type: str) -> np.ndarray:
+    array = t.detach().to(torch.float32).contiguous().numpy()
+    return array if t.dim() == 1 or float_type == "F32" else array.astype(np.float16)
+
+
+def _metadata(writer: Any, config: Any, name: str) -> None:
+    layout = Layout.of(config)
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(layout.n_blocks)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(layout.n_head)
+    writer.add_head_count_kv(layout.n_head_kv)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // layout.n_head)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _copy_tokenizer(writer: Any, source: Path) -> None:
+    """Every ``tokenizer.*`` field of the source GGUF, with its stored types."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype is gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def _build_tokenizer(writer: Any, tok: Any) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` model: tokens by id, control tokens, merges, special ids."""
+    backend = json.loads(tok.backend_tokenizer.to_str())
+    model, pre = backend.get("model", {}), json.dumps(backend.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise ExportError(f"tokenizer: {type(tok).__name__} is not a byte-level BPE tokenizer, and the model did not come from a GGUF to copy one from; "
+                          "GGUF export needs one of the two")
+    n = len(tok)
+    special = set(tok.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tok.convert_ids_to_tokens(list(range(n))))
+    writer.add_token_types([3 if i in special else 1 for i in range(n)])  # 3 CONTROL, 1 NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if merges:
+        writer.add_token_merges(merges)
+    else:  # a bare byte vocabulary (the tiny test models): GGUF has no empty arrays; transformers then derives (no) merges from scores
+        writer.add_token_scores([0.0] * n)
+    for key, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
+        if tid is not None:
+            getattr(writer, f"add_{key}_token_id")(tid)
+
+
+def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Path, *, source_gguf: Path | None,
+                float_type: str, name: str) -> dict[str, str]:
+    """The model GGUF; returns ``{gguf tensor name: ggml type}``."""
+    import gguf
+
+    t = scheme.weight.gguf_type
+    tmap, layout, config = _name_map(model), Layout.of(model.config), model.config
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.MODEL)
+    _metadata(writer, config, name)
+    writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[t]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _copy_tokenizer(writer, source_gguf) if source_gguf is not None else _build_tokenizer(writer, tok)
+
+    qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    types: dict[str, str] = {}
+    for hf_name, tensor in model.state_dict().items():
+        owner, _, leaf = hf_name.rpartition(".")
+        if owner in qlinears and leaf != "bias":
+            continue  # codes, scales and factors: the weight is written from the module below
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        g = gguf_name(tmap, hf_name)
+        array = _float(layout.permute(g, tensor), float_type)
+        writer.add_tensor(g, array)
+        types[g] = "F32" if array.dtype == np.float32 else "F16"
+    for hf_name, m in qlinears.items():
+        g = gguf_name(tmap, f"{hf_name}.weight")
+        writer.add_tensor(g, quantized(hf_name, layout.permute(g, m.weight), t), raw_dtype=gguf.GGMLQuantizationType[t.value])
+        types[g] = t.value
+    _write(writer)
+    return types
+
+
+def write_adapter(model: torch.nn.Module, path: Path) -> dict[str, int]:
+    """The LoRA adapter GGUF of every quantized Linear with factors; returns ``{gguf tensor name: rank}`` (empty: no file)."""
+    import gguf
+
+    tmap, layout = _name_map(model), Layout.of(model.config)
+    factors = {gguf_name(tmap, f"{n}.weight"): (m.lora_A, m.lora_B) for n, m in model.named_modules()
+               if isinstance(m, QuantLinear) and m.lora_A is not None}
+    if not factors:
+        return {}
+    alpha = max(a.shape[0] for a, _ in factors.values())
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for g, (a, b) in factors.items():
+        rank = a.shape[0]
+        b = layout.permute(g, b) * (rank / alpha)  # llama.cpp scales by alpha / rank: fold it back where a layer's rank is lower
+        writer.add_tensor(f"{g}.lora_a", a.detach().float().contiguous().numpy())
+        writer.add_tensor(f"{g}.lora_b", b.detach().float().contiguous().numpy())
+    _write(writer)
+    return {g: a.shape[0] for g, (a, _) in factors.items()}
+
+
+def _write(writer: Any) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def read_adapter(path: Path, model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{hf module name: (lora_A [k, in], lora_B [out, k] at scale 1)}`` back from an adapter GGUF (q/k rows un-permuted)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
+    tensors = {r.name: torch.from_numpy(np.array(r.data, dtype=np.float32)) for r in reader.tensors}
+    tmap, layout = _name_map(model), Layout.of(model.config)
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, (torch.nn.Linear, QuantLinear)):  # a reloaded float model, or qaft's quantized one
+            continue
+        g = tmap.get_name(f"{name}.weight", try_suffixes=(".weight",))
+        if g is None or f"{g}.lora_a" not in tensors:
+            continue
+        a, b = tensors[f"{g}.lora_a"], tensors[f"{g}.lora_b"]
+        out[name] = (a, layout.unpermute(g, b) * (alpha / a.shape[0]))
+    return out

