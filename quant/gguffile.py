@@ -74,11 +74,11 @@ class Layout:
         return rows if h is None else rows.reshape(h, rows.shape[0] // h // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def check_config(config: Any, scheme: QuantScheme) -> None:
+def check_config(config: Any, scheme: QuantScheme, model_class: str) -> None:
     """What the model's config and the scheme must be for GGUF files (``qaft doctor`` runs this too)."""
     if config.model_type not in MODEL_TYPES:
         raise ExportError(f"export.format: gguf is written for Llama-family models ({', '.join(MODEL_TYPES)}); this model is {config.model_type!r} "
-                          f"({(config.architectures or ['?'])[0]}); quantize it with an int scheme and export.format=compressed-tensors")
+                          f"({model_class}); quantize it with an int scheme and export.format=compressed-tensors")
     rope = getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ExportError(f"export.format: gguf: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not written by qaft yet; "
@@ -90,9 +90,7 @@ def check_config(config: Any, scheme: QuantScheme) -> None:
 
 def check_model(model: torch.nn.Module, scheme: QuantScheme) -> None:
     """Refuse, before writing anything, what the GGUF files cannot carry."""
-    if not model.config.architectures:
-        model.config.architectures = [type(model).__name__]
-    check_config(model.config, scheme)
+    check_config(model.config, scheme, type(model).__name__)
     scaled = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None]
     if scaled:
         raise ExportError(f"{scaled[0]} (and {len(scaled) - 1} more) has an explicit input scale (ASER smoothing with no norm to fold into), "

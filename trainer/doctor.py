@@ -178,9 +178,7 @@ def export_target(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Find
     try:
         fmt = export_format(cfg, cfg.quant)
         if fmt == "gguf":
-            if not model.config.architectures:
-                model.config.architectures = [type(model).__name__]
-            check_config(model.config, cfg.quant)
+            check_config(model.config, cfg.quant, type(model).__name__)
     except QaftError as e:
         return [Finding("export", Status.FAIL, str(e))]
     return [Finding("export", Status.OK, f"{fmt}: {'llama.cpp model + LoRA adapter files' if fmt == 'gguf' else 'packed checkpoint + PEFT adapter'}")]
