@@ -218,12 +218,24 @@ def parameter_count(reference: torch.nn.Module) -> int:
     return params
 
 
-def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
-    """Bytes on disk, and effective bits per quantized weight (codes + scales [+ zeros], then + adapter)."""
-    from safetensors import safe_open
-
+def size_record(reference: torch.nn.Module, *, packed_bytes: int, base_bytes: int, adapter_bytes: int, factor_bytes: int) -> dict[str, Any]:
+    """The manifest's ``sizes``, one shape for every format: bytes on disk, and effective bits per
+    quantized weight (``packed_bytes``: codes + scales [+ zeros]; then + ``factor_bytes`` of the adapter)."""
     params = parameter_count(reference)
     quantized = sum(m.weight.numel() for m in reference.modules() if isinstance(m, QuantLinear))
+    return {
+        "parameters": params, "quantized_weights": quantized,
+        "float32_bytes": 4 * params, "bfloat16_bytes": 2 * params,
+        "base_bytes": base_bytes, "adapter_bytes": adapter_bytes,
+        "bits_per_weight_base": 8 * packed_bytes / quantized,
+        "bits_per_weight_with_adapter": 8 * (packed_bytes + factor_bytes) / quantized,
+    }
+
+
+def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
+    """``size_record`` of ``base/`` + ``adapter/``: packed bytes read from the compressed-tensors tensors."""
+    from safetensors import safe_open
+
     packed_bytes = 0
     for f in (folder / "base").glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
@@ -233,14 +245,9 @@ def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
                     packed_bytes += t.numel() * t.element_size()
     on_disk = lambda sub: sum(p.stat().st_size for p in (folder / sub).rglob("*") if p.is_file())  # noqa: E731
     adapter_file = folder / "adapter" / WEIGHTS
-    adapter_bytes = adapter_file.stat().st_size if adapter_file.is_file() else 0
-    return {
-        "parameters": params, "quantized_weights": quantized,
-        "float32_bytes": 4 * params, "bfloat16_bytes": 2 * params,
-        "base_bytes": on_disk("base"), "adapter_bytes": on_disk("adapter") if (folder / "adapter").is_dir() else 0,
-        "bits_per_weight_base": 8 * packed_bytes / quantized,
-        "bits_per_weight_with_adapter": 8 * (packed_bytes + adapter_bytes) / quantized,
-    }
+    return size_record(reference, packed_bytes=packed_bytes, base_bytes=on_disk("base"),
+                       adapter_bytes=on_disk("adapter") if (folder / "adapter").is_dir() else 0,
+                       factor_bytes=adapter_file.stat().st_size if adapter_file.is_file() else 0)
 
 
 def training_record(cfg: Config) -> dict[str, Any] | None:

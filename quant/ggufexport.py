@@ -106,16 +106,17 @@ def factors_off(model: torch.nn.Module) -> Iterator[None]:
 
 
 def stored_floats(reference: torch.nn.Module, float_type: str) -> torch.nn.Module:
-    """A copy of ``reference`` whose float 2-D tensors are rounded as the file stores them."""
+    """``reference`` with its float 2-D tensors rounded as the file stores them (a copy; itself for F32)."""
+    if float_type == "F32":
+        return reference
     rounded = copy.deepcopy(reference)
-    if float_type == "F16":
-        with torch.no_grad():
-            for module in rounded.modules():
-                if isinstance(module, QuantLinear):
-                    continue
-                for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-                    if t.dim() >= 2 and t.is_floating_point():
-                        t.copy_(t.half().float())
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, QuantLinear):
+                continue
+            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                if t.dim() >= 2 and t.is_floating_point():
+                    t.copy_(t.half().float())
     return rounded
 
 
@@ -143,21 +144,17 @@ def check_parity(folder: Path, reference: torch.nn.Module, tok: Any, cfg: Config
 
 
 def sizes(folder: Path, reference: torch.nn.Module, t: GGUFType) -> dict[str, Any]:
+    """``size_record`` of the two files: packed bytes from the type's block size (``gguf.GGML_QUANT_SIZES``)."""
     import gguf
 
-    from .export import parameter_count
+    from .export import size_record
 
     block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.value]]
     quantized = sum(m.weight.numel() for m in reference.modules() if isinstance(m, QuantLinear))
-    params = parameter_count(reference)
     adapter = folder / ADAPTER_FILE
     adapter_bytes = adapter.stat().st_size if adapter.is_file() else 0
-    packed = quantized // block * type_size
-    return {
-        "parameters": params, "quantized_weights": quantized, "float32_bytes": 4 * params, "bfloat16_bytes": 2 * params,
-        "base_bytes": (folder / model_file(t)).stat().st_size, "adapter_bytes": adapter_bytes,
-        "bits_per_weight_base": 8 * packed / quantized, "bits_per_weight_with_adapter": 8 * (packed + adapter_bytes) / quantized,
-    }
+    return size_record(reference, packed_bytes=quantized // block * type_size, base_bytes=(folder / model_file(t)).stat().st_size,
+                       adapter_bytes=adapter_bytes, factor_bytes=adapter_bytes)
 
 
 def write_gguf(cfg: Config, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tok: Any, scheme: QuantScheme,
