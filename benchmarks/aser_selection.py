@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from qaft.quant.compare import calibration_ids, run_method
-from qaft.quant.evaluate import perplexity, token_stream
+from qaft.eval.compare import calibration_ids, run_method
+from qaft.eval.perplexity import perplexity, token_stream
 from qaft.trainer.config import load_config
-from qaft.trainer.model import load_model_and_tokenizer
+from qaft.core.model import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"

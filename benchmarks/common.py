@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from qaft.quant.compare import run_method
-from qaft.quant.evaluate import perplexity
+from qaft.eval.compare import run_method
+from qaft.eval.perplexity import perplexity
 from qaft.trainer.config import load_config
 
 

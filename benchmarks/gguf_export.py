@@ -23,12 +23,12 @@ import argparse
 import json
 from pathlib import Path
 
-from qaft.quant.compare import calibration_ids, quantize_and_save
-from qaft.quant.evaluate import token_stream
-from qaft.quant.export import export
+from qaft.eval.compare import calibration_ids, quantize_and_save
+from qaft.eval.perplexity import token_stream
+from qaft.export.exporter import export
 from qaft.trainer.config import ModelConfig, load_config
 from qaft.trainer.loop import fit
-from qaft.trainer.model import load_model_and_tokenizer
+from qaft.core.model import load_model_and_tokenizer
 
 from common import add_run_arguments, quantized_ppl
 

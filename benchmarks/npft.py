@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 from qaft.callbacks.npft import hessian_trace
-from qaft.quant.compare import calibration_ids
-from qaft.quant.evaluate import perplexity, token_stream
+from qaft.eval.compare import calibration_ids
+from qaft.eval.perplexity import perplexity, token_stream
 from qaft.trainer.config import ModelConfig, load_config
 from qaft.trainer.loop import fit
-from qaft.trainer.model import load_model_and_tokenizer
+from qaft.core.model import load_model_and_tokenizer
 
 from common import quantized_ppl, step_times, train_rows
 

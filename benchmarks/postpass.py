@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from qaft.quant.aser import cholesky_with_jitter
-from qaft.quant.apply import capture_inputs, decoder_layers, target_linears
+from qaft.quant.reconstructors.whiten import cholesky_with_jitter
+from qaft.quant.postpass import capture_inputs, decoder_layers, target_linears
 from qaft.quant.calibrate import collect
-from qaft.quant.compare import METHODS, calibration_ids, run_method
-from qaft.quant.evaluate import perplexity, token_stream
-from qaft.quant.l2qer import activation_scale
-from qaft.quant.rtn import quantize_weight
+from qaft.eval.compare import METHODS, calibration_ids, run_method
+from qaft.eval.perplexity import perplexity, token_stream
+from qaft.quant.reconstructors.l2qer import activation_scale
+from qaft.quant.grid import quantize_weight
 from qaft.trainer.config import load_config
-from qaft.trainer.model import load_model_and_tokenizer
+from qaft.core.model import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2-postpass.yaml"

@@ -23,11 +23,11 @@ import json
 import statistics
 from pathlib import Path
 
-from qaft.quant.compare import calibration_ids
-from qaft.quant.evaluate import perplexity, token_stream
+from qaft.eval.compare import calibration_ids
+from qaft.eval.perplexity import perplexity, token_stream
 from qaft.trainer.config import ModelConfig, load_config
 from qaft.trainer.loop import fit
-from qaft.trainer.model import load_model_and_tokenizer
+from qaft.core.model import load_model_and_tokenizer
 
 from common import add_run_arguments, quantized_ppl, train_rows
 

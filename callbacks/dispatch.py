@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from qaft.trainer.errors import CheckpointError
+from qaft.core.errors import CheckpointError
 
 from .base import Callback, Context
 

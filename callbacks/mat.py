@@ -44,8 +44,8 @@ from typing import Annotated, Any, Mapping
 
 import torch
 
-from qaft.trainer.errors import PreflightError
-from qaft.trainer.typed import Ge, Gt
+from qaft.core.errors import PreflightError
+from qaft.core.typed import Ge, Gt
 
 from .base import Callback, Context
 from .registry import register
@@ -119,7 +119,7 @@ def _lora(attn: torch.nn.Module, names: tuple[str, ...], factor: str) -> torch.n
 
 def head_modules(model: torch.nn.Module) -> list[HeadModule]:
     """The per-head modules of every decoder layer's attention (see the module docstring)."""
-    from qaft.quant.apply import decoder_layers
+    from qaft.quant.postpass import decoder_layers
 
     config = model.config
     heads = config.num_attention_heads

@@ -40,8 +40,8 @@ from typing import Annotated, Any, Iterable, Mapping
 
 import torch
 
-from qaft.trainer.errors import PreflightError
-from qaft.trainer.typed import Ge, Gt, Lt
+from qaft.core.errors import PreflightError
+from qaft.core.typed import Ge, Gt, Lt
 
 from .base import Callback, Context
 from .registry import register
@@ -318,7 +318,7 @@ class NPFT(Callback):
         self.round = r
 
     def _select(self, ctx: Context, r: int, scores: dict[str, torch.Tensor]) -> None:
-        from qaft.quant.rtn import quant_step
+        from qaft.quant.grid import quant_step
 
         o = self.options
         for name, m in self.modules.items():

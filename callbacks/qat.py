@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from qaft.quant.loftq import loftq, loftq_base
-from qaft.quant.rtn import fake_quant_activation, quantize_weight
+from qaft.quant.grid import fake_quant_activation, quantize_weight
 from qaft.quant.scheme import ActQuant, QuantScheme, WeightQuant
-from qaft.trainer.errors import PreflightError
-from qaft.trainer.typed import Ge
+from qaft.core.errors import PreflightError
+from qaft.core.typed import Ge
 
 from .base import Callback, Context
 from .registry import register
@@ -139,7 +139,7 @@ class QAT(Callback):
         """The Linears the post-pass would quantize (decoder blocks, ``quant.targets``/``ignore``), peft layer or plain."""
         from peft.tuners.lora import LoraLayer
 
-        from qaft.quant.apply import decoder_layers
+        from qaft.quant.postpass import decoder_layers
 
         model = ctx.accelerator.unwrap_model(ctx.model)
         prefix, layers = decoder_layers(model)

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from qaft.trainer.errors import ConfigError
-from qaft.trainer.typed import suggest
+from qaft.core.errors import ConfigError
+from qaft.core.typed import suggest
 
 from .base import Callback
 

@@ -18,7 +18,7 @@ from typing import Annotated
 
 import torch
 
-from qaft.trainer.typed import Ge
+from qaft.core.typed import Ge
 
 from .base import Callback, Context
 from .registry import register

@@ -33,8 +33,8 @@ from typing import Annotated, Any, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from qaft.trainer.errors import PreflightError
-from qaft.trainer.typed import Ge, Gt
+from qaft.core.errors import PreflightError
+from qaft.core.typed import Ge, Gt
 
 from .base import Callback, Context
 from .convlstm import ConvLSTMForecaster
@@ -129,7 +129,7 @@ class TemporalKD(Callback):
     # -- setup
 
     def on_train_begin(self, ctx: Context) -> None:
-        from qaft.quant.apply import decoder_layers
+        from qaft.quant.postpass import decoder_layers
 
         model = ctx.accelerator.unwrap_model(ctx.model)
         if not hasattr(model, "disable_adapter"):

@@ -2,7 +2,7 @@
 # launch/train.sh LAUNCH CONFIG [key=value ...] [--overwrite]
 #   LAUNCH: an accelerate config file, or one of this folder's names (single, ddp-cpu, ddp-gpu, zero2, zero3, fsdp)
 # Runs `qaft doctor` against that launch first (exit 2 on a blocking problem), then
-#   accelerate launch --config_file LAUNCH -m qaft.trainer.cli train CONFIG ...
+#   accelerate launch --config_file LAUNCH -m qaft.pipeline.cli train CONFIG ...
 # except for MULTI_CPU (ddp-cpu), which goes through torchrun (see below).
 # with OMP_WAIT_POLICY=PASSIVE and OMP_NUM_THREADS = cores / processes unless you set them.
 # PYTHON selects the interpreter (default: .venv/bin/python of this checkout, else python).
@@ -28,12 +28,12 @@ per=$(( cores / procs )); [ "$per" -ge 1 ] || per=1
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$per}"
 overrides=()
 for a in "$@"; do [ "$a" = "--overwrite" ] || overrides+=("$a"); done
-"$py" -m qaft.trainer.cli doctor "$config" "${overrides[@]}" --launch "$launch"
+"$py" -m qaft.pipeline.cli doctor "$config" "${overrides[@]}" --launch "$launch"
 kind="$("$py" -c 'import sys, yaml; print(str((yaml.safe_load(open(sys.argv[1])) or {}).get("distributed_type", "NO")).upper())' "$launch")"
 if [ "$kind" = "MULTI_CPU" ]; then
   # accelerate 1.x starts ONE process for MULTI_CPU unless given an mpirun hostfile; torchrun starts them all,
   # and accelerate inside each picks up the gloo process group from torchrun's environment.
   export ACCELERATE_USE_CPU=true  # without it accelerate ignores the process group on CPU and each rank trains alone
-  exec "$py" -m torch.distributed.run --standalone --nproc_per_node "$procs" -m qaft.trainer.cli train "$config" "$@"
+  exec "$py" -m torch.distributed.run --standalone --nproc_per_node "$procs" -m qaft.pipeline.cli train "$config" "$@"
 fi
-exec "$py" -m accelerate.commands.launch --config_file "$launch" -m qaft.trainer.cli train "$config" "$@"
+exec "$py" -m accelerate.commands.launch --config_file "$launch" -m qaft.pipeline.cli train "$config" "$@"

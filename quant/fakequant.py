@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .lowrank import Correction
-from .rtn import QuantizedWeight, fake_quant_activation
+from .grid import QuantizedWeight, fake_quant_activation
 from .scheme import ActQuant
 
 STORED = ("codes", "scale", "zero", "bias", "lora_A", "lora_B", "input_scale")

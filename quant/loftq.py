@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rtn import quantize_weight
+from .grid import quantize_weight
 from .scheme import WeightQuant
 
 

@@ -95,7 +95,7 @@ def quantize_factors(c: Correction, bits: int) -> Correction:
 
     The components are first balanced (``‖A[:, j]‖ = ‖B[j]‖``, the product unchanged): ``A = U Σ`` puts
     the whole σ range into A's rows, where one per-row scale would flatten the small components."""
-    from .rtn import quantize_weight
+    from .grid import quantize_weight
     from .scheme import Granularity, WeightQuant
 
     if c.rank == 0:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from qaft.trainer.typed import Ge, Gt, Le
+from qaft.core.typed import Ge, Gt, Le
 
 
 class WeightFormat(str, enum.Enum):

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from qaft.trainer.checkpoint import publish
-from qaft.trainer.errors import CheckpointError
-from qaft.trainer.typed import parse, to_plain
+from qaft.core.errors import CheckpointError
+from qaft.core.typed import parse, to_plain
 
 from .fakequant import STORED, QuantLinear
 from .lowrank import Correction
-from .rtn import QuantizedWeight, dequantize
+from .grid import QuantizedWeight, dequantize
 from .scheme import QuantScheme
 
 META = "qaft_quant.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # same as the CLI: see qaft.trainer.cli (before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # same as the CLI: see qaft.pipeline.cli (before torch loads)
 
 import copy
 from pathlib import Path

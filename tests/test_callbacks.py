@@ -14,9 +14,9 @@ from qaft import callbacks as cbs
 from qaft.callbacks import registry
 from qaft.callbacks.base import Callback
 from qaft.trainer.config import CallbackSpec
-from qaft.trainer.errors import CheckpointError, ConfigError
+from qaft.core.errors import CheckpointError, ConfigError
 from qaft.trainer.loop import fit
-from qaft.trainer.typed import to_plain
+from qaft.core.typed import to_plain
 
 BUILTIN = cbs.names()  # captured before any test registers a helper callback
 

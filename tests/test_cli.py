@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import qaft.trainer.loop as loop
-from qaft.trainer.cli import main
+from qaft.pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from qaft.quant.scheme import Granularity, WeightFormat
 from qaft.trainer.config import Config, apply_overrides, config_from_dict, dump_config, load_config
-from qaft.trainer.errors import ConfigError
+from qaft.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"name_or_path": "tiny-llama"}, "data": {"path": "python-docs"}}

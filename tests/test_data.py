@@ -9,8 +9,8 @@ import torch
 
 from qaft.trainer.config import DataConfig
 from qaft.trainer.data import EpochPermutation, build_blocks, tokenize_and_pack, train_loader
-from qaft.trainer.errors import DataError
-from qaft.trainer.model import byte_tokenizer
+from qaft.core.errors import DataError
+from qaft.core.model import byte_tokenizer
 
 TOK = byte_tokenizer()
 

@@ -145,7 +145,7 @@ def test_a_callback_deepspeed_rules_out_stops_before_training(runs):
     assert "callbacks: mat under DeepSpeed" in r.stdout
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     direct = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(runs.launch(2)),
-                             "-m", "qaft.trainer.cli", "train", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+                             "-m", "qaft.pipeline.cli", "train", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert direct.returncode != 0 and "callbacks: mat under DeepSpeed" in direct.stderr, direct.stderr[-3000:]
     assert "internal error" not in direct.stderr
     assert not (run_dir(cfg) / "final").exists()

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qaft.trainer.cli import main
-from qaft.trainer.errors import QaftError
-from qaft.trainer.doctor import Launch, Status, diagnose, launch_from
+from qaft.pipeline.cli import main
+from qaft.core.errors import QaftError
+from qaft.pipeline.doctor import Launch, Status, diagnose, launch_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +138,7 @@ def test_a_previous_run_in_the_output_dir_is_a_warning(smoke_file, smoke_raw, tm
 
 
 def test_builtin_corpora_train_and_heldout_are_disjoint_and_checked(smoke_file):
-    from qaft.trainer import corpora
+    from qaft.core import text as corpora
 
     train, held = corpora.documents("python-docs-train"), corpora.documents("python-docs-heldout")
     every = corpora.documents("python-docs")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qaft.quant.evaluate import perplexity, token_stream
-from qaft.trainer.cli import main
+from qaft.eval.perplexity import perplexity, token_stream
+from qaft.pipeline.cli import main
 from qaft.trainer.config import ModelConfig
-from qaft.trainer.model import load_model_and_tokenizer
+from qaft.core.model import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

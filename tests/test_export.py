@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qaft.quant.compare import quantize_and_save
-from qaft.quant.export import PROMPTS, activations_float, compare_logits, export, load_export
+from qaft.eval.compare import quantize_and_save
+from qaft.export.exporter import PROMPTS, activations_float, compare_logits, export, load_export
 from qaft.quant.store import load_quantized
-from qaft.trainer.cli import main
-from qaft.trainer.errors import ExportError
+from qaft.pipeline.cli import main
+from qaft.core.errors import ExportError
 
 SMALL = ("postpass.calibration_samples=4", "postpass.calibration_seq_len=32", "postpass.rank=4", "export.evaluate=false")
 

@@ -11,14 +11,14 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from qaft.quant.compare import quantize_and_save  # noqa: E402
-from qaft.quant.export import PROMPTS, compare_logits, export  # noqa: E402
+from qaft.eval.compare import quantize_and_save  # noqa: E402
+from qaft.export.exporter import PROMPTS, compare_logits, export  # noqa: E402
 from qaft.quant.fakequant import QuantLinear  # noqa: E402
-from qaft.quant.ggufexport import factors_off, load_gguf, stored_floats  # noqa: E402
-from qaft.quant.gguffile import ADAPTER_FILE, Layout, quantized, read_adapter  # noqa: E402
+from qaft.export.ggufformat import factors_off, load_gguf, stored_floats  # noqa: E402
+from qaft.export.gguffile import ADAPTER_FILE, Layout, quantized, read_adapter  # noqa: E402
 from qaft.quant.scheme import GGUFType  # noqa: E402
 from qaft.quant.store import load_quantized  # noqa: E402
-from qaft.trainer.errors import ConfigError, ExportError  # noqa: E402
+from qaft.core.errors import ConfigError, ExportError  # noqa: E402
 
 SMALL = ("postpass.calibration_samples=4", "postpass.calibration_seq_len=32", "postpass.rank=4", "export.evaluate=false")
 
@@ -111,7 +111,7 @@ def test_the_tokenizer_round_trips(make_cfg):
 
 def test_off_grid_values_are_refused_not_re_rounded():
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
-    from qaft.quant.rtn import quantize_weight
+    from qaft.quant.grid import quantize_weight
     from qaft.quant.scheme import WeightFormat, WeightQuant
 
     grid = quantize_weight(w, WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q4_0)).dequant
@@ -139,7 +139,7 @@ def test_what_gguf_cannot_hold_is_refused_naming_the_fix_and_leaves_nothing(make
 def test_a_width_the_block_does_not_divide_names_the_layers_to_keep_in_float():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from qaft.quant.apply import check_scheme
+    from qaft.quant.postpass import check_scheme
     from qaft.quant.scheme import QuantScheme, WeightFormat, WeightQuant
 
     model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
@@ -175,7 +175,7 @@ def test_qaft_eval_export_reads_gguf_exports_and_matches_the_manifest(make_cfg, 
 
     import yaml
 
-    from qaft.trainer.cli import main
+    from qaft.pipeline.cli import main
 
     text = tmp_path / "eval.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)

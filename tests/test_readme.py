@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qaft.trainer.reference import attribute_docs, reference
+from qaft.pipeline.reference import attribute_docs, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -24,7 +24,7 @@ def test_config_reference_matches_the_code():
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     assert start in README and end in README
     documented = README.split(start, 1)[1].split(end, 1)[0]
-    assert documented == reference(), "regenerate with: .venv/bin/python -m qaft.trainer.reference"
+    assert documented == reference(), "regenerate with: .venv/bin/python -m qaft.pipeline.reference"
 
 
 def test_every_config_field_has_a_docstring():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qaft.quant import aser, l2qer, lqer  # noqa: F401  (registration)
+from qaft.quant.reconstructors import whiten as aser, l2qer, lqer  # noqa: F401  (registration)
 from qaft.quant.calibrate import LayerStats, collect
 from qaft.quant.lowrank import RECONSTRUCTORS, Correction, LowRank, quantize_factors
 
@@ -158,7 +158,7 @@ def test_int8_factors_sit_on_a_per_row_grid_and_keep_the_product():
     assert rel(q) < 1e-2
     assert rel(q) < rel(quantize_factors(c, 4))  # more bits, less error
     # balancing matters: quantizing the unbalanced A = UΣ row-wise loses the small components
-    from qaft.quant.rtn import quantize_weight
+    from qaft.quant.grid import quantize_weight
     from qaft.quant.scheme import Granularity, WeightQuant
 
     spec = WeightQuant(bits=8, granularity=Granularity.CHANNEL)

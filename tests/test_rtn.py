@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qaft.quant.rtn import dequantize, fake_quant_activation, quant_step, quantize_weight
+from qaft.quant.grid import dequantize, fake_quant_activation, quant_step, quantize_weight
 from qaft.quant.scheme import ActGranularity, ActQuant, Granularity, WeightFormat, WeightQuant
 
 SPECS = [

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from qaft.quant.apply import quantize_model
+from qaft.quant.postpass import quantize_model
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
 from qaft.quant.store import load_quantized, save_quantized
-from qaft.trainer.cli import main
+from qaft.pipeline.cli import main
 from qaft.trainer.config import ModelConfig
-from qaft.trainer.errors import CheckpointError
-from qaft.trainer.model import load_model_and_tokenizer
+from qaft.core.errors import CheckpointError
+from qaft.core.model import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

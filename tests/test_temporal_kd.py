@@ -8,7 +8,7 @@ import torch
 from qaft.callbacks.convlstm import ConvLSTMForecaster
 from qaft.callbacks.temporal_kd import energy, increments
 from qaft.trainer.config import CallbackSpec
-from qaft.trainer.errors import ConfigError, PreflightError
+from qaft.core.errors import ConfigError, PreflightError
 from qaft.trainer.loop import fit, setup
 
 from helpers import assert_resume_is_exact, events

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import qaft.trainer.checkpoint as checkpoint
-from qaft.trainer.errors import CheckpointError
+from qaft.core.errors import CheckpointError
 from qaft.trainer.loop import fit
 
 from helpers import Killed, adapter_tensors, assert_same_tensors, events, kill_after_checkpoint, without_timing
@@ -108,7 +108,7 @@ def test_final_holds_a_loadable_merged_model_and_adapter(make_cfg):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qaft.trainer.config import ModelConfig
-    from qaft.trainer.model import load_model_and_tokenizer
+    from qaft.core.model import load_model_and_tokenizer
 
     cfg = make_cfg("training.max_steps=6", "training.save_steps=0", "training.learning_rate=1e-2")
     fit(cfg)
@@ -178,7 +178,7 @@ def test_smollm2_trains_and_its_final_folder_reloads(make_cfg):
     from transformers import AutoModelForCausalLM
 
     from qaft.trainer.config import ModelConfig
-    from qaft.trainer.model import load_model_and_tokenizer
+    from qaft.core.model import load_model_and_tokenizer
 
     cfg = make_cfg("model.name_or_path=smollm2-135m", "data.block_size=64", "training.per_device_train_batch_size=1",
                    "training.gradient_accumulation_steps=1", "training.max_steps=2", "training.save_steps=0", "training.learning_rate=1e-3")

@@ -34,7 +34,7 @@ import yaml
 from qaft.callbacks import CallbackList, Context, TrainState
 
 from .config import RESUMABLE_CHANGES, Config, diff_configs, dump_config
-from .errors import CheckpointError
+from qaft.core.errors import CheckpointError
 from .parallel import gathered, zero_stage
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")

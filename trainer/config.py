@@ -21,8 +21,8 @@ import yaml
 
 from qaft.quant.scheme import QuantScheme
 
-from .errors import ConfigError
-from .typed import Ge, Gt, Le, build, parse, suggest, to_plain
+from qaft.core.errors import ConfigError
+from qaft.core.typed import Ge, Gt, Le, build, parse, suggest, to_plain
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
@@ -249,7 +249,7 @@ class RunConfig:
             if not 2 <= b <= 8:
                 raise ValueError(f"rtn_bits: got {b}, expected bit widths from 2 to 8")
         if self.methods:
-            from qaft.quant.compare import METHODS
+            from qaft.eval.compare import METHODS
 
             unknown = [m for m in self.methods if m not in METHODS]
             if unknown:
@@ -267,7 +267,7 @@ class CallbackSpec:
     def from_plain(cls, value: Any, key: str, problems: list[str]) -> "CallbackSpec":
         from qaft import callbacks  # registry (import here: the registry imports torch)
 
-        from .typed import _Invalid
+        from qaft.core.typed import _Invalid
 
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
             problems.append(f"{key}: got {value!r}, expected a mapping with a 'name' key, e.g. {{name: telemetry}}")

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import corpora
+from qaft.core import text as corpora
 from .config import DataConfig
-from .errors import DataError
-from .typed import suggest
+from qaft.core.errors import DataError
+from qaft.core.typed import suggest
 
 BUILTIN_CORPORA = corpora.NAMES
 _BUILDERS = {".txt": "text", ".raw": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

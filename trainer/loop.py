@@ -23,9 +23,9 @@ from qaft.callbacks import CallbackList, Context, TrainState, create
 from .checkpoint import install_adapter_only_hooks, load_checkpoint, save_checkpoint, save_final
 from .config import Config, TrainingConfig
 from .data import build_blocks, eval_loader, load_documents, train_loader
-from .errors import DivergedError, PreflightError
+from qaft.core.errors import DivergedError, PreflightError
 from .metrics import MetricsLogger, Throughput
-from .model import attach_lora, load_model_and_tokenizer
+from qaft.core.model import attach_lora, load_model_and_tokenizer
 from .outputs import prepare_output_dir
 from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, zero_stage
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .checkpoint import TMP_PREFIX, latest_checkpoint, list_checkpoints, remove_stale_temps
 from .config import Config
-from .errors import CheckpointError
+from qaft.core.errors import CheckpointError
 from .metrics import METRICS_FILE
 
 OWNED = ("final", METRICS_FILE, "runs")

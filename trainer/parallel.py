@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from .errors import PreflightError, QaftError
+from qaft.core.errors import PreflightError, QaftError
 
 
 FSDP_REFUSED = (

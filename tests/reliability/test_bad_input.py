@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from qaft.trainer.cli import main
+from qaft.pipeline.cli import main
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from qaft.callbacks import names as callback_names
 from qaft.trainer.config import config_from_dict, dump_config, load_config
-from qaft.trainer.errors import QaftError
+from qaft.core.errors import QaftError
 
 MINIMAL = {"model": {"name_or_path": "tiny-llama"}, "data": {"path": "python-docs"}}
 

@@ -40,7 +40,7 @@ if os.environ.get("QAFT_TEST_PAUSE"):
             time.sleep(60)  # the test kills us in here
         return real(*a, **k)
     setattr(c, name, paused)
-from qaft.trainer.cli import main
+from qaft.pipeline.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from helpers import events
 from qaft.callbacks import CallbackList
 from qaft.trainer.checkpoint import check_resumable
-from qaft.trainer.cli import main
+from qaft.pipeline.cli import main
 from qaft.trainer.config import config_from_dict
 
 

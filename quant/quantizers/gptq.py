@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibrate import LayerStats
-from .rtn import QuantizedWeight, _groups, grid_params, pack, round_to_grid
-from .scheme import Granularity, WeightFormat, WeightQuant
+from qaft.quant.calibrate import LayerStats
+from qaft.quant.grid import QuantizedWeight, _groups, grid_params, pack, round_to_grid
+from qaft.quant.scheme import Granularity, WeightFormat, WeightQuant
 
 
 class SingularHessian(ValueError):

@@ -29,7 +29,7 @@ class Perplexity:
 
 def token_stream(path: str | Path, tokenizer) -> torch.Tensor:
     """The whole file (or built-in corpus, ``qaft.trainer.corpora``) as one id sequence (no special tokens added)."""
-    from qaft.trainer import corpora
+    from qaft.core import text as corpora
 
     text = corpora.text(str(path)) if corpora.is_builtin(str(path)) else Path(path).read_text(encoding="utf-8")
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

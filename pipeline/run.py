@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import Config, ModelConfig, diff_configs, load_config, read_yaml
-from .errors import CheckpointError, PreflightError
-from .typed import to_plain
+from qaft.trainer.config import Config, ModelConfig, diff_configs, load_config, read_yaml
+from qaft.core.errors import CheckpointError, PreflightError
+from qaft.core.typed import to_plain
 
 STAGES = ("train", "quantize", "export", "eval", "report")
 # The config sections each stage reads (a change there invalidates the stage and everything after it).
@@ -83,7 +83,7 @@ class Pipeline:
 
 
 def stage_train(p: Pipeline) -> dict[str, Any]:
-    from .loop import fit
+    from qaft.trainer.loop import fit
 
     cfg = dataclasses.replace(p.cfg, training=dataclasses.replace(p.cfg.training, resume_from_checkpoint=True))
     if not _finished_training(p):  # killed after final/ was published but before this stage's record: keep it
@@ -101,7 +101,7 @@ def _finished_training(p: Pipeline) -> bool:
 
 
 def stage_quantize(p: Pipeline) -> dict[str, Any]:
-    from qaft.quant.compare import quantize_and_save
+    from qaft.eval.compare import quantize_and_save
 
     out = quantize_and_save(p.tuned(), overwrite=True, progress=p.progress)
     meta = json.loads((out / "qaft_quant.json").read_text())
@@ -109,7 +109,7 @@ def stage_quantize(p: Pipeline) -> dict[str, Any]:
 
 
 def stage_export(p: Pipeline) -> dict[str, Any]:
-    from qaft.quant.export import export
+    from qaft.export.exporter import export
 
     out, manifest = export(p.tuned(), overwrite=True, progress=p.progress)
     return {"dir": str(out), "parity": manifest["parity"], "sizes": manifest["sizes"]}
@@ -152,9 +152,9 @@ def first_invalid_stage(saved: dict[str, Any], current: dict[str, Any]) -> tuple
 
 def prepare(cfg: Config, *, overwrite: bool, start: str | None) -> Pipeline:
     """Check the folder against the run's own record; clear or trim it as asked. Read-only unless asked."""
-    from .checkpoint import list_checkpoints
-    from .outputs import OWNED as TRAIN_OWNED
-    from .outputs import prepare_output_dir
+    from qaft.trainer.checkpoint import list_checkpoints
+    from qaft.trainer.outputs import OWNED as TRAIN_OWNED
+    from qaft.trainer.outputs import prepare_output_dir
 
     p = Pipeline(cfg, Path(cfg.training.output_dir))
     saved_file = p.stages_dir / "run.yaml"

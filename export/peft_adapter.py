@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .fakequant import QuantLinear
+from qaft.quant.fakequant import QuantLinear
 
 WEIGHTS = "adapter_model.safetensors"
 

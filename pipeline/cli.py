@@ -19,17 +19,17 @@ import warnings
 from typing import Callable, Sequence
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .loop import fit
+    from qaft.trainer.config import load_config
+    from qaft.trainer.loop import fit
 
     fit(load_config(args.config, args.overrides), overwrite=args.overwrite)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from qaft.quant.compare import compare, parse_methods, table, write_json
+    from qaft.eval.compare import compare, parse_methods, table, write_json
 
-    from .config import load_config
+    from qaft.trainer.config import load_config
 
     methods = parse_methods(args.methods or "fp,rtn") if args.methods or not args.export else []
     report = compare(load_config(args.config, args.overrides), methods, export=args.export)
@@ -40,13 +40,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from qaft.quant.compare import quantize_and_save
+    from qaft.eval.compare import quantize_and_save
 
-    from .config import load_config
+    from qaft.trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.export:  # fail before the post-pass, not after it
-        from qaft.quant.export import check_destination
+        from qaft.export.exporter import check_destination
 
         check_destination(cfg, cfg.quant, args.overwrite)
     out = quantize_and_save(cfg, overwrite=args.overwrite)
@@ -55,9 +55,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from qaft.quant.export import export
+    from qaft.export.exporter import export
 
-    from .config import load_config
+    from qaft.trainer.config import load_config
 
     out, m = export(load_config(args.config, args.overrides), overwrite=args.overwrite)
     s, p = m["sizes"], m["parity"]
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*args.overrides, *extra]
-    from .errors import QaftError
+    from qaft.core.errors import QaftError
 
     try:
         return args.handler(args)

@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from qaft.trainer.errors import ExportError
+from qaft.core.errors import ExportError
 
-from .fakequant import QuantLinear
-from .scheme import GGUFType, QuantScheme
+from qaft.quant.fakequant import QuantLinear
+from qaft.quant.scheme import GGUFType, QuantScheme
 
 MODEL_TYPES = ("llama", "mistral")
 """Hugging Face ``model_type``s written as llama.cpp's ``llama`` architecture (as its converter does)."""

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from qaft.trainer.errors import ExportError
+from qaft.core.errors import ExportError
 
-from .fakequant import QuantLinear
-from .scheme import ActGranularity, ActQuant, Granularity, QuantScheme, WeightFormat
+from qaft.quant.fakequant import QuantLinear
+from qaft.quant.scheme import ActGranularity, ActQuant, Granularity, QuantScheme, WeightFormat
 
 FORMAT = "pack-quantized"
 

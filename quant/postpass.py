@@ -22,16 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from qaft.trainer.config import SmoothingConfig
-from qaft.trainer.errors import ConfigError
+from qaft.core.errors import ConfigError
 
-from . import aser, l2qer, lqer  # noqa: F401  (register the reconstructors)
+from .reconstructors import whiten as aser, l2qer, lqer  # noqa: F401  (register the reconstructors)
 from .calibrate import LayerStats, collect
 from .fakequant import QuantLinear
-from .gptq import SingularHessian
+from .quantizers.gptq import SingularHessian
 from .lowrank import RECONSTRUCTORS, LowRank, quantize_factors
-from .rtn import QuantizedWeight, quantize_weight
+from .grid import QuantizedWeight, quantize_weight
 from .scheme import Granularity, QuantScheme, WeightFormat, WeightQuant
-from .smooth import factors, smoothed_stats
+from .reconstructors.aser import factors, smoothed_stats
 
 
 WeightQuantizer = Callable[[torch.Tensor, LayerStats, WeightQuant], QuantizedWeight]

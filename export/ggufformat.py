@@ -22,11 +22,11 @@ import torch.nn.functional as F
 import yaml
 
 from qaft.trainer.config import Config, ModelConfig
-from qaft.trainer.errors import ExportError, QaftError
+from qaft.core.errors import ExportError, QaftError
 
-from .fakequant import QuantLinear
+from qaft.quant.fakequant import QuantLinear
 from .gguffile import ADAPTER_FILE, model_file, read_adapter, write_adapter, write_model
-from .scheme import GGUFType, QuantScheme
+from qaft.quant.scheme import GGUFType, QuantScheme
 
 
 class LowRank(torch.nn.Module):
@@ -79,7 +79,7 @@ def load_gguf(folder: str | Path, *, adapter: bool = True) -> tuple[torch.nn.Mod
 
 def source_gguf(name_or_path: str) -> Path | None:
     """The GGUF file the model came from: itself, or through a training run's ``final/config.yaml``."""
-    from qaft.trainer.model import resolve
+    from qaft.core.model import resolve
 
     run_config = Path(name_or_path) / "config.yaml"
     if run_config.is_file():
@@ -122,7 +122,7 @@ def stored_floats(reference: torch.nn.Module, float_type: str) -> torch.nn.Modul
 
 def check_parity(folder: Path, reference: torch.nn.Module, tok: Any, cfg: Config) -> tuple[dict[str, Any], bool]:
     """``({check: Parity}, tokenizer agrees)``; a difference above ``export.parity_atol`` is an error."""
-    from .export import PROMPTS, Parity, compare_logits
+    from .exporter import PROMPTS, Parity, compare_logits
 
     prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
     loaded, loaded_tok = load_gguf(folder)
@@ -147,7 +147,7 @@ def sizes(folder: Path, reference: torch.nn.Module, t: GGUFType) -> dict[str, An
     """``size_record`` of the two files: packed bytes from the type's block size (``gguf.GGML_QUANT_SIZES``)."""
     import gguf
 
-    from .export import size_record
+    from .exporter import size_record
 
     block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.value]]
     quantized = sum(m.weight.numel() for m in reference.modules() if isinstance(m, QuantLinear))
@@ -160,7 +160,7 @@ def sizes(folder: Path, reference: torch.nn.Module, t: GGUFType) -> dict[str, An
 def write_gguf(cfg: Config, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tok: Any, scheme: QuantScheme,
                meta: dict[str, Any], progress: bool) -> dict[str, Any]:
     """Both files into ``tmp``, parity-checked and measured: the format-specific part of the manifest."""
-    from .export import evaluate
+    from .exporter import evaluate
 
     t = scheme.weight.gguf_type
     source = source_gguf(meta["source_model"])

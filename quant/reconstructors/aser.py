@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .calibrate import LayerStats
+from qaft.quant.calibrate import LayerStats
 
 
 def factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float, outliers: int | None) -> torch.Tensor:

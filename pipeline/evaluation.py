@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from qaft.trainer.config import Config
 
 
 def with_bits(cfg: Config, bits: int) -> Config:
@@ -24,11 +24,11 @@ def _row(model: str, method: str, scheme: str | None, result: dict[str, Any]) ->
 
 
 def evaluate_run(cfg: Config, tuned: Config, out: Path, *, progress: bool = True) -> dict[str, Any]:
-    from qaft.quant.compare import calibration_ids, check_inputs, compare, evaluate_methods
-    from qaft.quant.evaluate import perplexity, token_stream
+    from qaft.eval.compare import calibration_ids, check_inputs, compare, evaluate_methods
+    from qaft.eval.perplexity import perplexity, token_stream
     from qaft.quant.store import load_quantized
 
-    from .model import load_model_and_tokenizer
+    from qaft.core.model import load_model_and_tokenizer
 
     eval_path = check_inputs(cfg)
     rows: list[dict[str, Any]] = []

@@ -132,10 +132,10 @@ def spectra_figure(fig: Figures, out: Path, meta: dict[str, Any]) -> Path | None
     import torch
     from safetensors import safe_open
 
-    from qaft.quant.rtn import quantize_weight
+    from qaft.quant.grid import quantize_weight
     from qaft.quant.scheme import QuantScheme
 
-    from .typed import parse
+    from qaft.core.typed import parse
 
     files = sorted((out / "final").glob("*.safetensors"))
     names = meta.get("quantized") or []
@@ -208,7 +208,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def write_report(out: str | Path) -> Path:
     """Build the report from a run folder; written to a temp folder and renamed, so it is whole or absent."""
-    from .checkpoint import publish
+    from qaft.trainer.checkpoint import publish
 
     out = Path(out)
     folder, tmp = out / "report", out / ".tmp-report"

@@ -16,8 +16,8 @@ import yaml
 
 from qaft.callbacks import get, names
 
-from .config import Config
-from .typed import _type_name, to_plain
+from qaft.trainer.config import Config
+from qaft.core.typed import _type_name, to_plain
 
 
 def attribute_docs(cls: type) -> dict[str, str]:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import Config, load_config
-from .errors import QaftError
-from .parallel import FSDP_REFUSED, Launch, callback_problems, launch_from
+from qaft.trainer.config import Config, load_config
+from qaft.core.errors import QaftError
+from qaft.trainer.parallel import FSDP_REFUSED, Launch, callback_problems, launch_from
 
 __all__ = ["Finding", "Launch", "Status", "blocking", "diagnose", "launch_from", "render"]
 
@@ -78,7 +78,7 @@ def skeleton(cfg: Config) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .model import TINY_MODELS, byte_tokenizer, resolve
+    from qaft.core.model import TINY_MODELS, byte_tokenizer, resolve
 
     if cfg.model.name_or_path in TINY_MODELS:
         mcfg = TINY_MODELS[cfg.model.name_or_path](len(byte_tokenizer()))
@@ -135,9 +135,9 @@ def lora_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Findi
 
 
 def quant_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
-    from qaft.quant.apply import check_scheme, decoder_layers
+    from qaft.quant.postpass import check_scheme, decoder_layers
 
-    from .errors import ConfigError
+    from qaft.core.errors import ConfigError
 
     try:
         prefix, layers = decoder_layers(model)
@@ -172,8 +172,8 @@ def tied_embeddings(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Fi
 
 def export_target(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
     """The export format can hold the scheme and this model (otherwise `qaft run` fails at its last stage)."""
-    from qaft.quant.export import export_format
-    from qaft.quant.gguffile import check_config
+    from qaft.export.exporter import export_format
+    from qaft.export.gguffile import check_config
 
     try:
         fmt = export_format(cfg, cfg.quant)
@@ -210,7 +210,7 @@ def sharding(cfg: Config, launch: Launch) -> list[Finding]:
 
 
 def output_dir(cfg: Config) -> list[Finding]:
-    from .checkpoint import list_checkpoints
+    from qaft.trainer.checkpoint import list_checkpoints
 
     out = Path(cfg.training.output_dir)
     if out.exists() and not out.is_dir():
@@ -226,7 +226,7 @@ def output_dir(cfg: Config) -> list[Finding]:
 
 def _ngrams(source: str) -> set[tuple[str, ...]] | None:
     """Word 13-grams of a local file or built-in corpus; None for anything else (hub dataset, folder)."""
-    from . import corpora
+    from qaft.core import text as corpora
 
     if corpora.is_builtin(source):
         return corpora.ngrams(corpora.text(source))
@@ -237,7 +237,7 @@ def _ngrams(source: str) -> set[tuple[str, ...]] | None:
 
 def data_overlap(cfg: Config) -> list[Finding]:
     """The evaluation text must not be (part of) what the model is calibrated or trained on."""
-    from . import corpora
+    from qaft.core import text as corpora
 
     if cfg.eval.path is None:
         return [Finding("data overlap", Status.OK, "no eval.path: nothing to compare")]

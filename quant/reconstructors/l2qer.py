@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .calibrate import LayerStats
-from .lowrank import Correction, LowRank, as_correction, kept_energy, register, truncated
+from qaft.quant.calibrate import LayerStats
+from qaft.quant.lowrank import Correction, LowRank, as_correction, kept_energy, register, truncated
 
 
 def activation_scale(stats: LayerStats) -> torch.Tensor:

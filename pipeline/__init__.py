@@ -1,0 +1,1 @@
+"""The application: CLI, `qaft run` (stages), `qaft doctor`, the report."""

@@ -1,0 +1,1 @@
+"""Weight quantizers (one file each) behind one interface."""

@@ -1,0 +1,1 @@
+"""Low-rank error reconstruction methods (one file each) behind one interface."""
