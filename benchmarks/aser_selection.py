@@ -22,20 +22,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from qaft.eval.compare import calibration_ids, run_method
-from qaft.eval.perplexity import perplexity, token_stream
-from qaft.trainer.config import load_config
+from qaft.pipeline.commands import calibration_of, run_method
+from qaft.core.text import token_stream
+from qaft.eval.perplexity import perplexity
+from qaft.pipeline.config import load_config
 from qaft.core.model import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 CANDIDATES = [
     ("whiten", []),
-    ("aser", ["postpass.smoothing.outliers=2"]),
-    ("aser", ["postpass.smoothing.outliers=4"]),
-    ("aser", ["postpass.smoothing.outliers=8", "postpass.smoothing.alpha=0.3"]),
-    ("aser", ["postpass.smoothing.outliers=null", "postpass.smoothing.extract=false"]),
-    ("aser", ["postpass.smoothing.outliers=4", "postpass.smoothing.extract=false"]),
+    ("aser", ["postpass.reconstructor={name: aser, outliers: 2}"]),
+    ("aser", ["postpass.reconstructor={name: aser, outliers: 4}"]),
+    ("aser", ["postpass.reconstructor={name: aser, outliers: 8, alpha: 0.3}"]),
+    ("aser", ["postpass.reconstructor={name: aser, outliers: null, extract: false}"]),
+    ("aser", ["postpass.reconstructor={name: aser, outliers: 4, extract: false}"]),
 ]
 
 
@@ -50,7 +51,7 @@ def main() -> None:
         base = [*args.scheme, f"eval.path={held_out}"]
         cfg0 = load_config(ROOT / "configs" / "smollm2-postpass.yaml", base)
         model, tok = load_model_and_tokenizer(cfg0.model)
-        ids, calib = token_stream(held_out, tok), calibration_ids(cfg0, tok)
+        ids, calib = token_stream(held_out, tok, key="eval.path"), calibration_of(cfg0, tok)
         rows = []
         for method, overrides in CANDIDATES:
             cfg = load_config(ROOT / "configs" / "smollm2-postpass.yaml", base + overrides)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from qaft.eval.compare import run_method
+from qaft.pipeline.commands import run_method
 from qaft.eval.perplexity import perplexity
-from qaft.trainer.config import load_config
+from qaft.pipeline.config import load_config
 
 
 def train_rows(run: Path, event: str = "train") -> list[dict]:

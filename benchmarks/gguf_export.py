@@ -23,10 +23,10 @@ import argparse
 import json
 from pathlib import Path
 
-from qaft.eval.compare import calibration_ids, quantize_and_save
-from qaft.eval.perplexity import token_stream
-from qaft.export.exporter import export
-from qaft.trainer.config import ModelConfig, load_config
+from qaft.pipeline.commands import calibration_of, export_run, quantize_and_save
+from qaft.core.text import token_stream
+from qaft.core.model import ModelConfig
+from qaft.pipeline.config import load_config
 from qaft.trainer.loop import fit
 from qaft.core.model import load_model_and_tokenizer
 
@@ -56,9 +56,9 @@ def main() -> None:
         cfg = load_config(EVAL, [f"model.name_or_path={source}", *Q4_0, "postpass.reconstructor=l2qer", "postpass.rank=32",
                                  f"training.output_dir={work / ('post-' + name)}", *args.set])
         quantize_and_save(cfg, overwrite=True, progress=False)
-        out, m = export(cfg, overwrite=True, progress=False)
+        out, m = export_run(cfg, overwrite=True, progress=False)
         model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=source))
-        ids, calib = token_stream(cfg.eval.path, tok), calibration_ids(cfg, tok)
+        ids, calib = token_stream(cfg.eval.path, tok, key="eval.path"), calibration_of(cfg, tok)
         in_memory = {"rtn": quantized_ppl(model, calib, ids, EVAL, "rtn", [*Q4_0, *args.set]),
                      "l2qer": quantized_ppl(model, calib, ids, EVAL, "l2qer", [*Q4_0, "postpass.rank=32", *args.set])}
         ppl = m["evaluation"]["ppl"]

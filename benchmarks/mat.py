@@ -25,9 +25,11 @@ import statistics
 import time
 from pathlib import Path
 
-from qaft.eval.compare import calibration_ids
-from qaft.eval.perplexity import perplexity, token_stream
-from qaft.trainer.config import ModelConfig, load_config
+from qaft.pipeline.commands import calibration_of
+from qaft.core.text import token_stream
+from qaft.eval.perplexity import perplexity
+from qaft.core.model import ModelConfig
+from qaft.pipeline.config import load_config
 from qaft.trainer.loop import fit
 from qaft.core.model import load_model_and_tokenizer
 
@@ -76,7 +78,7 @@ def main() -> None:
 
     ecfg = load_config(EVAL, args.set)
     _, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(work / "lora" / "final")))
-    ids, calib = token_stream(ecfg.eval.path, tok), calibration_ids(ecfg, tok)
+    ids, calib = token_stream(ecfg.eval.path, tok, key="eval.path"), calibration_of(ecfg, tok)
     for name, r in report["runs"].items():
         model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(work / name / "final")))
         r["ppl"] = {"float": perplexity(model, ids, ecfg.eval.seq_len, ecfg.eval.windows, progress=False).ppl,

@@ -33,9 +33,11 @@ from pathlib import Path
 import torch
 
 from qaft.callbacks.npft import hessian_trace
-from qaft.eval.compare import calibration_ids
-from qaft.eval.perplexity import perplexity, token_stream
-from qaft.trainer.config import ModelConfig, load_config
+from qaft.pipeline.commands import calibration_of
+from qaft.core.text import token_stream
+from qaft.eval.perplexity import perplexity
+from qaft.core.model import ModelConfig
+from qaft.pipeline.config import load_config
 from qaft.trainer.loop import fit
 from qaft.core.model import load_model_and_tokenizer
 
@@ -109,7 +111,7 @@ def main() -> None:
 
     ecfg = load_config(EVAL, args.set)
     base, tok = load_model_and_tokenizer(ecfg.model)
-    ids, calib = token_stream(ecfg.eval.path, tok), calibration_ids(ecfg, tok)
+    ids, calib = token_stream(ecfg.eval.path, tok, key="eval.path"), calibration_of(ecfg, tok)
     report["protocol"] = (f"WikiText-2 test {ecfg.eval.windows} x {ecfg.eval.seq_len} | calibration {ecfg.postpass.calibration_samples} x "
                           f"{ecfg.postpass.calibration_seq_len} from WikiText-2 valid | seed {load_config(TRAIN).training.seed} | symmetric RTN")
     mask = outlier_mask(work / "npft-range") if (work / "npft-range").is_dir() else None

@@ -1,7 +1,7 @@
 """Post-pass benchmark on SmolLM2-135M: perplexity vs rank for every method and scheme, timings, peak RSS,
 and the singular-value spectra the LQER paper builds its argument on.
 
-Each (scheme, method, rank) runs the real layer-sequential post-pass (``qaft.quant.compare.run_method``)
+Each (scheme, method, rank) runs the real layer-sequential post-pass (``qaft.pipeline.commands.run_method``)
 on a copy of the float model, loaded once; protocol as in ``configs/smollm2-postpass.yaml``
 (calibration 16 × 512 tokens from the start of WikiText-2 validation, 8 × 512 test windows).
 Writes ``benchmarks/results/postpass.json``, ``postpass_ppl_vs_rank.png`` and ``postpass_spectra.png``
@@ -29,13 +29,17 @@ from pathlib import Path
 import torch
 
 from qaft.quant.reconstructors.whiten import cholesky_with_jitter
-from qaft.quant.postpass import capture_inputs, decoder_layers, target_linears
+from qaft.core.modules import decoder_layers
+from qaft.quant.postpass import capture_inputs
 from qaft.quant.calibrate import collect
-from qaft.eval.compare import METHODS, calibration_ids, run_method
-from qaft.eval.perplexity import perplexity, token_stream
+from qaft.pipeline.commands import calibration_of, run_method
+from qaft.quant import methods
+from qaft.quant.quantizers import QUANTIZERS
+from qaft.core.text import token_stream
+from qaft.eval.perplexity import perplexity
 from qaft.quant.reconstructors.l2qer import activation_scale
 from qaft.quant.grid import quantize_weight
-from qaft.trainer.config import load_config
+from qaft.pipeline.config import load_config
 from qaft.core.model import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +60,7 @@ def spectra(model, calib, cfg, layer_index: int, names: list[str]) -> dict[str, 
     with torch.no_grad():
         for layer in layers[:layer_index]:
             inputs = [(layer(h, **kw), kw) for h, kw in inputs]
-        targets = {n: m for n, m in target_linears(layers[layer_index], f"{prefix}.{layer_index}", cfg.quant).items() if n in names}
+        targets = {n: m for n, m in cfg.quant.layer_linears(layers[layer_index], f"{prefix}.{layer_index}").items() if n in names}
         with collect(targets) as stats:
             for h, kw in inputs:
                 layers[layer_index](h, **kw)
@@ -115,11 +119,11 @@ def plot(report: dict, out_dir: Path, stem: str = "postpass") -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
-    ap.add_argument("--methods", nargs="+", default=["lqer", "l2qer", "aser"], choices=[m for m in METHODS if m not in ("fp", "rtn")],
+    ap.add_argument("--methods", nargs="+", default=["lqer", "l2qer", "aser"], choices=[m for m in methods.names() if m not in ("fp", "rtn")],
                     help="reconstruction methods (run at every rank) and quantizer-only ones such as gptq (run once)")
     ap.add_argument("--json-name", default="postpass.json", help="output file name; the PNGs take its stem")
     ap.add_argument("--no-spectra", action="store_true", help="skip the singular-value spectra figure")
-    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra overrides (e.g. postpass.gptq.act_order=true)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra overrides (e.g. 'postpass.quantizer={name: gptq, act_order: true}')")
     ap.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32])
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge earlier result files (later ones win per scheme) and plot")
@@ -138,7 +142,7 @@ def main() -> None:
 
     cfg0 = load_config(CONFIG)
     model, tok = load_model_and_tokenizer(cfg0.model)
-    ids, calib = token_stream(cfg0.eval.path, tok), calibration_ids(cfg0, tok)
+    ids, calib = token_stream(cfg0.eval.path, tok, key="eval.path"), calibration_of(cfg0, tok)
     fp = perplexity(model, ids, cfg0.eval.seq_len, cfg0.eval.windows, progress=False)
     report = {
         "protocol": (f"SmolLM2-135M | WikiText-2 test {fp.windows} x {fp.seq_len} | calibration {cfg0.postpass.calibration_samples} x "
@@ -162,10 +166,10 @@ def main() -> None:
         rtn = one(ov, "rtn", 0)
         res = {"label": rtn["scheme"], "rtn": rtn, "methods": {}}
         print(f"{scheme:<7} {rtn['scheme']:<26} rtn    ppl {rtn['ppl']:8.2f}", flush=True)
-        for method in [m for m in args.methods if METHODS[m].reconstructor is None]:  # quantizer only: no rank
+        for method in [m for m in args.methods if m in QUANTIZERS]:  # quantizer only: no rank
             res.setdefault("baselines", {})[method] = r = one(ov, method, 0)
             print(f"{scheme:<7} {rtn['scheme']:<26} {method:<6} ppl {r['ppl']:8.2f}  post-pass {r['postpass_seconds']:6.1f} s", flush=True)
-        for method in [m for m in args.methods if METHODS[m].reconstructor is not None]:
+        for method in [m for m in args.methods if m not in QUANTIZERS]:
             res["methods"][method] = {}
             for rank in args.ranks:
                 r = one(ov, method, rank)

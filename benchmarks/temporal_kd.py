@@ -23,9 +23,11 @@ import json
 import statistics
 from pathlib import Path
 
-from qaft.eval.compare import calibration_ids
-from qaft.eval.perplexity import perplexity, token_stream
-from qaft.trainer.config import ModelConfig, load_config
+from qaft.pipeline.commands import calibration_of
+from qaft.core.text import token_stream
+from qaft.eval.perplexity import perplexity
+from qaft.core.model import ModelConfig
+from qaft.pipeline.config import load_config
 from qaft.trainer.loop import fit
 from qaft.core.model import load_model_and_tokenizer
 
@@ -84,7 +86,7 @@ def main() -> None:
     ecfg = load_config(EVAL, args.set)
     first = work / args.runs[0] / "final"
     _, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(first)))
-    ids, calib = token_stream(ecfg.eval.path, tok), calibration_ids(ecfg, tok)
+    ids, calib = token_stream(ecfg.eval.path, tok, key="eval.path"), calibration_of(ecfg, tok)
     ref = report["runs"].get("lora", {}).get("median_step_s")
     for name, r in report["runs"].items():
         model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(work / name / "final")))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from qaft.callbacks import Callback, CallbackList
-from qaft.trainer.config import config_from_dict
+from qaft.pipeline.config import config_from_dict
 from qaft.trainer.loop import setup, train
 from qaft.trainer.metrics import MetricsLogger
 

@@ -6,6 +6,6 @@ Importing this package registers the built-in callbacks.
 from . import mat, npft, qat, telemetry, temporal_kd  # noqa: F401  (registration)
 from .base import Callback, Context, TrainState
 from .dispatch import CallbackList
-from .registry import create, get, names, register
+from .registry import CALLBACKS, create
 
-__all__ = ["Callback", "CallbackList", "Context", "TrainState", "create", "get", "names", "register"]
+__all__ = ["CALLBACKS", "Callback", "CallbackList", "Context", "TrainState", "create"]

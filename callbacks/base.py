@@ -16,15 +16,13 @@ framed by ``on_train_begin`` / ``on_train_end``. The base class is all no-ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
 
 import torch
 
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-    from qaft.quant.scheme import QuantScheme
-    from qaft.trainer.config import Config
+from qaft.core.registry import NoOptions
+from qaft.quant.scheme import QuantScheme
 
 
 @dataclass
@@ -49,25 +47,25 @@ class TrainState:
 class Context:
     """Everything a hook may read. Fields are fixed; ``state`` is the loop's, read it, don't write it."""
 
-    accelerator: "Accelerator"
+    accelerator: Any
+    """The run's ``accelerate.Accelerator``."""
     model: torch.nn.Module
     """The PEFT model as prepared by accelerate (use ``accelerator.unwrap_model`` for attributes)."""
     optimizer: torch.optim.Optimizer
-    config: "Config"
-    scheme: "QuantScheme"
+    scheme: QuantScheme
+    """The quantization scheme the run trains for (``quant``)."""
+    seed: int
+    """The run seed (``training.seed``): derive any draw that must be the same on every rank and after a resume from it."""
+    output_dir: Path
+    """The run folder (``training.output_dir``), for a callback's own artefacts (MAT's heatmap)."""
     state: TrainState
     probe_blocks: torch.Tensor | None = None
     """``[n, block_size]`` training token ids in corpus order (not shuffled), for callbacks that measure
     the model (NPFT's Fisher, MAT's probes): take the first N, identical on every rank and every resume."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class NoOptions:
-    """For callbacks that take no options."""
-
-
 class Callback:
-    """Base class: override the hooks you need, set ``name`` and ``Options``, then ``register`` it."""
+    """Base class: override the hooks you need, set ``name`` and ``Options``, then ``CALLBACKS.register`` it."""
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions

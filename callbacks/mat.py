@@ -43,12 +43,14 @@ from pathlib import Path
 from typing import Annotated, Any, Mapping
 
 import torch
+from torch.func import functional_call, grad, vmap
 
 from qaft.core.errors import PreflightError
+from qaft.core.modules import decoder_layers
 from qaft.core.typed import Ge, Gt
 
 from .base import Callback, Context
-from .registry import register
+from .registry import CALLBACKS
 
 
 class Mode(str, enum.Enum):
@@ -119,8 +121,6 @@ def _lora(attn: torch.nn.Module, names: tuple[str, ...], factor: str) -> torch.n
 
 def head_modules(model: torch.nn.Module) -> list[HeadModule]:
     """The per-head modules of every decoder layer's attention (see the module docstring)."""
-    from qaft.quant.postpass import decoder_layers
-
     config = model.config
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -158,8 +158,6 @@ def per_sample_grads(model: torch.nn.Module, input_ids: torch.Tensor, params: li
     if method is Grads.LOOP:
         rows = [torch.autograd.grad(model(input_ids=x[None], labels=x[None]).loss, params) for x in input_ids]
         return [torch.stack(g) for g in zip(*rows)]
-    from torch.func import functional_call, grad, vmap
-
     names = {id(p): n for n, p in model.named_parameters()}
     keys = [names[id(p)] for p in params]
     frozen = {n: p.detach() for n, p in model.named_parameters() if id(p) not in {id(q) for q in params}}
@@ -326,7 +324,7 @@ class MAT(Callback):
             p.requires_grad_(True)
         self._skipped = []
         if self.options.heatmap and self.history and ctx.accelerator.is_main_process:
-            write_heatmap(self.history, self.modules, Path(ctx.config.training.output_dir))
+            write_heatmap(self.history, self.modules, ctx.output_dir)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "active": None if self.active is None else self.active.clone(),
@@ -374,4 +372,4 @@ def write_heatmap(history: list[dict[str, Any]], modules: list[HeadModule], out:
     return files + [out / "mat_lambda.png"]
 
 
-register(MAT)
+CALLBACKS.register(MAT)

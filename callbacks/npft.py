@@ -39,12 +39,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Iterable, Mapping
 
 import torch
+from peft.tuners.lora import LoraLayer
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qaft.core.errors import PreflightError
 from qaft.core.typed import Ge, Gt, Lt
+from qaft.quant.grid import quant_step
 
 from .base import Callback, Context
-from .registry import register
+from .registry import CALLBACKS
 
 
 class Criterion(str, enum.Enum):
@@ -141,8 +144,6 @@ def hessian_trace(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.T
     flags = [p.requires_grad for p in targets]
     for p in targets:
         p.requires_grad_(True)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     try:
         batches = list(batches)
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
@@ -218,21 +219,16 @@ class NPFT(Callback):
     # -- setup
 
     def _find_modules(self, ctx: Context) -> dict[str, _Module]:
-        """The base Linears of the decoder blocks that the run's scheme quantizes, by parameter name."""
-        from peft.tuners.lora import LoraLayer
-
+        """The base Linears the run's scheme quantizes (``QuantScheme.linears``), by parameter name."""
         model = ctx.accelerator.unwrap_model(ctx.model)
+        names = {id(p): n for n, p in model.named_parameters()}
         found = {}
-        for name, mod in model.named_modules():
-            if not isinstance(mod, torch.nn.Linear) or "lora_" in name or ".layers." not in f".{name}.":
-                continue
-            clean_name = name.replace(".base_layer", "")
-            if not ctx.scheme.selects(clean_name):
-                continue
-            owner = model.get_submodule(name.rpartition(".")[0]) if name.endswith(".base_layer") else None
-            if getattr(mod.weight, "ds_id", None) is not None or mod.weight.numel() == 0:
+        for clean_name, mod in ctx.scheme.linears(model).items():
+            owner = mod if isinstance(mod, LoraLayer) else None
+            weight = mod.get_base_layer().weight if owner is not None else mod.weight
+            if getattr(weight, "ds_id", None) is not None or weight.numel() == 0:
                 raise PreflightError(f"callbacks.npft: {clean_name}'s weight is sharded (DeepSpeed ZeRO-3?); NPFT perturbs full base weights, use ZeRO-2 or DDP")
-            found[f"{name}.weight"] = _Module(mod.weight, owner if isinstance(owner, LoraLayer) else None)
+            found[names[id(weight)]] = _Module(weight, owner)
         if not found:
             raise PreflightError("callbacks.npft: no decoder Linear matches quant.targets/quant.ignore; NPFT has nothing to perturb")
         return found
@@ -318,8 +314,6 @@ class NPFT(Callback):
         self.round = r
 
     def _select(self, ctx: Context, r: int, scores: dict[str, torch.Tensor]) -> None:
-        from qaft.quant.grid import quant_step
-
         o = self.options
         for name, m in self.modules.items():
             m.idx = top_k_indices(scores[name], o.ratio).to(m.weight.device)
@@ -328,7 +322,7 @@ class NPFT(Callback):
             eff = self._effective(m)
             m.values = eff.reshape(-1)[m.idx].clone()
             m.delta = quant_step(eff, ctx.scheme.weight).reshape(-1)[m.idx].clone() if o.noise is Noise.QUANT_STEP else None
-            m.noise = self._draw(m, _generator(ctx.config.training.seed, self.name, "round", r, name)) if o.redraw is Redraw.ROUND else None
+            m.noise = self._draw(m, _generator(ctx.seed, self.name, "round", r, name)) if o.redraw is Redraw.ROUND else None
 
     def _draw(self, m: _Module, g: torch.Generator) -> torch.Tensor:
         o = self.options
@@ -352,7 +346,7 @@ class NPFT(Callback):
             for name, m in self.modules.items():
                 noise = m.noise
                 if self.options.redraw is Redraw.STEP:
-                    noise = self._draw(m, _generator(ctx.config.training.seed, self.name, "step", ctx.state.step, name))
+                    noise = self._draw(m, _generator(ctx.seed, self.name, "step", ctx.state.step, name))
                 m.weight.view(-1)[m.idx] = m.clean + noise
         self._noisy = True
         self._overhead += time.perf_counter() - t0
@@ -390,7 +384,7 @@ class NPFT(Callback):
         model.eval()
         try:
             mask = {n: m.idx for n, m in self.modules.items()}
-            g = _generator(ctx.config.training.seed, self.name, "hutchinson", ctx.state.step)
+            g = _generator(ctx.seed, self.name, "hutchinson", ctx.state.step)
             return hessian_trace(model, self._probe(ctx, self.options.hessian_windows), mask, self.options.hessian_probes, g)
         finally:
             model.train(was_training)
@@ -411,4 +405,4 @@ class NPFT(Callback):
         self._pending = {n: {**s, "idx": None if s["idx"] is None else s["idx"].long()} for n, s in state["modules"].items()} or None
 
 
-register(NPFT)
+CALLBACKS.register(NPFT)

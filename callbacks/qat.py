@@ -36,15 +36,16 @@ from typing import Annotated, Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 
+from qaft.core.errors import PreflightError
+from qaft.core.typed import Ge
 from qaft.quant.loftq import loftq, loftq_base
 from qaft.quant.grid import fake_quant_activation, quantize_weight
 from qaft.quant.scheme import ActQuant, QuantScheme, WeightQuant
-from qaft.core.errors import PreflightError
-from qaft.core.typed import Ge
 
 from .base import Callback, Context
-from .registry import register
+from .registry import CALLBACKS
 
 
 class Init(str, enum.Enum):
@@ -110,7 +111,7 @@ def _linear_forward(layer: torch.nn.Linear, scheme: QuantScheme):
     return original, types.MethodType(forward, layer)
 
 
-@register
+@CALLBACKS.register
 class QAT(Callback):
     name = "qat"
     Options = QATOptions
@@ -136,24 +137,8 @@ class QAT(Callback):
     # -- setup
 
     def _targets(self, ctx: Context) -> dict[str, torch.nn.Module]:
-        """The Linears the post-pass would quantize (decoder blocks, ``quant.targets``/``ignore``), peft layer or plain."""
-        from peft.tuners.lora import LoraLayer
-
-        from qaft.quant.postpass import decoder_layers
-
-        model = ctx.accelerator.unwrap_model(ctx.model)
-        prefix, layers = decoder_layers(model)
-        clean = prefix.removeprefix("base_model.model.")
-        found: dict[str, torch.nn.Module] = {}
-        for i, layer in enumerate(layers):
-            for name, mod in layer.named_modules():
-                if "lora_" in name or name.endswith("base_layer"):
-                    continue
-                is_lora = isinstance(mod, LoraLayer)
-                if (is_lora or isinstance(mod, torch.nn.Linear)) and ctx.scheme.selects(f"{clean}.{i}.{name}"):
-                    if is_lora and not isinstance(mod.get_base_layer(), torch.nn.Linear):
-                        raise PreflightError(f"callbacks.qat: {clean}.{i}.{name} wraps a {type(mod.get_base_layer()).__name__}, not a Linear; exclude it with quant.ignore")
-                    found[f"{clean}.{i}.{name}"] = mod
+        """The Linears the post-pass will quantize (``QuantScheme.linears``): peft layer or plain Linear."""
+        found = ctx.scheme.linears(ctx.accelerator.unwrap_model(ctx.model))
         if not found:
             raise PreflightError("callbacks.qat: no decoder Linear matches quant.targets/quant.ignore; QAT has nothing to quantize")
         return found
@@ -166,8 +151,6 @@ class QAT(Callback):
 
     def _lora_weights(self, ctx: Context):
         """``(key, layer, adapter, base weight)`` for every active LoRA adapter on a target (full weights required)."""
-        from peft.tuners.lora import LoraLayer
-
         for name, mod in self.modules.items():
             if not isinstance(mod, LoraLayer):
                 continue
@@ -203,8 +186,6 @@ class QAT(Callback):
 
     def _sync(self, ctx: Context) -> None:
         if not self._originals and ctx.state.step >= self.options.start_step:
-            from peft.tuners.lora import LoraLayer
-
             for mod in self.modules.values():
                 original, patched = (_lora_forward if isinstance(mod, LoraLayer) else _linear_forward)(mod, ctx.scheme)
                 mod.forward = patched

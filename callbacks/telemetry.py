@@ -21,7 +21,7 @@ import torch
 from qaft.core.typed import Ge
 
 from .base import Callback, Context
-from .registry import register
+from .registry import CALLBACKS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,4 +76,4 @@ class Telemetry(Callback):
         return {**self._grads, "weight_norm": weight, "update_ratio": update / max(weight, 1e-12)}
 
 
-register(Telemetry)
+CALLBACKS.register(Telemetry)

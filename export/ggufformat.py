@@ -1,4 +1,9 @@
-"""``qaft export`` with ``export.format: gguf``: write the two GGUF files, read them back, prove they hold our model.
+"""``export.format: gguf``: the model and the factors as llama.cpp files (``gguffile``), read back, proven to hold our model.
+
+    export/
+      model-<TYPE>.gguf       llama-architecture model, quantized Linears in the scheme's GGUF type
+      adapter-lowrank.gguf    the factors as a llama.cpp LoRA adapter (scale 1)
+
 
 Parity: the model file is reloaded by transformers (``from_pretrained(dir, gguf_file=...)``, which
 de-quantizes with the ``gguf`` package, i.e. llama.cpp's rules) and compared with qaft's in-memory
@@ -17,16 +22,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
+import gguf
 import torch
 import torch.nn.functional as F
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qaft.trainer.config import Config, ModelConfig
 from qaft.core.errors import ExportError, QaftError
-
+from qaft.core.model import ModelConfig, resolve
 from qaft.quant.fakequant import QuantLinear
-from .gguffile import ADAPTER_FILE, model_file, read_adapter, write_adapter, write_model
-from qaft.quant.scheme import GGUFType, QuantScheme
+from qaft.quant.scheme import GGUFType, QuantScheme, WeightFormat
+
+from .card import made_with, mb, perplexity_section, provenance_note
+from .config import ExportConfig
+from .formats import FORMATS, ExportFormat
+from .gguffile import ADAPTER_FILE, check_config, check_model, model_file, read_adapter, write_adapter, write_model
+from .parity import PROMPTS, Parity, compare_logits, enforce, prompt_ids
+from .sizes import size_record
 
 
 class LowRank(torch.nn.Module):
@@ -66,8 +78,6 @@ def gguf_type_of(folder: Path) -> GGUFType:
 def load_gguf(folder: str | Path, *, adapter: bool = True) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` from a GGUF export through transformers' own GGUF loader; with the adapter
     file's factors attached (a ``LowRank``) when there is one and ``adapter`` is true."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = Path(folder)
     name = model_file(gguf_type_of(folder))
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
@@ -79,8 +89,6 @@ def load_gguf(folder: str | Path, *, adapter: bool = True) -> tuple[torch.nn.Mod
 
 def source_gguf(name_or_path: str) -> Path | None:
     """The GGUF file the model came from: itself, or through a training run's ``final/config.yaml``."""
-    from qaft.core.model import resolve
-
     run_config = Path(name_or_path) / "config.yaml"
     if run_config.is_file():
         name = (yaml.safe_load(run_config.read_text()).get("model") or {}).get("name_or_path")
@@ -120,14 +128,12 @@ def stored_floats(reference: torch.nn.Module, float_type: str) -> torch.nn.Modul
     return rounded
 
 
-def check_parity(folder: Path, reference: torch.nn.Module, tok: Any, cfg: Config) -> tuple[dict[str, Any], bool]:
+def check_parity(folder: Path, reference: torch.nn.Module, tok: Any, settings: ExportConfig) -> tuple[dict[str, Any], bool]:
     """``({check: Parity}, tokenizer agrees)``; a difference above ``export.parity_atol`` is an error."""
-    from .exporter import PROMPTS, Parity, compare_logits
-
-    prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    prompts = prompt_ids(tok)
     loaded, loaded_tok = load_gguf(folder)
     same_tokens = all(tok(p, add_special_tokens=False)["input_ids"] == loaded_tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS)
-    ref = stored_floats(reference, cfg.export.gguf_float_type)
+    ref = stored_floats(reference, settings.gguf_float_type)
     results = {}
     adapter = isinstance(loaded, LowRank)
     checks = {"model": (factors_off(ref), loaded.disable_adapter() if adapter else nullcontext())}
@@ -136,19 +142,13 @@ def check_parity(folder: Path, reference: torch.nn.Module, tok: Any, cfg: Config
     for check, (ours, theirs) in checks.items():
         with ours, theirs:
             diff, top1 = compare_logits(ref, loaded, prompts)
-        if not diff <= cfg.export.parity_atol:
-            raise ExportError(f"GGUF reload parity failed ({check}): max |logit diff| {diff:.3g} > export.parity_atol {cfg.export.parity_atol:g} "
-                              f"(top-1 agreement {top1:.1%}); this is a bug in qaft or in the installed transformers/gguf, please report it")
-        results[f"gguf {check} (transformers)"] = Parity(diff, top1, tolerance=cfg.export.parity_atol)
+        enforce(f"GGUF {check}", diff, top1, settings.parity_atol, "transformers/gguf")
+        results[f"gguf {check} (transformers)"] = Parity(diff, top1, tolerance=settings.parity_atol)
     return results, same_tokens
 
 
 def sizes(folder: Path, reference: torch.nn.Module, t: GGUFType) -> dict[str, Any]:
     """``size_record`` of the two files: packed bytes from the type's block size (``gguf.GGML_QUANT_SIZES``)."""
-    import gguf
-
-    from .exporter import size_record
-
     block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.value]]
     quantized = sum(m.weight.numel() for m in reference.modules() if isinstance(m, QuantLinear))
     adapter = folder / ADAPTER_FILE
@@ -157,24 +157,78 @@ def sizes(folder: Path, reference: torch.nn.Module, t: GGUFType) -> dict[str, An
                        adapter_bytes=adapter_bytes, factor_bytes=adapter_bytes)
 
 
-def write_gguf(cfg: Config, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tok: Any, scheme: QuantScheme,
-               meta: dict[str, Any], progress: bool) -> dict[str, Any]:
-    """Both files into ``tmp``, parity-checked and measured: the format-specific part of the manifest."""
-    from .exporter import evaluate
+@FORMATS.register
+class GGUF(ExportFormat):
+    name = "gguf"
+    summary = "llama.cpp model + LoRA adapter files"
 
-    t = scheme.weight.gguf_type
-    source = source_gguf(meta["source_model"])
-    types = write_model(model, tok, scheme, tmp / model_file(t), source_gguf=source, float_type=cfg.export.gguf_float_type,
-                        name=f"{Path(str(meta['source_model'])).name} {scheme.label} + {meta['method']}")
-    ranks = write_adapter(model, tmp / ADAPTER_FILE)
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    parity, same_tokens = check_parity(tmp, reference, tok, cfg)
-    return {
-        "format": {"model": f"GGUF {t.value} ({model_file(t)})", "adapter": f"GGUF LoRA ({ADAPTER_FILE})" if ranks else None,
-                   "gguf_type": t.value, "float_type": cfg.export.gguf_float_type,
-                   "tokenizer": f"copied from {source.name}" if source else "built from the Hugging Face tokenizer (byte-level BPE)",
-                   "tokenizer_roundtrip": same_tokens},
-        "ranks": ranks, "quantized_modules": quantized, "tensor_types": types,
-        "parity": {k: asdict(v) for k, v in parity.items()}, "sizes": sizes(tmp, reference, t),
-        "evaluation": evaluate(cfg, tmp, progress) if cfg.export.evaluate else None,  # export.evaluate reads GGUF folders via load_gguf
-    }
+    @classmethod
+    def native(cls, scheme: QuantScheme) -> bool:
+        return scheme.weight.format is WeightFormat.GGUF
+
+    @classmethod
+    def check_scheme(cls, scheme: QuantScheme) -> None:
+        if scheme.weight.format is not WeightFormat.GGUF:
+            raise ExportError(f"export.format: gguf files hold llama.cpp's block grids, and this result is {scheme.weight.label}; quantize with "
+                              "quant.weight.format=gguf quant.weight.gguf_type=Q4_0 (or Q4_1, Q5_0, Q5_1, Q8_0, MXFP4), or use export.format=compressed-tensors")
+
+    @classmethod
+    def check_model_config(cls, config: Any, scheme: QuantScheme, model_class: str) -> None:
+        check_config(config, scheme, model_class)
+
+    @classmethod
+    def check_model(cls, model: torch.nn.Module, scheme: QuantScheme) -> None:
+        check_model(model, scheme)
+
+    def write(self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme,
+              meta: dict[str, Any], settings: ExportConfig) -> dict[str, Any]:
+        t = scheme.weight.gguf_type
+        source = source_gguf(meta["source_model"])
+        types = write_model(model, tokenizer, scheme, tmp / model_file(t), source_gguf=source, float_type=settings.gguf_float_type,
+                            name=f"{Path(str(meta['source_model'])).name} {scheme.label} + {meta['method']}")
+        ranks = write_adapter(model, tmp / ADAPTER_FILE)
+        quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+        parity, same_tokens = check_parity(tmp, reference, tokenizer, settings)
+        return {
+            "format": {"model": f"GGUF {t.value} ({model_file(t)})", "adapter": f"GGUF LoRA ({ADAPTER_FILE})" if ranks else None,
+                       "gguf_type": t.value, "float_type": settings.gguf_float_type,
+                       "tokenizer": f"copied from {source.name}" if source else "built from the Hugging Face tokenizer (byte-level BPE)",
+                       "tokenizer_roundtrip": same_tokens},
+            "ranks": ranks, "quantized_modules": quantized, "tensor_types": types,
+            "parity": {k: asdict(v) for k, v in parity.items()}, "sizes": sizes(tmp, reference, t),
+        }
+
+    @classmethod
+    def owns(cls, folder: Path) -> bool:
+        return any(folder.glob("model-*.gguf"))
+
+    @classmethod
+    def load(cls, folder: Path, **options: Any) -> tuple[torch.nn.Module, Any]:
+        return load_gguf(folder)
+
+    @classmethod
+    def card(cls, m: dict[str, Any]) -> str:
+        """Files, how llama.cpp and transformers load them, parity, sizes."""
+        f, s, p = m["format"], m["sizes"], m["parity"]
+        model, adapter = f"model-{f['gguf_type']}.gguf", "adapter-lowrank.gguf" if f["adapter"] else None
+        lines = ["---", "tags: [qaft, gguf, llama.cpp, lora]", "---", "",
+                 *made_with(m, f"`{model}`, llama.cpp {f['gguf_type']}", f"`{adapter}`, llama.cpp LoRA adapter, scale 1" if adapter else "no adapter"),
+                 *perplexity_section(m),
+                 "## Size", "",
+                 f"`{model}` {mb(s['base_bytes'])}" + (f" + `{adapter}` {mb(s['adapter_bytes'])}" if adapter else "")
+                 + f" (float32 {mb(s['float32_bytes'])}). Quantized Linears: {s['bits_per_weight_base']:.2f} bits per weight"
+                 + (f", {s['bits_per_weight_with_adapter']:.2f} with the adapter" if adapter else "")
+                 + f". Norms F32; embeddings and other float matrices {f['float_type']}. Tokenizer {f['tokenizer']}.", "",
+                 "## Reload parity", "",
+                 "Logits of the files reloaded by transformers' GGUF loader (which de-quantizes with the `gguf` package, llama.cpp's rules), "
+                 "the adapter's factors read back with `gguf.GGUFReader`, vs qaft's in-memory model with its float matrices rounded as stored:", "",
+                 "| check | max abs diff | top-1 agreement |", "|---|---|---|",
+                 *(f"| {k} | {v['max_abs_diff']:.2e} (tolerance {v['tolerance']:g}) | {v['top1_agreement']:.1%} |" for k, v in p.items()),
+                 "", "## Load", "", "```sh",
+                 f"llama-cli -m {model}" + (f" --lora {adapter}" if adapter else "") + " -p \"The capital of France is\"", "```", "", "```python",
+                 "from transformers import AutoModelForCausalLM, AutoTokenizer  # needs: pip install gguf",
+                 f'model = AutoModelForCausalLM.from_pretrained(".", gguf_file="{model}")  # de-quantized to float',
+                 f'tokenizer = AutoTokenizer.from_pretrained(".", gguf_file="{model}")', "```", "",
+                 ("transformers does not read GGUF LoRA adapters; `qaft.load_quantized(\".\")` attaches the factors to the reloaded model. " if adapter else "")
+                 + provenance_note(), ""]
+        return "\n".join(lines)

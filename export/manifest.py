@@ -7,7 +7,6 @@ silently evaluated.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import platform
@@ -16,18 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from qaft.core.errors import ExportError
+from qaft.core.io import sha256_file
 
 NAME = "manifest.json"
 VERSION = 1
 LIBRARIES = ("qaft", "torch", "transformers", "peft", "compressed-tensors", "accelerate", "safetensors", "gguf")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_hashes(root: Path) -> dict[str, str]:

@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
 
 from qaft.quant.fakequant import QuantLinear
 
@@ -26,9 +28,6 @@ def ranks(model: torch.nn.Module) -> dict[str, int]:
 
 def write_adapter(model: torch.nn.Module, out: Path, base_name_or_path: str) -> dict[str, int] | None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` to ``out``; None (and nothing written) without factors."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     per_layer = ranks(model)
     if not per_layer:
         return None

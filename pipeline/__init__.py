@@ -1,1 +1,4 @@
-"""The application: CLI, `qaft run` (stages), `qaft doctor`, the report."""
+"""The application: CLI, ``qaft run`` (stages), ``qaft doctor``, the report."""
+
+STAGES = ("train", "quantize", "export", "eval", "report")
+"""The stages of ``qaft run``, in order (here, not in ``run``, so the CLI's ``--help`` lists them without importing torch)."""

@@ -3,6 +3,9 @@
 Exit codes: 0 ok; 2 a problem with the input (one line per problem, no traceback); 1 a bug
 (traceback, please report it); 130 interrupted.
 
+Every verb's module is imported when the verb runs, not at start, so ``qaft --help`` answers in a
+fraction of a second instead of after torch, transformers and peft have loaded.
+
 Threads: with OpenMP's default (active) wait policy, a torch process on a 2-core machine slows
 down 16-25x as soon as any other CPU-bound process runs beside it (its threads spin waiting for a
 descheduled partner). The CLI therefore sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads,
@@ -16,23 +19,25 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+from . import STAGES
 
 def _train(args: argparse.Namespace) -> int:
-    from qaft.trainer.config import load_config
     from qaft.trainer.loop import fit
 
-    fit(load_config(args.config, args.overrides), overwrite=args.overwrite)
+    fit(_config(args), overwrite=args.overwrite)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from qaft.eval.compare import compare, parse_methods, table, write_json
+    from qaft.eval.compare import table, write_json
+    from qaft.quant.methods import parse_list
 
-    from qaft.trainer.config import load_config
+    from .commands import compare
 
-    methods = parse_methods(args.methods or "fp,rtn") if args.methods or not args.export else []
-    report = compare(load_config(args.config, args.overrides), methods, export=args.export)
+    methods = parse_list(args.methods or "fp,rtn") if args.methods or not args.export else []
+    report = compare(_config(args), methods, export=args.export)
     print(table(report))
     if args.json:
         write_json(report, args.json)
@@ -40,26 +45,21 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from qaft.eval.compare import quantize_and_save
+    from .commands import check_export_destination, quantize_and_save
 
-    from qaft.trainer.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config(args)
     if args.export:  # fail before the post-pass, not after it
-        from qaft.export.exporter import check_destination
-
-        check_destination(cfg, cfg.quant, args.overwrite)
+        check_export_destination(cfg, args.overwrite)
     out = quantize_and_save(cfg, overwrite=args.overwrite)
-    print(f"qaft quantize: {cfg.quant.label}, {cfg.postpass.quantizer} + {cfg.postpass.reconstructor} (rank {cfg.postpass.rank}) written to {out}")
+    p = cfg.postpass
+    print(f"qaft quantize: {cfg.quant.label}, {p.quantizer.name} + {p.reconstructor.name if p.reconstructor else 'none'} (rank {p.rank}) written to {out}")
     return _export(args) if args.export else 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from qaft.export.exporter import export
+    from .commands import export_run
 
-    from qaft.trainer.config import load_config
-
-    out, m = export(load_config(args.config, args.overrides), overwrite=args.overwrite)
+    out, m = export_run(_config(args), overwrite=args.overwrite)
     s, p = m["sizes"], m["parity"]
     print(f"qaft export: {m['scheme_label']} + {m['method']} written to {out}")
     print(f"  base {s['base_bytes'] / 2**20:.1f} MiB + adapter {s['adapter_bytes'] / 2**20:.1f} MiB (float32 {s['float32_bytes'] / 2**20:.1f} MiB); "
@@ -93,6 +93,12 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qaft", description="Quantization-aware fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="{train,quantize,eval,export,run,doctor}")
@@ -112,11 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = verb("export", "packed int4 base (compressed-tensors) + PEFT adapter + manifest + model card, with a reload parity check", _export)
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export.dir")
     ev = verb("eval", "WikiText-2 perplexity of the float model and of post-pass methods", _eval)
-    ev.add_argument("--methods", default=None, help="comma list of fp, rtn, lqer, l2qer, whiten, aser, gptq, gptq+<reconstructor> (default fp,rtn; none with --export)")
+    ev.add_argument("--methods", default=None, help="comma list of fp, <quantizer>, <reconstructor>, <quantizer>+<reconstructor> "
+                    "(quantizers: rtn, gptq; reconstructors: aser, l2qer, lqer, whiten); default fp,rtn; none with --export")
     ev.add_argument("--export", metavar="DIR", help="also evaluate an export folder (base alone and base + adapter), after checking its manifest hashes")
     ev.add_argument("--json", metavar="PATH", help='also write {"protocol": {...}, "results": {method: {"ppl", "seconds", ...}}}')
-    from .run import STAGES
-
     rn = verb("run", "doctor → train → quantize → export → eval → report, resumable by stage", _run)
     rn.add_argument("--from", dest="start", choices=STAGES, help="redo this stage and the ones after it (finished stages are otherwise skipped)")
     rn.add_argument("--overwrite", action="store_true", help="start over: remove this run's outputs in training.output_dir")

@@ -26,9 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from qaft.trainer.config import Config, load_config
-from qaft.core.errors import QaftError
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qaft.core import text
+from qaft.core.errors import ConfigError, QaftError
+from qaft.core.model import TINY_MODELS, byte_tokenizer, resolve
+from qaft.core.modules import decoder_layers
+from qaft.export import formats
+from qaft.quant.postpass import check_scheme
+from qaft.trainer.checkpoint import list_checkpoints
 from qaft.trainer.parallel import FSDP_REFUSED, Launch, callback_problems, launch_from
+
+from .config import Config, load_config
 
 __all__ = ["Finding", "Launch", "Status", "blocking", "diagnose", "launch_from", "render"]
 
@@ -75,11 +85,6 @@ def versions() -> list[Finding]:
 
 def skeleton(cfg: Config) -> Any:
     """The model built on the meta device from its config: names, shapes and tying, no weights read."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qaft.core.model import TINY_MODELS, byte_tokenizer, resolve
-
     if cfg.model.name_or_path in TINY_MODELS:
         mcfg = TINY_MODELS[cfg.model.name_or_path](len(byte_tokenizer()))
     else:
@@ -91,8 +96,6 @@ def skeleton(cfg: Config) -> Any:
 
 
 def model_checks(cfg: Config) -> list[Finding]:
-    import torch
-
     try:
         model = skeleton(cfg)
     except QaftError as e:
@@ -135,15 +138,11 @@ def lora_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Findi
 
 
 def quant_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
-    from qaft.quant.postpass import check_scheme, decoder_layers
-
-    from qaft.core.errors import ConfigError
-
     try:
         prefix, layers = decoder_layers(model)
     except ValueError as e:
         return [Finding("quant targets", Status.FAIL, f"{type(model).__name__}: {e}")]
-    selected = [n for n in linears if n.startswith(f"{prefix}.") and cfg.quant.selects(n)]
+    selected = list(cfg.quant.linears(model))
     if not selected:
         return [Finding("quant targets", Status.FAIL, "quant.targets/quant.ignore select no decoder Linear; nothing would be quantized")]
     try:
@@ -172,16 +171,12 @@ def tied_embeddings(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Fi
 
 def export_target(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
     """The export format can hold the scheme and this model (otherwise `qaft run` fails at its last stage)."""
-    from qaft.export.exporter import export_format
-    from qaft.export.gguffile import check_config
-
     try:
-        fmt = export_format(cfg, cfg.quant)
-        if fmt == "gguf":
-            check_config(model.config, cfg.quant, type(model).__name__)
+        fmt = formats.resolve(cfg.export.format, cfg.quant)
+        fmt.check_model_config(model.config, cfg.quant, type(model).__name__)
     except QaftError as e:
         return [Finding("export", Status.FAIL, str(e))]
-    return [Finding("export", Status.OK, f"{fmt}: {'llama.cpp model + LoRA adapter files' if fmt == 'gguf' else 'packed checkpoint + PEFT adapter'}")]
+    return [Finding("export", Status.OK, f"{fmt.name}: {fmt.summary}")]
 
 
 def disk_space(cfg: Config, params: int) -> list[Finding]:
@@ -210,8 +205,6 @@ def sharding(cfg: Config, launch: Launch) -> list[Finding]:
 
 
 def output_dir(cfg: Config) -> list[Finding]:
-    from qaft.trainer.checkpoint import list_checkpoints
-
     out = Path(cfg.training.output_dir)
     if out.exists() and not out.is_dir():
         return [Finding("output dir", Status.FAIL, f"training.output_dir: {out} exists and is not a folder; choose another path")]
@@ -226,19 +219,15 @@ def output_dir(cfg: Config) -> list[Finding]:
 
 def _ngrams(source: str) -> set[tuple[str, ...]] | None:
     """Word 13-grams of a local file or built-in corpus; None for anything else (hub dataset, folder)."""
-    from qaft.core import text as corpora
-
-    if corpora.is_builtin(source):
-        return corpora.ngrams(corpora.text(source))
+    if text.is_builtin(source):
+        return text.ngrams(text.text(source))
     if Path(source).is_file():
-        return corpora.ngrams(Path(source).read_text(encoding="utf-8", errors="replace"))
+        return text.ngrams(Path(source).read_text(encoding="utf-8", errors="replace"))
     return None
 
 
 def data_overlap(cfg: Config) -> list[Finding]:
     """The evaluation text must not be (part of) what the model is calibrated or trained on."""
-    from qaft.core import text as corpora
-
     if cfg.eval.path is None:
         return [Finding("data overlap", Status.OK, "no eval.path: nothing to compare")]
     eval_grams = _ngrams(cfg.eval.path)
@@ -250,7 +239,7 @@ def data_overlap(cfg: Config) -> list[Finding]:
         sources = {"data.path (also the calibration text)": cfg.data.path}
     rows = []
     for key, src in sources.items():
-        if corpora.same_source(src, cfg.eval.path):
+        if text.same_source(src, cfg.eval.path):
             rows.append(Finding("data overlap", Status.FAIL, f"{key}: {src} is the evaluation text itself; calibrate/train on other text (e.g. WikiText-2 validation)"))
             continue
         grams = _ngrams(src)

@@ -12,7 +12,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from qaft.trainer.config import Config
+from qaft.core import text
+from qaft.core.model import load_model_and_tokenizer
+from qaft.eval.compare import evaluate_methods
+from qaft.eval.perplexity import perplexity
+from qaft.quant.store import load_quantized
+
+from .commands import calibration_of, check_eval_inputs, compare
+from .config import Config
 
 
 def with_bits(cfg: Config, bits: int) -> Config:
@@ -24,27 +31,21 @@ def _row(model: str, method: str, scheme: str | None, result: dict[str, Any]) ->
 
 
 def evaluate_run(cfg: Config, tuned: Config, out: Path, *, progress: bool = True) -> dict[str, Any]:
-    from qaft.eval.compare import calibration_ids, check_inputs, compare, evaluate_methods
-    from qaft.eval.perplexity import perplexity, token_stream
-    from qaft.quant.store import load_quantized
-
-    from qaft.core.model import load_model_and_tokenizer
-
-    eval_path = check_inputs(cfg)
+    eval_path = check_eval_inputs(cfg)
     rows: list[dict[str, Any]] = []
     sources = [("original", cfg), ("fine-tuned", tuned)] if cfg.run.compare_original else [("fine-tuned", tuned)]
     for label, source in sources:
         model, tok = load_model_and_tokenizer(source.model)
-        ids, calib = token_stream(eval_path, tok), calibration_ids(source, tok)
+        ids, calib = text.token_stream(eval_path, tok, key="eval.path"), calibration_of(source, tok)
         plans = [(source, ["fp", "rtn"])] + [(with_bits(source, b), ["rtn"]) for b in source.run.rtn_bits]
         if label == "fine-tuned":
             plans.append((source, list(source.run.methods)))
         for scheme_cfg, methods in plans:
-            for m, r in evaluate_methods(model, ids, calib, scheme_cfg, methods, progress).items():
+            for m, r in evaluate_methods(model, ids, calib, scheme_cfg.quant, scheme_cfg.postpass, methods, scheme_cfg.eval, progress).items():
                 rows.append(_row(label, m, None if m == "fp" else scheme_cfg.quant.label, r))
         del model
     qmodel, tok, meta = load_quantized(out / "quantized")
-    r = perplexity(qmodel, token_stream(eval_path, tok), cfg.eval.seq_len, cfg.eval.windows, progress=progress)
+    r = perplexity(qmodel, text.token_stream(eval_path, tok, key="eval.path"), cfg.eval.seq_len, cfg.eval.windows, progress=progress)
     rows.append(_row("fine-tuned", f"{meta['method']} r{meta['rank']}" if meta["rank"] else meta["method"], cfg.quant.label, {"ppl": r.ppl, "seconds": r.seconds}))
     del qmodel
     exported = compare(tuned, [], export=out / "export", progress=progress)

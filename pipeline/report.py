@@ -18,7 +18,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from safetensors import safe_open
+
+from qaft.core.io import staged
+from qaft.core.typed import parse
+from qaft.quant.grid import quantize_weight
+from qaft.quant.scheme import QuantScheme
 
 IMAGES_CHECK = """<script>
 // Lets a headless browser (and the tests) confirm that every image decoded (a data-decoded attribute on each).
@@ -129,14 +136,6 @@ def layer_error_figure(fig: Figures, meta: dict[str, Any]) -> Path | None:
 
 def spectra_figure(fig: Figures, out: Path, meta: dict[str, Any]) -> Path | None:
     """Singular values of the RTN error ``W − Q(W)`` of the fine-tuned weights (first, middle, last block), rank cut marked."""
-    import torch
-    from safetensors import safe_open
-
-    from qaft.quant.grid import quantize_weight
-    from qaft.quant.scheme import QuantScheme
-
-    from qaft.core.typed import parse
-
     files = sorted((out / "final").glob("*.safetensors"))
     names = meta.get("quantized") or []
     if fig.plt is None or not files or not names:
@@ -208,13 +207,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def write_report(out: str | Path) -> Path:
     """Build the report from a run folder; written to a temp folder and renamed, so it is whole or absent."""
-    from qaft.trainer.checkpoint import publish
-
     out = Path(out)
-    folder, tmp = out / "report", out / ".tmp-report"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    folder = out / "report"
+    with staged(folder) as tmp:
         run_yaml = out / "stages" / "run.yaml"
         config = run_yaml.read_text() if run_yaml.is_file() else "(no stages/run.yaml)\n"
         callbacks = [c["name"] for c in (yaml.safe_load(config) if run_yaml.is_file() else {}).get("callbacks") or []]
@@ -260,9 +255,5 @@ def write_report(out: str | Path) -> Path:
         page.append("</body></html>")
         (tmp / "index.html").write_text("\n".join(page), encoding="utf-8")
         (tmp / "report.md").write_text(f"# {title}\n\n" + "\n\n".join(f"## {t}\n\n{m}" for t, _, m in sections) + "\n", encoding="utf-8")
-        publish(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,21 +29,23 @@ from typing import Any, Callable
 
 import yaml
 
-from qaft.trainer.config import Config, ModelConfig, diff_configs, load_config, read_yaml
+from qaft.core.configfile import diff_configs, read_yaml
 from qaft.core.errors import CheckpointError, PreflightError
+from qaft.core.io import atomic_write_text
+from qaft.core.model import ModelConfig
 from qaft.core.typed import to_plain
+from qaft.trainer.checkpoint import list_checkpoints
+from qaft.trainer.loop import fit
+from qaft.trainer.outputs import OWNED as TRAIN_OWNED
+from qaft.trainer.outputs import prepare_output_dir
 
-STAGES = ("train", "quantize", "export", "eval", "report")
-# The config sections each stage reads (a change there invalidates the stage and everything after it).
-READS = {
-    "train": ("model", "data", "lora", "training", "quant", "callbacks"),
-    "quantize": ("postpass",),
-    "export": ("export",),
-    "eval": ("eval", "run"),
-    "report": (),
-}
-# Keys that never change a stage's result: where things go, how often to log, resume mode.
-IGNORED = {"training.resume_from_checkpoint", "training.logging_steps", "training.report_to"}
+from . import STAGES
+from .commands import export_run, quantize_and_save
+from .config import NO_EFFECT_KEYS, Config, load_config, stage_of
+from .doctor import blocking, diagnose, render
+from .evaluation import evaluate_run
+from .report import write_report
+
 OWNED = ("stages", "quantized", "export", "eval.json", "report")
 
 
@@ -65,9 +66,7 @@ class Pipeline:
         return self.record_path(stage).is_file()
 
     def finish(self, stage: str, summary: dict[str, Any]) -> None:
-        tmp = self.stages_dir / f".tmp-{stage}.json"
-        tmp.write_text(json.dumps({"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}, indent=2))
-        os.replace(tmp, self.record_path(stage))
+        atomic_write_text(self.record_path(stage), json.dumps({"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}, indent=2))
 
     @property
     def final(self) -> Path:
@@ -83,8 +82,6 @@ class Pipeline:
 
 
 def stage_train(p: Pipeline) -> dict[str, Any]:
-    from qaft.trainer.loop import fit
-
     cfg = dataclasses.replace(p.cfg, training=dataclasses.replace(p.cfg.training, resume_from_checkpoint=True))
     if not _finished_training(p):  # killed after final/ was published but before this stage's record: keep it
         fit(cfg)
@@ -96,38 +93,28 @@ def _finished_training(p: Pipeline) -> bool:
     saved = p.final / "config.yaml"
     if not (p.final / "trainer_state.json").is_file() or not saved.is_file():
         return False
-    bad = first_invalid_stage(read_yaml(saved), to_plain(p.cfg))
-    return bad is None or bad[0] != "train"
+    changed = [k for k in diff_configs(read_yaml(saved), p.cfg.training_part()) if k not in NO_EFFECT_KEYS]
+    return not changed
 
 
 def stage_quantize(p: Pipeline) -> dict[str, Any]:
-    from qaft.eval.compare import quantize_and_save
-
     out = quantize_and_save(p.tuned(), overwrite=True, progress=p.progress)
     meta = json.loads((out / "qaft_quant.json").read_text())
     return {"dir": str(out), "method": meta["method"], "seconds": meta["seconds"]}
 
 
 def stage_export(p: Pipeline) -> dict[str, Any]:
-    from qaft.export.exporter import export
-
-    out, manifest = export(p.tuned(), overwrite=True, progress=p.progress)
+    out, manifest = export_run(p.tuned(), overwrite=True, progress=p.progress)
     return {"dir": str(out), "parity": manifest["parity"], "sizes": manifest["sizes"]}
 
 
 def stage_eval(p: Pipeline) -> dict[str, Any]:
-    from .evaluation import evaluate_run
-
     report = evaluate_run(p.cfg, p.tuned(), p.out, progress=p.progress)
-    tmp = p.out / ".tmp-eval.json"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, p.out / "eval.json")
+    atomic_write_text(p.out / "eval.json", json.dumps(report, indent=2))
     return {"rows": len(report["rows"])}
 
 
 def stage_report(p: Pipeline) -> dict[str, Any]:
-    from .report import write_report
-
     folder = write_report(p.out)
     return {"dir": str(folder)}
 
@@ -142,9 +129,9 @@ RUNNERS: dict[str, Callable[[Pipeline], dict[str, Any]]] = {
 
 def first_invalid_stage(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, list[str]] | None:
     """The earliest stage whose inputs changed between the saved and the current config, with the keys."""
-    changed = [k for k in diff_configs(saved, current) if k not in IGNORED]
+    changed = [k for k in diff_configs(saved, current) if k not in NO_EFFECT_KEYS]
     for stage in STAGES:
-        keys = [k for k in changed if k.split(".")[0] in READS[stage]]
+        keys = [k for k in changed if stage_of(k.split(".")[0]) == stage]
         if keys:
             return stage, keys
     return None
@@ -152,10 +139,6 @@ def first_invalid_stage(saved: dict[str, Any], current: dict[str, Any]) -> tuple
 
 def prepare(cfg: Config, *, overwrite: bool, start: str | None) -> Pipeline:
     """Check the folder against the run's own record; clear or trim it as asked. Read-only unless asked."""
-    from qaft.trainer.checkpoint import list_checkpoints
-    from qaft.trainer.outputs import OWNED as TRAIN_OWNED
-    from qaft.trainer.outputs import prepare_output_dir
-
     p = Pipeline(cfg, Path(cfg.training.output_dir))
     saved_file = p.stages_dir / "run.yaml"
     ours = saved_file.is_file()
@@ -185,17 +168,13 @@ def prepare(cfg: Config, *, overwrite: bool, start: str | None) -> Pipeline:
         for s in STAGES[STAGES.index(start):]:
             p.record_path(s).unlink(missing_ok=True)
     p.stages_dir.mkdir(parents=True, exist_ok=True)
-    tmp = p.stages_dir / ".tmp-run.yaml"
-    tmp.write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
-    os.replace(tmp, saved_file)
+    atomic_write_text(saved_file, yaml.safe_dump(to_plain(cfg), sort_keys=False))
     return p
 
 
 def run(config: str | Path, overrides: list[str], *, overwrite: bool = False, start: str | None = None,
         launch: Any = None, echo: Callable[[str], None] = print) -> Pipeline:
     """``qaft run``: the doctor first (exit 2 on a blocking problem), then every stage not yet done."""
-    from .doctor import blocking, diagnose, render
-
     cfg = load_config(config, overrides)
     if start is not None and start not in STAGES:
         raise PreflightError(f"--from: got {start!r}, expected one of {', '.join(STAGES)}")

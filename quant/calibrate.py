@@ -1,4 +1,7 @@
-"""Per-Linear input statistics, accumulated in float64 by forward pre-hooks, computed once and shared by methods.
+"""Calibration: the token windows, and per-Linear input statistics accumulated in float64 by forward pre-hooks, computed once and shared by methods.
+
+Calibration takes the first ``samples × seq_len`` tokens of the calibration text (deterministic, so
+no seed is involved).
 
 For each quantized Linear and each calibration batch ``x`` (``[..., in]``):
 - ``abs_mean_max``: the max over batches of the batch's mean ``|x_j|`` (L2QER's activation scale,
@@ -9,11 +12,17 @@ For each quantized Linear and each calibration batch ``x`` (``[..., in]``):
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import torch
+
+from qaft.core import text
+from qaft.core.errors import DataError
+from qaft.core.io import sha256_file
 
 
 @dataclass
@@ -57,3 +66,45 @@ def collect(linears: Mapping[str, torch.nn.Linear]) -> Iterator[dict[str, LayerS
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def input_sources(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]):
+    """Yield ``{linear: (group_key, norm_name | None)}``: Linears fed the same tensor share a key, and
+    the norm that produced it (if any) is named, so smoothing can fold into it.
+
+    Read on the first forward; the tensors are held until the end, so identities cannot be reused."""
+    first_in: dict[str, torch.Tensor] = {}
+    first_out: dict[str, torch.Tensor] = {}
+    norms = {n: m for n, m in layer.named_modules() if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None}
+    def keep(store: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:  # a hook must return None,
+        store.setdefault(name, t)  # or torch replaces the module's input/output with what it returned
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: keep(first_in, n, args[0])) for n, m in targets.items()]
+    handles += [m.register_forward_hook(lambda mod, args, out, n=n: keep(first_out, n, out)) for n, m in norms.items()]
+    result: dict[str, tuple[int, str | None]] = {}
+    try:
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+    for n, x in first_in.items():
+        producer = next((norm for norm, out in first_out.items() if out is x), None)
+        result[n] = (id(x), producer)
+
+
+def calibration_ids(path: str, tokenizer: Any, samples: int, seq_len: int, *, key: str = "postpass.calibration_path") -> torch.Tensor:
+    """``[samples, seq_len]`` ids from the start of the calibration text (any source ``core.text`` reads)."""
+    ids = text.token_stream(path, tokenizer, key=key)
+    if ids.numel() < samples * seq_len:
+        raise DataError(f"{key}: {path!r} has {ids.numel()} tokens, fewer than {samples} x {seq_len}")
+    return text.windows_of(ids, seq_len, samples)
+
+
+def calibration_record(path: str, ids: torch.Tensor) -> dict[str, Any]:
+    """Where the calibration tokens came from and a sha256 of them (and of the file, when it is one)."""
+    return {
+        "path": path, "sha256": sha256_file(Path(path)) if Path(path).is_file() else None,
+        "samples": ids.shape[0], "seq_len": ids.shape[1], "tokens": ids.numel(),
+        "tokens_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
+    }

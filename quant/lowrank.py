@@ -1,19 +1,16 @@
-"""The shared interface of error reconstructors: ``E = W - Q(W)`` + statistics → rank-k ``Correction``.
+"""Low-rank factors: the ``Correction`` every reconstructor returns, and truncated SVDs to build one.
 
-A reconstructor is a pure function ``(error [out, in], stats, LowRank) -> Correction``; the deployed
-layer computes ``y = x Q(W)ᵀ + (x Bᵀ) Aᵀ``, i.e. a LoRA adapter with scaling 1. (The style guide's
-signature also passes the weight and the scheme; none of our methods needs them, so they are left
-out rather than ignored.) Methods register by name in a closed registry.
+The deployed layer computes ``y = x Q(W)ᵀ + (x Bᵀ) Aᵀ`` with ``A [out, k]``, ``B [k, in]``: a LoRA
+adapter with scaling 1. The methods themselves are in ``reconstructors/``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
-from .calibrate import LayerStats
+from .grid import quantize_weight
+from .scheme import Granularity, WeightQuant
 
 
 @dataclass(frozen=True)
@@ -53,17 +50,6 @@ class LowRank:
     """Per layer, the smallest k whose factors keep this share of ``‖M‖_F²`` (at most ``rank``)."""
 
 
-Reconstructor = Callable[[torch.Tensor, LayerStats, LowRank], Correction]
-RECONSTRUCTORS: dict[str, Reconstructor] = {}
-
-
-def register(name: str, fn: Reconstructor) -> Reconstructor:
-    if name in RECONSTRUCTORS:
-        raise ValueError(f"reconstructor {name!r} registered twice")
-    RECONSTRUCTORS[name] = fn
-    return fn
-
-
 def truncated(m: torch.Tensor, cfg: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k SVD of ``m`` in float64 (k = ``cfg.rank``, or fewer by ``cfg.energy``): ``U_k [out, k]``, ``S_k [k]``, ``Vh_k [k, in]``."""
     m = m.to(torch.float64)
@@ -95,9 +81,6 @@ def quantize_factors(c: Correction, bits: int) -> Correction:
 
     The components are first balanced (``‖A[:, j]‖ = ‖B[j]‖``, the product unchanged): ``A = U Σ`` puts
     the whole σ range into A's rows, where one per-row scale would flatten the small components."""
-    from .grid import quantize_weight
-    from .scheme import Granularity, WeightQuant
-
     if c.rank == 0:
         return c
     a, b = c.A.to(torch.float64), c.B.to(torch.float64)

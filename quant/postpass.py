@@ -2,44 +2,37 @@
 
 Layer-sequential (as GPTQ/LQER pipelines do): capture the inputs of decoder layer 0 on the
 calibration sequences, then for each layer run it once with statistics hooks on its target
-Linears, replace every target by a ``QuantLinear`` (RTN weights + optional low-rank correction),
-and run the *quantized* layer to produce the next layer's inputs (``propagate="quantized"``, the
-default, so later layers calibrate on what they will really see), or pass on the float outputs
-(``"float"``, which reproduces whole-model calibration exactly). Peak memory is the model plus one
-layer's activations and statistics. Records per-layer telemetry.
+Linears, let the reconstructor prepare the layer (ASER smooths it), replace every target by a
+``QuantLinear`` (the quantizer's grid weights + the reconstructor's low-rank correction), and run the
+*quantized* layer to produce the next layer's inputs (``propagate="quantized"``, the default, so
+later layers calibrate on what they will really see), or pass on the float outputs (``"float"``,
+which reproduces whole-model calibration exactly). Peak memory is the model plus one layer's
+activations and statistics. Records per-layer telemetry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from qaft.trainer.config import SmoothingConfig
 from qaft.core.errors import ConfigError
+from qaft.core.modules import decoder_layers, set_submodule
 
-from .reconstructors import whiten as aser, l2qer, lqer  # noqa: F401  (register the reconstructors)
 from .calibrate import LayerStats, collect
+from .config import PostpassConfig
 from .fakequant import QuantLinear
-from .quantizers.gptq import SingularHessian
-from .lowrank import RECONSTRUCTORS, LowRank, quantize_factors
-from .grid import QuantizedWeight, quantize_weight
-from .scheme import Granularity, QuantScheme, WeightFormat, WeightQuant
-from .reconstructors.aser import factors, smoothed_stats
-
-
-WeightQuantizer = Callable[[torch.Tensor, LayerStats, WeightQuant], QuantizedWeight]
-"""``(weight, input statistics, spec) -> QuantizedWeight``: RTN ignores the statistics, GPTQ uses them."""
-
-
-def rtn(w: torch.Tensor, stats: LayerStats, spec: WeightQuant) -> QuantizedWeight:
-    return quantize_weight(w, spec)
+from .lowrank import LowRank, quantize_factors
+from .methods import Method, of_config
+from .quantizers import QUANTIZERS
+from .quantizers.base import QuantizationFailed
+from .reconstructors import RECONSTRUCTORS, Preparation
+from .scheme import Granularity, QuantScheme, WeightFormat
 
 
 class _Captured(Exception):
@@ -63,23 +56,6 @@ class LayerReport:
     """Quantize + reconstruct time of this Linear (no calibration forward, no telemetry)."""
 
 
-def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """The ModuleList of decoder blocks (``model.layers`` in Llama, ``model.decoder.layers`` in OPT)."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and name.endswith("layers") and len(mod) > 0:
-            return name, mod
-    raise ValueError("found no decoder layer list (a ModuleList named '*layers'); this architecture is not supported yet")
-
-
-def target_linears(layer: torch.nn.Module, prefix: str, scheme: QuantScheme) -> dict[str, torch.nn.Linear]:
-    """Linears of one decoder layer that the scheme quantizes, by name relative to the layer."""
-    out = {}
-    for name, mod in layer.named_modules():
-        if isinstance(mod, torch.nn.Linear) and scheme.selects(f"{prefix}.{name}"):
-            out[name] = mod
-    return out
-
-
 def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None:
     """Fail before any work if a layer cannot take the scheme or the rank: one line per kind of problem,
     naming the first layer, how many more there are, and a value that would fit them all."""
@@ -89,7 +65,7 @@ def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None
     bad_group: list[tuple[int, str]] = []  # (input width, layer)
     bad_rank: list[tuple[int, str]] = []  # (min(out, in), layer)
     for i, layer in enumerate(layers):
-        for name, lin in target_linears(layer, f"{prefix}.{i}", scheme).items():
+        for name, lin in scheme.layer_linears(layer, f"{prefix}.{i}").items():
             if needs_group and lin.in_features % g:
                 bad_group.append((lin.in_features, f"{prefix}.{i}.{name}"))
             if rank > min(lin.in_features, lin.out_features):
@@ -117,64 +93,6 @@ def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None
 
 def _more(found: list) -> str:
     return f" and {len(found) - 1} more targeted Linear layer(s)" if len(found) > 1 else ""
-
-
-@contextmanager
-def input_sources(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]):
-    """Yield ``{linear: (group_key, norm_name | None)}``: Linears fed the same tensor share a key, and
-    the norm that produced it (if any) is named, so smoothing can fold into it.
-
-    Read on the first forward; the tensors are held until the end, so identities cannot be reused."""
-    first_in: dict[str, torch.Tensor] = {}
-    first_out: dict[str, torch.Tensor] = {}
-    norms = {n: m for n, m in layer.named_modules() if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None}
-    def keep(store: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:  # a hook must return None,
-        store.setdefault(name, t)  # or torch replaces the module's input/output with what it returned
-
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: keep(first_in, n, args[0])) for n, m in targets.items()]
-    handles += [m.register_forward_hook(lambda mod, args, out, n=n: keep(first_out, n, out)) for n, m in norms.items()]
-    result: dict[str, tuple[int, str | None]] = {}
-    try:
-        yield result
-    finally:
-        for h in handles:
-            h.remove()
-    for n, x in first_in.items():
-        producer = next((norm for norm, out in first_out.items() if out is x), None)
-        result[n] = (id(x), producer)
-
-
-@torch.no_grad()
-def smooth_layer(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], stats: dict[str, LayerStats],
-                 sources: dict[str, tuple[int, str | None]], cfg: SmoothingConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Scale weight columns by f and fold 1/f into the producing norm.
-
-    Returns explicit input scales (Linears whose input no norm produced) and, with ``cfg.extract``,
-    the smoothed columns of each Linear to keep out of quantization."""
-    groups: dict[int, list[str]] = {}
-    for n in targets:
-        groups.setdefault(sources[n][0], []).append(n)
-    explicit, extracted = {}, {}
-    for members in groups.values():
-        norm = sources[members[0]][1]
-        if norm is None and cfg.fold_only:
-            continue
-        st = stats[members[0]]
-        f = factors(st.abs_max, [targets[n].weight for n in members], cfg.alpha, cfg.outliers)
-        cols = torch.nonzero(f != 1).flatten()
-        for n in members:
-            targets[n].weight.mul_(f.to(targets[n].weight.dtype))
-            stats[n] = smoothed_stats(stats[n], f)
-            if cfg.extract and cfg.outliers is not None:
-                extracted[n] = cols
-        if norm is not None:
-            mod = layer.get_submodule(norm)
-            mod.weight.div_(f.to(mod.weight.dtype))
-            if getattr(mod, "bias", None) is not None:
-                mod.bias.div_(f.to(mod.bias.dtype))
-        else:
-            explicit |= {n: (1.0 / f).to(targets[n].weight.dtype) for n in members}
-    return explicit, extracted
 
 
 @torch.no_grad()
@@ -208,53 +126,49 @@ def _out_norm(m: torch.Tensor, xtx32: torch.Tensor) -> float:
     return (m @ xtx32 * m).sum().clamp(min=0).sqrt().item()
 
 
-def _set(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
-    parent, _, leaf = dotted.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
-
-
 @torch.no_grad()
 def quantize_model(
-    model: torch.nn.Module, calibration: torch.Tensor, scheme: QuantScheme, reconstructor: str | None, rank: int,
-    *, randomized_svd: bool = False, energy: float | None = None, smoothing: SmoothingConfig | None = None,
-    factor_bits: int | None = None, quantizer: WeightQuantizer = rtn, propagate: Literal["quantized", "float"] = "quantized",
-    progress: bool = True,
+    model: torch.nn.Module, calibration: torch.Tensor, scheme: QuantScheme, postpass: PostpassConfig, *, method: Method | None = None,
+    propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
 ) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
     """Quantize every target Linear of ``model`` in place. ``calibration``: ``[n, seq_len]`` token ids.
 
-    ``factor_bits`` puts the low-rank factors on an int grid (``lowrank.quantize_factors``); the
-    reports then measure the error of the factors as deployed. Returns the per-layer reports (and, when ``propagate == "float"``, the statistics, for tests).
+    ``method`` (default: the one ``postpass`` names) picks the quantizer and reconstructor; ``postpass``
+    gives the rank, the SVD and ``factor_bits`` (factors on an int grid, ``lowrank.quantize_factors``;
+    the reports then measure the factors as deployed). Returns the per-layer reports (and, when
+    ``propagate == "float"``, the statistics, for tests).
     """
-    if reconstructor is not None and reconstructor not in RECONSTRUCTORS:
-        raise ValueError(f"unknown reconstructor {reconstructor!r}; known: {sorted(RECONSTRUCTORS)}")
-    check_scheme(model, scheme, rank if reconstructor else 0)
+    method = method or of_config(postpass)
+    quantizer = QUANTIZERS.create(method.quantizer)
+    recon = None if method.reconstructor is None else RECONSTRUCTORS.create(method.reconstructor)
+    check_scheme(model, scheme, postpass.rank if recon else 0)
     model.eval()
     prefix, layers = decoder_layers(model)
     inputs = capture_inputs(model, layers[0], calibration)
     reports, kept = [], {} if propagate == "float" else None
-    lowrank = LowRank(rank, randomized=randomized_svd, energy=energy)
+    lowrank = LowRank(postpass.rank, randomized=postpass.randomized_svd, energy=postpass.energy)
     for i, layer in enumerate(tqdm(layers, desc="post-pass (layers)", disable=not progress, leave=False)):
-        targets = target_linears(layer, f"{prefix}.{i}", scheme)
-        with collect(targets) as stats, input_sources(layer, targets) as sources:
+        targets = scheme.layer_linears(layer, f"{prefix}.{i}")
+        with collect(targets) as stats, (recon.observe(layer, targets) if recon else contextlib.nullcontext()) as observed:
             outputs = [layer(h, **kw) for h, kw in inputs]
-        explicit, extracted = smooth_layer(layer, targets, stats, sources, smoothing) if smoothing is not None else ({}, {})
+        prep = recon.prepare(layer, targets, stats, observed) if recon else Preparation()
         for name, lin in targets.items():
             t0 = time.perf_counter()
             w = lin.weight.data
             to_quantize = w
-            if name in extracted:  # reading (b): these columns are not quantized; the correction carries them whole
+            if name in prep.extracted:  # ASER's reading (b): these columns are not quantized; the correction carries them whole
                 to_quantize = w.clone()
-                to_quantize[:, extracted[name]] = 0
+                to_quantize[:, prep.extracted[name]] = 0
             try:
-                q = quantizer(to_quantize, stats[name], scheme.weight)
-            except SingularHessian as e:
-                raise ConfigError(f"postpass.gptq.damp: {prefix}.{i}.{name}: {e}; raise postpass.gptq.damp (e.g. 0.1) or calibrate on more tokens") from None
+                q = quantizer.quantize(to_quantize, stats[name], scheme.weight)
+            except QuantizationFailed as e:
+                raise ConfigError(f"postpass.quantizer: {method.quantizer.name} on {prefix}.{i}.{name}: {e}") from None
             err = w - q.dequant
-            corr = RECONSTRUCTORS[reconstructor](err, stats[name], lowrank) if reconstructor else None
-            if corr is not None and factor_bits is not None:
-                corr = quantize_factors(corr, factor_bits)
+            corr = recon.reconstruct(err, stats[name], lowrank) if recon else None
+            if corr is not None and postpass.factor_bits is not None:
+                corr = quantize_factors(corr, postpass.factor_bits)
             after = err if corr is None else err - corr.matrix().to(err.dtype)
-            _set(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr, explicit.get(name)))
+            set_submodule(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr, prep.input_scales.get(name)))
             seconds = time.perf_counter() - t0
             xtx32 = stats[name].xtx.float()
             ref = max(_out_norm(w, xtx32), 1e-30)

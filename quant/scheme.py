@@ -2,8 +2,10 @@
 
 The same value travels with training (callbacks read it, e.g. NPFT's noise step), the post-pass
 and every export, and is saved in each checkpoint, so a run can always say how its numbers were
-made. Defaults follow ``shared/docs/protocol.md``: W4 symmetric per output channel, float
-activations, every Linear inside the decoder blocks (embeddings and ``lm_head`` stay float).
+made. Defaults follow the evaluation protocol (``docs/protocol.md``): W4 symmetric per output
+channel, float activations, every Linear inside the decoder blocks (embeddings and ``lm_head`` stay
+float). ``QuantScheme.linears`` is the one rule for *which* Linears that is, used by the post-pass,
+the callbacks that train for the scheme (NPFT, QAT) and the doctor.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import torch
+
+from qaft.core.modules import decoder_layers
 from qaft.core.typed import Ge, Gt, Le
 
 
@@ -148,6 +153,26 @@ class QuantScheme:
         if any(re.search(p, name) for p in self.ignore):
             return False
         return not self.targets or any(re.search(p, name) for p in self.targets)
+
+    def layer_linears(self, layer: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Module]:
+        """The Linears of one decoder block (``prefix`` = its dotted name) this scheme quantizes, by name
+        relative to the block. Under peft a target is the LoRA layer wrapping the Linear (its
+        ``base_layer``); names are the plain model's (no ``base_model.model.`` / ``.base_layer``)."""
+        prefix = prefix.removeprefix("base_model.model.")
+        out = {}
+        for name, mod in layer.named_modules():
+            if "lora_" in name or name.endswith("base_layer"):
+                continue
+            linear = isinstance(mod, torch.nn.Linear) or isinstance(getattr(mod, "base_layer", None), torch.nn.Linear)
+            if linear and self.selects(f"{prefix}.{name}"):
+                out[name] = mod
+        return out
+
+    def linears(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """Every Linear of ``model`` this scheme quantizes (see ``layer_linears``), by its full plain name."""
+        prefix, layers = decoder_layers(model)
+        plain = prefix.removeprefix("base_model.model.")
+        return {f"{plain}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in self.layer_linears(layer, f"{prefix}.{i}").items()}
 
     @property
     def label(self) -> str:

@@ -10,45 +10,36 @@ Layout (written atomically: ``.tmp-<name>`` then renamed)::
     qaft_quant.json     format version, scheme, method, rank, calibration, per-layer telemetry, quantized names
 
 De-quantized weights are not stored: ``load_quantized`` rebuilds them from codes and scales
-(exactly, see ``rtn.dequantize``). The deployable export (compressed-tensors + PEFT adapter) is
-issue #4; this folder is its input and a checkpoint of the post-pass.
+(exactly, see ``grid.dequantize``). This folder is the input of ``qaft export`` (and ``qaft tune``)
+and a checkpoint of the post-pass.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from qaft.trainer.checkpoint import publish
 from qaft.core.errors import CheckpointError
+from qaft.core.io import ensure_writable, staged
 from qaft.core.typed import parse, to_plain
 
 from .fakequant import STORED, QuantLinear
-from .lowrank import Correction
 from .grid import QuantizedWeight, dequantize
+from .lowrank import Correction
 from .scheme import QuantScheme
 
 META = "qaft_quant.json"
 FORMAT_VERSION = 1
 
 
-def ensure_writable(out: Path, overwrite: bool, key: str = "postpass.output_dir") -> None:
-    """Refuse to replace a non-empty folder unless asked to (``key`` names the setting that chose it)."""
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{key}: {out} exists and is not a folder; choose another path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{key}: {out} already holds files; pass --overwrite to replace it or choose another folder")
-
-
 def save_quantized(model: torch.nn.Module, tokenizer: Any, path: str | Path, scheme: QuantScheme, meta: dict[str, Any], *, overwrite: bool) -> Path:
-    from safetensors.torch import save_file
-
     out = Path(path)
-    ensure_writable(out, overwrite)
+    ensure_writable(out, overwrite, key="postpass.output_dir")
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not names:
         raise CheckpointError("nothing to save: the model has no quantized layers")
@@ -60,23 +51,17 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, path: str | Path, sch
             continue
         seen.add(t.data_ptr())
         tensors[key] = t.detach().contiguous()
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"))
-    model.config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    record = {"format_version": FORMAT_VERSION, "scheme": to_plain(scheme), "quantized": names, **meta}
-    (tmp / META).write_text(json.dumps(record, indent=2))
-    publish(tmp, out)
+    with staged(out) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"))
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"format_version": FORMAT_VERSION, "scheme": to_plain(scheme), "quantized": names, **meta}
+        (tmp / META).write_text(json.dumps(record, indent=2))
     return out
 
 
 def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """Rebuild the fake-quantized model from a folder written by ``save_quantized``: ``(model, tokenizer, meta)``."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     p = Path(path)
     if not (p / META).is_file():
         raise CheckpointError(f"{p} is not a qaft quantized folder (no {META}); create one with `qaft quantize`")

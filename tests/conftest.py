@@ -40,7 +40,7 @@ def smoke_raw(corpus, tmp_path) -> dict[str, Any]:
 @pytest.fixture
 def make_cfg(smoke_raw):
     """``make_cfg("training.max_steps=4", ...)`` → a validated Config from the smoke dict plus overrides."""
-    from qaft.trainer.config import config_from_dict
+    from qaft.pipeline.config import config_from_dict
 
     def make(*overrides: str):
         return config_from_dict(smoke_raw, list(overrides))

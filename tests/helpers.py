@@ -65,3 +65,11 @@ def assert_resume_is_exact(run, monkeypatch, tmp_path: Path, kill_at: int, volat
     rows = drop(events(tmp_path / "a", "train"))
     assert rows == drop(events(tmp_path / "b", "train"))
     return rows
+
+
+def postpass(reconstructor=None, rank: int = 0, **fields):
+    """A ``PostpassConfig`` parsed exactly as YAML would be: ``postpass("aser", 8, quantizer={"name": "gptq", "damp": 0.0})``."""
+    from qaft.core.typed import parse
+    from qaft.quant.config import PostpassConfig
+
+    return parse(PostpassConfig, {"reconstructor": reconstructor or "none", "rank": rank, **fields}, "postpass")

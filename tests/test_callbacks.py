@@ -11,26 +11,26 @@ import torch
 from helpers import adapter_tensors, assert_same_tensors
 
 from qaft import callbacks as cbs
-from qaft.callbacks import registry
+from qaft.callbacks import CALLBACKS, create
 from qaft.callbacks.base import Callback
-from qaft.trainer.config import CallbackSpec
+from qaft.core.registry import Spec
 from qaft.core.errors import CheckpointError, ConfigError
 from qaft.trainer.loop import fit
 from qaft.core.typed import to_plain
 
-BUILTIN = cbs.names()  # captured before any test registers a helper callback
+BUILTIN = CALLBACKS.names()  # captured before any test registers a helper callback
 
 
 def with_callbacks(make_cfg, specs: list[dict], *overrides: str):
     cfg = make_cfg("training.max_steps=6", "training.save_steps=3", "training.logging_steps=1", *overrides)
-    return cfg.__class__(**{**cfg.__dict__, "callbacks": tuple(CallbackSpec.from_plain(s, "callbacks", []) for s in specs)})
+    return cfg.__class__(**{**cfg.__dict__, "callbacks": tuple(CALLBACKS.convert(s, "callbacks", []) for s in specs)})
 
 
 # ---- contract suite: every registered callback -------------------------------------------------
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_neutral_options_leave_training_bit_identical(make_cfg, tmp_path, name):
-    cls = cbs.get(name)
+    cls = CALLBACKS.get(name)
     spec = {"name": name, **to_plain(cls.neutral_options())}
     plain = with_callbacks(make_cfg, [], f"training.output_dir={tmp_path / 'plain'}")
     withcb = with_callbacks(make_cfg, [spec], f"training.output_dir={tmp_path / 'with'}")
@@ -41,12 +41,12 @@ def test_neutral_options_leave_training_bit_identical(make_cfg, tmp_path, name):
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_state_round_trip_restores_the_generator_and_everything_else(name):
-    cls = cbs.get(name)
-    a = registry.create(name, cls.neutral_options(), seed=3, rank=0)
+    cls = CALLBACKS.get(name)
+    a = create(Spec(name, cls.neutral_options()), seed=3, rank=0)
     torch.rand(5, generator=a.generator)
     state = a.state_dict()
     expect = torch.rand(5, generator=a.generator)
-    b = registry.create(name, cls.neutral_options(), seed=99, rank=1)
+    b = create(Spec(name, cls.neutral_options()), seed=99, rank=1)
     b.load_state_dict(state)
     assert torch.equal(torch.rand(5, generator=b.generator), expect)
     assert type(b.state_dict()) is dict and b.state_dict().keys() == state.keys()
@@ -54,8 +54,8 @@ def test_state_round_trip_restores_the_generator_and_everything_else(name):
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_generators_are_seeded_per_run_rank_and_name(name):
-    opts = cbs.get(name).neutral_options()
-    draw = lambda **kw: torch.rand(4, generator=registry.create(name, opts, **kw).generator)  # noqa: E731
+    opts = CALLBACKS.get(name).neutral_options()
+    draw = lambda **kw: torch.rand(4, generator=create(Spec(name, opts), **kw).generator)  # noqa: E731
     assert torch.equal(draw(seed=1, rank=0), draw(seed=1, rank=0))
     assert not torch.equal(draw(seed=1, rank=0), draw(seed=1, rank=1))
     assert not torch.equal(draw(seed=1, rank=0), draw(seed=2, rank=0))
@@ -63,7 +63,7 @@ def test_generators_are_seeded_per_run_rank_and_name(name):
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_metrics_are_finite_floats(make_cfg, name):
-    cls = cbs.get(name)
+    cls = CALLBACKS.get(name)
     cfg = with_callbacks(make_cfg, [{"name": name, **to_plain(cls.neutral_options())}])
     fit(cfg)
     rows = [json.loads(line) for line in (Path(cfg.training.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -121,11 +121,10 @@ class Second(Recorder):
 
 
 @pytest.fixture
-def recorder(monkeypatch):
-    monkeypatch.setitem(registry._REGISTRY, "recorder", Recorder)
-    monkeypatch.setitem(registry._REGISTRY, "second", Second)
+def recorder():
     Recorder.log = []
-    return Recorder
+    with CALLBACKS.registered(Recorder), CALLBACKS.registered(Second):
+        yield Recorder
 
 
 def test_event_order_with_accumulation_eval_and_config_order(make_cfg, recorder):
@@ -169,7 +168,7 @@ def test_callback_state_is_checkpointed_and_checked_on_resume(make_cfg, recorder
     other = with_callbacks(make_cfg, [{"name": "second"}], "training.resume_from_checkpoint=true")
     with pytest.raises(CheckpointError, match=r"checkpoint-6 was made with a different config \(callbacks\)"):
         fit(other)
-    second = cbs.CallbackList([registry.create("second", RecorderOptions(), seed=0, rank=0)])
+    second = cbs.CallbackList([create(Spec("second", RecorderOptions()), seed=0, rank=0)])
     with pytest.raises(CheckpointError, match=r"holds callback states \['recorder'\] but the config lists \['second'\]"):
         second.load_state_dict(saved)
 
@@ -179,6 +178,6 @@ def test_registry_rejects_duplicates_and_unknown_names():
         name = "telemetry"
 
     with pytest.raises(ValueError, match="registered twice"):
-        registry.register(Impostor)
+        CALLBACKS.register(Impostor)
     with pytest.raises(ConfigError, match=r"unknown callback 'telemtry' \(did you mean 'telemetry'\?\)"):
-        cbs.get("telemtry")
+        CALLBACKS.get("telemtry")

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qaft.quant.scheme import Granularity, WeightFormat
-from qaft.trainer.config import Config, apply_overrides, config_from_dict, dump_config, load_config
+from qaft.pipeline.config import Config, config_from_dict, dump_config, load_config
+from qaft.core.configfile import apply_overrides
 from qaft.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +65,15 @@ def test_defaults_follow_the_protocol():
         (["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_K"], r"^quant\.weight\.gguf_type: got 'Q4_K', expected .*Q4_0.*MXFP4"),
         (["quant.version=2"], r"^quant\.version: got 2, expected 1"),
         (["training=3"], r"^training: got int 3, expected a mapping of TrainingConfig keys$"),
-        (["postpass.reconstructor=aser", "postpass.rank=2"], r"^postpass\.smoothing\.outliers: got 4, expected at most rank \(2\) when smoothing\.extract is true"),
-        (["postpass.reconstructor=aser", "postpass.smoothing.outliers=null"], r"^postpass\.smoothing\.outliers: got None, expected at most rank"),
+        (["postpass.reconstructor=aser", "postpass.rank=2"], r"^postpass\.reconstructor\.outliers: got 4, expected at most rank \(2\) when extract is true"),
+        (["postpass.reconstructor={name: aser, outliers: null}"], r"^postpass\.reconstructor\.outliers: got None, expected at most rank"),
+        (["postpass.quantizer=gptqq"], r"^postpass\.quantizer\.name: unknown weight quantizer 'gptqq' \(did you mean 'gptq'\?\)$"),
+        (["postpass.quantizer={name: gptq, dampp: 0.1}"], r"^postpass\.quantizer\.dampp: unknown key \(did you mean 'damp'\?\)$"),
+        (["postpass.quantizer={name: gptq, damp: -1}"], r"^postpass\.quantizer\.damp: got -1, expected a value >= 0$"),
+        (["postpass.reconstructor={name: l2qer, alpha: 0.5}"], r"^postpass\.reconstructor\.alpha: reconstructor 'l2qer' takes no options$"),
+        (["postpass.reconstructor=[aser]"], r"^postpass\.reconstructor: got \['aser'\], expected a name or a mapping with a 'name' key"),
+        (["postpass.smoothing.alpha=0.3"], r"^postpass\.smoothing: unknown key \(valid: "),
+        (["export.format=ggfu"], r"^export\.format: got 'ggfu', expected auto or one of compressed-tensors, gguf \(did you mean 'gguf'\?\)$"),
         (["foo"], r"^override 'foo': expected KEY=VALUE"),
         (["=3"], r"^override '=3': expected KEY=VALUE"),
         (["lora..r=3"], r"^override 'lora\.\.r=3': expected KEY=VALUE"),

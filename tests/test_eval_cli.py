@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qaft.eval.perplexity import perplexity, token_stream
+from qaft.core.text import token_stream
+from qaft.eval.perplexity import perplexity
 from qaft.pipeline.cli import main
-from qaft.trainer.config import ModelConfig
+from qaft.core.model import ModelConfig
 from qaft.core.model import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def argv(texts, *extra):
 
 def test_eval_prints_the_protocol_and_writes_the_json_contract(texts, capsys):
     out = texts / "r.json"
-    assert main([*argv(texts, "training.seed=0", "postpass.smoothing.outliers=4"), "--methods", "fp,rtn,lqer,whiten,aser", "--json", str(out)]) == 0
+    assert main([*argv(texts, "training.seed=0", "postpass.reconstructor={name: aser, outliers: 4}"), "--methods", "fp,rtn,lqer,whiten,aser", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "3 windows x 64 tokens" in printed and "W4 per-channel sym, rank 4" in printed and "calibration 4 x 64" in printed
     report = json.loads(out.read_text())
@@ -49,7 +50,7 @@ def test_fp_perplexity_is_the_plain_protocol_number(texts, capsys):
     assert main([*argv(texts), "--methods", "fp", "--json", str(out)]) == 0
     torch.manual_seed(5)
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
-    direct = perplexity(model, token_stream(texts / "test.txt", tok), 64, 3, progress=False).ppl
+    direct = perplexity(model, token_stream(str(texts / "test.txt"), tok, key="eval.path"), 64, 3, progress=False).ppl
     assert json.loads(out.read_text())["results"]["fp"]["ppl"] == pytest.approx(direct, rel=1e-6)
 
 

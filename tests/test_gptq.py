@@ -7,14 +7,15 @@ import copy
 import pytest
 import torch
 
+from helpers import postpass
 from qaft.quant.postpass import quantize_model
 from qaft.quant.calibrate import LayerStats
-from qaft.eval.compare import METHODS, method_name
+from qaft.quant import methods
 from qaft.quant.ggufgrid import CODE_RANGE
-from qaft.quant.quantizers.gptq import GPTQSettings, SingularHessian, gptq
+from qaft.quant.quantizers.gptq import GPTQOptions, SingularHessian, gptq
 from qaft.quant.grid import dequantize, quantize_weight
 from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
-from qaft.trainer.config import ModelConfig
+from qaft.core.model import ModelConfig
 from qaft.core.errors import ConfigError
 from qaft.core.model import load_model_and_tokenizer
 
@@ -43,7 +44,7 @@ def correlated(n: int = 4000, d: int = 64, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_identity_hessian_without_damping_is_rtn_exactly(spec):
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
-    a, b = gptq(w, stats_of(torch.eye(64) * 3), spec, GPTQSettings(damp=0.0)), quantize_weight(w, spec)
+    a, b = gptq(w, stats_of(torch.eye(64) * 3), spec, GPTQOptions(damp=0.0)), quantize_weight(w, spec)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.dequant, b.dequant)
     assert (a.zero is None) == (b.zero is None) and (a.zero is None or torch.equal(a.zero, b.zero))
 
@@ -55,7 +56,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(spec, act_order):
     st = stats_of(correlated())
     c = st.covariance.float()
     err = lambda q: ((w - q) @ c * (w - q)).sum().item()  # noqa: E731  tr((W-Q) C (W-Q)^T)
-    q = gptq(w, st, spec, GPTQSettings(act_order=act_order))
+    q = gptq(w, st, spec, GPTQOptions(act_order=act_order))
     assert err(q.dequant) < 0.8 * err(quantize_weight(w, spec).dequant)
 
 
@@ -63,7 +64,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(spec, act_order):
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_codes_and_scales_have_rtns_layout_and_respect_group_boundaries(spec, act_order):
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
-    q, r = gptq(w, stats_of(correlated()), spec, GPTQSettings(act_order=act_order, block=24)), quantize_weight(w, spec)
+    q, r = gptq(w, stats_of(correlated()), spec, GPTQOptions(act_order=act_order, block_size=24)), quantize_weight(w, spec)
     assert q.codes.shape == r.codes.shape and q.scale.shape == r.scale.shape and (q.zero is None) == (r.zero is None)
     assert torch.equal(dequantize(q.codes, q.scale, q.zero, spec), q.dequant)  # each code uses its own group's scale
     lo, hi = {WeightFormat.MXINT: (-8, 7)}.get(spec.format, (-7, 7) if spec.symmetric else (0, 15))
@@ -77,8 +78,8 @@ def test_codes_and_scales_have_rtns_layout_and_respect_group_boundaries(spec, ac
 def test_a_hessian_singular_after_damping_is_refused():
     x = torch.randn(3, 64)  # rank 3 < 64
     with pytest.raises(SingularHessian, match="not positive definite"):
-        gptq(torch.randn(8, 64), stats_of(x), WeightQuant(), GPTQSettings(damp=0.0))
-    gptq(torch.randn(8, 64), stats_of(x), WeightQuant(), GPTQSettings(damp=0.01))  # damping fixes it
+        gptq(torch.randn(8, 64), stats_of(x), WeightQuant(), GPTQOptions(damp=0.0))
+    gptq(torch.randn(8, 64), stats_of(x), WeightQuant(), GPTQOptions(damp=0.01))  # damping fixes it
     with pytest.raises(SingularHessian, match="no calibration tokens"):
         gptq(torch.randn(8, 64), LayerStats(64), WeightQuant())
 
@@ -101,26 +102,36 @@ def test_in_the_pipeline_gptq_beats_rtn_on_every_layer_and_composes_with_reconst
 
     model, calib = tiny
     scheme = QuantScheme(weight=WeightQuant(bits=3))
-    g = partial(gptq, settings=GPTQSettings())
+    g = partial(gptq, settings=GPTQOptions())
     kw = dict(propagate="float", progress=False)  # same inputs for every method: a per-layer comparison
-    rtn_reports, _ = quantize_model(copy.deepcopy(model), calib, scheme, None, 0, **kw)
-    gptq_reports, _ = quantize_model(copy.deepcopy(model), calib, scheme, None, 0, quantizer=g, **kw)
-    both, _ = quantize_model(copy.deepcopy(model), calib, scheme, "l2qer", 8, quantizer=g, **kw)
+    rtn_reports, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0), **kw)
+    gptq_reports, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0, quantizer="gptq"), **kw)
+    both, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass("l2qer", 8, quantizer="gptq"), **kw)
     worse = [a.name for a, b in zip(gptq_reports, rtn_reports) if not a.rel_output_error < b.rel_output_error]
     assert not worse, worse
     assert all(c.rel_output_error < a.rel_output_error for c, a in zip(both, gptq_reports))
 
 
 def test_gptq_in_the_pipeline_names_the_layer_and_the_fix(tiny):
-    from functools import partial
-
     model, _ = tiny
     few = torch.randint(0, 257, (1, 4))  # 4 tokens: every Hessian has rank <= 4 < 64
-    with pytest.raises(ConfigError, match=r"postpass\.gptq\.damp: model\.layers\.0\.self_attn\.q_proj: .* raise postpass\.gptq\.damp"):
-        quantize_model(model, few, QuantScheme(), None, 0, quantizer=partial(gptq, settings=GPTQSettings(damp=0.0)), progress=False)
+    with pytest.raises(ConfigError, match=r"^postpass\.quantizer: gptq on model\.layers\.0\.self_attn\.q_proj: .* raise postpass\.quantizer\.damp"):
+        quantize_model(model, few, QuantScheme(), postpass(None, 0, quantizer={"name": "gptq", "damp": 0.0}), progress=False)
 
 
 def test_method_names_compose_quantizer_and_reconstruction():
-    assert method_name("gptq", "none") == "gptq" and method_name("gptq", "aser") == "gptq+aser" and method_name("rtn", "l2qer") == "l2qer"
-    assert METHODS["gptq+aser"].gptq and METHODS["gptq+aser"].smooth and METHODS["gptq+aser"].reconstructor == "whiten"
-    assert {"gptq", "gptq+lqer", "gptq+l2qer", "gptq+whiten", "gptq+aser"} <= set(METHODS)
+    names = methods.names()
+    assert names[:3] == ["fp", "rtn", "gptq"] and {"lqer", "l2qer", "whiten", "aser", "gptq+lqer", "gptq+l2qer", "gptq+whiten", "gptq+aser"} <= set(names)
+    default = postpass("l2qer", 8)
+    assert methods.resolve("fp", default) is None
+    m = methods.resolve("gptq+aser", default)
+    assert (m.quantizer.name, m.reconstructor.name, m.name, m.label) == ("gptq", "aser", "gptq+aser", "gptq+aser")
+    assert m.quantizer.options.damp == 0.01 and m.reconstructor.options.outliers == 4  # registered defaults
+    assert methods.resolve("l2qer", default).label == "rtn+l2qer" and methods.resolve("gptq", default).label == "gptq+none"
+    # the config's options are used where it names the same entries
+    tuned = postpass({"name": "aser", "outliers": 2}, 8, quantizer={"name": "gptq", "act_order": True})
+    m = methods.resolve("gptq+aser", tuned)
+    assert m.quantizer.options.act_order and m.reconstructor.options.outliers == 2
+    assert methods.parse_list("fp, rtn+aser,gptq") == ["fp", "aser", "gptq"]
+    with pytest.raises(ConfigError, match=r"--methods: unknown method 'gptq\+asr' \(did you mean 'gptq\+aser'\?\)"):
+        methods.parse_list("gptq+asr")

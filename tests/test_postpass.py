@@ -6,13 +6,15 @@ import copy
 
 import pytest
 import torch
+from helpers import postpass
 
-from qaft.quant.postpass import quantize_model, target_linears
+from qaft.quant.postpass import quantize_model
 from qaft.quant.calibrate import collect
-from qaft.eval.perplexity import perplexity, windows_of
+from qaft.core.text import windows_of
+from qaft.eval.perplexity import perplexity
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import ActQuant, Granularity, QuantScheme, WeightQuant
-from qaft.trainer.config import ModelConfig
+from qaft.core.model import ModelConfig
 from qaft.core.errors import ConfigError
 from qaft.core.model import load_model_and_tokenizer
 
@@ -32,11 +34,11 @@ def test_layer_sequential_and_whole_model_calibration_give_the_same_statistics(t
     for name, mod in model.named_modules():
         if name.endswith("layers"):
             for i, layer in enumerate(mod):
-                targets |= {f"{name}.{i}.{n}": m for n, m in target_linears(layer, f"{name}.{i}", scheme).items()}
+                targets |= {f"{name}.{i}.{n}": m for n, m in scheme.layer_linears(layer, f"{name}.{i}").items()}
     with collect(targets) as whole:
         for seq in calib:
             model(input_ids=seq[None], use_cache=False)
-    _, sequential = quantize_model(copy.deepcopy(model), calib, scheme, None, 0, propagate="float", progress=False)
+    _, sequential = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0), propagate="float", progress=False)
     assert sequential.keys() == whole.keys() and len(whole) >= 12
     for k in whole:
         assert sequential[k].n_tokens == whole[k].n_tokens == 6 * 32
@@ -47,7 +49,7 @@ def test_layer_sequential_and_whole_model_calibration_give_the_same_statistics(t
 def test_every_target_becomes_a_quant_linear_and_embeddings_and_head_stay_float(tiny):
     model, calib = tiny
     head, emb = model.get_output_embeddings().weight.clone(), model.get_input_embeddings().weight.clone()
-    reports, _ = quantize_model(model, calib, QuantScheme(), "lqer", 4, progress=False)
+    reports, _ = quantize_model(model, calib, QuantScheme(), postpass("lqer", 4), progress=False)
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == len(reports) and all(r.rank == 4 for r in reports)
     for m in (m for m in model.modules() if isinstance(m, QuantLinear)):  # PEFT orientation, so export maps names 1:1
@@ -59,7 +61,7 @@ def test_every_target_becomes_a_quant_linear_and_embeddings_and_head_stay_float(
 @pytest.mark.parametrize("method", ["lqer", "l2qer", "whiten"])
 def test_reconstruction_lowers_the_output_error_of_every_layer(tiny, method):
     model, calib = tiny
-    reports, _ = quantize_model(model, calib, QuantScheme(weight=WeightQuant(bits=3)), method, 8, progress=False)
+    reports, _ = quantize_model(model, calib, QuantScheme(weight=WeightQuant(bits=3)), postpass(method, 8), progress=False)
     assert all(r.rel_output_error < r.rel_output_error_rtn for r in reports), [(r.name, r.rel_output_error, r.rel_output_error_rtn) for r in reports]
 
 
@@ -71,7 +73,7 @@ def test_reconstruction_brings_logits_closer_to_float(tiny):
     dist = {}
     for method in (None, "whiten"):
         m = copy.deepcopy(model)
-        quantize_model(m, calib, scheme, method, 16, progress=False)
+        quantize_model(m, calib, scheme, postpass(method, 16), progress=False)
         dist[method] = (m(ids).logits - ref).norm().item()
     assert dist["whiten"] < dist[None]
 
@@ -82,11 +84,11 @@ def test_full_rank_correction_restores_the_float_model_without_activation_quant(
     ref = model(ids).logits
     m = copy.deepcopy(model)
     square = QuantScheme(weight=WeightQuant(bits=2), targets=(r"(q_proj|o_proj|out_proj)$",))  # 64 x 64: rank 64 is full
-    reports, _ = quantize_model(m, calib, square, "lqer", 64, progress=False)
+    reports, _ = quantize_model(m, calib, square, postpass("lqer", 64), progress=False)
     assert len(reports) == 4
     assert torch.allclose(m(ids).logits, ref, atol=1e-4)
     a8 = copy.deepcopy(model)
-    quantize_model(a8, calib, QuantScheme(weight=WeightQuant(bits=8), activation=ActQuant(bits=8)), None, 0, progress=False)
+    quantize_model(a8, calib, QuantScheme(weight=WeightQuant(bits=8), activation=ActQuant(bits=8)), postpass(None, 0), progress=False)
     out = a8(ids).logits
     assert not torch.equal(out, ref) and (out - ref).norm() / ref.norm() < 0.05  # W8A8: close, not exact
 
@@ -95,9 +97,9 @@ def test_bad_schemes_fail_before_any_work_naming_the_layer(tiny):
     model, calib = tiny
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ConfigError, match=r"quant\.weight\.group_size: 48 does not divide the input width 64 of model\.(decoder\.)?layers\.0\."):
-        quantize_model(model, calib, QuantScheme(weight=WeightQuant(granularity=Granularity.GROUP, group_size=48)), None, 0, progress=False)
+        quantize_model(model, calib, QuantScheme(weight=WeightQuant(granularity=Granularity.GROUP, group_size=48)), postpass(None, 0), progress=False)
     with pytest.raises(ConfigError, match=r"postpass\.rank: 100 exceeds min\(out, in\) = \d+ of model\."):
-        quantize_model(model, calib, QuantScheme(), "lqer", 100, progress=False)
+        quantize_model(model, calib, QuantScheme(), postpass("lqer", 100), progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing was touched
 
 
@@ -114,13 +116,15 @@ def test_perplexity_follows_the_window_protocol(tiny):
 
 
 def test_smoothing_groups_by_shared_input_and_folds_into_the_producing_norm(tiny):
-    from qaft.quant.postpass import decoder_layers, input_sources
+    from qaft.core.modules import decoder_layers
+    from qaft.quant.calibrate import input_sources
+    from qaft.quant.postpass import capture_inputs
 
     model, calib = tiny
     prefix, layers = decoder_layers(model)
     layer = layers[0]
-    targets = target_linears(layer, f"{prefix}.0", QuantScheme())
-    captured = __import__("qaft.quant.postpass", fromlist=["capture_inputs"]).capture_inputs(model, layer, calib[:1])
+    targets = QuantScheme().layer_linears(layer, f"{prefix}.0")
+    captured = capture_inputs(model, layer, calib[:1])
     with input_sources(layer, targets) as src:
         layer(captured[0][0], **captured[0][1])
     groups = {}
@@ -137,23 +141,19 @@ def test_smoothing_groups_by_shared_input_and_folds_into_the_producing_norm(tiny
 
 def test_smoothing_alone_leaves_the_function_unchanged(tiny):
     """With 16-bit weights and float activations, smoothing is an exact re-parametrisation."""
-    from qaft.trainer.config import SmoothingConfig
-
     model, calib = tiny
     model = model.double()
     ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(3))
     ref = model(ids).logits
     fine = QuantScheme(weight=WeightQuant(bits=8, granularity=Granularity.TENSOR))
     plain, smooth = copy.deepcopy(model), copy.deepcopy(model)
-    quantize_model(plain, calib, fine, "lqer", 32, progress=False)
-    quantize_model(smooth, calib, fine, "lqer", 32, smoothing=SmoothingConfig(alpha=0.5, outliers=None, extract=False), progress=False)
+    quantize_model(plain, calib, fine, postpass("lqer", 32), progress=False)
+    quantize_model(smooth, calib, fine, postpass({"name": "aser", "alpha": 0.5, "outliers": None, "extract": False}, 32), progress=False)
     # not bit-equal (the grid moves with the scaled columns), but both are within 8-bit noise of float
     assert (smooth(ids).logits - ref).norm() / ref.norm() < 0.02
 
 
 def test_smoothing_lowers_w4a8_output_error_on_outlier_activations(tiny):
-    from qaft.trainer.config import SmoothingConfig
-
     model, calib = tiny
     with torch.no_grad():  # plant LLM-like outlier channels: a norm weight with a few huge entries
         for n, m in model.named_modules():
@@ -163,9 +163,9 @@ def test_smoothing_lowers_w4a8_output_error_on_outlier_activations(tiny):
     ref = model(ids).logits
     w4a8 = QuantScheme(weight=WeightQuant(bits=4), activation=ActQuant(bits=8))
     errs = {}
-    for name, sm in (("whiten", None), ("aser", SmoothingConfig(alpha=0.5, outliers=3, extract=True))):
+    for name, recon in (("whiten", "whiten"), ("aser", {"name": "aser", "alpha": 0.5, "outliers": 3, "extract": True})):
         m = copy.deepcopy(model)
-        quantize_model(m, calib, w4a8, "whiten", 8, smoothing=sm, progress=False)
+        quantize_model(m, calib, w4a8, postpass(recon, 8), progress=False)
         errs[name] = ((m(ids).logits - ref).norm() / ref.norm()).item()
     assert errs["aser"] < errs["whiten"], errs
 
@@ -174,16 +174,16 @@ def test_kept_energy_is_recorded_and_grows_with_rank(tiny):
     model, calib = tiny
     energy = {}
     for k in (4, 16):
-        reports, _ = quantize_model(copy.deepcopy(model), calib, QuantScheme(), "l2qer", k, progress=False)
+        reports, _ = quantize_model(copy.deepcopy(model), calib, QuantScheme(), postpass("l2qer", k), progress=False)
         energy[k] = [r.kept_energy for r in reports]
     assert all(0 < a < b <= 1 for a, b in zip(energy[4], energy[16]))
-    rtn, _ = quantize_model(copy.deepcopy(model), calib, QuantScheme(), None, 0, progress=False)
+    rtn, _ = quantize_model(copy.deepcopy(model), calib, QuantScheme(), postpass(None, 0), progress=False)
     assert all(r.kept_energy == 0 and r.rank == 0 for r in rtn)
 
 
 def test_energy_ranks_vary_per_layer_within_the_cap(tiny):
     model, calib = tiny
-    reports, _ = quantize_model(model, calib, QuantScheme(weight=WeightQuant(bits=3)), "whiten", 16, energy=0.6, progress=False)
+    reports, _ = quantize_model(model, calib, QuantScheme(weight=WeightQuant(bits=3)), postpass("whiten", 16, energy=0.6), progress=False)
     ranks = [r.rank for r in reports]
     assert all(1 <= k <= 16 for k in ranks) and len(set(ranks)) > 1 and sum(ranks) <= 16 * len(ranks)
     assert all(r.kept_energy >= 0.6 - 1e-6 or r.rank == 16 for r in reports)
@@ -192,8 +192,8 @@ def test_energy_ranks_vary_per_layer_within_the_cap(tiny):
 def test_int8_factors_cost_little_output_error_and_are_what_the_layer_holds(tiny):
     model, calib = tiny
     scheme = QuantScheme(weight=WeightQuant(bits=3))
-    ref, _ = quantize_model(copy.deepcopy(model), calib, scheme, "whiten", 8, progress=False)
-    reports, _ = quantize_model(model, calib, scheme, "whiten", 8, factor_bits=8, progress=False)
+    ref, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass("whiten", 8), progress=False)
+    reports, _ = quantize_model(model, calib, scheme, postpass("whiten", 8, factor_bits=8), progress=False)
     for r, f in zip(reports, ref):  # later layers see slightly different inputs, so int8 may even come out ahead
         assert abs(r.rel_output_error - f.rel_output_error) < 0.05 * f.rel_output_error + 1e-4 and r.rel_output_error < r.rel_output_error_rtn
     lin = next(m for m in model.modules() if isinstance(m, QuantLinear))

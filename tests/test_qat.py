@@ -12,12 +12,13 @@ from qaft.quant.postpass import quantize_model
 from qaft.quant.loftq import loftq, loftq_base
 from qaft.quant.grid import fake_quant_activation, quantize_weight
 from qaft.quant.scheme import ActQuant, GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
-from qaft.trainer.config import CallbackSpec, ModelConfig
+from qaft.callbacks import CALLBACKS
+from qaft.core.model import ModelConfig
 from qaft.core.errors import ConfigError
 from qaft.trainer.loop import fit
 from qaft.core.model import load_model_and_tokenizer
 
-from helpers import assert_resume_is_exact, events
+from helpers import assert_resume_is_exact, events, postpass
 
 W4 = WeightQuant(bits=4)
 SCHEMES = {
@@ -31,7 +32,7 @@ SCHEMES = {
 
 def with_qat(make_cfg, *overrides: str, **options):
     cfg = make_cfg("training.max_steps=6", "training.save_steps=3", "training.logging_steps=1", *overrides)
-    spec = CallbackSpec.from_plain({"name": "qat", **options}, "callbacks", [])
+    spec = CALLBACKS.convert({"name": "qat", **options}, "callbacks", [])
     return cfg.__class__(**{**cfg.__dict__, "callbacks": (spec,)})
 
 
@@ -167,7 +168,7 @@ def test_rtn_of_final_reproduces_the_training_time_quantized_logits(make_cfg, mo
     model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(final)))
     with torch.no_grad():
         float_final = model(input_ids=ids).logits
-        quantize_model(model, ids[:1], cfg.quant, None, 0, progress=False)
+        quantize_model(model, ids[:1], cfg.quant, postpass(None, 0), progress=False)
         rtn_final = model(input_ids=ids).logits
     assert torch.equal(rtn_final, seen["qat"])
     assert not torch.allclose(float_final, seen["qat"], atol=1e-4)  # the trained forward was quantized
@@ -219,7 +220,7 @@ def test_loftq_init_starts_near_the_original_model(make_cfg, tmp_path):
         loftq_merged = model(input_ids=ids).logits  # forward not patched yet: peft's float base + adapter
     rtn_model, _ = load_model_and_tokenizer(cfg.model)
     with torch.no_grad():
-        quantize_model(rtn_model, ids[:1], cfg.quant, None, 0, progress=False)
+        quantize_model(rtn_model, ids[:1], cfg.quant, postpass(None, 0), progress=False)
         rtn_logits = rtn_model(input_ids=ids).logits
     assert (loftq_merged - original).norm() < (rtn_logits - original).norm()
 

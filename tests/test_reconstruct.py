@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qaft.quant.reconstructors import whiten as aser, l2qer, lqer  # noqa: F401  (registration)
 from qaft.quant.calibrate import LayerStats, collect
-from qaft.quant.lowrank import RECONSTRUCTORS, Correction, LowRank, quantize_factors
+from qaft.quant.lowrank import Correction, LowRank, quantize_factors
+from qaft.quant.reconstructors import RECONSTRUCTORS, l2qer
 
-METHODS = sorted(RECONSTRUCTORS)
+METHODS = RECONSTRUCTORS.names()
+R = {name: RECONSTRUCTORS.create(name) for name in METHODS}  # default options; ASER's smoothing is its prepare step, tested in test_postpass
 G = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
 
 
@@ -26,15 +27,15 @@ def outlier_inputs(n: int = 512, d: int = 48, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def test_registry_holds_the_three_methods():
-    assert METHODS == ["l2qer", "lqer", "whiten"]
+def test_registry_holds_the_four_methods():
+    assert METHODS == ["aser", "l2qer", "lqer", "whiten"]
 
 
 def test_plain_svd_error_is_the_tail_of_the_singular_values():
     e = torch.randn(40, 24, generator=G(1), dtype=torch.float64)
     s = torch.linalg.svdvals(e)
     for k in (0, 1, 5, 12, 24):
-        c = RECONSTRUCTORS["lqer"](e, None, LowRank(k))
+        c = R["lqer"].reconstruct(e, None, LowRank(k))
         assert c.rank == k
         assert c.kept_energy == pytest.approx(((s[:k] ** 2).sum() / (s**2).sum()).item(), rel=1e-9)
         assert torch.linalg.matrix_norm(e - c.matrix()) ** 2 == pytest.approx((s[k:] ** 2).sum().item(), rel=1e-9)
@@ -46,11 +47,11 @@ def test_full_rank_is_exact_and_zero_error_gives_zero_factors(name, randomized):
     x = outlier_inputs()
     st = stats_for(x)
     low_rank_e = torch.randn(30, 6, generator=G(2), dtype=torch.float64) @ torch.randn(6, 48, generator=G(3), dtype=torch.float64)
-    c = RECONSTRUCTORS[name](low_rank_e, st, LowRank(6, randomized=randomized, oversample=2))
+    c = R[name].reconstruct(low_rank_e, st, LowRank(6, randomized=randomized, oversample=2))
     assert torch.allclose(c.matrix(), low_rank_e, atol=1e-8)
-    z = RECONSTRUCTORS[name](torch.zeros(30, 48, dtype=torch.float64), st, LowRank(8, randomized=randomized))
+    z = R[name].reconstruct(torch.zeros(30, 48, dtype=torch.float64), st, LowRank(8, randomized=randomized))
     assert torch.equal(z.matrix(), torch.zeros(30, 48, dtype=torch.float64))
-    assert RECONSTRUCTORS[name](low_rank_e, st, LowRank(0)).matrix().abs().sum() == 0  # rank 0 = plain RTN
+    assert R[name].reconstruct(low_rank_e, st, LowRank(0)).matrix().abs().sum() == 0  # rank 0 = plain RTN
 
 
 def output_error(e: torch.Tensor, c, x: torch.Tensor) -> float:
@@ -66,15 +67,16 @@ def test_error_is_non_increasing_in_rank(name):
         "lqer": lambda c: torch.linalg.matrix_norm(e - c.matrix()).item(),
         "l2qer": lambda c: torch.linalg.matrix_norm((e - c.matrix()) * l2qer.activation_scale(st)).item(),
         "whiten": lambda c: output_error(e, c, x),
+        "aser": lambda c: output_error(e, c, x),  # the whitening SVD on (already smoothed) statistics
     }[name]
-    errs = [metric(RECONSTRUCTORS[name](e, st, LowRank(k))) for k in range(0, 33, 4)]
+    errs = [metric(R[name].reconstruct(e, st, LowRank(k))) for k in range(0, 33, 4)]
     assert all(b <= a * (1 + 1e-9) for a, b in zip(errs, errs[1:])), errs
 
 
 def test_equal_activation_scales_reduce_l2qer_to_lqer():
     st = stats_for(torch.ones(64, 20, dtype=torch.float64) * 3)
     e = torch.randn(16, 20, generator=G(5), dtype=torch.float64)
-    assert torch.allclose(RECONSTRUCTORS["l2qer"](e, st, LowRank(5)).matrix(), RECONSTRUCTORS["lqer"](e, st, LowRank(5)).matrix(), atol=1e-10)
+    assert torch.allclose(R["l2qer"].reconstruct(e, st, LowRank(5)).matrix(), R["lqer"].reconstruct(e, st, LowRank(5)).matrix(), atol=1e-10)
 
 
 def test_whitening_beats_scaled_and_plain_svd_on_outlier_channels_at_every_rank():
@@ -82,17 +84,17 @@ def test_whitening_beats_scaled_and_plain_svd_on_outlier_channels_at_every_rank(
     st = stats_for(x)
     e = torch.randn(32, 48, generator=G(6), dtype=torch.float64) * 0.01
     for k in range(1, 32):
-        w, s, p = (output_error(e, RECONSTRUCTORS[m](e, st, LowRank(k)), x) for m in ("whiten", "l2qer", "lqer"))
+        w, s, p = (output_error(e, R[m].reconstruct(e, st, LowRank(k)), x) for m in ("whiten", "l2qer", "lqer"))
         assert w <= s * (1 + 1e-9) and w <= p * (1 + 1e-9), (k, w, s, p)
         assert s < p  # and activation scaling beats plain SVD on such inputs
-    assert output_error(e, RECONSTRUCTORS["whiten"](e, st, LowRank(8)), x) < 0.8 * output_error(e, RECONSTRUCTORS["lqer"](e, st, LowRank(8)), x)
+    assert output_error(e, R["whiten"].reconstruct(e, st, LowRank(8)), x) < 0.8 * output_error(e, R["lqer"].reconstruct(e, st, LowRank(8)), x)
 
 
 def test_whitening_survives_a_singular_covariance():
     x = outlier_inputs(n=512)
     x[:, 5] = 0  # a dead channel: XᵀX is singular
     e = torch.randn(8, 48, generator=G(7), dtype=torch.float64)
-    c = RECONSTRUCTORS["whiten"](e, stats_for(x), LowRank(4))
+    c = R["whiten"].reconstruct(e, stats_for(x), LowRank(4))
     assert torch.isfinite(c.A).all() and torch.isfinite(c.B).all()
 
 
@@ -119,9 +121,9 @@ def test_randomized_svd_is_close_to_exact_and_leaves_the_global_rng_alone(name):
     v = torch.linalg.qr(torch.randn(48, 48, generator=G(9), dtype=torch.float64))[0]
     e = u @ torch.diag(torch.logspace(0, -3, 48, dtype=torch.float64)) @ v.T  # decaying spectrum, like real errors
     rng = torch.get_rng_state()
-    fast = RECONSTRUCTORS[name](e, st, LowRank(8, randomized=True))
+    fast = R[name].reconstruct(e, st, LowRank(8, randomized=True))
     assert torch.equal(torch.get_rng_state(), rng)
-    exact = RECONSTRUCTORS[name](e, st, LowRank(8))
+    exact = R[name].reconstruct(e, st, LowRank(8))
     assert output_error(e, fast, x) <= output_error(e, exact, x) * 1.01
 
 
@@ -134,9 +136,9 @@ def test_energy_threshold_picks_the_smallest_rank_that_keeps_it(randomized):
     share = torch.cumsum(s**2, 0) / (s**2).sum()
     for target in (0.5, 0.9, 0.99):
         want = int((share < target).sum()) + 1
-        c = RECONSTRUCTORS["lqer"](e, None, LowRank(40, randomized=randomized, energy=target))
+        c = R["lqer"].reconstruct(e, None, LowRank(40, randomized=randomized, energy=target))
         assert c.rank == min(want, 40) and c.kept_energy >= target - 1e-9
-    assert RECONSTRUCTORS["lqer"](e, None, LowRank(3, energy=0.99)).rank == 3  # the cap wins
+    assert R["lqer"].reconstruct(e, None, LowRank(3, energy=0.99)).rank == 3  # the cap wins
 
 
 def _low_rank_with_decay(seed: int = 0, out: int = 40, inp: int = 56, k: int = 12):

@@ -76,7 +76,7 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
     assert table[("fine-tuned", "rtn", "W3 per-channel sym")] != table[("fine-tuned", "rtn", "W4 per-channel sym")]  # really another grid
 
     # the report's export rows are what `qaft eval --export` prints for the same folder
-    from qaft.eval.compare import compare
+    from qaft.pipeline.commands import compare
 
     direct = compare(run_mod.Pipeline(run_mod.load_config(run_file), out).tuned(), [], export=out / "export", progress=False)
     assert direct["results"]["export"]["ppl"] == table[("fine-tuned", "export", "W4 per-channel sym")]
@@ -124,7 +124,7 @@ def test_a_foreign_output_folder_is_not_touched_without_overwrite(run_file, tmp_
 
 
 def test_overwrite_removes_what_qaft_wrote_and_nothing_else(run_file, tmp_path):
-    from qaft.trainer.config import load_config
+    from qaft.pipeline.config import load_config
     from qaft.pipeline.run import prepare
 
     out = tmp_path / "run"

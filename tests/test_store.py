@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import postpass
 from qaft.quant.postpass import quantize_model
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
 from qaft.quant.store import load_quantized, save_quantized
 from qaft.pipeline.cli import main
-from qaft.trainer.config import ModelConfig
+from qaft.core.model import ModelConfig
 from qaft.core.errors import CheckpointError
 from qaft.core.model import load_model_and_tokenizer
 
@@ -31,7 +32,7 @@ def test_save_then_load_reproduces_the_logits_exactly(tmp_path, name, scheme):
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=name))
     calib = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(1))
-    quantize_model(model, calib, scheme, "l2qer", 4, progress=False)
+    quantize_model(model, calib, scheme, postpass("l2qer", 4), progress=False)
     out = save_quantized(model, tok, tmp_path / "q", scheme, {"method": "rtn+l2qer"}, overwrite=False)
     loaded, tok2, meta = load_quantized(out)
     ids = tok2("abc def", return_tensors="pt").input_ids
@@ -66,19 +67,18 @@ def test_qaft_quantize_cli_writes_and_refuses_to_clobber(tmp_path, capsys):
     assert json.loads((out / "qaft_quant.json").read_text())["rank"] == 0
     assert main([*argv, "--overwrite", "postpass.quantizer=gptq"]) == 0
     meta = json.loads((out / "qaft_quant.json").read_text())
-    assert meta["method"] == "gptq+whiten" and meta["gptq"]["damp"] == 0.01
+    assert meta["method"] == "gptq+whiten" and meta["quantizer"] == {"name": "gptq", "damp": 0.01, "block_size": 128, "act_order": False}
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_aser_models_round_trip_with_folded_norms_and_input_scales(tmp_path, name):
     from qaft.quant.scheme import ActQuant
-    from qaft.trainer.config import SmoothingConfig
 
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=name))
     calib = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(1))
     scheme = QuantScheme(activation=ActQuant(bits=8))
-    quantize_model(model, calib, scheme, "whiten", 8, smoothing=SmoothingConfig(alpha=0.5, outliers=4, extract=True), progress=False)
+    quantize_model(model, calib, scheme, postpass({"name": "aser", "alpha": 0.5, "outliers": 4, "extract": True}, 8), progress=False)
     assert any(m.input_scale is not None for m in model.modules() if isinstance(m, QuantLinear))  # o_proj / down_proj / fc2
     loaded, tok2, _ = load_quantized(save_quantized(model, tok, tmp_path / "q", scheme, {}, overwrite=False))
     ids = tok2("smooth me", return_tensors="pt").input_ids

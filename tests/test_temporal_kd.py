@@ -7,7 +7,7 @@ import torch
 
 from qaft.callbacks.convlstm import ConvLSTMForecaster
 from qaft.callbacks.temporal_kd import energy, increments
-from qaft.trainer.config import CallbackSpec
+from qaft.callbacks import CALLBACKS
 from qaft.core.errors import ConfigError, PreflightError
 from qaft.trainer.loop import fit, setup
 
@@ -16,7 +16,7 @@ from helpers import assert_resume_is_exact, events
 
 def with_tkd(make_cfg, *overrides: str, **options):
     cfg = make_cfg("training.logging_steps=1", *overrides)
-    spec = CallbackSpec.from_plain({"name": "temporal_kd", "phase_steps": 2, "review_every": 2, "layers": [0, -1], **options}, "callbacks", [])
+    spec = CALLBACKS.convert({"name": "temporal_kd", "phase_steps": 2, "review_every": 2, "layers": [0, -1], **options}, "callbacks", [])
     return cfg.__class__(**{**cfg.__dict__, "callbacks": (spec,)})
 
 
@@ -53,7 +53,7 @@ def test_ring_keeps_exactly_k_snapshots_taken_at_phase_boundaries(make_cfg, tmp_
     from qaft.trainer.metrics import MetricsLogger
 
     log = MetricsLogger(s.ctx.accelerator, cfg.training.output_dir, start_step=0, total_steps=9, append=False)
-    train(s.ctx, s.callbacks, s.loaders, s.scheduler, log)
+    train(s.ctx, s.cfg, s.callbacks, s.loaders, s.scheduler, log)
     log.close()
     (cb,) = s.callbacks.callbacks
     assert [snap["__step__"] for snap in cb.ring] == [6, 8]  # boundaries 2, 4, 6, 8; the ring keeps the newest K=2, oldest first
@@ -106,7 +106,7 @@ def test_resume_with_temporal_kd_active_is_exact(make_cfg, monkeypatch, tmp_path
 
 
 def test_bad_inputs_are_clear_errors(make_cfg, smoke_raw):
-    from qaft.trainer.config import config_from_dict
+    from qaft.pipeline.config import config_from_dict
 
     with pytest.raises(ConfigError, match=r"history: got 0"):
         config_from_dict({**smoke_raw, "callbacks": [{"name": "temporal_kd", "history": 0}]}, [])
@@ -115,10 +115,11 @@ def test_bad_inputs_are_clear_errors(make_cfg, smoke_raw):
 
 
 def test_a_teacher_needs_a_frozen_base():
-    from qaft.callbacks import registry
+    from qaft.callbacks import create
+    from qaft.core.registry import Spec
     from qaft.callbacks.temporal_kd import TemporalKDOptions
 
-    cb = registry.create("temporal_kd", TemporalKDOptions(), seed=0, rank=0)
+    cb = create(Spec("temporal_kd", TemporalKDOptions()), seed=0, rank=0)
     plain = torch.nn.Linear(2, 2)
     ctx = type("Ctx", (), {"accelerator": type("Acc", (), {"unwrap_model": staticmethod(lambda m: m)})(), "model": plain})()
     with pytest.raises(PreflightError, match="teacher is the frozen base"):
@@ -141,6 +142,6 @@ def test_every_callback_together_trains_and_logs(make_cfg, tmp_path):
     cfg = make_cfg("training.max_steps=8", "training.save_steps=4", "training.logging_steps=1", f"training.output_dir={tmp_path}")
     specs = [{"name": "npft", "ratio": 0.01, "calib_windows": 2, "hessian_probes": 2}, {"name": "mat", "warmup_steps": 2, "interval": 3, "probe_samples": 4},
              {"name": "temporal_kd", "phase_steps": 2, "review_every": 2}, {"name": "telemetry", "every": 2}]
-    fit(cfg.__class__(**{**cfg.__dict__, "callbacks": tuple(CallbackSpec.from_plain(x, "callbacks", []) for x in specs)}))
+    fit(cfg.__class__(**{**cfg.__dict__, "callbacks": tuple(CALLBACKS.convert(x, "callbacks", []) for x in specs)}))
     keys = set().union(*events(tmp_path, "train"))
     assert {"npft/hessian_trace_end", "mat/active_fraction", "loss/temporal_kd/mse", "telemetry/update_ratio"} <= keys

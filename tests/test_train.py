@@ -107,7 +107,7 @@ def test_final_holds_a_loadable_merged_model_and_adapter(make_cfg):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qaft.trainer.config import ModelConfig
+    from qaft.core.model import ModelConfig
     from qaft.core.model import load_model_and_tokenizer
 
     cfg = make_cfg("training.max_steps=6", "training.save_steps=0", "training.learning_rate=1e-2")
@@ -177,7 +177,7 @@ def test_smollm2_trains_and_its_final_folder_reloads(make_cfg):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qaft.trainer.config import ModelConfig
+    from qaft.core.model import ModelConfig
     from qaft.core.model import load_model_and_tokenizer
 
     cfg = make_cfg("model.name_or_path=smollm2-135m", "data.block_size=64", "training.per_device_train_batch_size=1",

@@ -6,9 +6,9 @@ Layout of ``output_dir/checkpoint-{step}/``::
     adapter/             the LoRA adapter in PEFT format (loadable with PeftModel.from_pretrained)
     callbacks/rank{r}.pt every callback's state_dict(), keyed by callback name
     trainer_state.json   step, data position, tokens seen
-    config.yaml          the resolved config of the run
+    config.yaml          the training sections of the run's resolved config (``TrainConfig``)
 
-Everything is written into ``.tmp-checkpoint-{step}`` and renamed into place only when complete;
+Everything is written into ``.tmp-checkpoint-{step}`` and renamed into place only when complete (``core.io.publish``);
 a rename is atomic on one filesystem, so a kill mid-save leaves the previous checkpoint as the
 latest one and a stray temp folder that the next run deletes. accelerate would also save the whole
 base model (540 MB for SmolLM2) with every checkpoint: a save/load pre-hook removes the model from
@@ -21,7 +21,6 @@ gathered from every process before it is written (``parallel.gathered``).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict
@@ -30,15 +29,18 @@ from typing import Any
 
 import torch
 import yaml
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from qaft.callbacks import CallbackList, Context, TrainState
-
-from .config import RESUMABLE_CHANGES, Config, diff_configs, dump_config
+from qaft.core.configfile import diff_configs
 from qaft.core.errors import CheckpointError
+from qaft.core.io import TMP_PREFIX, publish
+
+from .config import RESUMABLE_CHANGES, TrainConfig
 from .parallel import gathered, zero_stage
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -55,14 +57,6 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
-
-
-def remove_stale_temps(output_dir: str | Path) -> None:
-    """Delete half-written folders a killed run left behind."""
-    d = Path(output_dir)
-    if d.is_dir():
-        for p in d.glob(TMP_PREFIX + "*"):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def install_adapter_only_hooks(accelerator: Any) -> None:
@@ -100,26 +94,15 @@ def save_adapter(acc: Any, model: torch.nn.Module, folder: Path) -> None:
             peft_model.save_pretrained(folder)
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """fsync the files, then rename ``tmp`` to ``final`` (replacing an older folder of that name)."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    dfd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def config_text(cfg: TrainConfig) -> str:
+    """What a checkpoint and ``final/`` store as ``config.yaml``: the training sections of the run's config."""
+    return yaml.safe_dump(cfg.training_part(), sort_keys=False)
 
 
-def save_checkpoint(ctx: Context, callbacks: CallbackList, output_dir: str | Path, keep: int | None) -> Path:
+def save_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, keep: int | None) -> Path:
     """Write ``checkpoint-{step}`` atomically (all ranks call this), then rotate to the newest ``keep``."""
     acc = ctx.accelerator
-    out = Path(output_dir)
+    out = Path(cfg.training.output_dir)
     final = out / f"checkpoint-{ctx.state.step}"
     tmp = out / f"{TMP_PREFIX}{final.name}"
     if acc.is_main_process:
@@ -131,7 +114,7 @@ def save_checkpoint(ctx: Context, callbacks: CallbackList, output_dir: str | Pat
     save_adapter(acc, ctx.model, tmp / "adapter")
     if acc.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(ctx.state), indent=2))
-        (tmp / "config.yaml").write_text(dump_config(ctx.config))
+        (tmp / "config.yaml").write_text(config_text(cfg))
     acc.wait_for_everyone()
     if acc.is_main_process:
         publish(tmp, final)
@@ -142,7 +125,7 @@ def save_checkpoint(ctx: Context, callbacks: CallbackList, output_dir: str | Pat
     return final
 
 
-def check_resumable(path: Path, cfg: Config) -> None:
+def check_resumable(path: Path, cfg: TrainConfig) -> None:
     """A checkpoint must be complete and made by a compatible config, else resume could not be exact."""
     need = [STATE_FILE, "config.yaml", f"adapter/{ADAPTER_WEIGHTS}", "accelerate", "callbacks"]
     missing = [n for n in need if not (path / n).exists()]
@@ -152,7 +135,7 @@ def check_resumable(path: Path, cfg: Config) -> None:
         saved = yaml.safe_load((path / "config.yaml").read_text())
     except yaml.YAMLError as e:
         raise CheckpointError(f"checkpoint {path}: config.yaml is unreadable ({str(e).splitlines()[0]})") from None
-    now = yaml.safe_load(dump_config(cfg))
+    now = cfg.training_part()
     changed = [k for k in diff_configs(saved, now) if k not in RESUMABLE_CHANGES]
     if changed:
         raise CheckpointError(
@@ -161,12 +144,10 @@ def check_resumable(path: Path, cfg: Config) -> None:
         )
 
 
-def load_checkpoint(ctx: Context, callbacks: CallbackList, path: Path) -> None:
-    """Restore adapter, optimizer, scheduler, RNG, callback states and counters from ``path``."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    check_resumable(path, ctx.config)
+def load_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, path: Path) -> TrainState:
+    """Restore adapter, optimizer, scheduler, RNG and callback states from ``path``; returns its counters
+    (with ``max_steps`` from the current config, which decides how far to go)."""
+    check_resumable(path, cfg)
     acc = ctx.accelerator
     try:
         adapter = load_file(path / "adapter" / ADAPTER_WEIGHTS)
@@ -178,21 +159,18 @@ def load_checkpoint(ctx: Context, callbacks: CallbackList, path: Path) -> None:
         acc.load_state(str(path / "accelerate"), **_engine_kwargs(acc, save=False))
         rank_file = path / "callbacks" / f"rank{acc.process_index}.pt"
         callbacks.load_state_dict(torch.load(rank_file, weights_only=False))
-        state = json.loads((path / STATE_FILE).read_text())
+        state = TrainState(**{**json.loads((path / STATE_FILE).read_text()), "max_steps": ctx.state.max_steps})
     except CheckpointError:
         raise
     except Exception as e:  # truncated safetensors, missing optimizer file, pickle errors...
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); delete it or resume from an older one") from None
-    max_steps = ctx.state.max_steps  # the current config decides how far to go
-    for k, v in state.items():
-        setattr(ctx.state, k, v)
-    ctx.state.max_steps = max_steps
+    return state
 
 
-def save_final(ctx: Context, tokenizer: Any, output_dir: str | Path, train_state: TrainState) -> Path:
+def save_final(ctx: Context, tokenizer: Any, cfg: TrainConfig, train_state: TrainState) -> Path:
     """``final/``: merged model folder (safetensors + config + tokenizer) and ``final/adapter/``."""
     acc = ctx.accelerator
-    out = Path(output_dir)
+    out = Path(cfg.training.output_dir)
     tmp, final = out / f"{TMP_PREFIX}final", out / "final"
     acc.wait_for_everyone()
     peft_model = acc.unwrap_model(ctx.model)
@@ -203,7 +181,7 @@ def save_final(ctx: Context, tokenizer: Any, output_dir: str | Path, train_state
             merged = peft_model.merge_and_unload()  # training is over: merging in place is fine
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / "config.yaml").write_text(dump_config(ctx.config))
+            (tmp / "config.yaml").write_text(config_text(cfg))
             (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=2))
             publish(tmp, final)
     acc.wait_for_everyone()

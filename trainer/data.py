@@ -6,10 +6,7 @@ Packing concatenates every document (plus EOS) into one id stream and cuts it in
 and training order is a permutation seeded by ``(seed, epoch)``: a run is reproducible, and
 resume can jump to any position without replaying the data.
 
-Plain text files (``.txt``, ``.raw``) are read whole, as one document, the way the perplexity
-protocol reads WikiText; structured files (jsonl/json/parquet/csv) give one document per row.
-``python-docs`` (and its disjoint ``-train`` / ``-heldout`` parts, see ``corpora.py``) is pydoc's
-topic help, which ships with every CPython, so the demo runs on a machine with no data and no network.
+Sources (files, datasets, built-in corpora) are read by ``core.text``.
 """
 
 from __future__ import annotations
@@ -22,40 +19,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from qaft.core import text as corpora
+from qaft.core import text
 from .config import DataConfig
 from qaft.core.errors import DataError
 from qaft.core.typed import suggest
 
-BUILTIN_CORPORA = corpora.NAMES
-_BUILDERS = {".txt": "text", ".raw": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_documents(cfg: DataConfig) -> "Any":
+def load_documents(cfg: DataConfig) -> Any:
     """The configured corpus as a ``datasets.Dataset`` (one row per document)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    if corpora.is_builtin(cfg.path):
-        return datasets.Dataset.from_dict({"text": corpora.documents(cfg.path)})
-    p = Path(cfg.path)
-    try:
-        if p.is_file():
-            builder = _BUILDERS.get(p.suffix.lower())
-            if builder is None:
-                raise DataError(f"data.path: {cfg.path!r} has suffix {p.suffix!r}; expected one of {', '.join(sorted(_BUILDERS))}")
-            kw = {"sample_by": "document"} if builder == "text" else {}
-            return datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True, **kw)
-        if p.is_dir():
-            return datasets.load_dataset(str(p), split=cfg.split, keep_in_memory=True)
-        if cfg.path.startswith((".", "/", "~")) or p.suffix.lower() in _BUILDERS:
-            raise DataError(f"data.path: file {cfg.path!r} does not exist (relative paths are relative to {Path.cwd()})")
-        return datasets.load_dataset(cfg.path, cfg.config_name, split=cfg.split)
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError...)
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DataError(f"data.path: cannot load {cfg.path!r}: {first}") from None
+    return text.load_documents(cfg.path, key="data.path", config_name=cfg.config_name, split=cfg.split)
 
 
 def _texts(ds: Any, cfg: DataConfig, tokenizer: Any) -> list[str]:

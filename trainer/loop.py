@@ -8,6 +8,7 @@ once per optimizer step (accelerate's wrapper would step it once per process).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -17,15 +18,19 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+from transformers import get_scheduler
 
 from qaft.callbacks import CallbackList, Context, TrainState, create
-
-from .checkpoint import install_adapter_only_hooks, load_checkpoint, save_checkpoint, save_final
-from .config import Config, TrainingConfig
-from .data import build_blocks, eval_loader, load_documents, train_loader
 from qaft.core.errors import DivergedError, PreflightError
+from qaft.core.model import load_model_and_tokenizer
+
+from .checkpoint import install_adapter_only_hooks, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from .config import TrainConfig, TrainingConfig
+from .data import build_blocks, eval_loader, load_documents, train_loader
+from .lora import attach_lora
 from .metrics import MetricsLogger, Throughput
-from qaft.core.model import attach_lora, load_model_and_tokenizer
 from .outputs import prepare_output_dir
 from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, zero_stage
 
@@ -37,9 +42,6 @@ class Loaders:
 
 
 def build_accelerator(t: TrainingConfig) -> Any:
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
-
     for tracker in t.report_to:
         if tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise PreflightError("training.report_to: tensorboard is not installed; run `pip install 'qaft[tensorboard]'` or drop it from report_to")
@@ -61,8 +63,6 @@ def build_accelerator(t: TrainingConfig) -> Any:
 def process_group_kwargs() -> list:
     """gloo for DeepSpeed on a machine without GPUs: accelerate picks no backend there, and every rank
     would believe it is alone while DeepSpeed's own world has them all (its batch check then fails)."""
-    from accelerate.utils import InitProcessGroupKwargs
-
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
         return [InitProcessGroupKwargs(backend="gloo")]
     return []
@@ -74,8 +74,6 @@ def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Op
 
 
 def build_scheduler(opt: torch.optim.Optimizer, t: TrainingConfig, max_steps: int) -> Any:
-    from transformers import get_scheduler
-
     return get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=math.ceil(t.warmup_ratio * max_steps), num_training_steps=max_steps)
 
 
@@ -115,9 +113,9 @@ def evaluate(ctx: Context, loader: Any) -> dict[str, float]:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: Any, log: MetricsLogger) -> TrainState:
+def train(ctx: Context, cfg: TrainConfig, callbacks: CallbackList, loaders: Loaders, scheduler: Any, log: MetricsLogger) -> TrainState:
     """Run optimizer steps until ``ctx.state.max_steps``; returns the final state."""
-    acc, model, opt, st, t = ctx.accelerator, ctx.model, ctx.optimizer, ctx.state, ctx.config.training
+    acc, model, opt, st, t = ctx.accelerator, ctx.model, ctx.optimizer, ctx.state, cfg.training
     params = [p for p in model.parameters() if p.requires_grad]
     batches = micro_batches(acc, loaders.train, st.micro_batches)
     meter, sums, latest = Throughput(), {}, {}  # sums: loss terms, latest: callback metrics, since the last log event
@@ -140,7 +138,7 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
         callbacks.on_gradients(ctx)
         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)  # inf: measure only
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            skip_nonfinite_step(ctx, log, float(grad_norm))
+            skip_nonfinite_step(ctx, t, log, float(grad_norm))
             continue
         for k, v in step_sums.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -167,24 +165,22 @@ def train(ctx: Context, callbacks: CallbackList, loaders: Loaders, scheduler: An
         if loaders.eval is not None and ((t.eval_steps and st.step % t.eval_steps == 0) or st.step == st.max_steps):
             evaluate_and_log(ctx, callbacks, loaders.eval, log)
         if t.save_steps and st.step % t.save_steps == 0:
-            save_checkpoint(ctx, callbacks, t.output_dir, t.save_total_limit)
+            save_checkpoint(ctx, callbacks, cfg, t.save_total_limit)
     callbacks.on_train_end(ctx)
     return st
 
 
-def skip_nonfinite_step(ctx: Context, log: MetricsLogger, grad_norm: float) -> None:
+def skip_nonfinite_step(ctx: Context, t: TrainingConfig, log: MetricsLogger, grad_norm: float) -> None:
     """Drop this step's gradients (no update, no scheduler step, ``step`` not advanced; the data moves on),
     count it, and stop the run past ``training.max_nonfinite_steps``. Decided on the global gradient norm,
     which every rank shares, so ranks never disagree on skipping. Under DeepSpeed the engine stepped
     inside backward already: the weights may hold the bad update, so the first one stops the run."""
-    acc, st, t = ctx.accelerator, ctx.state, ctx.config.training
+    acc, st = ctx.accelerator, ctx.state
     ctx.optimizer.zero_grad(set_to_none=True)
     st.skipped_steps += 1
     log.log("nonfinite", st.step + 1, {"grad_norm": grad_norm, "skipped_steps": st.skipped_steps})
     engine = zero_stage(acc) is not None
     if engine or st.skipped_steps > t.max_nonfinite_steps:
-        from .checkpoint import latest_checkpoint
-
         last = latest_checkpoint(t.output_dir)
         why = ("under DeepSpeed the engine applied that update before it could be checked" if engine else
                f"{st.skipped_steps} steps skipped, more than training.max_nonfinite_steps={t.max_nonfinite_steps}")
@@ -200,6 +196,7 @@ class Session:
     """Everything ``train`` needs, built once (benchmarks and ``qaft run`` reuse it)."""
 
     ctx: Context
+    cfg: TrainConfig
     callbacks: CallbackList
     loaders: Loaders
     scheduler: Any
@@ -208,10 +205,8 @@ class Session:
     summary: str
 
 
-def setup(cfg: Config, *, overwrite: bool = False) -> Session:
+def setup(cfg: TrainConfig, *, overwrite: bool = False) -> Session:
     """Validate outputs, load data and model, attach LoRA, prepare with accelerate, restore a checkpoint."""
-    from accelerate.utils import set_seed
-
     t = cfg.training
     resume_from = prepare_output_dir(cfg, overwrite=overwrite, clear=False)  # read-only checks first
     documents = load_documents(cfg.data)  # before the model: a bad path should fail in a second, not after a model load
@@ -236,23 +231,25 @@ def setup(cfg: Config, *, overwrite: bool = False) -> Session:
     state = TrainState(max_steps=total_steps(t, len(train_dl)))
     scheduler = build_scheduler(opt, t, state.max_steps)
     acc.register_for_checkpointing(scheduler)
-    callbacks = CallbackList([create(s.name, s.options, seed=t.seed, rank=acc.process_index) for s in cfg.callbacks])
-    ctx = Context(accelerator=acc, model=model, optimizer=opt, config=cfg, scheme=cfg.quant, state=state, probe_blocks=blocks.train)
+    callbacks = CallbackList([create(spec, seed=t.seed, rank=acc.process_index) for spec in cfg.callbacks])
+    ctx = Context(accelerator=acc, model=model, optimizer=opt, scheme=cfg.quant, seed=t.seed, output_dir=Path(t.output_dir),
+                  state=state, probe_blocks=blocks.train)
     if acc.is_main_process:
         prepare_output_dir(cfg, overwrite=overwrite, clear=True)
     acc.wait_for_everyone()
     if resume_from is not None:
-        load_checkpoint(ctx, callbacks, resume_from)
+        ctx = dataclasses.replace(ctx, state=load_checkpoint(ctx, callbacks, cfg, resume_from))
+        state = ctx.state
     summary = (
         f"qaft train: {cfg.model.name_or_path} | {len(blocks.train)} train / {len(blocks.eval)} eval blocks of {cfg.data.block_size} tokens | "
         f"{state.max_steps} steps x {t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes} blocks | "
         f"{acc.num_processes} process(es) on {acc.device} | torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
         + (f" | resumed from {resume_from.name} (step {state.step})" if resume_from else "")
     )
-    return Session(ctx, callbacks, Loaders(train_dl, eval_dl), scheduler, tokenizer, resume_from, summary)
+    return Session(ctx, cfg, callbacks, Loaders(train_dl, eval_dl), scheduler, tokenizer, resume_from, summary)
 
 
-def fit(cfg: Config, *, overwrite: bool = False) -> Path:
+def fit(cfg: TrainConfig, *, overwrite: bool = False) -> Path:
     """``qaft train``: set up, resume if asked, train, write ``final/``. Returns its path."""
     s = setup(cfg, overwrite=overwrite)
     acc, state, t = s.ctx.accelerator, s.ctx.state, cfg.training
@@ -263,8 +260,8 @@ def fit(cfg: Config, *, overwrite: bool = False) -> Path:
     if s.resume_from is not None:
         log.log("resume", state.step, {"checkpoint": str(s.resume_from)})
     try:
-        train(s.ctx, s.callbacks, s.loaders, s.scheduler, log)
-        final = save_final(s.ctx, s.tokenizer, t.output_dir, state)
+        train(s.ctx, cfg, s.callbacks, s.loaders, s.scheduler, log)
+        final = save_final(s.ctx, s.tokenizer, cfg, s.ctx.state)
         log.echo(f"qaft train: done, {state.step} steps; merged model and adapter in {final}")
     finally:
         log.close()

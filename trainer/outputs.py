@@ -10,15 +10,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .checkpoint import TMP_PREFIX, latest_checkpoint, list_checkpoints, remove_stale_temps
-from .config import Config
 from qaft.core.errors import CheckpointError
+from qaft.core.io import TMP_PREFIX, remove_stale_temps
+
+from .checkpoint import latest_checkpoint, list_checkpoints
+from .config import TrainConfig
 from .metrics import METRICS_FILE
 
 OWNED = ("final", METRICS_FILE, "runs")
 
 
-def prepare_output_dir(cfg: Config, *, overwrite: bool, clear: bool) -> Path | None:
+def prepare_output_dir(cfg: TrainConfig, *, overwrite: bool, clear: bool) -> Path | None:
     """Return the checkpoint to resume from (or None for a fresh start); raise if that would lose a result."""
     out = Path(cfg.training.output_dir)
     resume = cfg.training.resume_from_checkpoint

@@ -17,14 +17,18 @@ Two launch properties matter to qaft, and both are read from the same place by `
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
+import yaml
 
+from qaft.callbacks import CALLBACKS
 from qaft.core.errors import PreflightError, QaftError
+from qaft.core.registry import Spec
 
 
 FSDP_REFUSED = (
@@ -50,8 +54,6 @@ def _zero_stage_of(section: Mapping[str, Any], config_file: str) -> int:
     """``zero_stage`` of an accelerate config, or ``zero_optimization.stage`` of the DeepSpeed JSON it names."""
     if "deepspeed_config_file" not in section:
         return int(section.get("zero_stage", 0))
-    import json
-
     path = Path(section["deepspeed_config_file"])  # relative to the working folder, as accelerate reads it
     try:
         return int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0))
@@ -63,8 +65,6 @@ def launch_from(config_file: str | None, environ: Mapping[str, str] | None = Non
     """Read an accelerate config file, or the variables ``accelerate launch`` exports to the process."""
     env = os.environ if environ is None else environ
     if config_file:
-        import yaml
-
         try:
             raw = yaml.safe_load(Path(config_file).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
@@ -98,13 +98,11 @@ def launch_of(accelerator: Any) -> Launch:
     return Launch(f"{accelerator.distributed_type.name}, {accelerator.num_processes} process(es)")
 
 
-def callback_problems(specs: Iterable[Any], launch: Launch) -> list[tuple[str, str]]:
+def callback_problems(specs: Iterable[Spec], launch: Launch) -> list[tuple[str, str]]:
     """``(callback name, one-line reason)`` for every configured callback this launch rules out."""
-    from qaft import callbacks
-
     found = []
     for spec in specs:
-        cls = callbacks.get(spec.name)
+        cls = CALLBACKS.get(spec.name)
         if launch.sharded and (why := cls.sharded_weights_problem(spec.options)):
             found.append((spec.name, f"callbacks: {spec.name} under {launch.sharded}: {why}; launch with DDP or ZeRO-2 (launch/)"))
         elif launch.engine_step and (why := cls.engine_step_problem(spec.options)):
@@ -128,7 +126,7 @@ def fill_deepspeed_config(accelerator: Any, max_grad_norm: float, accumulation: 
             raise PreflightError(f"launch config: deepspeed {key} is {have} but training.{ours} is {want}; set it to auto in the launch file (qaft fills it)")
 
 
-def check_launch(specs: Iterable[Any], accelerator: Any) -> None:
+def check_launch(specs: Iterable[Spec], accelerator: Any) -> None:
     problems = callback_problems(specs, launch_of(accelerator))
     if problems:
         raise PreflightError("; ".join(why for _, why in problems))
@@ -145,21 +143,3 @@ def gathered(accelerator: Any, params: Iterable[torch.nn.Parameter], *, modifier
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
-
-
-@contextlib.contextmanager
-def built_whole() -> Iterator[None]:
-    """Build a model outside DeepSpeed's ``zero.Init``: transformers enters it whenever a ZeRO-3 config
-    is registered (accelerate registers one even with ``zero3_init_flag: false``), and a model
-    initialised there from random draws is not the one a single process builds from the same seed."""
-    try:
-        from transformers.integrations import deepspeed as hf_ds
-    except ImportError:  # pragma: no cover - transformers always has it
-        yield
-        return
-    ref = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = ref

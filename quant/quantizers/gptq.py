@@ -20,23 +20,30 @@ no damping every error update is zero and GPTQ equals RTN exactly (tested).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
-from qaft.quant.calibrate import LayerStats
-from qaft.quant.grid import QuantizedWeight, _groups, grid_params, pack, round_to_grid
-from qaft.quant.scheme import Granularity, WeightFormat, WeightQuant
+from qaft.core.typed import Ge
+
+from ..calibrate import LayerStats
+from ..grid import QuantizedWeight, _groups, grid_params, pack, round_to_grid
+from ..scheme import Granularity, WeightFormat, WeightQuant
+from .base import QUANTIZERS, QuantizationFailed, WeightQuantizer
 
 
-class SingularHessian(ValueError):
+class SingularHessian(QuantizationFailed):
     """``H`` is not positive definite even after damping."""
 
 
-@dataclass(frozen=True)
-class GPTQSettings:
-    damp: float = 0.01
-    block: int = 128
+@dataclass(frozen=True, kw_only=True)
+class GPTQOptions:
+    damp: Annotated[float, Ge(0.0)] = 0.01
+    """Added to H's diagonal as a share of its mean."""
+    block_size: Annotated[int, Ge(1)] = 128
+    """Columns per lazy update batch (rounded to a multiple of the group size)."""
     act_order: bool = False
+    """Quantize columns by decreasing H_jj (groups then use static grids from the original weights)."""
 
 
 def _group_size(spec: WeightQuant, cols: int) -> int | None:
@@ -45,10 +52,10 @@ def _group_size(spec: WeightQuant, cols: int) -> int | None:
     return None
 
 
-def gptq(w: torch.Tensor, stats: LayerStats, spec: WeightQuant, settings: GPTQSettings = GPTQSettings()) -> QuantizedWeight:
+def gptq(w: torch.Tensor, stats: LayerStats, spec: WeightQuant, settings: GPTQOptions = GPTQOptions()) -> QuantizedWeight:
     """GPTQ-quantize ``w`` (``[out, in]``) with the input statistics of its layer; same return layout as ``rtn.quantize_weight``."""
     if stats.n_tokens == 0:
-        raise SingularHessian("no calibration tokens reached this layer")
+        raise SingularHessian("no calibration tokens reached this layer; calibrate on more tokens")
     out, cols = w.shape
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # RTN's working precision: H = I gives RTN bit for bit
     W = w.detach().to(dtype).clone()
@@ -80,12 +87,12 @@ def gptq(w: torch.Tensor, stats: LayerStats, spec: WeightQuant, settings: GPTQSe
     H += settings.damp * H.diagonal().mean() * torch.eye(cols, dtype=H.dtype, device=H.device)
     L, info = torch.linalg.cholesky_ex(H)
     if info.item() != 0:
-        raise SingularHessian(f"H + {settings.damp:g}·mean(diag)·I is not positive definite")
+        raise SingularHessian(f"H + {settings.damp:g}·mean(diag)·I is not positive definite; raise postpass.quantizer.damp (e.g. 0.1) or calibrate on more tokens")
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(dtype)  # factorised in float64, applied in W's precision
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
-    block = settings.block if gs is None else max(gs, (settings.block // gs) * gs)
+    block = settings.block_size if gs is None else max(gs, (settings.block_size // gs) * gs)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1, dtype=W.dtype, device=W.device), Hinv[i1:i2, i1:i2]
@@ -104,3 +111,12 @@ def gptq(w: torch.Tensor, stats: LayerStats, spec: WeightQuant, settings: GPTQSe
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return pack(codes[:, inv], scale_g, zero_g, Q[:, inv], w, spec)
+
+
+@QUANTIZERS.register
+class GPTQ(WeightQuantizer):
+    name = "gptq"
+    Options = GPTQOptions
+
+    def quantize(self, weight: torch.Tensor, stats: LayerStats, spec: WeightQuant) -> QuantizedWeight:
+        return gptq(weight, stats, spec, self.options)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from qaft.quant.calibrate import LayerStats
-from qaft.quant.lowrank import Correction, LowRank, as_correction, kept_energy, register, truncated
+from ..calibrate import LayerStats
+from ..lowrank import Correction, LowRank, as_correction, kept_energy, truncated
+from .base import RECONSTRUCTORS, Reconstructor
 
 
 def activation_scale(stats: LayerStats) -> torch.Tensor:
@@ -27,4 +28,9 @@ def reconstruct(error: torch.Tensor, stats: LayerStats, cfg: LowRank) -> Correct
     return as_correction(u * sv, vh / s, error, kept_energy(scaled, sv))
 
 
-register("l2qer", reconstruct)
+@RECONSTRUCTORS.register
+class L2QER(Reconstructor):
+    name = "l2qer"
+
+    def reconstruct(self, error: torch.Tensor, stats: LayerStats, lowrank: LowRank) -> Correction:
+        return reconstruct(error, stats, lowrank)

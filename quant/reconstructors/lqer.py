@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from qaft.quant.calibrate import LayerStats
-from qaft.quant.lowrank import Correction, LowRank, as_correction, kept_energy, register, truncated
+from ..calibrate import LayerStats
+from ..lowrank import Correction, LowRank, as_correction, kept_energy, truncated
+from .base import RECONSTRUCTORS, Reconstructor
 
 
 def reconstruct(error: torch.Tensor, stats: LayerStats | None, cfg: LowRank) -> Correction:
@@ -17,4 +18,9 @@ def reconstruct(error: torch.Tensor, stats: LayerStats | None, cfg: LowRank) -> 
     return as_correction(u * s, vh, error, kept_energy(error, s))
 
 
-register("lqer", reconstruct)
+@RECONSTRUCTORS.register
+class LQER(Reconstructor):
+    name = "lqer"
+
+    def reconstruct(self, error: torch.Tensor, stats: LayerStats, lowrank: LowRank) -> Correction:
+        return reconstruct(error, stats, lowrank)

@@ -8,15 +8,16 @@ correction is ``‖X (E − AB)ᵀ‖_F² = n ‖(E − AB) L‖_F²``; so ``E L
 definite (dead channels, few tokens) gets ``ε · mean(diag C) · I`` added, ε growing from 1e-8.
 
 ASER's second half, activation smoothing with outlier extraction, transforms the weights and
-statistics before this runs: see ``smooth.py`` and ``apply.smooth_layer`` (method ``aser``).
+statistics before this runs: see ``aser.py`` (method ``aser``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from qaft.quant.calibrate import LayerStats
-from qaft.quant.lowrank import Correction, LowRank, as_correction, kept_energy, register, truncated
+from ..calibrate import LayerStats
+from ..lowrank import Correction, LowRank, as_correction, kept_energy, truncated
+from .base import RECONSTRUCTORS, Reconstructor
 
 
 def cholesky_with_jitter(c: torch.Tensor) -> torch.Tensor:
@@ -40,4 +41,9 @@ def reconstruct(error: torch.Tensor, stats: LayerStats, cfg: LowRank) -> Correct
     return as_correction(u * s, b, error, kept_energy(whitened, s))
 
 
-register("whiten", reconstruct)
+@RECONSTRUCTORS.register
+class Whiten(Reconstructor):
+    name = "whiten"
+
+    def reconstruct(self, error: torch.Tensor, stats: LayerStats, lowrank: LowRank) -> Correction:
+        return reconstruct(error, stats, lowrank)

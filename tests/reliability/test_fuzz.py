@@ -11,8 +11,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qaft.callbacks import names as callback_names
-from qaft.trainer.config import config_from_dict, dump_config, load_config
+from qaft.callbacks import CALLBACKS
+from qaft.pipeline.config import config_from_dict, dump_config, load_config
 from qaft.core.errors import QaftError
 
 MINIMAL = {"model": {"name_or_path": "tiny-llama"}, "data": {"path": "python-docs"}}
@@ -31,7 +31,7 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.f
                     st.text(max_size=16), st.sampled_from(["auto", "group", "channel", "mxint", "int", "-1", "1e-3", "[1,2]", "{}"]))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
                       max_leaves=6)
-callback = st.fixed_dictionaries({"name": st.one_of(st.sampled_from(callback_names()), st.text(max_size=6))},
+callback = st.fixed_dictionaries({"name": st.one_of(st.sampled_from(CALLBACKS.names()), st.text(max_size=6))},
                                  optional={"every": values, "ratio": values, "layers": values, "interval": values, "init": values})
 
 

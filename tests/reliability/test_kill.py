@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from helpers import assert_same_tensors
 from qaft.trainer.checkpoint import check_resumable, list_checkpoints
-from qaft.trainer.config import config_from_dict
+from qaft.pipeline.config import config_from_dict
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from helpers import events
 from qaft.callbacks import CallbackList
 from qaft.trainer.checkpoint import check_resumable
 from qaft.pipeline.cli import main
-from qaft.trainer.config import config_from_dict
+from qaft.pipeline.config import config_from_dict
 
 
 def poison(monkeypatch, attempts: set[int] | None = None, from_step: int | None = None) -> list[int]:

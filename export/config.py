@@ -1,0 +1,31 @@
+"""The ``export`` config section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from qaft.core.typed import Gt
+
+from .formats import check_name
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """Used by ``qaft export``."""
+
+    format: str = "auto"
+    """``compressed-tensors`` (packed checkpoint + PEFT adapter) or ``gguf`` (llama.cpp model + LoRA adapter files); ``auto`` = ``gguf`` for ``quant.weight.format: gguf`` schemes, else ``compressed-tensors``."""
+    gguf_float_type: Literal["F16", "F32"] = "F16"
+    """GGUF only: how 2-D tensors that stay float (embeddings, untied ``output``, ignored Linears) are stored; norms are always F32."""
+    dir: str | None = None
+    """Where ``qaft export`` writes; null = ``<training.output_dir>/export``. Reads the post-pass result from ``postpass.output_dir``."""
+    parity_atol: Annotated[float, Gt(0.0)] = 1e-3
+    """Largest |logit difference| allowed between the reloaded export (transformers + peft) and the in-memory model, activation quantization off on both sides."""
+    evaluate: bool = True
+    """Perplexity of the float model, the packed base and base + adapter on the ``eval`` protocol, into the manifest and model card (skipped when ``eval.path`` is null)."""
+
+    def __post_init__(self) -> None:
+        why = check_name(self.format)
+        if why:
+            raise ValueError(why)

@@ -1,0 +1,108 @@
+"""The export-format interface and its registry.
+
+A format turns a post-pass result (``quant.store``: a model of ``QuantLinear`` layers) into files a
+runtime loads without qaft, and proves it: ``write`` puts the files into a temp folder and returns
+the format's part of the manifest, including a reload parity check; ``load`` reads a folder back
+(``qaft eval --export``, ``qaft.load_quantized``); ``card`` writes the model card. ``check_scheme`` and
+``check_model_config`` refuse, before any work, what the format cannot hold (the doctor runs them
+too). New format = one file with a subclass and one ``FORMATS.register`` call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from qaft.core.errors import ExportError
+from qaft.core.registry import Registry
+from qaft.core.typed import suggest
+from qaft.quant.scheme import QuantScheme
+
+if TYPE_CHECKING:  # the section (config.py) validates its format name against this registry
+    from .config import ExportConfig
+
+
+class ExportFormat:
+    """Base class: set ``name`` and ``summary``, implement the methods, then ``FORMATS.register`` it."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    """One line for the doctor: what the files are."""
+
+    @classmethod
+    def native(cls, scheme: QuantScheme) -> bool:
+        """Whether ``export.format: auto`` picks this format for ``scheme``."""
+        return False
+
+    @classmethod
+    def check_scheme(cls, scheme: QuantScheme) -> None:
+        """Raise ``ExportError`` (naming the fix) when the files cannot hold ``scheme``."""
+
+    @classmethod
+    def check_model_config(cls, config: Any, scheme: QuantScheme, model_class: str) -> None:
+        """Raise ``ExportError`` when the files cannot hold this architecture (the doctor calls it with a meta model's config)."""
+
+    @classmethod
+    def check_model(cls, model: torch.nn.Module, scheme: QuantScheme) -> None:
+        """Raise ``ExportError`` when the loaded post-pass result has something the files cannot hold."""
+
+    def write(self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme,
+              meta: dict[str, Any], settings: "ExportConfig") -> dict[str, Any]:
+        """Write the files into ``tmp`` (``model`` may be consumed; ``reference`` is an untouched copy) and
+        check that they reload to ``reference``'s logits within ``settings.parity_atol``. Returns the manifest
+        part: ``format``, ``ranks``, ``quantized_modules``, ``parity``, ``sizes`` (``sizes.size_record``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def owns(cls, folder: Path) -> bool:
+        """Whether ``folder`` is an export of this format."""
+        return False
+
+    @classmethod
+    def load(cls, folder: Path, **options: Any) -> tuple[torch.nn.Module, Any]:
+        """``(model, tokenizer)`` from the files, with the adapter attached when there is one (``disable_adapter()`` turns it off)."""
+        raise NotImplementedError
+
+    @classmethod
+    def card(cls, manifest: dict[str, Any]) -> str:
+        """The folder's ``README.md``."""
+        raise NotImplementedError
+
+
+FORMATS: Registry[type[ExportFormat]] = Registry("export format")
+
+
+def resolve(name: str, scheme: QuantScheme) -> type[ExportFormat]:
+    """``export.format`` (``auto`` resolved by the scheme), checked against the scheme."""
+    if name == "auto":
+        native = [FORMATS.get(n) for n in FORMATS.names() if FORMATS.get(n).native(scheme)]
+        if not native:
+            why = []
+            for n in FORMATS.names():
+                try:
+                    FORMATS.get(n).check_scheme(scheme)
+                except ExportError as e:
+                    why.append(str(e))
+            raise ExportError(f"export.format: no format holds {scheme.label}: " + " | ".join(why))
+        fmt = native[0]
+    else:
+        fmt = FORMATS.get(name, where="export.format")
+    fmt.check_scheme(scheme)
+    return fmt
+
+
+def of_folder(folder: Path) -> type[ExportFormat]:
+    """The format that wrote ``folder``."""
+    for name in FORMATS.names():
+        if FORMATS.get(name).owns(folder):
+            return FORMATS.get(name)
+    raise ExportError(f"{folder}: not an export of any known format ({', '.join(FORMATS.names())}); write one with `qaft export CONFIG`")
+
+
+def check_name(name: str) -> str | None:
+    """Why ``name`` is not a valid ``export.format`` value, or None."""
+    if name == "auto" or name in FORMATS:
+        return None
+    return f"format: got {name!r}, expected auto or one of {', '.join(FORMATS.names())}{suggest(name, ['auto', *FORMATS.names()])}"

@@ -1,0 +1,54 @@
+"""Reload parity: the logits of files read back by their runtime vs qaft's in-memory model, on fixed prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qaft.core.errors import ExportError
+
+PROMPTS = (
+    "The tower is 324 metres tall, about the same height as an 81-storey building.",
+    "In 1066, William the Conqueror landed in England and",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Quantization maps each weight to the nearest point of a grid, so",
+)
+"""Fixed parity prompts: prose, a continuation, code, and the domain."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_diff: float
+    """Largest |logit difference| over every prompt position, activation quantization off on both sides."""
+    top1_agreement: float
+    act_max_abs_diff: float | None = None
+    """With activation quantization on, ours rounding as compressed-tensors does (enforced too)."""
+    server_act_max_abs_diff: float | None = None
+    """With ours rounding as a server does (``max|x| / 127``): the convention gap, reported only."""
+    server_act_top1_agreement: float | None = None
+    tolerance: float = 0.0
+
+
+def prompt_ids(tokenizer: Any) -> list[torch.Tensor]:
+    return [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+
+
+@torch.no_grad()
+def compare_logits(a: torch.nn.Module, b: torch.nn.Module, prompts: list[torch.Tensor]) -> tuple[float, float]:
+    """``(max |logit difference|, top-1 agreement)`` of two models over every prompt position."""
+    worst, agree, total = 0.0, 0, 0
+    for ids in prompts:
+        la, lb = a(input_ids=ids[None]).logits[0].float(), b(input_ids=ids[None]).logits[0].float()
+        worst = max(worst, (la - lb).abs().max().item())
+        agree += (la.argmax(-1) == lb.argmax(-1)).sum().item()
+        total += ids.numel()
+    return worst, agree / total
+
+
+def enforce(check: str, diff: float, top1: float, tolerance: float, runtime: str) -> None:
+    """The parity gate: beyond ``export.parity_atol`` the export fails and nothing is published."""
+    if not diff <= tolerance:
+        raise ExportError(f"reload parity failed ({check}): max |logit diff| {diff:.3g} > export.parity_atol {tolerance:g} "
+                          f"(top-1 agreement {top1:.1%}); this is a bug in qaft or in the installed {runtime}, please report it")

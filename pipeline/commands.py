@@ -1,0 +1,115 @@
+"""The bodies of ``qaft quantize``, ``qaft export`` and ``qaft eval``: the root config resolved into the
+arguments of the packages that do the work (defaults that read other sections live here, in ``Config``)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qaft.core import text
+from qaft.core.errors import ConfigError, DataError
+from qaft.core.io import ensure_writable
+from qaft.core.model import load_model_and_tokenizer
+from qaft.core.typed import to_plain
+from qaft.eval.compare import evaluate_methods, needs_calibration
+from qaft.eval.perplexity import perplexity
+from qaft.export.exporter import check_destination, export, load_export
+from qaft.quant.calibrate import calibration_ids, calibration_record
+from qaft.quant.methods import of_config, resolve
+from qaft.quant.postpass import quantize_model
+from qaft.quant.store import save_quantized
+
+from .config import Config
+
+
+def calibration_of(cfg: Config, tokenizer: Any) -> torch.Tensor:
+    """The calibration windows the config names (``postpass.calibration_*``, text defaulting to ``data.path``)."""
+    p = cfg.postpass
+    return calibration_ids(cfg.calibration_path, tokenizer, p.calibration_samples, p.calibration_seq_len)
+
+
+def run_method(model: torch.nn.Module, calib: torch.Tensor, cfg: Config, method: str, progress: bool = True) -> list:
+    """Quantize ``model`` in place with the ``--methods`` name ``method`` under the config's scheme and post-pass settings."""
+    return quantize_model(model, calib, cfg.quant, cfg.postpass, method=resolve(method, cfg.postpass), progress=progress)[0]
+
+
+def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) -> Path:
+    """``qaft quantize``: the configured post-pass on ``model.name_or_path``, saved with ``store.save_quantized``."""
+    p, out = cfg.postpass, cfg.quantized_dir
+    ensure_writable(out, overwrite, key="postpass.output_dir")  # before the model load; save_quantized checks again
+    model, tok = load_model_and_tokenizer(cfg.model)
+    calib = calibration_of(cfg, tok)
+    method = of_config(p)
+    t0 = time.perf_counter()
+    reports, _ = quantize_model(model, calib, cfg.quant, p, progress=progress)
+    meta = {
+        "method": method.label, "rank": p.rank if method.reconstructor else 0,
+        "factor_bits": p.factor_bits if method.reconstructor else None,
+        "quantizer": to_plain(method.quantizer), "reconstructor": to_plain(method.reconstructor),
+        "source_model": cfg.model.name_or_path, "calibration": calibration_record(cfg.calibration_path, calib),
+        "randomized_svd": p.randomized_svd, "seconds": time.perf_counter() - t0, "layers": [asdict(r) for r in reports],
+    }
+    return save_quantized(model, tok, out, cfg.quant, meta, overwrite=overwrite)
+
+
+def check_export_destination(cfg: Config, overwrite: bool) -> None:
+    """``qaft quantize --export`` fails before the post-pass, not after it."""
+    check_destination(cfg.export, cfg.quant, cfg.export_dir, overwrite)
+
+
+def export_run(cfg: Config, *, overwrite: bool, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """``qaft export``: ``postpass.output_dir`` → ``export.dir``."""
+    return export(cfg.quantized_dir, cfg.export_dir, cfg.export, source=cfg.model, protocol=cfg.eval, overwrite=overwrite, progress=progress)
+
+
+def check_eval_inputs(cfg: Config) -> str:
+    """The evaluation text exists and is not the calibration text; returns it."""
+    if cfg.eval.path is None:
+        raise ConfigError("eval.path: not set; give the evaluation text, e.g. eval.path=wikitext-2-raw/wiki.test.raw")
+    if not text.is_builtin(cfg.eval.path) and not Path(cfg.eval.path).is_file():
+        raise DataError(f"eval.path: file {cfg.eval.path!r} does not exist")
+    if text.same_source(cfg.calibration_path, cfg.eval.path):
+        raise ConfigError("postpass.calibration_path: the calibration text is the evaluation text; calibrate on other data (e.g. WikiText-2 validation)")
+    return cfg.eval.path
+
+
+def export_rows(folder: str | Path, cfg: Config, progress: bool) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Perplexity of an export folder (hashes checked first) reloaded by its runtime: ``export-base`` (factors off) and ``export``."""
+    exported, tok, record = load_export(folder)
+    ids = text.token_stream(cfg.eval.path, tok, key="eval.path")
+    rows = {"export-base": True, "export": False} if hasattr(exported, "disable_adapter") else {"export": False}
+    results = {}
+    for name, factors_off in rows.items():
+        with exported.disable_adapter() if factors_off else contextlib.nullcontext():
+            r = perplexity(exported, ids, cfg.eval.seq_len, cfg.eval.windows, progress=progress)
+        results[name] = {"ppl": r.ppl, "seconds": r.seconds, "eval_seconds": r.seconds, "manifest_verified": True, "layers": []}
+    info = {"path": str(folder), "scheme": record["scheme_label"], "method": record["method"], "manifest_verified": True}
+    return results, info, ids
+
+
+def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """``qaft eval``: perplexity of each method on the model (and of an export folder), on one protocol."""
+    eval_path = check_eval_inputs(cfg)
+    results: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    ids = None
+    if export is not None:
+        results, extra["export"], ids = export_rows(export, cfg, progress)
+    if methods:
+        model, tok = load_model_and_tokenizer(cfg.model)
+        ids = text.token_stream(eval_path, tok, key="eval.path")
+        calib = calibration_of(cfg, tok) if needs_calibration(methods) else None
+        results |= evaluate_methods(model, ids, calib, cfg.quant, cfg.postpass, methods, cfg.eval, progress)
+    r = text.windows_of(ids, cfg.eval.seq_len, cfg.eval.windows)
+    p = cfg.postpass
+    protocol = {
+        "model": cfg.model.name_or_path, "eval_path": str(eval_path), "windows": r.shape[0], "seq_len": r.shape[1], "tokens": r.shape[0] * (r.shape[1] - 1),
+        "scheme": cfg.quant.label, "rank": p.rank, "energy": p.energy, "factor_bits": p.factor_bits, "svd": "randomized" if p.randomized_svd else "exact",
+        "calibration": {"path": cfg.calibration_path, "samples": p.calibration_samples, "seq_len": p.calibration_seq_len},
+    }
+    return {"protocol": protocol, "results": results, **extra}
