@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # 16-25x slower as soon as something else runs beside it. The qaft CLI sets this too.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,21 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/qaft run configs/demo.yaml --overwrite
 
-test: setup
+# Everything: lint, then every test tier (SmolLM2, multi-process launches, the browser check).
+test: lint
 	$(PY) -m pytest --durations=15
 
+# Seconds-scale tiny-model tests only (< 3 min on 2 cores).
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not multiprocess and not browser"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Regenerate the config reference (a test checks it matches the code).
+docs: setup
+	$(PY) -m qaft.pipeline.reference > docs/config.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

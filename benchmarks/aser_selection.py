@@ -22,11 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from qaft.pipeline.commands import calibration_of, run_method
+from qaft.core.model import load_model_and_tokenizer
 from qaft.core.text import token_stream
 from qaft.eval.perplexity import perplexity
+from qaft.pipeline.commands import calibration_of, run_method
 from qaft.pipeline.config import load_config
-from qaft.core.model import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -61,8 +61,10 @@ def main() -> None:
             r = perplexity(m, ids, 512, 8, progress=False)
             rows.append({"method": method, "overrides": overrides, "valid_ppl": r.ppl, "seconds": time.perf_counter() - t0})
             print(f"{method:<7} {' '.join(overrides) or '-':<70} valid ppl {r.ppl:8.3f}", flush=True)
-    protocol = (f"{cfg0.quant.label}, rank {cfg0.postpass.rank}, calibration 16 x 512 from the start of WikiText-2 valid; "
-                "ppl on 8 x 512 windows of WikiText-2 valid after character 200000")
+    protocol = (
+        f"{cfg0.quant.label}, rank {cfg0.postpass.rank}, calibration 16 x 512 from the start of WikiText-2 valid; "
+        "ppl on 8 x 512 windows of WikiText-2 valid after character 200000"
+    )
     Path(args.out).write_text(json.dumps({"protocol": protocol, "results": rows}, indent=2))
     print(f"wrote {args.out}")
 

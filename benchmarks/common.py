@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from qaft.pipeline.commands import run_method
 from qaft.eval.perplexity import perplexity
+from qaft.pipeline.commands import run_method
 from qaft.pipeline.config import load_config
 
 

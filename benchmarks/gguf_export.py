@@ -23,14 +23,13 @@ import argparse
 import json
 from pathlib import Path
 
-from qaft.pipeline.commands import calibration_of, export_run, quantize_and_save
+from common import add_run_arguments, quantized_ppl
+
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.core.text import token_stream
-from qaft.core.model import ModelConfig
+from qaft.pipeline.commands import calibration_of, export_run, quantize_and_save
 from qaft.pipeline.config import load_config
 from qaft.trainer.loop import fit
-from qaft.core.model import load_model_and_tokenizer
-
-from common import add_run_arguments, quantized_ppl
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "configs" / "smollm2-lora.yaml"
@@ -48,35 +47,66 @@ def main() -> None:
     work = Path(args.work)
     models = {"original": "smollm2-135m"}
     for name in args.runs:
-        cfg = load_config(TRAIN, [f"training.max_steps={args.steps}", "training.save_steps=0", "training.report_to=[]", *Q4_0, *args.set,
-                                  *args.train_set, "callbacks=" + json.dumps(RUNS[name]), f"training.output_dir={work / name}"])
+        cfg = load_config(
+            TRAIN,
+            [
+                f"training.max_steps={args.steps}",
+                "training.save_steps=0",
+                "training.report_to=[]",
+                *Q4_0,
+                *args.set,
+                *args.train_set,
+                "callbacks=" + json.dumps(RUNS[name]),
+                f"training.output_dir={work / name}",
+            ],
+        )
         models[name] = str(fit(cfg, overwrite=True))
     report = {"steps": args.steps, "results": {}}
     for name, source in models.items():
-        cfg = load_config(EVAL, [f"model.name_or_path={source}", *Q4_0, "postpass.reconstructor=l2qer", "postpass.rank=32",
-                                 f"training.output_dir={work / ('post-' + name)}", *args.set])
+        cfg = load_config(
+            EVAL,
+            [
+                f"model.name_or_path={source}",
+                *Q4_0,
+                "postpass.reconstructor=l2qer",
+                "postpass.rank=32",
+                f"training.output_dir={work / ('post-' + name)}",
+                *args.set,
+            ],
+        )
         quantize_and_save(cfg, overwrite=True, progress=False)
         out, m = export_run(cfg, overwrite=True, progress=False)
         model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=source))
         ids, calib = token_stream(cfg.eval.path, tok, key="eval.path"), calibration_of(cfg, tok)
-        in_memory = {"rtn": quantized_ppl(model, calib, ids, EVAL, "rtn", [*Q4_0, *args.set]),
-                     "l2qer": quantized_ppl(model, calib, ids, EVAL, "l2qer", [*Q4_0, "postpass.rank=32", *args.set])}
+        in_memory = {
+            "rtn": quantized_ppl(model, calib, ids, EVAL, "rtn", [*Q4_0, *args.set]),
+            "l2qer": quantized_ppl(model, calib, ids, EVAL, "l2qer", [*Q4_0, "postpass.rank=32", *args.set]),
+        }
         ppl = m["evaluation"]["ppl"]
-        r = {"ppl_reloaded_gguf": ppl, "ppl_in_memory": in_memory,
-             "gguf_vs_in_memory": {"rtn": ppl["base"] / in_memory["rtn"] - 1, "l2qer": ppl["base+adapter"] / in_memory["l2qer"] - 1},
-             "sizes": m["sizes"], "parity": m["parity"], "export": str(out)}
+        r = {
+            "ppl_reloaded_gguf": ppl,
+            "ppl_in_memory": in_memory,
+            "gguf_vs_in_memory": {"rtn": ppl["base"] / in_memory["rtn"] - 1, "l2qer": ppl["base+adapter"] / in_memory["l2qer"] - 1},
+            "sizes": m["sizes"],
+            "parity": m["parity"],
+            "export": str(out),
+        }
         report["results"][name] = r
         print(name, json.dumps({k: r[k] for k in ("ppl_reloaded_gguf", "ppl_in_memory", "gguf_vs_in_memory")}), flush=True)
-        report["protocol"] = (f"train {TRAIN.name} {args.steps} steps seed 0 | Q4_0 RTN + L2QER r32, calibration {cfg.postpass.calibration_samples} x "
-                              f"{cfg.postpass.calibration_seq_len} | ppl: WikiText-2 test {cfg.eval.windows} x {cfg.eval.seq_len}")
+        report["protocol"] = (
+            f"train {TRAIN.name} {args.steps} steps seed 0 | Q4_0 RTN + L2QER r32, calibration {cfg.postpass.calibration_samples} x "
+            f"{cfg.postpass.calibration_seq_len} | ppl: WikiText-2 test {cfg.eval.windows} x {cfg.eval.seq_len}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(report["protocol"])
     print(f"{'model':<10}{'float':>8}{'Q4_0 gguf':>11}{'in mem':>8}{'+L2QER gguf':>13}{'in mem':>8}{'model MiB':>11}{'adapter MiB':>13}")
     for name, r in report["results"].items():
         p, q, s = r["ppl_reloaded_gguf"], r["ppl_in_memory"], r["sizes"]
-        print(f"{name:<10}{p['float']:>8.2f}{p['base']:>11.2f}{q['rtn']:>8.2f}{p['base+adapter']:>13.2f}{q['l2qer']:>8.2f}"
-              f"{s['base_bytes'] / 2**20:>11.1f}{s['adapter_bytes'] / 2**20:>13.1f}")
+        print(
+            f"{name:<10}{p['float']:>8.2f}{p['base']:>11.2f}{q['rtn']:>8.2f}{p['base+adapter']:>13.2f}{q['l2qer']:>8.2f}"
+            f"{s['base_bytes'] / 2**20:>11.1f}{s['adapter_bytes'] / 2**20:>13.1f}"
+        )
 
 
 if __name__ == "__main__":

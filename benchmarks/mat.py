@@ -25,15 +25,14 @@ import statistics
 import time
 from pathlib import Path
 
-from qaft.pipeline.commands import calibration_of
+from common import add_run_arguments, quantized_ppl, step_times, train_rows
+
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.core.text import token_stream
 from qaft.eval.perplexity import perplexity
-from qaft.core.model import ModelConfig
+from qaft.pipeline.commands import calibration_of
 from qaft.pipeline.config import load_config
 from qaft.trainer.loop import fit
-from qaft.core.model import load_model_and_tokenizer
-
-from common import add_run_arguments, quantized_ppl, step_times, train_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "configs" / "smollm2-lora.yaml"
@@ -48,9 +47,12 @@ def run(name: str, work: Path, overrides: list[str]) -> dict:
     active = [r.get("mat/active_fraction", 1.0) for r in rows]
     lam = [r for r in rows if "mat/lambda_seconds" in r]
     return {
-        "steps": cfg.training.max_steps, "wall_seconds": time.perf_counter() - t0, "train_seconds": sum(step_times(work / name)),
+        "steps": cfg.training.max_steps,
+        "wall_seconds": time.perf_counter() - t0,
+        "train_seconds": sum(step_times(work / name)),
         "median_step_s": statistics.median(step_times(work / name)[1:]),
-        "head_steps_updated": sum(active) / len(active), "eval": [(r["step"], r["eval_loss"]) for r in evals],
+        "head_steps_updated": sum(active) / len(active),
+        "eval": [(r["step"], r["eval_loss"]) for r in evals],
         "final_eval_loss": evals[-1]["eval_loss"],
         "lambda_seconds_per_recompute": lam[-1]["mat/lambda_seconds"] / len(lam) if lam else None,
     }
@@ -81,9 +83,11 @@ def main() -> None:
     ids, calib = token_stream(ecfg.eval.path, tok, key="eval.path"), calibration_of(ecfg, tok)
     for name, r in report["runs"].items():
         model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(work / name / "final")))
-        r["ppl"] = {"float": perplexity(model, ids, ecfg.eval.seq_len, ecfg.eval.windows, progress=False).ppl,
-                    "rtn W4": quantized_ppl(model, calib, ids, EVAL, "rtn", args.set),
-                    "l2qer W4 r32": quantized_ppl(model, calib, ids, EVAL, "l2qer", ["postpass.rank=32", *args.set])}
+        r["ppl"] = {
+            "float": perplexity(model, ids, ecfg.eval.seq_len, ecfg.eval.windows, progress=False).ppl,
+            "rtn W4": quantized_ppl(model, calib, ids, EVAL, "rtn", args.set),
+            "l2qer W4 r32": quantized_ppl(model, calib, ids, EVAL, "l2qer", ["postpass.rank=32", *args.set]),
+        }
         print(name, r["ppl"], flush=True)
     report["protocol"] = f"train {TRAIN.name}, {args.steps} steps, seed 0 | ppl: WikiText-2 test {ecfg.eval.windows} x {ecfg.eval.seq_len}"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +111,10 @@ def main() -> None:
     print(report["protocol"])
     print(f"{'run':<10}{'steps':>7}{'eval loss':>11}{'vs lora':>9}{'head-steps':>12}{'wall x':>8}{'rtn W4':>9}{'l2qer':>9}")
     for name, r in report["runs"].items():
-        print(f"{name:<10}{r['steps']:>7}{r['final_eval_loss']:>11.4f}{r['eval_loss_vs_lora']:>+9.2%}{r['head_steps_updated']:>12.0%}"
-              f"{r['wall_ratio_vs_lora']:>8.2f}{r['ppl']['rtn W4']:>9.2f}{r['ppl']['l2qer W4 r32']:>9.2f}")
+        print(
+            f"{name:<10}{r['steps']:>7}{r['final_eval_loss']:>11.4f}{r['eval_loss_vs_lora']:>+9.2%}{r['head_steps_updated']:>12.0%}"
+            f"{r['wall_ratio_vs_lora']:>8.2f}{r['ppl']['rtn W4']:>9.2f}{r['ppl']['l2qer W4 r32']:>9.2f}"
+        )
     if report["runs"]["mat"].get("recompute_in_lora_steps"):
         print(f"one λmax recomputation = {report['runs']['mat']['recompute_in_lora_steps']:.2f} LoRA steps")
 

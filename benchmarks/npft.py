@@ -31,17 +31,15 @@ import time
 from pathlib import Path
 
 import torch
+from common import quantized_ppl, step_times, train_rows
 
 from qaft.callbacks.npft import hessian_trace
-from qaft.pipeline.commands import calibration_of
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.core.text import token_stream
 from qaft.eval.perplexity import perplexity
-from qaft.core.model import ModelConfig
+from qaft.pipeline.commands import calibration_of
 from qaft.pipeline.config import load_config
 from qaft.trainer.loop import fit
-from qaft.core.model import load_model_and_tokenizer
-
-from common import quantized_ppl, step_times, train_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "configs" / "smollm2-npft.yaml"
@@ -75,8 +73,9 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=16, help="Hutchinson probes for the Hessian trace (2 x 256 calibration tokens)")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra overrides for both configs (e.g. data paths)")
     ap.add_argument("--train-set", nargs="*", default=[], metavar="key=value", help="extra overrides for the training config only")
-    ap.add_argument("--evaluate", nargs="+", default=None, metavar="MODEL",
-                    help="models to evaluate: original and/or trained runs (default: original + --runs)")
+    ap.add_argument(
+        "--evaluate", nargs="+", default=None, metavar="MODEL", help="models to evaluate: original and/or trained runs (default: original + --runs)"
+    )
     ap.add_argument("--merge", action="store_true", help="update --out in place: keep its other models' rows and runs")
     ap.add_argument("--timing-only", action="store_true", help="train and report step times only (run it on a quiet machine; e.g. --out .../npft_timing.json)")
     args = ap.parse_args()
@@ -85,17 +84,25 @@ def main() -> None:
     steps = [f"training.max_steps={args.steps}", f"training.save_steps={args.steps}", f"training.eval_steps={args.steps}"] if args.steps else []
 
     old = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).exists() else {}
-    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
-                    "train_config": str(TRAIN.relative_to(ROOT)), "eval_config": str(EVAL.relative_to(ROOT)), "runs": dict(old.get("runs", {}))}
+    report: dict = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+        "train_config": str(TRAIN.relative_to(ROOT)),
+        "eval_config": str(EVAL.relative_to(ROOT)),
+        "runs": dict(old.get("runs", {})),
+    }
     for name in args.runs:
         cfg = load_config(TRAIN, [*steps, *args.set, *args.train_set, *RUNS[name], f"training.output_dir={work / name}"])
         t0 = time.perf_counter()
         fit(cfg, overwrite=True)
         times = step_times(work / name)[1:]  # the first step carries warm-up and round-0 scoring
         noise = [r["npft/noise_s"] for r in train_rows(work / name) if "npft/noise_s" in r]
-        report["runs"][name] = {"train_seconds": time.perf_counter() - t0, "median_step_s": statistics.median(times), "steps": len(times) + 1,
-                                # the callback's own per-step cost, robust to other load on the machine
-                                "median_noise_s": statistics.median(noise) if noise else 0.0}
+        report["runs"][name] = {
+            "train_seconds": time.perf_counter() - t0,
+            "median_step_s": statistics.median(times),
+            "steps": len(times) + 1,
+            # the callback's own per-step cost, robust to other load on the machine
+            "median_noise_s": statistics.median(noise) if noise else 0.0,
+        }
         print(f"{name}: trained {cfg.training.max_steps} steps, median step {report['runs'][name]['median_step_s']:.3f} s", flush=True)
     if "plain" in report["runs"]:
         for name, r in report["runs"].items():  # a ratio is only meaningful within one invocation (same machine load)
@@ -112,8 +119,10 @@ def main() -> None:
     ecfg = load_config(EVAL, args.set)
     base, tok = load_model_and_tokenizer(ecfg.model)
     ids, calib = token_stream(ecfg.eval.path, tok, key="eval.path"), calibration_of(ecfg, tok)
-    report["protocol"] = (f"WikiText-2 test {ecfg.eval.windows} x {ecfg.eval.seq_len} | calibration {ecfg.postpass.calibration_samples} x "
-                          f"{ecfg.postpass.calibration_seq_len} from WikiText-2 valid | seed {load_config(TRAIN).training.seed} | symmetric RTN")
+    report["protocol"] = (
+        f"WikiText-2 test {ecfg.eval.windows} x {ecfg.eval.seq_len} | calibration {ecfg.postpass.calibration_samples} x "
+        f"{ecfg.postpass.calibration_seq_len} from WikiText-2 valid | seed {load_config(TRAIN).training.seed} | symmetric RTN"
+    )
     mask = outlier_mask(work / "npft-range") if (work / "npft-range").is_dir() else None
     hess_batches = [{"input_ids": w[None, :256].to(device), "labels": w[None, :256].to(device)} for w in calib[:2]]
     models = {n: None if n == "original" else work / n / "final" for n in (args.evaluate or ["original", *args.runs])}
@@ -147,8 +156,15 @@ def main() -> None:
 
 def print_timing(report: dict) -> None:
     for name, r in report["runs"].items():
-        print(f"{name}: median step {r['median_step_s']:.3f} s" + (f", {r['step_time_ratio_vs_plain']:.3f}x plain" if "step_time_ratio_vs_plain" in r else "")
-              + (f"; noise apply/remove {r['median_noise_s'] * 1e3:.1f} ms per step ({r['median_noise_s'] / r['median_step_s']:.2%})" if r["median_noise_s"] else ""))
+        print(
+            f"{name}: median step {r['median_step_s']:.3f} s"
+            + (f", {r['step_time_ratio_vs_plain']:.3f}x plain" if "step_time_ratio_vs_plain" in r else "")
+            + (
+                f"; noise apply/remove {r['median_noise_s'] * 1e3:.1f} ms per step ({r['median_noise_s'] / r['median_step_s']:.2%})"
+                if r["median_noise_s"]
+                else ""
+            )
+        )
 
 
 if __name__ == "__main__":

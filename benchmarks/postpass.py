@@ -28,19 +28,19 @@ from pathlib import Path
 
 import torch
 
-from qaft.quant.reconstructors.whiten import cholesky_with_jitter
+from qaft.core.model import load_model_and_tokenizer
 from qaft.core.modules import decoder_layers
-from qaft.quant.postpass import capture_inputs
-from qaft.quant.calibrate import collect
-from qaft.pipeline.commands import calibration_of, run_method
-from qaft.quant import methods
-from qaft.quant.quantizers import QUANTIZERS
 from qaft.core.text import token_stream
 from qaft.eval.perplexity import perplexity
-from qaft.quant.reconstructors.l2qer import activation_scale
-from qaft.quant.grid import quantize_weight
+from qaft.pipeline.commands import calibration_of, run_method
 from qaft.pipeline.config import load_config
-from qaft.core.model import load_model_and_tokenizer
+from qaft.quant import methods
+from qaft.quant.calibrate import collect
+from qaft.quant.grid import quantize_weight
+from qaft.quant.postpass import capture_inputs
+from qaft.quant.quantizers import QUANTIZERS
+from qaft.quant.reconstructors.l2qer import activation_scale
+from qaft.quant.reconstructors.whiten import cholesky_with_jitter
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2-postpass.yaml"
@@ -119,8 +119,13 @@ def plot(report: dict, out_dir: Path, stem: str = "postpass") -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
-    ap.add_argument("--methods", nargs="+", default=["lqer", "l2qer", "aser"], choices=[m for m in methods.names() if m not in ("fp", "rtn")],
-                    help="reconstruction methods (run at every rank) and quantizer-only ones such as gptq (run once)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["lqer", "l2qer", "aser"],
+        choices=[m for m in methods.names() if m not in ("fp", "rtn")],
+        help="reconstruction methods (run at every rank) and quantizer-only ones such as gptq (run once)",
+    )
     ap.add_argument("--json-name", default="postpass.json", help="output file name; the PNGs take its stem")
     ap.add_argument("--no-spectra", action="store_true", help="skip the singular-value spectra figure")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra overrides (e.g. 'postpass.quantizer={name: gptq, act_order: true}')")
@@ -145,10 +150,13 @@ def main() -> None:
     ids, calib = token_stream(cfg0.eval.path, tok, key="eval.path"), calibration_of(cfg0, tok)
     fp = perplexity(model, ids, cfg0.eval.seq_len, cfg0.eval.windows, progress=False)
     report = {
-        "protocol": (f"SmolLM2-135M | WikiText-2 test {fp.windows} x {fp.seq_len} | calibration {cfg0.postpass.calibration_samples} x "
-                     f"{cfg0.postpass.calibration_seq_len} from WikiText-2 valid | {'randomized' if cfg0.postpass.randomized_svd else 'exact'} SVD | "
-                     f"torch threads {torch.get_num_threads()}"),
-        "fp": {"ppl": fp.ppl}, "results": {},
+        "protocol": (
+            f"SmolLM2-135M | WikiText-2 test {fp.windows} x {fp.seq_len} | calibration {cfg0.postpass.calibration_samples} x "
+            f"{cfg0.postpass.calibration_seq_len} from WikiText-2 valid | {'randomized' if cfg0.postpass.randomized_svd else 'exact'} SVD | "
+            f"torch threads {torch.get_num_threads()}"
+        ),
+        "fp": {"ppl": fp.ppl},
+        "results": {},
     }
     print(report["protocol"], f"\nfloat ppl {fp.ppl:.2f}", flush=True)
 
@@ -174,8 +182,11 @@ def main() -> None:
             for rank in args.ranks:
                 r = one(ov, method, rank)
                 res["methods"][method][str(rank)] = r
-                print(f"{scheme:<7} {rtn['scheme']:<26} {method:<6} rank {rank:>3} ppl {r['ppl']:8.2f}  "
-                      f"post-pass {r['postpass_seconds']:6.1f} s (reconstruct {r['reconstruct_seconds']:5.1f} s)", flush=True)
+                print(
+                    f"{scheme:<7} {rtn['scheme']:<26} {method:<6} rank {rank:>3} ppl {r['ppl']:8.2f}  "
+                    f"post-pass {r['postpass_seconds']:6.1f} s (reconstruct {r['reconstruct_seconds']:5.1f} s)",
+                    flush=True,
+                )
         report["results"][scheme] = res
         Path(out_dir / args.json_name).write_text(json.dumps(report, indent=2))  # partial results survive an interrupt
     if not args.no_spectra:

@@ -23,15 +23,14 @@ import json
 import statistics
 from pathlib import Path
 
-from qaft.pipeline.commands import calibration_of
+from common import add_run_arguments, quantized_ppl, train_rows
+
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.core.text import token_stream
 from qaft.eval.perplexity import perplexity
-from qaft.core.model import ModelConfig
+from qaft.pipeline.commands import calibration_of
 from qaft.pipeline.config import load_config
 from qaft.trainer.loop import fit
-from qaft.core.model import load_model_and_tokenizer
-
-from common import add_run_arguments, quantized_ppl, train_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "configs" / "smollm2-lora.yaml"
@@ -79,8 +78,19 @@ def main() -> None:
     work = Path(args.work)
     report = {"train_config": TRAIN.name, "steps": args.steps, "runs": {}}
     for name in args.runs:
-        cfg = load_config(TRAIN, [f"training.max_steps={args.steps}", "training.save_steps=0", "training.logging_steps=1", "training.report_to=[]",
-                                  *args.set, *args.train_set, callbacks(RUNS[name], args.phase, args.review_every), f"training.output_dir={work / name}"])
+        cfg = load_config(
+            TRAIN,
+            [
+                f"training.max_steps={args.steps}",
+                "training.save_steps=0",
+                "training.logging_steps=1",
+                "training.report_to=[]",
+                *args.set,
+                *args.train_set,
+                callbacks(RUNS[name], args.phase, args.review_every),
+                f"training.output_dir={work / name}",
+            ],
+        )
         fit(cfg, overwrite=True)
         report["runs"][name] = timing(work / name)
     ecfg = load_config(EVAL, args.set)
@@ -90,24 +100,30 @@ def main() -> None:
     ref = report["runs"].get("lora", {}).get("median_step_s")
     for name, r in report["runs"].items():
         model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(work / name / "final")))
-        r["ppl"] = {"float": perplexity(model, ids, ecfg.eval.seq_len, ecfg.eval.windows, progress=False).ppl,
-                    "rtn W4": quantized_ppl(model, calib, ids, EVAL, "rtn", args.set),
-                    "l2qer W4 r32": quantized_ppl(model, calib, ids, EVAL, "l2qer", ["postpass.rank=32", *args.set])}
+        r["ppl"] = {
+            "float": perplexity(model, ids, ecfg.eval.seq_len, ecfg.eval.windows, progress=False).ppl,
+            "rtn W4": quantized_ppl(model, calib, ids, EVAL, "rtn", args.set),
+            "l2qer W4 r32": quantized_ppl(model, calib, ids, EVAL, "l2qer", ["postpass.rank=32", *args.set]),
+        }
         if ref:
             r["step_time_ratio_vs_lora"] = r["median_step_s"] / ref
             r["mean_step_time_ratio_vs_lora"] = r["mean_step_s"] / report["runs"]["lora"]["mean_step_s"]
             if "median_review_step_s" in r:
                 r["review_step_time_ratio_vs_lora"] = r["median_review_step_s"] / ref
         print(name, r, flush=True)
-    report["protocol"] = f"train {TRAIN.name}, {args.steps} steps, seed 0, phase {args.phase}, review every {args.review_every} | ppl: WikiText-2 test {ecfg.eval.windows} x {ecfg.eval.seq_len}"
+    report["protocol"] = (
+        f"train {TRAIN.name}, {args.steps} steps, seed 0, phase {args.phase}, review every {args.review_every} | ppl: WikiText-2 test {ecfg.eval.windows} x {ecfg.eval.seq_len}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(report["protocol"])
     nan = float("nan")
     print(f"{'run':<15}{'float':>9}{'rtn W4':>9}{'l2qer':>9}{'mean x':>8}{'other x':>9}{'review x':>10}")
     for name, r in report["runs"].items():
-        print(f"{name:<15}{r['ppl']['float']:>9.2f}{r['ppl']['rtn W4']:>9.2f}{r['ppl']['l2qer W4 r32']:>9.2f}"
-              f"{r.get('mean_step_time_ratio_vs_lora', nan):>8.2f}{r.get('step_time_ratio_vs_lora', nan):>9.2f}{r.get('review_step_time_ratio_vs_lora', nan):>10.2f}")
+        print(
+            f"{name:<15}{r['ppl']['float']:>9.2f}{r['ppl']['rtn W4']:>9.2f}{r['ppl']['l2qer W4 r32']:>9.2f}"
+            f"{r.get('mean_step_time_ratio_vs_lora', nan):>8.2f}{r.get('step_time_ratio_vs_lora', nan):>9.2f}{r.get('review_step_time_ratio_vs_lora', nan):>10.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -80,10 +80,20 @@ def main() -> None:
     data = str(WIKI_VALID) if WIKI_VALID.exists() else "python-docs"
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_dict(
-            {"model": {"name_or_path": args.model}, "data": {"path": data, "block_size": args.seq, "eval_fraction": 0.0},
-             "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-             "training": {"output_dir": tmp, "per_device_train_batch_size": args.batch, "max_steps": 10_000, "save_steps": 0,
-                          "logging_steps": 10_000, "lr_scheduler_type": "constant", "seed": 0}}
+            {
+                "model": {"name_or_path": args.model},
+                "data": {"path": data, "block_size": args.seq, "eval_fraction": 0.0},
+                "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+                "training": {
+                    "output_dir": tmp,
+                    "per_device_train_batch_size": args.batch,
+                    "max_steps": 10_000,
+                    "save_steps": 0,
+                    "logging_steps": 10_000,
+                    "lr_scheduler_type": "constant",
+                    "seed": 0,
+                },
+            }
         )
         t0 = time.perf_counter()
         session = setup(cfg)
@@ -103,10 +113,24 @@ def main() -> None:
     med_a, med_b = statistics.median(a), statistics.median(b)
     tokens = args.seq * args.batch
     result = {
-        "protocol": {"model": args.model, "data": data, "seq_len": args.seq, "batch": args.batch, "lora": "r8 alpha16 all-linear",
-                     "dtype": "float32", "rounds": args.rounds, "steps_per_round": args.steps, "noop_callbacks": args.noops},
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                    "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0]},
+        "protocol": {
+            "model": args.model,
+            "data": data,
+            "seq_len": args.seq,
+            "batch": args.batch,
+            "lora": "r8 alpha16 all-linear",
+            "dtype": "float32",
+            "rounds": args.rounds,
+            "steps_per_round": args.steps,
+            "noop_callbacks": args.noops,
+        },
+        "machine": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "cpu": platform.processor() or platform.machine(),
+            "python": sys.version.split()[0],
+        },
         "setup_s": load_s,
         "no_callbacks": {"s_per_step": med_a, "tokens_per_s": tokens / med_a, "steps": a},
         "noop_callbacks": {"s_per_step": med_b, "tokens_per_s": tokens / med_b, "steps": b},
@@ -117,7 +141,9 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\n{args.model}, LoRA r8 all-linear, {args.seq} x {args.batch} tokens, fp32, {result['machine']['threads']} threads, OMP_WAIT_POLICY={result['machine']['omp_wait_policy']}")
+    print(
+        f"\n{args.model}, LoRA r8 all-linear, {args.seq} x {args.batch} tokens, fp32, {result['machine']['threads']} threads, OMP_WAIT_POLICY={result['machine']['omp_wait_policy']}"
+    )
     print(f"{'condition':<22}{'s/step (median)':>16}{'tokens/s':>10}   steps")
     for name, key in (("no callbacks", "no_callbacks"), (f"{args.noops} no-op callbacks", "noop_callbacks")):
         r = result[key]

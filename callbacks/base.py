@@ -15,9 +15,10 @@ framed by ``on_train_begin`` / ``on_train_end``. The base class is all no-ops.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 

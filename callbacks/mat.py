@@ -38,9 +38,10 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -129,14 +130,18 @@ def head_modules(model: torch.nn.Module) -> list[HeadModule]:
         _, layers = decoder_layers(model)
     except ValueError:
         attn = next((m for m in model.modules() if "attention" in type(m).__name__.lower()), model)
-        raise PreflightError(f"callbacks.mat: cannot slice {type(attn).__name__} into heads (no decoder layer list with q_proj, k_proj, "
-                             "v_proj and o_proj/out_proj Linears); MAT supports Llama- and OPT-style attention") from None
+        raise PreflightError(
+            f"callbacks.mat: cannot slice {type(attn).__name__} into heads (no decoder layer list with q_proj, k_proj, "
+            "v_proj and o_proj/out_proj Linears); MAT supports Llama- and OPT-style attention"
+        ) from None
     out: list[HeadModule] = []
     for i, layer in enumerate(layers):
         attn = next((m for n, m in layer.named_children() if "attn" in n.lower() or "attention" in n.lower()), None)
         if attn is None or not all(any(hasattr(attn, n) for n in names) for names in _ATTN.values()):
-            raise PreflightError(f"callbacks.mat: cannot slice {type(attn or layer).__name__} into heads (needs q_proj, k_proj, v_proj and "
-                                 "o_proj/out_proj Linears); MAT supports Llama- and OPT-style attention")
+            raise PreflightError(
+                f"callbacks.mat: cannot slice {type(attn or layer).__name__} into heads (needs q_proj, k_proj, v_proj and "
+                "o_proj/out_proj Linears); MAT supports Llama- and OPT-style attention"
+            )
         q, k, v = (_lora(attn, _ATTN[x], "lora_B") for x in "qkv")
         o = _lora(attn, _ATTN["o"], "lora_A")
         for h in range(heads):
@@ -236,7 +241,9 @@ class MAT(Callback):
         o = self.options
         model = ctx.accelerator.unwrap_model(ctx.model)
         if ctx.probe_blocks is None or len(ctx.probe_blocks) < o.probe_samples:
-            raise PreflightError(f"callbacks.mat: probe_samples {o.probe_samples} exceeds the {0 if ctx.probe_blocks is None else len(ctx.probe_blocks)} training blocks")
+            raise PreflightError(
+                f"callbacks.mat: probe_samples {o.probe_samples} exceeds the {0 if ctx.probe_blocks is None else len(ctx.probe_blocks)} training blocks"
+            )
         params = list({id(s.param): s.param for m in self.modules for s in m.slices}.values())
         flags = [p.requires_grad for p in params]
         for p in params:
@@ -311,8 +318,12 @@ class MAT(Callback):
         out = {"active_fraction": float(self.active.float().mean()) if self.active is not None else 1.0}
         if self.active is not None and not bool(self.active.all()):
             skipped = {id(p) for p in self._skipped}
-            gated = [(s.length * s.param.numel() / s.param.shape[s.dim], id(s.param) in skipped)
-                     for m, on in zip(self.modules, self.active.tolist()) if not on for s in m.slices]  # (elements, gradient not computed)
+            gated = [
+                (s.length * s.param.numel() / s.param.shape[s.dim], id(s.param) in skipped)
+                for m, on in zip(self.modules, self.active.tolist())
+                if not on
+                for s in m.slices
+            ]  # (elements, gradient not computed)
             out["grad_skipped"] = sum(n for n, off in gated if off) / max(sum(n for n, _ in gated), 1)
         if self.history and self.history[-1]["step"] == ctx.state.step - 1:
             lam = torch.tensor(self.history[-1]["lambda"])
@@ -327,8 +338,13 @@ class MAT(Callback):
             write_heatmap(self.history, self.modules, ctx.output_dir)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "active": None if self.active is None else self.active.clone(),
-                "lam": None if self.lam is None else self.lam.clone(), "history": list(self.history), "seconds": self._seconds}
+        return {
+            **super().state_dict(),
+            "active": None if self.active is None else self.active.clone(),
+            "lam": None if self.lam is None else self.lam.clone(),
+            "history": list(self.history),
+            "seconds": self._seconds,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)

@@ -12,7 +12,7 @@ loss exactly where RTN will move the most sensitive weights. Default = the autho
    forward/backward passes of each step; the LoRA trains as usual;
 3. after training, ``final/`` is the clean base with the LoRA merged in, ready for RTN.
 
-Fixes over the released code (``shared/docs/callbacks.md``): noise comes from generators seeded by
+Fixes over the authors' released code: noise comes from generators seeded by
 (run seed, round or step), identical on every rank and after a resume; the clean values at the
 outlier positions are kept and written back (never ``w + n − n``), so the base is bit-identical
 whenever noise is off, which is always outside a step's forward/backward (evaluation and
@@ -35,8 +35,9 @@ import enum
 import math
 import time
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterable, Mapping
+from typing import Annotated, Any
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -94,8 +95,10 @@ class NPFTOptions:
 
     def __post_init__(self) -> None:
         if self.criterion is not Criterion.MAGNITUDE and self.calib_windows == 0:
-            raise ValueError(f"calib_windows: got 0, expected at least 1 for criterion {self.criterion.value!r} "
-                             "(it scores weights on training blocks); or use criterion: magnitude")
+            raise ValueError(
+                f"calib_windows: got 0, expected at least 1 for criterion {self.criterion.value!r} "
+                "(it scores weights on training blocks); or use criterion: magnitude"
+            )
 
 
 # ---- pure pieces (tested on their own) ---------------------------------------------------------
@@ -132,8 +135,13 @@ def quant_step_noise(delta: torch.Tensor, generator: torch.Generator, scale: flo
     return (torch.rand(delta.shape, generator=generator) - 0.5) * delta.float() * scale
 
 
-def hessian_trace(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], mask: Mapping[str, torch.Tensor],
-                  probes: int = 16, generator: torch.Generator | None = None) -> tuple[float, float]:
+def hessian_trace(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    mask: Mapping[str, torch.Tensor],
+    probes: int = 16,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
     """Hutchinson estimate of ``tr(H)`` restricted to ``mask`` (``{parameter name: flat indices}``), and its standard error.
 
     ``vᵀ H v`` for Rademacher ``v`` supported on the masked coordinates (zero elsewhere), with ``H v``
@@ -227,7 +235,9 @@ class NPFT(Callback):
             owner = mod if isinstance(mod, LoraLayer) else None
             weight = mod.get_base_layer().weight if owner is not None else mod.weight
             if getattr(weight, "ds_id", None) is not None or weight.numel() == 0:
-                raise PreflightError(f"callbacks.npft: {clean_name}'s weight is sharded (DeepSpeed ZeRO-3?); NPFT perturbs full base weights, use ZeRO-2 or DDP")
+                raise PreflightError(
+                    f"callbacks.npft: {clean_name}'s weight is sharded (DeepSpeed ZeRO-3?); NPFT perturbs full base weights, use ZeRO-2 or DDP"
+                )
             found[names[id(weight)]] = _Module(weight, owner)
         if not found:
             raise PreflightError("callbacks.npft: no decoder Linear matches quant.targets/quant.ignore; NPFT has nothing to perturb")
@@ -294,8 +304,12 @@ class NPFT(Callback):
         owners = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and f"{n}.weight" in self.modules}
         sums = {f"{n}.weight": torch.zeros(m.in_features) for n, m in owners.items()}
         tokens = [0]
-        hooks = [m.register_forward_pre_hook(lambda mod, args, k=f"{n}.weight": sums[k].add_(args[0].detach().abs().reshape(-1, args[0].shape[-1]).sum(0).float().cpu()))
-                 for n, m in owners.items()]
+        hooks = [
+            m.register_forward_pre_hook(
+                lambda mod, args, k=f"{n}.weight": sums[k].add_(args[0].detach().abs().reshape(-1, args[0].shape[-1]).sum(0).float().cpu())
+            )
+            for n, m in owners.items()
+        ]
         try:
             for b in blocks:
                 model(**b)
@@ -394,9 +408,12 @@ class NPFT(Callback):
     def state_dict(self) -> dict[str, Any]:
         cpu = lambda t: None if t is None else t.detach().cpu().clone()  # noqa: E731
         return {
-            **super().state_dict(), "round": self.round,
-            "modules": {n: {k: cpu(getattr(m, k).to(torch.int32) if k == "idx" and m.idx is not None else getattr(m, k)) for k in _SAVED}
-                        for n, m in self.modules.items()},
+            **super().state_dict(),
+            "round": self.round,
+            "modules": {
+                n: {k: cpu(getattr(m, k).to(torch.int32) if k == "idx" and m.idx is not None else getattr(m, k)) for k in _SAVED}
+                for n, m in self.modules.items()
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

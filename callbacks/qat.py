@@ -31,8 +31,9 @@ from __future__ import annotations
 import enum
 import statistics
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +41,8 @@ from peft.tuners.lora import LoraLayer
 
 from qaft.core.errors import PreflightError
 from qaft.core.typed import Ge
-from qaft.quant.loftq import loftq, loftq_base
 from qaft.quant.grid import fake_quant_activation, quantize_weight
+from qaft.quant.loftq import loftq, loftq_base
 from qaft.quant.scheme import ActQuant, QuantScheme, WeightQuant
 
 from .base import Callback, Context
@@ -157,7 +158,9 @@ class QAT(Callback):
             for a in (a for a in mod.active_adapters if a in mod.lora_A):
                 base = mod.get_base_layer().weight
                 if getattr(base, "ds_id", None) is not None or base.numel() == 0:
-                    raise PreflightError(f"callbacks.qat: {name}'s weight is sharded (DeepSpeed ZeRO-3?); init: loftq rewrites full base weights, use ZeRO-2 or DDP")
+                    raise PreflightError(
+                        f"callbacks.qat: {name}'s weight is sharded (DeepSpeed ZeRO-3?); init: loftq rewrites full base weights, use ZeRO-2 or DDP"
+                    )
                 yield f"{name}/{a}", mod, a, base
 
     @torch.no_grad()
@@ -165,7 +168,9 @@ class QAT(Callback):
         """After a resume: the model was loaded from the original weights; put the LoftQ grid base back."""
         for key, mod, a, base in self._lora_weights(ctx):
             if key not in self.loftq_shift:
-                raise PreflightError(f"callbacks.qat: the checkpoint has no LoftQ record for {key}; resume with the targets and LoRA config it was written with")
+                raise PreflightError(
+                    f"callbacks.qat: the checkpoint has no LoftQ record for {key}; resume with the targets and LoRA config it was written with"
+                )
             base.copy_(loftq_base(base, ctx.scheme.weight, self.loftq_shift[key], float(mod.scaling[a])).to(base.dtype))
 
     @torch.no_grad()

@@ -61,10 +61,7 @@ class Telemetry(Callback):
         if all(p.grad is None for _, p in params):  # DeepSpeed: no p.grad to read (see the module docstring)
             self._grads = {}
             return
-        self._grads = {
-            f"grad_norm/{part}": _norm([p.grad for n, p in params if part in n and p.grad is not None])
-            for part in ("lora_A", "lora_B")
-        }
+        self._grads = {f"grad_norm/{part}": _norm([p.grad for n, p in params if part in n and p.grad is not None]) for part in ("lora_A", "lora_B")}
 
     def on_step_end(self, ctx: Context) -> dict[str, float]:
         if self._before is None:

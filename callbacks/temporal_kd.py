@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterator, Mapping
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -132,12 +133,16 @@ class TemporalKD(Callback):
     def on_train_begin(self, ctx: Context) -> None:
         model = ctx.accelerator.unwrap_model(ctx.model)
         if not hasattr(model, "disable_adapter"):
-            raise PreflightError("callbacks.temporal_kd: the teacher is the frozen base with the adapters disabled, and this run has no adapter; train with LoRA")
+            raise PreflightError(
+                "callbacks.temporal_kd: the teacher is the frozen base with the adapters disabled, and this run has no adapter; train with LoRA"
+            )
         _, layers = decoder_layers(model)
         n = len(layers)
         bad = [i for i in self.options.layers if not -n <= i < n]
         if bad:
-            raise PreflightError(f"callbacks.temporal_kd.layers: {bad} out of range for a model with {n} decoder layers (use 0..{n - 1} or negative from the end)")
+            raise PreflightError(
+                f"callbacks.temporal_kd.layers: {bad} out of range for a model with {n} decoder layers (use 0..{n - 1} or negative from the end)"
+            )
         self.index = sorted({i % n for i in self.options.layers})
         self.channel = [self.index.index(i % n) for i in self.options.layers]
         self.net.to(ctx.accelerator.device)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .errors import CheckpointError
 
@@ -33,7 +33,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def publish(tmp: Path, final: Path) -> None:
     """fsync every file under ``tmp``, then rename it to ``final`` (replacing an older folder of that name)."""
-    for f in (tmp.rglob("*") if tmp.is_dir() else [tmp]):
+    for f in tmp.rglob("*") if tmp.is_dir() else [tmp]:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

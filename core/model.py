@@ -17,18 +17,28 @@ LoRA is attached by the trainer (``qaft.trainer.lora``); this module only loads.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, LlamaConfig, OPTConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from .errors import ModelError
+from .io import staged
 from .typed import suggest
 
 
@@ -55,15 +65,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # near-uniform, so LoRA could barely lower the loss and "training reduces loss" would be untestable.
 def _tiny_llama(vocab: int):
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, initializer_range=0.1,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
     )
 
 
 def _tiny_opt(vocab: int):
     return OPTConfig(
-        vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=1024, word_embed_proj_dim=64, enable_bias=True, do_layer_norm_before=True, dropout=0.0, init_std=0.1,
+        vocab_size=vocab,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+        word_embed_proj_dim=64,
+        enable_bias=True,
+        do_layer_norm_before=True,
+        dropout=0.0,
+        init_std=0.1,
     )
 
 
@@ -133,22 +159,57 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
         return model.eval(), tok  # eval mode, like from_pretrained
     src = resolve(cfg)
-    kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, gguf_file=src.gguf_file)
-    try:
-        tok = AutoTokenizer.from_pretrained(src.location, **kw)
-        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=DTYPES[cfg.dtype], **kw)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "" if Path(src.location).exists() else " (not a local path; as a hub id it needs a network or a warm HF cache)"
-        raise ModelError(f"model.name_or_path: cannot load {cfg.name_or_path!r}{hint}: {first}") from None
     if src.gguf_file:
-        # The weights are now plain float tensors; forget the GGUF origin so save_pretrained writes a normal folder.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
+        model, tok = _from_gguf(src, cfg)
+    else:
+        model, tok = _from_pretrained(src.location, cfg, dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _from_pretrained(location: str, cfg: ModelConfig, kw: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        tok = AutoTokenizer.from_pretrained(location, **kw)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[cfg.dtype], **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "" if Path(location).exists() else " (not a local path; as a hub id it needs a network or a warm HF cache)"
+        raise ModelError(f"model.name_or_path: cannot load {cfg.name_or_path!r}{hint}: {first}") from None
+    return model, tok
+
+
+def gguf_cache(gguf: Path) -> Path:
+    """Where the de-quantized float weights of ``gguf`` are kept: ``$QAFT_CACHE`` (default ``~/.cache/qaft``),
+    keyed by the file's resolved path, size and modification time, so a changed file is converted again."""
+    root = Path(os.environ.get("QAFT_CACHE") or Path.home() / ".cache" / "qaft")
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return root / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _from_gguf(src: Source, cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A GGUF source: transformers de-quantizes the tensors to float, which takes ~30 s for SmolLM2, so the
+    first load also writes the float model and tokenizer to ``gguf_cache`` (atomically) and later loads read
+    that folder in seconds. Remote GGUF repos (hub id + ``gguf_file``) are not cached."""
+    local = Path(src.location) / src.gguf_file
+    cache = gguf_cache(local) if local.is_file() else None
+    if cache is not None and (cache / "config.json").is_file():
+        return _from_pretrained(str(cache), cfg, {})
+    model, tok = _from_pretrained(src.location, cfg, dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, gguf_file=src.gguf_file))
+    # The weights are now plain float tensors; forget the GGUF origin so save_pretrained writes a normal folder.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if cache is not None and cfg.dtype == "float32":  # the cache holds the exact float32 values
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with staged(cache) as tmp:
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+        except OSError:  # a read-only or full cache costs the next load time, never this one
+            pass
     return model, tok
 
 

@@ -11,9 +11,10 @@ CLI help, the generated reference and the contract tests are all read from the r
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .errors import ConfigError
 from .typed import Invalid, build, suggest, to_plain
@@ -53,7 +54,7 @@ class Registry(Generic[T]):
 
     def register(self, entry: T, name: str | None = None) -> T:
         """Add ``entry`` under ``name`` (default: its ``name`` attribute); usable as a class decorator."""
-        key = name or getattr(entry, "name")
+        key = name or entry.name
         if key in self._entries and self._entries[key] is not entry:
             raise ValueError(f"{self.kind} {key!r} is registered twice")
         self._entries[key] = entry
@@ -62,7 +63,7 @@ class Registry(Generic[T]):
     @contextmanager
     def registered(self, entry: T, name: str | None = None) -> Iterator[T]:
         """``entry`` registered inside the block only (tests, examples): the registry is as before afterwards."""
-        key = name or getattr(entry, "name")
+        key = name or entry.name
         self.register(entry, key)
         try:
             yield entry
@@ -121,7 +122,7 @@ class Registry(Generic[T]):
             raise Invalid
         return Spec(name, build(options_type, given, key, problems))
 
-    def optional(self) -> "Optional":
+    def optional(self) -> Optional:
         """A converter for fields that may also be ``none`` / null (``reconstructor: none``)."""
         return Optional(self)
 

@@ -48,7 +48,7 @@ def is_builtin(name: str) -> bool:
 
 def ngrams(text: str) -> set[tuple[str, ...]]:
     words = text.split()
-    return {tuple(words[i:i + NGRAM]) for i in range(max(len(words) - NGRAM + 1, 0))}
+    return {tuple(words[i : i + NGRAM]) for i in range(max(len(words) - NGRAM + 1, 0))}
 
 
 @cache
@@ -69,8 +69,7 @@ def documents(name: str) -> list[str]:
 
 def same_source(a: str, b: str) -> bool:
     """Whether two text settings (file paths or built-in names) name the same text."""
-    return a == b or (not is_builtin(a) and not is_builtin(b) and Path(a).is_file() and Path(b).is_file()
-                      and Path(a).resolve() == Path(b).resolve())
+    return a == b or (not is_builtin(a) and not is_builtin(b) and Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve())
 
 
 def text(name: str) -> str:

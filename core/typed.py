@@ -19,8 +19,9 @@ import difflib
 import enum
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Protocol, Union
+from typing import Any, Literal, Protocol, Union
 
 from .errors import ConfigError
 

@@ -26,8 +26,16 @@ from .config import EvalConfig
 from .perplexity import perplexity
 
 
-def evaluate_methods(model: torch.nn.Module, eval_ids: torch.Tensor, calib: torch.Tensor | None, scheme: QuantScheme, postpass: PostpassConfig,
-                     methods: list[str], protocol: EvalConfig, progress: bool = True) -> dict[str, dict[str, Any]]:
+def evaluate_methods(
+    model: torch.nn.Module,
+    eval_ids: torch.Tensor,
+    calib: torch.Tensor | None,
+    scheme: QuantScheme,
+    postpass: PostpassConfig,
+    methods: list[str],
+    protocol: EvalConfig,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
     """``{method: {ppl, seconds, postpass_seconds, eval_seconds, layers}}``; ``model`` itself is never changed."""
     results = {}
     for name in methods:
@@ -51,8 +59,10 @@ def table(report: dict[str, Any]) -> str:
     fp = report["results"].get("fp", {}).get("ppl")
     rtn = report["results"].get("rtn", {}).get("ppl")
     factors = f" (int{p['factor_bits']} factors)" if p.get("factor_bits") else ""
-    head = (f"WikiText-2 perplexity | {p['model']} | {p['scheme']}, rank {p['rank']}{factors} | {p['windows']} windows x {p['seq_len']} tokens | "
-            f"calibration {p['calibration']['samples']} x {p['calibration']['seq_len']} from {p['calibration']['path']}")
+    head = (
+        f"WikiText-2 perplexity | {p['model']} | {p['scheme']}, rank {p['rank']}{factors} | {p['windows']} windows x {p['seq_len']} tokens | "
+        f"calibration {p['calibration']['samples']} x {p['calibration']['seq_len']} from {p['calibration']['path']}"
+    )
     if "export" in report:
         e = report["export"]
         head += f"\nexport rows: {e['path']} ({e['scheme']} + {e['method']}; manifest hashes verified; activations rounded as compressed-tensors does)"

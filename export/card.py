@@ -16,9 +16,12 @@ def made_with(m: dict[str, Any], weights: str, factors: str) -> list[str]:
     ranks = sorted(set(m["ranks"].values()))
     rank_text = "none" if not ranks else (f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]} per layer")
     return [
-        f"# {m['source_model']} — {m['scheme_label']} + {m['method']}", "",
-        "Made with qaft: round-to-nearest quantization with low-rank reconstruction of the quantization error.", "",
-        "| | |", "|---|---|",
+        f"# {m['source_model']} — {m['scheme_label']} + {m['method']}",
+        "",
+        "Made with qaft: round-to-nearest quantization with low-rank reconstruction of the quantization error.",
+        "",
+        "| | |",
+        "|---|---|",
         f"| weights | {m['scheme_label']} ({weights}) |",
         f"| method | `{m['method']}`, rank {rank_text} ({factors}) |",
         f"| calibration | {m['calibration']['samples']} × {m['calibration']['seq_len']} tokens of `{m['calibration']['path']}` |",
@@ -32,10 +35,18 @@ def perplexity_section(m: dict[str, Any]) -> list[str]:
     if not ev:
         return []
     pr = ev["protocol"]
-    return [f"## Perplexity ({pr['windows']} windows × {pr['seq_len']} tokens of `{pr['eval_path']}`, reloaded from these files)", "",
-            "| model | ppl |", "|---|---|", *(f"| {name} | {ppl:.2f} |" for name, ppl in ev["ppl"].items()), ""]
+    return [
+        f"## Perplexity ({pr['windows']} windows × {pr['seq_len']} tokens of `{pr['eval_path']}`, reloaded from these files)",
+        "",
+        "| model | ppl |",
+        "|---|---|",
+        *(f"| {name} | {ppl:.2f} |" for name, ppl in ev["ppl"].items()),
+        "",
+    ]
 
 
 def provenance_note() -> str:
-    return ("`manifest.json` lists the scheme, method, per-layer ranks, calibration data with sha256, training config, library versions, "
-            "qaft revision, and a sha256 of every file; `qaft eval CONFIG --export DIR` checks them before evaluating.")
+    return (
+        "`manifest.json` lists the scheme, method, per-layer ranks, calibration data with sha256, training config, library versions, "
+        "qaft revision, and a sha256 of every file; `qaft eval CONFIG --export DIR` checks them before evaluating."
+    )

@@ -14,10 +14,11 @@ compressed-tensors' own rounding, and the gap to a server's rounding reported bu
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -105,9 +106,13 @@ def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
                     packed_bytes += t.numel() * t.element_size()
     on_disk = lambda sub: sum(p.stat().st_size for p in (folder / sub).rglob("*") if p.is_file())  # noqa: E731
     adapter_file = folder / "adapter" / WEIGHTS
-    return size_record(reference, packed_bytes=packed_bytes, base_bytes=on_disk("base"),
-                       adapter_bytes=on_disk("adapter") if (folder / "adapter").is_dir() else 0,
-                       factor_bytes=adapter_file.stat().st_size if adapter_file.is_file() else 0)
+    return size_record(
+        reference,
+        packed_bytes=packed_bytes,
+        base_bytes=on_disk("base"),
+        adapter_bytes=on_disk("adapter") if (folder / "adapter").is_dir() else 0,
+        factor_bytes=adapter_file.stat().st_size if adapter_file.is_file() else 0,
+    )
 
 
 @FORMATS.register
@@ -123,14 +128,17 @@ class CompressedTensors(ExportFormat):
     def check_scheme(cls, scheme: QuantScheme) -> None:
         check_expressible(scheme)
 
-    def write(self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme,
-              meta: dict[str, Any], settings: ExportConfig) -> dict[str, Any]:
+    def write(
+        self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, meta: dict[str, Any], settings: ExportConfig
+    ) -> dict[str, Any]:
         ranks = write_adapter(model, tmp / "adapter", base_name_or_path="base")
         quantized = write_packed(model, tokenizer, scheme, tmp / "base")
         parity = check_parity(tmp, reference, tokenizer, scheme, settings.parity_atol)
         return {
             "format": {"base": f"compressed-tensors {FORMAT}", "adapter": "peft lora" if ranks else None},
-            "ranks": ranks or {}, "quantized_modules": quantized, "parity": {k: asdict(v) for k, v in parity.items()},
+            "ranks": ranks or {},
+            "quantized_modules": quantized,
+            "parity": {k: asdict(v) for k, v in parity.items()},
             "sizes": sizes(tmp, reference),
         }
 
@@ -163,35 +171,62 @@ class CompressedTensors(ExportFormat):
     def card(cls, m: dict[str, Any]) -> str:
         s, p = m["sizes"], m["parity"]
         bits = f", int{m['factor_bits']} factors" if m.get("factor_bits") else ""
-        lines = ["---", "library_name: peft", "tags: [qaft, compressed-tensors, int4, lora]", "---", "",
-                 *made_with(m, "`base/`, compressed-tensors `pack-quantized`", f"`adapter/`, PEFT LoRA, scaling 1{bits}"), *perplexity_section(m)]
+        lines = [
+            "---",
+            "library_name: peft",
+            "tags: [qaft, compressed-tensors, int4, lora]",
+            "---",
+            "",
+            *made_with(m, "`base/`, compressed-tensors `pack-quantized`", f"`adapter/`, PEFT LoRA, scaling 1{bits}"),
+            *perplexity_section(m),
+        ]
         lines += [
-            "## Size", "",
+            "## Size",
+            "",
             f"float32 {mb(s['float32_bytes'])}, bfloat16 {mb(s['bfloat16_bytes'])} → `base/` {mb(s['base_bytes'])} + `adapter/` {mb(s['adapter_bytes'])} on disk. "
             f"Quantized Linears: {s['bits_per_weight_base']:.2f} bits per weight (codes + scales), {s['bits_per_weight_with_adapter']:.2f} with the adapter. "
-            "Embeddings, norms and ignored layers are stored in float.", "",
-            "## Reload parity", "",
+            "Embeddings, norms and ignored layers are stored in float.",
+            "",
+            "## Reload parity",
+            "",
             "Logits of the reloaded files vs qaft's in-memory model on fixed prompts, activation quantization off on both sides"
-            + (" and, separately, on (qaft rounding activations as compressed-tensors' Python code does, max|x|/127.5)" if any(v["act_max_abs_diff"] is not None for v in p.values()) else "")
-            + ":", "",
-            "| loader | max abs diff | top-1 agreement | with activation quantization | vs a server's max abs/127 rounding |", "|---|---|---|---|---|",
+            + (
+                " and, separately, on (qaft rounding activations as compressed-tensors' Python code does, max|x|/127.5)"
+                if any(v["act_max_abs_diff"] is not None for v in p.values())
+                else ""
+            )
+            + ":",
+            "",
+            "| loader | max abs diff | top-1 agreement | with activation quantization | vs a server's max abs/127 rounding |",
+            "|---|---|---|---|---|",
         ]
         for loader, v in p.items():
             act = "–" if v["act_max_abs_diff"] is None else f"{v['act_max_abs_diff']:.2e}"
             server = "–" if v["server_act_max_abs_diff"] is None else f"{v['server_act_max_abs_diff']:.2e} ({v['server_act_top1_agreement']:.1%} top-1)"
             lines.append(f"| {loader} | {v['max_abs_diff']:.2e} (tolerance {v['tolerance']:g}) | {v['top1_agreement']:.1%} | {act} | {server} |")
         if "transformers" not in p:
-            lines += ["", "transformers' `from_pretrained` cannot read asymmetric packed checkpoints in transformers 5.23 + compressed-tensors 0.20 "
-                      "(packed zero points are mis-sized on load); `qaft.load_quantized(\"export\")` reads them with the library's own decompression."]
+            lines += [
+                "",
+                "transformers' `from_pretrained` cannot read asymmetric packed checkpoints in transformers 5.23 + compressed-tensors 0.20 "
+                '(packed zero points are mis-sized on load); `qaft.load_quantized("export")` reads them with the library\'s own decompression.',
+            ]
         lines += [
-            "", "## Load", "", "```python",
+            "",
+            "## Load",
+            "",
+            "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "from peft import PeftModel  # needs: pip install compressed-tensors peft", "",
+            "from peft import PeftModel  # needs: pip install compressed-tensors peft",
+            "",
             'base = AutoModelForCausalLM.from_pretrained("base")  # int4 packed; de-compressed to float on first use on CPU',
             'model = PeftModel.from_pretrained(base, "adapter")   # the low-rank error correction' if m["ranks"] else "model = base",
-            'tokenizer = AutoTokenizer.from_pretrained("base")', "```", "",
+            'tokenizer = AutoTokenizer.from_pretrained("base")',
+            "```",
+            "",
             "Activation quantization, when the scheme has it, is recorded as dynamic `input_activations` in `base/config.json`; "
-            "servers that read compressed-tensors (vLLM) apply it at run time.", "",
-            provenance_note(), "",
+            "servers that read compressed-tensors (vLLM) apply it at run time.",
+            "",
+            provenance_note(),
+            "",
         ]
         return "\n".join(lines)

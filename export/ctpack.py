@@ -28,14 +28,18 @@ import torch
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 from compressed_tensors.quantization import (
-    QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus, apply_quantization_config,
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+    apply_quantization_config,
 )
 from loguru import logger  # compressed-tensors' logger
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
 from qaft.core.errors import ExportError
-
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import ActGranularity, ActQuant, Granularity, QuantScheme, WeightFormat
 
@@ -61,12 +65,20 @@ def quantization_config(scheme: QuantScheme, ignore: list[str]) -> Any:
     check_expressible(scheme)
     w = scheme.weight
     strategy = {Granularity.TENSOR: "tensor", Granularity.CHANNEL: "channel", Granularity.GROUP: "group"}[w.granularity]
-    weights = QuantizationArgs(num_bits=w.bits, type="int", symmetric=w.symmetric, strategy=strategy,
-                               group_size=w.group_size if w.granularity is Granularity.GROUP else None)
+    weights = QuantizationArgs(
+        num_bits=w.bits, type="int", symmetric=w.symmetric, strategy=strategy, group_size=w.group_size if w.granularity is Granularity.GROUP else None
+    )
     a = scheme.activation
-    inputs = None if a.bits is None else QuantizationArgs(
-        num_bits=a.bits, type="int", symmetric=True, dynamic=True,
-        strategy="token" if a.granularity is ActGranularity.TOKEN else "tensor",
+    inputs = (
+        None
+        if a.bits is None
+        else QuantizationArgs(
+            num_bits=a.bits,
+            type="int",
+            symmetric=True,
+            dynamic=True,
+            strategy="token" if a.granularity is ActGranularity.TOKEN else "tensor",
+        )
     )
     group = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
     return QuantizationConfig(config_groups={"group_0": group}, ignore=ignore, format=FORMAT, quantization_status="frozen")
@@ -103,8 +115,10 @@ def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, ou
     Consumes ``model`` (its Linears are replaced and compressed in place). Returns the quantized names."""
     check_expressible(scheme)
     if any(q.input_scale is not None for q in model.modules() if isinstance(q, QuantLinear)):
-        raise ExportError("the post-pass smoothed inputs that no norm produces (explicit input scales), which compressed-tensors cannot carry; "
-                          "re-run `qaft quantize` with postpass.smoothing.fold_only=true, or use reconstructor whiten")
+        raise ExportError(
+            "the post-pass smoothed inputs that no norm produces (explicit input scales), which compressed-tensors cannot carry; "
+            "re-run `qaft quantize` with postpass.smoothing.fold_only=true, or use reconstructor whiten"
+        )
     layers = to_float_linears(model)
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in layers)
     apply_quantization_config(model, quantization_config(scheme, ignore), show_progress=False)
@@ -149,7 +163,8 @@ def load_packed(folder: Path) -> torch.nn.Module:
     del config.quantization_config
     qconfig = QuantizationConfig.model_validate({k: v for k, v in qdict.items() if k in QuantizationConfig.model_fields})
     qconfig.quantization_status = QuantizationStatus.FROZEN
-    model = AutoModelForCausalLM.from_config(config)
+    with no_init_weights():  # every tensor is loaded below
+        model = AutoModelForCausalLM.from_config(config)
     apply_quantization_config(model, qconfig, show_progress=False)
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -160,7 +175,7 @@ def load_packed(folder: Path) -> torch.nn.Module:
             if scheme is None or scheme.weights is None:
                 continue
             prefix = f"{name}."
-            own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]]}
+            own = {k[len(prefix) :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix) :]]}
             dense = PackedQuantizationCompressor.decompress(own, scheme)
             mod.weight.copy_(dense["weight"])
             mod.weight_scale.copy_(dense["weight_scale"])
@@ -170,8 +185,12 @@ def load_packed(folder: Path) -> torch.nn.Module:
                 mod.bias.copy_(own["bias"])
             mod.quantization_status = QuantizationStatus.DECOMPRESSED
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not any(k.endswith(s) for s in (".weight", ".weight_scale", ".weight_zero_point", ".bias")) or
-               not hasattr(model.get_submodule(k.rpartition(".")[0]), "quantization_scheme")]
+    missing = [
+        k
+        for k in missing
+        if not any(k.endswith(s) for s in (".weight", ".weight_scale", ".weight_zero_point", ".bias"))
+        or not hasattr(model.get_submodule(k.rpartition(".")[0]), "quantization_scheme")
+    ]
     if model.config.tie_word_embeddings:
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]

@@ -44,7 +44,9 @@ def check_destination(settings: ExportConfig, scheme: QuantScheme, out: Path, ov
 def read_source(src: Path) -> dict[str, Any]:
     """The post-pass record of ``src``, or one line saying how to make one."""
     if not (src / META).is_file():
-        raise ExportError(f"postpass.output_dir: no post-pass result at {src} (no {META}); run `qaft quantize CONFIG` first, or `qaft quantize CONFIG --export`")
+        raise ExportError(
+            f"postpass.output_dir: no post-pass result at {src} (no {META}); run `qaft quantize CONFIG` first, or `qaft quantize CONFIG --export`"
+        )
     return json.loads((src / META).read_text())
 
 
@@ -67,8 +69,12 @@ def training_record(source_model: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     train_cfg = yaml.safe_load(path.read_text())
-    return {"config_path": str(path), "callbacks": [c.get("name") for c in train_cfg.get("callbacks") or []],
-            "seed": (train_cfg.get("training") or {}).get("seed"), "config": train_cfg}
+    return {
+        "config_path": str(path),
+        "callbacks": [c.get("name") for c in train_cfg.get("callbacks") or []],
+        "seed": (train_cfg.get("training") or {}).get("seed"),
+        "config": train_cfg,
+    }
 
 
 def evaluate(folder: Path, source: ModelConfig, protocol: EvalConfig, progress: bool) -> dict[str, Any]:
@@ -90,8 +96,9 @@ def evaluate(folder: Path, source: ModelConfig, protocol: EvalConfig, progress: 
     return {"protocol": {"eval_path": protocol.path, "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens}, "ppl": results}
 
 
-def export(src: Path, out: Path, settings: ExportConfig, *, source: ModelConfig, protocol: EvalConfig | None, overwrite: bool,
-           progress: bool = True) -> tuple[Path, dict[str, Any]]:
+def export(
+    src: Path, out: Path, settings: ExportConfig, *, source: ModelConfig, protocol: EvalConfig | None, overwrite: bool, progress: bool = True
+) -> tuple[Path, dict[str, Any]]:
     """Write the export folder ``out`` from the post-pass result ``src``; returns its path and manifest.
 
     ``source`` is the float model the post-pass quantized (the perplexity table's ``float`` row);
@@ -107,9 +114,17 @@ def export(src: Path, out: Path, settings: ExportConfig, *, source: ModelConfig,
         del model, reference
         training = training_record(meta["source_model"])
         record = {
-            **written, "scheme": meta["scheme"], "scheme_label": scheme.label, "method": meta["method"],
-            "rank": meta["rank"], "factor_bits": meta.get("factor_bits"), "quantizer": meta.get("quantizer"), "reconstructor": meta.get("reconstructor"),
-            "source_model": meta["source_model"], "calibration": meta["calibration"], "training": training,
+            **written,
+            "scheme": meta["scheme"],
+            "scheme_label": scheme.label,
+            "method": meta["method"],
+            "rank": meta["rank"],
+            "factor_bits": meta.get("factor_bits"),
+            "quantizer": meta.get("quantizer"),
+            "reconstructor": meta.get("reconstructor"),
+            "source_model": meta["source_model"],
+            "calibration": meta["calibration"],
+            "training": training,
             "seeds": {"training": (training or {}).get("seed"), "randomized_svd": 0 if meta.get("randomized_svd") else None},
             "postpass_seconds": meta.get("seconds"),
             "evaluation": evaluate(tmp, source, protocol, progress) if settings.evaluate and protocol is not None and protocol.path else None,

@@ -48,8 +48,9 @@ class ExportFormat:
     def check_model(cls, model: torch.nn.Module, scheme: QuantScheme) -> None:
         """Raise ``ExportError`` when the loaded post-pass result has something the files cannot hold."""
 
-    def write(self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme,
-              meta: dict[str, Any], settings: "ExportConfig") -> dict[str, Any]:
+    def write(
+        self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, meta: dict[str, Any], settings: ExportConfig
+    ) -> dict[str, Any]:
         """Write the files into ``tmp`` (``model`` may be consumed; ``reference`` is an untouched copy) and
         check that they reload to ``reference``'s logits within ``settings.parity_atol``. Returns the manifest
         part: ``format``, ``ranks``, ``quantized_modules``, ``parity``, ``sizes`` (``sizes.size_record``)."""

@@ -32,15 +32,20 @@ import numpy as np
 import torch
 
 from qaft.core.errors import ExportError
-
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import GGUFType, QuantScheme
 
 MODEL_TYPES = ("llama", "mistral")
 """Hugging Face ``model_type``s written as llama.cpp's ``llama`` architecture (as its converter does)."""
 
-FILE_TYPES = {GGUFType.Q4_0: "MOSTLY_Q4_0", GGUFType.Q4_1: "MOSTLY_Q4_1", GGUFType.Q5_0: "MOSTLY_Q5_0",
-              GGUFType.Q5_1: "MOSTLY_Q5_1", GGUFType.Q8_0: "MOSTLY_Q8_0", GGUFType.MXFP4: "MOSTLY_MXFP4_MOE"}
+FILE_TYPES = {
+    GGUFType.Q4_0: "MOSTLY_Q4_0",
+    GGUFType.Q4_1: "MOSTLY_Q4_1",
+    GGUFType.Q5_0: "MOSTLY_Q5_0",
+    GGUFType.Q5_1: "MOSTLY_Q5_1",
+    GGUFType.Q8_0: "MOSTLY_Q8_0",
+    GGUFType.MXFP4: "MOSTLY_MXFP4_MOE",
+}
 """``general.file_type`` of each type (llama.cpp names its only MXFP4 file type ``_MOE``)."""
 
 ADAPTER_FILE = "adapter-lowrank.gguf"
@@ -78,15 +83,21 @@ class Layout:
 def check_config(config: Any, scheme: QuantScheme, model_class: str) -> None:
     """What the model's config and the scheme must be for GGUF files (``qaft doctor`` runs this too)."""
     if config.model_type not in MODEL_TYPES:
-        raise ExportError(f"export.format: gguf is written for Llama-family models ({', '.join(MODEL_TYPES)}); this model is {config.model_type!r} "
-                          f"({model_class}); quantize it with an int scheme and export.format=compressed-tensors")
+        raise ExportError(
+            f"export.format: gguf is written for Llama-family models ({', '.join(MODEL_TYPES)}); this model is {config.model_type!r} "
+            f"({model_class}); quantize it with an int scheme and export.format=compressed-tensors"
+        )
     rope = getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ExportError(f"export.format: gguf: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not written by qaft yet; "
-                          "quantize with an int scheme and export.format=compressed-tensors")
+        raise ExportError(
+            f"export.format: gguf: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not written by qaft yet; "
+            "quantize with an int scheme and export.format=compressed-tensors"
+        )
     if scheme.activation.bits is not None:
-        raise ExportError(f"quant.activation.bits: {scheme.activation.bits}, but llama.cpp picks activation precision itself; "
-                          "export a weight-only scheme (quant.activation.bits=null) to GGUF")
+        raise ExportError(
+            f"quant.activation.bits: {scheme.activation.bits}, but llama.cpp picks activation precision itself; "
+            "export a weight-only scheme (quant.activation.bits=null) to GGUF"
+        )
 
 
 def check_model(model: torch.nn.Module, scheme: QuantScheme) -> None:
@@ -94,8 +105,10 @@ def check_model(model: torch.nn.Module, scheme: QuantScheme) -> None:
     check_config(model.config, scheme, type(model).__name__)
     scaled = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None]
     if scaled:
-        raise ExportError(f"{scaled[0]} (and {len(scaled) - 1} more) has an explicit input scale (ASER smoothing with no norm to fold into), "
-                          "which GGUF cannot hold; use postpass.smoothing.fold_only=true")
+        raise ExportError(
+            f"{scaled[0]} (and {len(scaled) - 1} more) has an explicit input scale (ASER smoothing with no norm to fold into), "
+            "which GGUF cannot hold; use postpass.smoothing.fold_only=true"
+        )
 
 
 def _name_map(model: torch.nn.Module):
@@ -117,9 +130,11 @@ def quantized(name: str, values: torch.Tensor, t: GGUFType) -> np.ndarray:
     back = gguf.quants.dequantize(packed, qtype)
     changed = int((back != array).sum())
     if changed:
-        raise ExportError(f"{name}: gguf would re-round {changed} of {array.size} weights (a block whose largest weight does not sit on the "
-                          f"type's extreme code, which GPTQ can produce); llama.cpp files only hold round-to-nearest blocks: "
-                          "use postpass.quantizer=rtn for a GGUF export")
+        raise ExportError(
+            f"{name}: gguf would re-round {changed} of {array.size} weights (a block whose largest weight does not sit on the "
+            f"type's extreme code, which GPTQ can produce); llama.cpp files only hold round-to-nearest blocks: "
+            "use postpass.quantizer=rtn for a GGUF export"
+        )
     return packed
 
 
@@ -160,8 +175,10 @@ def _build_tokenizer(writer: Any, tok: Any) -> None:
     backend = json.loads(tok.backend_tokenizer.to_str())
     model, pre = backend.get("model", {}), json.dumps(backend.get("pre_tokenizer"))
     if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        raise ExportError(f"tokenizer: {type(tok).__name__} is not a byte-level BPE tokenizer, and the model did not come from a GGUF to copy one from; "
-                          "GGUF export needs one of the two")
+        raise ExportError(
+            f"tokenizer: {type(tok).__name__} is not a byte-level BPE tokenizer, and the model did not come from a GGUF to copy one from; "
+            "GGUF export needs one of the two"
+        )
     n = len(tok)
     special = set(tok.all_special_ids)
     writer.add_tokenizer_model("gpt2")
@@ -178,8 +195,7 @@ def _build_tokenizer(writer: Any, tok: Any) -> None:
             getattr(writer, f"add_{key}_token_id")(tid)
 
 
-def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Path, *, source_gguf: Path | None,
-                float_type: str, name: str) -> dict[str, str]:
+def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Path, *, source_gguf: Path | None, float_type: str, name: str) -> dict[str, str]:
     """The model GGUF; returns ``{gguf tensor name: ggml type}``."""
     t = scheme.weight.gguf_type
     tmap, layout, config = _name_map(model), Layout.of(model.config), model.config
@@ -213,8 +229,7 @@ def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Pat
 def write_adapter(model: torch.nn.Module, path: Path) -> dict[str, int]:
     """The LoRA adapter GGUF of every quantized Linear with factors; returns ``{gguf tensor name: rank}`` (empty: no file)."""
     tmap, layout = _name_map(model), Layout.of(model.config)
-    factors = {gguf_name(tmap, f"{n}.weight"): (m.lora_A, m.lora_B) for n, m in model.named_modules()
-               if isinstance(m, QuantLinear) and m.lora_A is not None}
+    factors = {gguf_name(tmap, f"{n}.weight"): (m.lora_A, m.lora_B) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.lora_A is not None}
     if not factors:
         return {}
     alpha = max(a.shape[0] for a, _ in factors.values())

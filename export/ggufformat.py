@@ -17,10 +17,11 @@ export, not the storage type; the effect of F16 storage shows in the perplexity 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gguf
 import torch
@@ -54,6 +55,7 @@ class LowRank(torch.nn.Module):
     def _hook(self, a: torch.Tensor, b: torch.Tensor):
         def add(module, args, out):
             return out + F.linear(F.linear(args[0], a.to(out.dtype)), b.to(out.dtype)) if self.enabled else out
+
         return add
 
     @contextmanager
@@ -153,8 +155,13 @@ def sizes(folder: Path, reference: torch.nn.Module, t: GGUFType) -> dict[str, An
     quantized = sum(m.weight.numel() for m in reference.modules() if isinstance(m, QuantLinear))
     adapter = folder / ADAPTER_FILE
     adapter_bytes = adapter.stat().st_size if adapter.is_file() else 0
-    return size_record(reference, packed_bytes=quantized // block * type_size, base_bytes=(folder / model_file(t)).stat().st_size,
-                       adapter_bytes=adapter_bytes, factor_bytes=adapter_bytes)
+    return size_record(
+        reference,
+        packed_bytes=quantized // block * type_size,
+        base_bytes=(folder / model_file(t)).stat().st_size,
+        adapter_bytes=adapter_bytes,
+        factor_bytes=adapter_bytes,
+    )
 
 
 @FORMATS.register
@@ -169,8 +176,10 @@ class GGUF(ExportFormat):
     @classmethod
     def check_scheme(cls, scheme: QuantScheme) -> None:
         if scheme.weight.format is not WeightFormat.GGUF:
-            raise ExportError(f"export.format: gguf files hold llama.cpp's block grids, and this result is {scheme.weight.label}; quantize with "
-                              "quant.weight.format=gguf quant.weight.gguf_type=Q4_0 (or Q4_1, Q5_0, Q5_1, Q8_0, MXFP4), or use export.format=compressed-tensors")
+            raise ExportError(
+                f"export.format: gguf files hold llama.cpp's block grids, and this result is {scheme.weight.label}; quantize with "
+                "quant.weight.format=gguf quant.weight.gguf_type=Q4_0 (or Q4_1, Q5_0, Q5_1, Q8_0, MXFP4), or use export.format=compressed-tensors"
+            )
 
     @classmethod
     def check_model_config(cls, config: Any, scheme: QuantScheme, model_class: str) -> None:
@@ -180,22 +189,37 @@ class GGUF(ExportFormat):
     def check_model(cls, model: torch.nn.Module, scheme: QuantScheme) -> None:
         check_model(model, scheme)
 
-    def write(self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme,
-              meta: dict[str, Any], settings: ExportConfig) -> dict[str, Any]:
+    def write(
+        self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, meta: dict[str, Any], settings: ExportConfig
+    ) -> dict[str, Any]:
         t = scheme.weight.gguf_type
         source = source_gguf(meta["source_model"])
-        types = write_model(model, tokenizer, scheme, tmp / model_file(t), source_gguf=source, float_type=settings.gguf_float_type,
-                            name=f"{Path(str(meta['source_model'])).name} {scheme.label} + {meta['method']}")
+        types = write_model(
+            model,
+            tokenizer,
+            scheme,
+            tmp / model_file(t),
+            source_gguf=source,
+            float_type=settings.gguf_float_type,
+            name=f"{Path(str(meta['source_model'])).name} {scheme.label} + {meta['method']}",
+        )
         ranks = write_adapter(model, tmp / ADAPTER_FILE)
         quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
         parity, same_tokens = check_parity(tmp, reference, tokenizer, settings)
         return {
-            "format": {"model": f"GGUF {t.value} ({model_file(t)})", "adapter": f"GGUF LoRA ({ADAPTER_FILE})" if ranks else None,
-                       "gguf_type": t.value, "float_type": settings.gguf_float_type,
-                       "tokenizer": f"copied from {source.name}" if source else "built from the Hugging Face tokenizer (byte-level BPE)",
-                       "tokenizer_roundtrip": same_tokens},
-            "ranks": ranks, "quantized_modules": quantized, "tensor_types": types,
-            "parity": {k: asdict(v) for k, v in parity.items()}, "sizes": sizes(tmp, reference, t),
+            "format": {
+                "model": f"GGUF {t.value} ({model_file(t)})",
+                "adapter": f"GGUF LoRA ({ADAPTER_FILE})" if ranks else None,
+                "gguf_type": t.value,
+                "float_type": settings.gguf_float_type,
+                "tokenizer": f"copied from {source.name}" if source else "built from the Hugging Face tokenizer (byte-level BPE)",
+                "tokenizer_roundtrip": same_tokens,
+            },
+            "ranks": ranks,
+            "quantized_modules": quantized,
+            "tensor_types": types,
+            "parity": {k: asdict(v) for k, v in parity.items()},
+            "sizes": sizes(tmp, reference, t),
         }
 
     @classmethod
@@ -211,24 +235,44 @@ class GGUF(ExportFormat):
         """Files, how llama.cpp and transformers load them, parity, sizes."""
         f, s, p = m["format"], m["sizes"], m["parity"]
         model, adapter = f"model-{f['gguf_type']}.gguf", "adapter-lowrank.gguf" if f["adapter"] else None
-        lines = ["---", "tags: [qaft, gguf, llama.cpp, lora]", "---", "",
-                 *made_with(m, f"`{model}`, llama.cpp {f['gguf_type']}", f"`{adapter}`, llama.cpp LoRA adapter, scale 1" if adapter else "no adapter"),
-                 *perplexity_section(m),
-                 "## Size", "",
-                 f"`{model}` {mb(s['base_bytes'])}" + (f" + `{adapter}` {mb(s['adapter_bytes'])}" if adapter else "")
-                 + f" (float32 {mb(s['float32_bytes'])}). Quantized Linears: {s['bits_per_weight_base']:.2f} bits per weight"
-                 + (f", {s['bits_per_weight_with_adapter']:.2f} with the adapter" if adapter else "")
-                 + f". Norms F32; embeddings and other float matrices {f['float_type']}. Tokenizer {f['tokenizer']}.", "",
-                 "## Reload parity", "",
-                 "Logits of the files reloaded by transformers' GGUF loader (which de-quantizes with the `gguf` package, llama.cpp's rules), "
-                 "the adapter's factors read back with `gguf.GGUFReader`, vs qaft's in-memory model with its float matrices rounded as stored:", "",
-                 "| check | max abs diff | top-1 agreement |", "|---|---|---|",
-                 *(f"| {k} | {v['max_abs_diff']:.2e} (tolerance {v['tolerance']:g}) | {v['top1_agreement']:.1%} |" for k, v in p.items()),
-                 "", "## Load", "", "```sh",
-                 f"llama-cli -m {model}" + (f" --lora {adapter}" if adapter else "") + " -p \"The capital of France is\"", "```", "", "```python",
-                 "from transformers import AutoModelForCausalLM, AutoTokenizer  # needs: pip install gguf",
-                 f'model = AutoModelForCausalLM.from_pretrained(".", gguf_file="{model}")  # de-quantized to float',
-                 f'tokenizer = AutoTokenizer.from_pretrained(".", gguf_file="{model}")', "```", "",
-                 ("transformers does not read GGUF LoRA adapters; `qaft.load_quantized(\".\")` attaches the factors to the reloaded model. " if adapter else "")
-                 + provenance_note(), ""]
+        lines = [
+            "---",
+            "tags: [qaft, gguf, llama.cpp, lora]",
+            "---",
+            "",
+            *made_with(m, f"`{model}`, llama.cpp {f['gguf_type']}", f"`{adapter}`, llama.cpp LoRA adapter, scale 1" if adapter else "no adapter"),
+            *perplexity_section(m),
+            "## Size",
+            "",
+            f"`{model}` {mb(s['base_bytes'])}"
+            + (f" + `{adapter}` {mb(s['adapter_bytes'])}" if adapter else "")
+            + f" (float32 {mb(s['float32_bytes'])}). Quantized Linears: {s['bits_per_weight_base']:.2f} bits per weight"
+            + (f", {s['bits_per_weight_with_adapter']:.2f} with the adapter" if adapter else "")
+            + f". Norms F32; embeddings and other float matrices {f['float_type']}. Tokenizer {f['tokenizer']}.",
+            "",
+            "## Reload parity",
+            "",
+            "Logits of the files reloaded by transformers' GGUF loader (which de-quantizes with the `gguf` package, llama.cpp's rules), "
+            "the adapter's factors read back with `gguf.GGUFReader`, vs qaft's in-memory model with its float matrices rounded as stored:",
+            "",
+            "| check | max abs diff | top-1 agreement |",
+            "|---|---|---|",
+            *(f"| {k} | {v['max_abs_diff']:.2e} (tolerance {v['tolerance']:g}) | {v['top1_agreement']:.1%} |" for k, v in p.items()),
+            "",
+            "## Load",
+            "",
+            "```sh",
+            f"llama-cli -m {model}" + (f" --lora {adapter}" if adapter else "") + ' -p "The capital of France is"',
+            "```",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer  # needs: pip install gguf",
+            f'model = AutoModelForCausalLM.from_pretrained(".", gguf_file="{model}")  # de-quantized to float',
+            f'tokenizer = AutoTokenizer.from_pretrained(".", gguf_file="{model}")',
+            "```",
+            "",
+            ('transformers does not read GGUF LoRA adapters; `qaft.load_quantized(".")` attaches the factors to the reloaded model. ' if adapter else "")
+            + provenance_note(),
+            "",
+        ]
         return "\n".join(lines)

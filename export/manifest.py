@@ -42,7 +42,9 @@ def git_revision() -> str | None:
     src = Path(__file__).resolve().parents[1]
     try:
         rev = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return rev + ("+dirty" if dirty else "")
@@ -65,8 +67,13 @@ def verify(root: str | Path) -> dict[str, Any]:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ExportError(f"{path}: unreadable manifest ({e}); re-run `qaft export --overwrite`") from None
-    bad = [f"{rel} (missing)" if not (root / rel).is_file() else rel for rel, digest in files.items()
-           if not (root / rel).is_file() or sha256_file(root / rel) != digest]
+    bad = [
+        f"{rel} (missing)" if not (root / rel).is_file() else rel
+        for rel, digest in files.items()
+        if not (root / rel).is_file() or sha256_file(root / rel) != digest
+    ]
     if bad:
-        raise ExportError(f"{root}: {len(bad)} file(s) do not match {NAME}: {', '.join(bad[:3])}; the export was modified or truncated, re-run `qaft export --overwrite`")
+        raise ExportError(
+            f"{root}: {len(bad)} file(s) do not match {NAME}: {', '.join(bad[:3])}; the export was modified or truncated, re-run `qaft export --overwrite`"
+        )
     return manifest

@@ -50,5 +50,7 @@ def compare_logits(a: torch.nn.Module, b: torch.nn.Module, prompts: list[torch.T
 def enforce(check: str, diff: float, top1: float, tolerance: float, runtime: str) -> None:
     """The parity gate: beyond ``export.parity_atol`` the export fails and nothing is published."""
     if not diff <= tolerance:
-        raise ExportError(f"reload parity failed ({check}): max |logit diff| {diff:.3g} > export.parity_atol {tolerance:g} "
-                          f"(top-1 agreement {top1:.1%}); this is a bug in qaft or in the installed {runtime}, please report it")
+        raise ExportError(
+            f"reload parity failed ({check}): max |logit diff| {diff:.3g} > export.parity_atol {tolerance:g} "
+            f"(top-1 agreement {top1:.1%}); this is a bug in qaft or in the installed {runtime}, please report it"
+        )

@@ -34,8 +34,15 @@ def write_adapter(model: torch.nn.Module, out: Path, base_name_or_path: str) -> 
     r = Counter(per_layer.values()).most_common(1)[0][0]
     odd = {n: k for n, k in per_layer.items() if k != r}
     config = LoraConfig(
-        r=r, lora_alpha=r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=sorted(per_layer), rank_pattern=odd, alpha_pattern=odd, base_model_name_or_path=base_name_or_path,
+        r=r,
+        lora_alpha=r,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=sorted(per_layer),
+        rank_pattern=odd,
+        alpha_pattern=odd,
+        base_model_name_or_path=base_name_or_path,
     )
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))

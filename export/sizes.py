@@ -28,9 +28,12 @@ def size_record(reference: torch.nn.Module, *, packed_bytes: int, base_bytes: in
     params = parameter_count(reference)
     quantized = sum(m.weight.numel() for m in reference.modules() if isinstance(m, QuantLinear))
     return {
-        "parameters": params, "quantized_weights": quantized,
-        "float32_bytes": 4 * params, "bfloat16_bytes": 2 * params,
-        "base_bytes": base_bytes, "adapter_bytes": adapter_bytes,
+        "parameters": params,
+        "quantized_weights": quantized,
+        "float32_bytes": 4 * params,
+        "bfloat16_bytes": 2 * params,
+        "base_bytes": base_bytes,
+        "adapter_bytes": adapter_bytes,
         "bits_per_weight_base": 8 * packed_bytes / quantized,
         "bits_per_weight_with_adapter": 8 * (packed_bytes + factor_bytes) / quantized,
     }

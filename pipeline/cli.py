@@ -19,9 +19,11 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import STAGES
+
 
 def _train(args: argparse.Namespace) -> int:
     from qaft.trainer.loop import fit
@@ -62,11 +64,15 @@ def _export(args: argparse.Namespace) -> int:
     out, m = export_run(_config(args), overwrite=args.overwrite)
     s, p = m["sizes"], m["parity"]
     print(f"qaft export: {m['scheme_label']} + {m['method']} written to {out}")
-    print(f"  base {s['base_bytes'] / 2**20:.1f} MiB + adapter {s['adapter_bytes'] / 2**20:.1f} MiB (float32 {s['float32_bytes'] / 2**20:.1f} MiB); "
-          f"{s['bits_per_weight_base']:.2f} bits/weight, {s['bits_per_weight_with_adapter']:.2f} with adapter")
+    print(
+        f"  base {s['base_bytes'] / 2**20:.1f} MiB + adapter {s['adapter_bytes'] / 2**20:.1f} MiB (float32 {s['float32_bytes'] / 2**20:.1f} MiB); "
+        f"{s['bits_per_weight_base']:.2f} bits/weight, {s['bits_per_weight_with_adapter']:.2f} with adapter"
+    )
     for loader, v in p.items():
         act = "" if v["act_max_abs_diff"] is None else f"; with activation quantization {v['act_max_abs_diff']:.2e}"
-        print(f"  reload parity ({loader}): max |logit diff| {v['max_abs_diff']:.2e}{act} (tolerance {v['tolerance']:g}), top-1 agreement {v['top1_agreement']:.1%}")
+        print(
+            f"  reload parity ({loader}): max |logit diff| {v['max_abs_diff']:.2e}{act} (tolerance {v['tolerance']:g}), top-1 agreement {v['top1_agreement']:.1%}"
+        )
     if m.get("evaluation"):
         print("  ppl " + ", ".join(f"{k} {v:.2f}" for k, v in m["evaluation"]["ppl"].items()))
     return 0
@@ -118,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex = verb("export", "packed int4 base (compressed-tensors) + PEFT adapter + manifest + model card, with a reload parity check", _export)
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export.dir")
     ev = verb("eval", "WikiText-2 perplexity of the float model and of post-pass methods", _eval)
-    ev.add_argument("--methods", default=None, help="comma list of fp, <quantizer>, <reconstructor>, <quantizer>+<reconstructor> "
-                    "(quantizers: rtn, gptq; reconstructors: aser, l2qer, lqer, whiten); default fp,rtn; none with --export")
+    ev.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of fp, <quantizer>, <reconstructor>, <quantizer>+<reconstructor> "
+        "(quantizers: rtn, gptq; reconstructors: aser, l2qer, lqer, whiten); default fp,rtn; none with --export",
+    )
     ev.add_argument("--export", metavar="DIR", help="also evaluate an export folder (base alone and base + adapter), after checking its manifest hashes")
     ev.add_argument("--json", metavar="PATH", help='also write {"protocol": {...}, "results": {method: {"ppl", "seconds", ...}}}')
     rn = verb("run", "doctor → train → quantize → export → eval → report, resumable by stage", _run)

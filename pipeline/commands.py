@@ -48,11 +48,16 @@ def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) ->
     t0 = time.perf_counter()
     reports, _ = quantize_model(model, calib, cfg.quant, p, progress=progress)
     meta = {
-        "method": method.label, "rank": p.rank if method.reconstructor else 0,
+        "method": method.label,
+        "rank": p.rank if method.reconstructor else 0,
         "factor_bits": p.factor_bits if method.reconstructor else None,
-        "quantizer": to_plain(method.quantizer), "reconstructor": to_plain(method.reconstructor),
-        "source_model": cfg.model.name_or_path, "calibration": calibration_record(cfg.calibration_path, calib),
-        "randomized_svd": p.randomized_svd, "seconds": time.perf_counter() - t0, "layers": [asdict(r) for r in reports],
+        "quantizer": to_plain(method.quantizer),
+        "reconstructor": to_plain(method.reconstructor),
+        "source_model": cfg.model.name_or_path,
+        "calibration": calibration_record(cfg.calibration_path, calib),
+        "randomized_svd": p.randomized_svd,
+        "seconds": time.perf_counter() - t0,
+        "layers": [asdict(r) for r in reports],
     }
     return save_quantized(model, tok, out, cfg.quant, meta, overwrite=overwrite)
 
@@ -108,8 +113,16 @@ def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None
     r = text.windows_of(ids, cfg.eval.seq_len, cfg.eval.windows)
     p = cfg.postpass
     protocol = {
-        "model": cfg.model.name_or_path, "eval_path": str(eval_path), "windows": r.shape[0], "seq_len": r.shape[1], "tokens": r.shape[0] * (r.shape[1] - 1),
-        "scheme": cfg.quant.label, "rank": p.rank, "energy": p.energy, "factor_bits": p.factor_bits, "svd": "randomized" if p.randomized_svd else "exact",
+        "model": cfg.model.name_or_path,
+        "eval_path": str(eval_path),
+        "windows": r.shape[0],
+        "seq_len": r.shape[1],
+        "tokens": r.shape[0] * (r.shape[1] - 1),
+        "scheme": cfg.quant.label,
+        "rank": p.rank,
+        "energy": p.energy,
+        "factor_bits": p.factor_bits,
+        "svd": "randomized" if p.randomized_svd else "exact",
         "calibration": {"path": cfg.calibration_path, "samples": p.calibration_samples, "seq_len": p.calibration_seq_len},
     }
     return {"protocol": protocol, "results": results, **extra}

@@ -22,9 +22,10 @@ import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -89,8 +90,7 @@ def skeleton(cfg: Config) -> Any:
         mcfg = TINY_MODELS[cfg.model.name_or_path](len(byte_tokenizer()))
     else:
         src = resolve(cfg.model)
-        mcfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, revision=cfg.model.revision,
-                                          trust_remote_code=cfg.model.trust_remote_code)
+        mcfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
 
@@ -129,9 +129,17 @@ def lora_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Findi
     if not found:
         return [Finding("lora targets", Status.FAIL, "lora.target_modules selects no Linear; use all-linear or names such as q_proj")]
     too_small = sorted(n for n, m in found.items() if cfg.lora.r > min(m.in_features, m.out_features))
-    rows = [Finding("lora targets", Status.OK, f"{len(found)} Linear layers, {sum(cfg.lora.r * (m.in_features + m.out_features) for m in found.values()) / 1e6:.2f}M adapter parameters")]
+    rows = [
+        Finding(
+            "lora targets",
+            Status.OK,
+            f"{len(found)} Linear layers, {sum(cfg.lora.r * (m.in_features + m.out_features) for m in found.values()) / 1e6:.2f}M adapter parameters",
+        )
+    ]
     if too_small:
-        rows.append(Finding("lora rank", Status.FAIL, f"lora.r: {cfg.lora.r} exceeds min(out, in) of {len(too_small)} layer(s), e.g. {too_small[0]}; lower lora.r"))
+        rows.append(
+            Finding("lora rank", Status.FAIL, f"lora.r: {cfg.lora.r} exceeds min(out, in) of {len(too_small)} layer(s), e.g. {too_small[0]}; lower lora.r")
+        )
     else:
         rows.append(Finding("lora rank", Status.OK, f"r={cfg.lora.r} fits every target"))
     return rows
@@ -152,10 +160,16 @@ def quant_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Find
         for p in e.problems:
             if not p.startswith("..."):
                 by_key.setdefault(p.split(":")[0], []).append(p)
-        return [Finding("quant scheme", Status.FAIL, ps[0] + (" (and other layers)" if len(ps) > 1 or len(e.problems) > len(ps) else ""))
-                for ps in by_key.values()]
-    return [Finding("quant scheme", Status.OK, f"{cfg.quant.label} on {len(selected)} Linear layers in {len(layers)} blocks; "
-                    f"group size and post-pass rank {cfg.postpass.rank} fit every one")]
+        return [
+            Finding("quant scheme", Status.FAIL, ps[0] + (" (and other layers)" if len(ps) > 1 or len(e.problems) > len(ps) else "")) for ps in by_key.values()
+        ]
+    return [
+        Finding(
+            "quant scheme",
+            Status.OK,
+            f"{cfg.quant.label} on {len(selected)} Linear layers in {len(layers)} blocks; group size and post-pass rank {cfg.postpass.rank} fit every one",
+        )
+    ]
 
 
 def tied_embeddings(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
@@ -164,8 +178,14 @@ def tied_embeddings(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Fi
         return [Finding("tied embeddings", Status.OK, "not tied")]
     head_name = next((n for n, m in linears.items() if m is head), "lm_head")
     if head_name in _lora_modules(cfg, model, linears):
-        return [Finding("tied embeddings", Status.FAIL, f"lora.target_modules includes {head_name}, which shares its weight with the input embedding: "
-                        "merging would change the embedding too; drop it from lora.target_modules")]
+        return [
+            Finding(
+                "tied embeddings",
+                Status.FAIL,
+                f"lora.target_modules includes {head_name}, which shares its weight with the input embedding: "
+                "merging would change the embedding too; drop it from lora.target_modules",
+            )
+        ]
     return [Finding("tied embeddings", Status.OK, f"{head_name} is tied to the input embedding: neither is LoRA-trained or quantized; exports keep them tied")]
 
 
@@ -195,7 +215,14 @@ def disk_space(cfg: Config, params: int) -> list[Finding]:
 
 def sharding(cfg: Config, launch: Launch) -> list[Finding]:
     problems = callback_problems(cfg.callbacks, launch)
-    what = [w for w, on in (("base weights are sharded across processes", launch.sharded), (f"{launch.engine_step} runs the optimizer step inside backward", launch.engine_step)) if on]
+    what = [
+        w
+        for w, on in (
+            ("base weights are sharded across processes", launch.sharded),
+            (f"{launch.engine_step} runs the optimizer step inside backward", launch.engine_step),
+        )
+        if on
+    ]
     rows = [Finding("launch", Status.OK, launch.description + (": " + "; ".join(what) if what else ""))]
     if launch.sharded == "FSDP":
         rows.append(Finding("fsdp", Status.FAIL, FSDP_REFUSED))
@@ -210,7 +237,13 @@ def output_dir(cfg: Config) -> list[Finding]:
         return [Finding("output dir", Status.FAIL, f"training.output_dir: {out} exists and is not a folder; choose another path")]
     previous = list_checkpoints(out) + ([out / "final"] if (out / "final").exists() else [])
     if previous and cfg.training.resume_from_checkpoint is None:
-        return [Finding("output dir", Status.WARN, f"{out} holds a previous run ({previous[-1].name}): `qaft train` needs --overwrite or training.resume_from_checkpoint=true")]
+        return [
+            Finding(
+                "output dir",
+                Status.WARN,
+                f"{out} holds a previous run ({previous[-1].name}): `qaft train` needs --overwrite or training.resume_from_checkpoint=true",
+            )
+        ]
     parent = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
     if not os.access(parent, os.W_OK):
         return [Finding("output dir", Status.FAIL, f"training.output_dir: {parent} is not writable; choose another output_dir")]
@@ -240,7 +273,9 @@ def data_overlap(cfg: Config) -> list[Finding]:
     rows = []
     for key, src in sources.items():
         if text.same_source(src, cfg.eval.path):
-            rows.append(Finding("data overlap", Status.FAIL, f"{key}: {src} is the evaluation text itself; calibrate/train on other text (e.g. WikiText-2 validation)"))
+            rows.append(
+                Finding("data overlap", Status.FAIL, f"{key}: {src} is the evaluation text itself; calibrate/train on other text (e.g. WikiText-2 validation)")
+            )
             continue
         grams = _ngrams(src)
         if grams is None:
@@ -276,4 +311,3 @@ def render(rows: list[Finding]) -> str:
 
 def blocking(rows: list[Finding]) -> list[Finding]:
     return [r for r in rows if r.status is Status.FAIL]
-

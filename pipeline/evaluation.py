@@ -46,7 +46,9 @@ def evaluate_run(cfg: Config, tuned: Config, out: Path, *, progress: bool = True
         del model
     qmodel, tok, meta = load_quantized(out / "quantized")
     r = perplexity(qmodel, text.token_stream(eval_path, tok, key="eval.path"), cfg.eval.seq_len, cfg.eval.windows, progress=progress)
-    rows.append(_row("fine-tuned", f"{meta['method']} r{meta['rank']}" if meta["rank"] else meta["method"], cfg.quant.label, {"ppl": r.ppl, "seconds": r.seconds}))
+    rows.append(
+        _row("fine-tuned", f"{meta['method']} r{meta['rank']}" if meta["rank"] else meta["method"], cfg.quant.label, {"ppl": r.ppl, "seconds": r.seconds})
+    )
     del qmodel
     exported = compare(tuned, [], export=out / "export", progress=progress)
     for name, res in exported["results"].items():

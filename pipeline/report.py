@@ -96,11 +96,15 @@ class Figures:
 
 def training_figure(fig: Figures, rows: list[dict[str, Any]]) -> Path | None:
     train, ev = _series(rows, "train"), _series(rows, "eval")
-    return fig.lines("training", "training curves", [
-        ("train loss", {k: v for k, v in train.items() if k == "loss" or k.startswith("loss/")}),
-        ("learning rate", {"lr": train.get("lr", [])} if train.get("lr") else {}),
-        ("eval perplexity", {"eval_ppl": ev.get("eval_ppl", [])} if ev.get("eval_ppl") else {}),
-    ])
+    return fig.lines(
+        "training",
+        "training curves",
+        [
+            ("train loss", {k: v for k, v in train.items() if k == "loss" or k.startswith("loss/")}),
+            ("learning rate", {"lr": train.get("lr", [])} if train.get("lr") else {}),
+            ("eval perplexity", {"eval_ppl": ev.get("eval_ppl", [])} if ev.get("eval_ppl") else {}),
+        ],
+    )
 
 
 def callback_figures(fig: Figures, rows: list[dict[str, Any]], names: list[str]) -> list[tuple[str, Path | None, dict[str, float]]]:
@@ -143,7 +147,11 @@ def spectra_figure(fig: Figures, out: Path, meta: dict[str, Any]) -> Path | None
     scheme = parse(QuantScheme, meta["scheme"], "scheme")
     blocks = sorted({n.split(".layers.")[1].split(".")[0] for n in names if ".layers." in n}, key=int)
     pick = {blocks[0], blocks[len(blocks) // 2], blocks[-1]}
-    chosen = [n for n in names if ".layers." in n and n.split(".layers.")[1].split(".")[0] in pick and n.rsplit(".", 1)[-1] in ("q_proj", "down_proj", "fc2", "out_proj")]
+    chosen = [
+        n
+        for n in names
+        if ".layers." in n and n.split(".layers.")[1].split(".")[0] in pick and n.rsplit(".", 1)[-1] in ("q_proj", "down_proj", "fc2", "out_proj")
+    ]
     weights = {}
     for f in files:
         with safe_open(str(f), "pt") as st:
@@ -177,8 +185,12 @@ def ppl_table(ev: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def export_table(manifest: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     s = manifest["sizes"]
-    rows = [["base (packed)", f"{s['base_bytes'] / 2**20:.1f} MiB"], ["adapter", f"{s['adapter_bytes'] / 2**20:.1f} MiB"],
-            ["float32 model", f"{s['float32_bytes'] / 2**20:.1f} MiB"], ["bits / weight (base, with adapter)", f"{s['bits_per_weight_base']:.2f}, {s['bits_per_weight_with_adapter']:.2f}"]]
+    rows = [
+        ["base (packed)", f"{s['base_bytes'] / 2**20:.1f} MiB"],
+        ["adapter", f"{s['adapter_bytes'] / 2**20:.1f} MiB"],
+        ["float32 model", f"{s['float32_bytes'] / 2**20:.1f} MiB"],
+        ["bits / weight (base, with adapter)", f"{s['bits_per_weight_base']:.2f}, {s['bits_per_weight_with_adapter']:.2f}"],
+    ]
     for loader, p in manifest["parity"].items():
         rows.append([f"parity ({loader})", f"max |Δlogit| {p['max_abs_diff']:.2e} (tolerance {p['tolerance']:g}), top-1 agreement {p['top1_agreement']:.1%}"])
     return ["", ""], rows
@@ -226,8 +238,10 @@ def write_report(out: str | Path) -> Path:
 
         if ev:
             p = ev["protocol"]
-            proto = (f"{p['eval_path']}: {p['windows']} windows × {p['seq_len']} tokens; calibration {p['calibration']['samples']} × "
-                     f"{p['calibration']['seq_len']} from {p['calibration']['path']}; rank {p['rank']}")
+            proto = (
+                f"{p['eval_path']}: {p['windows']} windows × {p['seq_len']} tokens; calibration {p['calibration']['samples']} × "
+                f"{p['calibration']['seq_len']} from {p['calibration']['path']}; rank {p['rank']}"
+            )
             head, body = ppl_table(ev)
             add("Perplexity", f"<p>{html.escape(proto)}</p>" + _html_table(head, body), f"{proto}\n\n" + _md_table(head, body))
         figure("Training curves", training_figure(figs, rows))
@@ -247,13 +261,17 @@ def write_report(out: str | Path) -> Path:
         add("Config", f"<pre>{html.escape(config)}</pre>", f"```yaml\n{config}```")
 
         title = f"qaft run report: {out.name}"
-        page = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
-                "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
-                "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}</style>",
-                IMAGES_CHECK, "</head><body>", f"<h1>{html.escape(title)}</h1>"]
+        page = [
+            "<!doctype html><html><head><meta charset='utf-8'>",
+            f"<title>{html.escape(title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}</style>",
+            IMAGES_CHECK,
+            "</head><body>",
+            f"<h1>{html.escape(title)}</h1>",
+        ]
         page += [f"<h2>{html.escape(t)}</h2>{h}" for t, h, _ in sections]
         page.append("</body></html>")
         (tmp / "index.html").write_text("\n".join(page), encoding="utf-8")
         (tmp / "report.md").write_text(f"# {title}\n\n" + "\n\n".join(f"## {t}\n\n{m}" for t, _, m in sections) + "\n", encoding="utf-8")
     return folder
-

@@ -23,9 +23,10 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -120,7 +121,11 @@ def stage_report(p: Pipeline) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[Pipeline], dict[str, Any]]] = {
-    "train": stage_train, "quantize": stage_quantize, "export": stage_export, "eval": stage_eval, "report": stage_report,
+    "train": stage_train,
+    "quantize": stage_quantize,
+    "export": stage_export,
+    "eval": stage_eval,
+    "report": stage_report,
 }
 
 
@@ -150,30 +155,35 @@ def prepare(cfg: Config, *, overwrite: bool, start: str | None) -> Pipeline:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         ours = False
     elif not ours and foreign:
-        raise CheckpointError(f"training.output_dir: {p.out} holds outputs not written by `qaft run` ({', '.join(sorted(foreign)[:4])}); "
-                              "pass --overwrite to replace them or choose another output_dir")
+        raise CheckpointError(
+            f"training.output_dir: {p.out} holds outputs not written by `qaft run` ({', '.join(sorted(foreign)[:4])}); "
+            "pass --overwrite to replace them or choose another output_dir"
+        )
     if ours:
         saved = read_yaml(saved_file)
         bad = first_invalid_stage(saved, to_plain(cfg))
         if bad is not None:
             stage, keys = bad
-            already = [s for s in STAGES[STAGES.index(stage):] if p.done(s)]
+            already = [s for s in STAGES[STAGES.index(stage) :] if p.done(s)]
             redo_from = start is not None and STAGES.index(start) <= STAGES.index(stage)
             if already and not redo_from:
-                raise CheckpointError(f"config changed since stage {stage!r} finished ({', '.join(keys[:4])}); "
-                                      f"rerun with --from {stage} to redo it and what follows, or --overwrite to start over")
+                raise CheckpointError(
+                    f"config changed since stage {stage!r} finished ({', '.join(keys[:4])}); "
+                    f"rerun with --from {stage} to redo it and what follows, or --overwrite to start over"
+                )
     if start is not None:
         if start == "train" and ours:
             raise CheckpointError("--from train: retraining replaces the checkpoints and final/; use --overwrite for that")
-        for s in STAGES[STAGES.index(start):]:
+        for s in STAGES[STAGES.index(start) :]:
             p.record_path(s).unlink(missing_ok=True)
     p.stages_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_file, yaml.safe_dump(to_plain(cfg), sort_keys=False))
     return p
 
 
-def run(config: str | Path, overrides: list[str], *, overwrite: bool = False, start: str | None = None,
-        launch: Any = None, echo: Callable[[str], None] = print) -> Pipeline:
+def run(
+    config: str | Path, overrides: list[str], *, overwrite: bool = False, start: str | None = None, launch: Any = None, echo: Callable[[str], None] = print
+) -> Pipeline:
     """``qaft run``: the doctor first (exit 2 on a blocking problem), then every stage not yet done."""
     cfg = load_config(config, overrides)
     if start is not None and start not in STAGES:
@@ -194,4 +204,3 @@ def run(config: str | Path, overrides: list[str], *, overwrite: bool = False, st
         echo(f"qaft run: {stage}: done in {time.perf_counter() - t0:.0f} s")
     echo(f"qaft run: report in {p.out / 'report' / 'index.html'}")
     return p
-

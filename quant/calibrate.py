@@ -13,10 +13,11 @@ For each quantized Linear and each calibration batch ``x`` (``[..., in]``):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -77,6 +78,7 @@ def input_sources(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]):
     first_in: dict[str, torch.Tensor] = {}
     first_out: dict[str, torch.Tensor] = {}
     norms = {n: m for n, m in layer.named_modules() if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None}
+
     def keep(store: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:  # a hook must return None,
         store.setdefault(name, t)  # or torch replaces the module's input/output with what it returned
 
@@ -104,7 +106,10 @@ def calibration_ids(path: str, tokenizer: Any, samples: int, seq_len: int, *, ke
 def calibration_record(path: str, ids: torch.Tensor) -> dict[str, Any]:
     """Where the calibration tokens came from and a sha256 of them (and of the file, when it is one)."""
     return {
-        "path": path, "sha256": sha256_file(Path(path)) if Path(path).is_file() else None,
-        "samples": ids.shape[0], "seq_len": ids.shape[1], "tokens": ids.numel(),
+        "path": path,
+        "sha256": sha256_file(Path(path)) if Path(path).is_file() else None,
+        "samples": ids.shape[0],
+        "seq_len": ids.shape[1],
+        "tokens": ids.numel(),
         "tokens_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
     }

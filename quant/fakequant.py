@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .lowrank import Correction
 from .grid import QuantizedWeight, fake_quant_activation
+from .lowrank import Correction
 from .scheme import ActQuant
 
 STORED = ("codes", "scale", "zero", "bias", "lora_A", "lora_B", "input_scale")
@@ -19,8 +19,7 @@ STORED = ("codes", "scale", "zero", "bias", "lora_A", "lora_B", "input_scale")
 
 
 class QuantLinear(torch.nn.Module):
-    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant, correction: Correction | None,
-                 input_scale: torch.Tensor | None = None):
+    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant, correction: Correction | None, input_scale: torch.Tensor | None = None):
         super().__init__()
         weight = q.dequant
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]

@@ -29,8 +29,14 @@ from .scheme import GGUFType
 MXFP4_CODES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 """The doubled E2M1 values in llama.cpp's nibble order (index = nibble)."""
 
-CODE_RANGE = {GGUFType.Q4_0: (-8, 7), GGUFType.Q5_0: (-16, 15), GGUFType.Q4_1: (0, 15), GGUFType.Q5_1: (0, 31),
-              GGUFType.Q8_0: (-127, 127), GGUFType.MXFP4: (-12, 12)}
+CODE_RANGE = {
+    GGUFType.Q4_0: (-8, 7),
+    GGUFType.Q5_0: (-16, 15),
+    GGUFType.Q4_1: (0, 15),
+    GGUFType.Q5_1: (0, 31),
+    GGUFType.Q8_0: (-127, 127),
+    GGUFType.MXFP4: (-12, 12),
+}
 """Smallest and largest code of each type in our convention (MXFP4: doubled E2M1 values)."""
 
 _SIGNED_HALF = {GGUFType.Q4_0: 8, GGUFType.Q5_0: 16}
@@ -108,5 +114,5 @@ def step(w: torch.Tensor, d: torch.Tensor, t: GGUFType) -> torch.Tensor:
     d = d.abs()
     if t is not GGUFType.MXFP4:
         return d.expand_as(w).clone()
-    r = (w.abs() / torch.where(d > 0, d, torch.ones_like(d)))
+    r = w.abs() / torch.where(d > 0, d, torch.ones_like(d))
     return d * torch.where(r < 4, 1.0, torch.where(r < 8, 2.0, 4.0))

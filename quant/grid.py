@@ -42,7 +42,7 @@ class QuantizedWeight:
     """``[out, in]`` the float weight the codes represent."""
 
 
-def _groups(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+def group_view(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     """View ``w`` as ``[out, n_groups, group]`` for the scheme's scope of one scale."""
     out, inp = w.shape
     if spec.format is WeightFormat.MXINT or spec.granularity is Granularity.GROUP:
@@ -88,8 +88,7 @@ def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return codes, (codes - zero) * scale
 
 
-def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, deq: torch.Tensor, like: torch.Tensor,
-         spec: WeightQuant) -> QuantizedWeight:
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, deq: torch.Tensor, like: torch.Tensor, spec: WeightQuant) -> QuantizedWeight:
     """Grouped ``[rows, n_groups, group]`` results on the rounding grid → a ``QuantizedWeight`` (stored grid) in ``like``'s shape and dtype."""
     if spec.gguf_type is not None:
         scale, zero = ggufgrid.stored(scale, zero, spec.gguf_type)
@@ -107,7 +106,7 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, de
 def quantize_weight(w: torch.Tensor, spec: WeightQuant) -> QuantizedWeight:
     """RTN-quantize ``w`` (``[out, in]``) under ``spec``; computed in float32 or wider, returned in ``w``'s dtype."""
     work = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
-    g = _groups(work, spec)
+    g = group_view(work, spec)
     scale, zero = grid_params(g, spec)
     codes, deq = round_to_grid(g, scale, zero, spec)
     return pack(codes, scale, zero, deq, w, spec)
@@ -127,7 +126,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 def quant_step(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     """Δ for every weight, ``[out, in]``: the RTN grid spacing in that weight's row/group."""
     q = quantize_weight(w, spec)
-    g = _groups(w, spec)
+    g = group_view(w, spec)
     scale = q.scale.reshape(g.shape[0], g.shape[1], 1)
     if spec.gguf_type is not None:
         return ggufgrid.step(g, scale, spec.gguf_type).reshape(w.shape).to(w.dtype)

@@ -7,6 +7,7 @@ adapter with scaling 1. The methods themselves are in ``reconstructors/``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from .grid import quantize_weight

@@ -77,13 +77,17 @@ def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None
         fits = max((d for d in (256, 128, 64, 32, 16, 8) if fit % d == 0), default=None)
         if scheme.weight.gguf_type is not None:  # the block is the type's: the fix is to keep those layers in float
             names = sorted({n.rpartition(".")[2] for _, n in bad_group})
-            problems.append(f"quant.weight.gguf_type: {scheme.weight.gguf_type.value} blocks are 32 input channels wide, which does not divide the "
-                            f"input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); keep them in float with "
-                            f"quant.ignore=[lm_head, {', '.join(names)}] (llama.cpp stores such tensors as F16)")
+            problems.append(
+                f"quant.weight.gguf_type: {scheme.weight.gguf_type.value} blocks are 32 input channels wide, which does not divide the "
+                f"input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); keep them in float with "
+                f"quant.ignore=[lm_head, {', '.join(names)}] (llama.cpp stores such tensors as F16)"
+            )
         else:
-            problems.append(f"quant.weight.group_size: {g} does not divide the input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); "
-                            + (f"use a group size that divides them all, e.g. {fits}, " if fits else "")
-                            + "or quant.weight.granularity=channel")
+            problems.append(
+                f"quant.weight.group_size: {g} does not divide the input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); "
+                + (f"use a group size that divides them all, e.g. {fits}, " if fits else "")
+                + "or quant.weight.granularity=channel"
+            )
     if bad_rank:
         (m, first) = min(bad_rank)
         problems.append(f"postpass.rank: {rank} exceeds min(out, in) = {m} of {first}{_more(bad_rank)}; use postpass.rank <= {m}")
@@ -128,8 +132,14 @@ def _out_norm(m: torch.Tensor, xtx32: torch.Tensor) -> float:
 
 @torch.no_grad()
 def quantize_model(
-    model: torch.nn.Module, calibration: torch.Tensor, scheme: QuantScheme, postpass: PostpassConfig, *, method: Method | None = None,
-    propagate: Literal["quantized", "float"] = "quantized", progress: bool = True,
+    model: torch.nn.Module,
+    calibration: torch.Tensor,
+    scheme: QuantScheme,
+    postpass: PostpassConfig,
+    *,
+    method: Method | None = None,
+    propagate: Literal["quantized", "float"] = "quantized",
+    progress: bool = True,
 ) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
     """Quantize every target Linear of ``model`` in place. ``calibration``: ``[n, seq_len]`` token ids.
 
@@ -149,7 +159,7 @@ def quantize_model(
     lowrank = LowRank(postpass.rank, randomized=postpass.randomized_svd, energy=postpass.energy)
     for i, layer in enumerate(tqdm(layers, desc="post-pass (layers)", disable=not progress, leave=False)):
         targets = scheme.layer_linears(layer, f"{prefix}.{i}")
-        with collect(targets) as stats, (recon.observe(layer, targets) if recon else contextlib.nullcontext()) as observed:
+        with collect(targets) as stats, recon.observe(layer, targets) if recon else contextlib.nullcontext() as observed:
             outputs = [layer(h, **kw) for h, kw in inputs]
         prep = recon.prepare(layer, targets, stats, observed) if recon else Preparation()
         for name, lin in targets.items():
@@ -173,10 +183,18 @@ def quantize_model(
             xtx32 = stats[name].xtx.float()
             ref = max(_out_norm(w, xtx32), 1e-30)
             before_err = _out_norm(err, xtx32) / ref
-            reports.append(LayerReport(
-                f"{prefix}.{i}.{name}", tuple(w.shape), 0 if corr is None else corr.rank, err.norm().item(),
-                before_err, before_err if corr is None else _out_norm(after, xtx32) / ref, 0.0 if corr is None else corr.kept_energy, seconds,
-            ))
+            reports.append(
+                LayerReport(
+                    f"{prefix}.{i}.{name}",
+                    tuple(w.shape),
+                    0 if corr is None else corr.rank,
+                    err.norm().item(),
+                    before_err,
+                    before_err if corr is None else _out_norm(after, xtx32) / ref,
+                    0.0 if corr is None else corr.kept_energy,
+                    seconds,
+                )
+            )
         if kept is not None:
             kept |= {f"{prefix}.{i}.{n}": s for n, s in stats.items()}
             inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs)]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
 
 from qaft.core.errors import CheckpointError
 from qaft.core.io import ensure_writable, staged
@@ -70,10 +71,10 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Any, dict[str, An
         raise CheckpointError(f"{p / META}: format_version {meta.get('format_version')!r}, this qaft reads {FORMAT_VERSION}")
     scheme = parse(QuantScheme, meta["scheme"], "scheme")
     tensors = load_file(str(p / "model.safetensors"))
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
+    with no_init_weights():  # every tensor is loaded below: skip the random init (seconds for SmolLM2)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
     for name in meta["quantized"]:
-        get = lambda k: tensors.pop(f"{name}.{k}", None)  # noqa: E731
-        codes, scale, zero, bias, lora_a, lora_b, input_scale = (get(k) for k in STORED)
+        codes, scale, zero, bias, lora_a, lora_b, input_scale = (tensors.pop(f"{name}.{k}", None) for k in STORED)
         q = QuantizedWeight(codes, scale, zero, dequantize(codes, scale, zero, scheme.weight))
         parent, _, leaf = name.rpartition(".")
         corr = None if lora_a is None else Correction(A=lora_b, B=lora_a)  # PEFT names → our A [out, k], B [k, in]

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small text corpus, the smoke config as a dict, and a runner for tiny training runs."""
+"""Shared fixtures: a small text corpus, the smoke config as a dict, config builders, and two session-wide
+results that many tests only read (a finished tiny training run, a tiny post-pass result), built once."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory):
+    """One de-quantized-GGUF cache for the session (``core.model.gguf_cache``): the SmolLM2 tests convert the
+    GGUF once instead of once each, and nothing is written under the user's home."""
+    os.environ["QAFT_CACHE"] = str(tmp_path_factory.mktemp("qaft-cache"))
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +55,42 @@ def make_cfg(smoke_raw):
         return config_from_dict(smoke_raw, list(overrides))
 
     return make
+
+
+def _session_cfg(corpus: Path, out: Path, *overrides: str):
+    from qaft.pipeline.config import config_from_dict
+
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    raw["data"]["path"], raw["training"]["output_dir"] = str(corpus), str(out)
+    return config_from_dict(raw, list(overrides))
+
+
+@pytest.fixture(scope="session")
+def trained_run(corpus, tmp_path_factory):
+    """The config of one finished tiny-llama run: 6 steps, logged every 2, checkpoints at 3 and 6, telemetry every 3.
+    Read it, never write into ``training.output_dir``: every test of the session sees the same folder."""
+    from qaft.trainer.loop import fit
+
+    cfg = _session_cfg(
+        corpus,
+        tmp_path_factory.mktemp("trained") / "run",
+        "training.max_steps=6",
+        "training.save_steps=3",
+        "training.logging_steps=2",
+        "training.learning_rate=1e-2",
+        "callbacks.0.every=3",
+    )
+    fit(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def quantized_default(corpus, tmp_path_factory):
+    """The default post-pass (W4 per-channel + L2QER rank 4, 4 x 32 calibration tokens) of the untrained tiny-llama,
+    written once. Tests export it into a folder of their own: ``export.dir=...``, never into its output folder."""
+    from helpers import SMALL_POSTPASS
+    from qaft.pipeline.commands import quantize_and_save
+
+    cfg = _session_cfg(corpus, tmp_path_factory.mktemp("quantized") / "run", *SMALL_POSTPASS)
+    quantize_and_save(cfg, overwrite=False, progress=False)
+    return cfg

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+SMALL_POSTPASS = ("postpass.calibration_samples=4", "postpass.calibration_seq_len=32", "postpass.rank=4", "export.evaluate=false")
+"""Overrides for a post-pass that takes a fraction of a second on the tiny models."""
+
 
 def adapter_tensors(run_dir: Path, sub: str = "final/adapter") -> dict:
     from safetensors.torch import load_file

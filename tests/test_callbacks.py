@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import adapter_tensors, assert_same_tensors
 
+from helpers import adapter_tensors, assert_same_tensors
 from qaft import callbacks as cbs
 from qaft.callbacks import CALLBACKS, create
 from qaft.callbacks.base import Callback
-from qaft.core.registry import Spec
 from qaft.core.errors import CheckpointError, ConfigError
-from qaft.trainer.loop import fit
+from qaft.core.registry import Spec
 from qaft.core.typed import to_plain
+from qaft.trainer.loop import fit
 
 BUILTIN = CALLBACKS.names()  # captured before any test registers a helper callback
 
@@ -27,6 +27,7 @@ def with_callbacks(make_cfg, specs: list[dict], *overrides: str):
 
 
 # ---- contract suite: every registered callback -------------------------------------------------
+
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_neutral_options_leave_training_bit_identical(make_cfg, tmp_path, name):
@@ -72,6 +73,7 @@ def test_metrics_are_finite_floats(make_cfg, name):
 
 
 # ---- protocol behaviour, with helper callbacks registered for one test -------------------------
+
 
 @dataclass(frozen=True, kw_only=True)
 class RecorderOptions:

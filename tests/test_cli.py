@@ -24,19 +24,42 @@ def qaft_exe() -> str:
 def test_the_console_script_trains_and_writes_the_documented_tree(corpus, tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(
-        [qaft_exe(), "train", str(ROOT / "configs" / "smoke.yaml"), f"data.path={corpus}", f"training.output_dir={out}",
-         "training.max_steps=4", "training.save_steps=2", "training.report_to=[tensorboard]"],
-        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
+        [
+            qaft_exe(),
+            "train",
+            str(ROOT / "configs" / "smoke.yaml"),
+            f"data.path={corpus}",
+            f"training.output_dir={out}",
+            "training.max_steps=4",
+            "training.save_steps=2",
+            "training.report_to=[tensorboard]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "OMP_WAIT_POLICY=PASSIVE" in r.stderr  # the CLI sets it before torch loads, and says so
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    for f in ["metrics.jsonl", "final/config.json", "final/model.safetensors", "final/tokenizer.json", "final/config.yaml",
-              "final/adapter/adapter_config.json", "final/adapter/adapter_model.safetensors", "checkpoint-4/trainer_state.json"]:
+    for f in [
+        "metrics.jsonl",
+        "final/config.json",
+        "final/model.safetensors",
+        "final/tokenizer.json",
+        "final/config.yaml",
+        "final/adapter/adapter_config.json",
+        "final/adapter/adapter_model.safetensors",
+        "checkpoint-4/trainer_state.json",
+    ]:
         assert f in files, f
     assert any(f.startswith("runs/") and "tfevents" in f for f in files), "tensorboard tracker wrote nothing"
-    again = subprocess.run([qaft_exe(), "train", str(ROOT / "configs" / "smoke.yaml"), f"data.path={corpus}", f"training.output_dir={out}"],
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [qaft_exe(), "train", str(ROOT / "configs" / "smoke.yaml"), f"data.path={corpus}", f"training.output_dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert again.stderr.strip().splitlines()[-1].startswith("qaft: error: training.output_dir:")
 
@@ -45,7 +68,10 @@ def test_config_errors_exit_2_with_one_line_each_and_touch_nothing(tmp_path, cap
     out = tmp_path / "never"
     rc = main(["train", str(ROOT / "configs" / "smoke.yaml"), f"training.output_dir={out}", "lora.rr=3", "training.max_step=3"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err == ["qaft: error: lora.rr: unknown key (did you mean 'r'?)", "qaft: error: training.max_step: unknown key (did you mean 'max_steps'?)"]
+    assert rc == 2 and err == [
+        "qaft: error: lora.rr: unknown key (did you mean 'r'?)",
+        "qaft: error: training.max_step: unknown key (did you mean 'max_steps'?)",
+    ]
     assert not out.exists()
 
 
@@ -54,7 +80,10 @@ def test_config_errors_exit_2_with_one_line_each_and_touch_nothing(tmp_path, cap
     [
         (["train", "missing.yaml"], r"^qaft: error: config file 'missing\.yaml' does not exist"),
         (["train", "SMOKE", "data.path=missing.txt"], r"^qaft: error: data\.path: file 'missing\.txt' does not exist"),
-        (["train", "SMOKE", "model.name_or_path=tiny-lama"], r"^qaft: error: model\.name_or_path: unknown tiny model 'tiny-lama' \(did you mean 'tiny-llama'\?\)"),
+        (
+            ["train", "SMOKE", "model.name_or_path=tiny-lama"],
+            r"^qaft: error: model\.name_or_path: unknown tiny model 'tiny-lama' \(did you mean 'tiny-llama'\?\)",
+        ),
         (["run", "SMOKE", "--from", "report", "lora.r=0"], r"^qaft: error: lora\.r: got 0, expected"),
     ],
 )

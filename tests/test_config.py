@@ -9,10 +9,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qaft.quant.scheme import Granularity, WeightFormat
-from qaft.pipeline.config import Config, config_from_dict, dump_config, load_config
 from qaft.core.configfile import apply_overrides
 from qaft.core.errors import ConfigError
+from qaft.pipeline.config import Config, config_from_dict, dump_config, load_config
+from qaft.quant.scheme import Granularity, WeightFormat
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"name_or_path": "tiny-llama"}, "data": {"path": "python-docs"}}
@@ -21,8 +21,15 @@ MINIMAL = {"model": {"name_or_path": "tiny-llama"}, "data": {"path": "python-doc
 def test_overrides_are_typed_by_the_dataclass():
     cfg = config_from_dict(
         MINIMAL,
-        ["training.max_steps=20", "lora.r=16", "lora.target_modules=[q_proj,v_proj]", "training.learning_rate=1e-4",
-         "quant.weight.granularity=group", "training.report_to=[tensorboard]", "callbacks=[{name: telemetry, every: 3}]"],
+        [
+            "training.max_steps=20",
+            "lora.r=16",
+            "lora.target_modules=[q_proj,v_proj]",
+            "training.learning_rate=1e-4",
+            "quant.weight.granularity=group",
+            "training.report_to=[tensorboard]",
+            "callbacks=[{name: telemetry, every: 3}]",
+        ],
     )
     assert cfg.training.max_steps == 20 and isinstance(cfg.training.max_steps, int)
     assert cfg.lora.r == 16 and cfg.lora.target_modules == ("q_proj", "v_proj")
@@ -61,7 +68,10 @@ def test_defaults_follow_the_protocol():
         (["quant.weight.format=mxint", "quant.weight.granularity=group", "quant.weight.symmetric=false"], r"^quant\.weight\.symmetric: got False"),
         (["quant.weight.bits=1"], r"^quant\.weight\.bits: got 1, expected a value >= 2$"),
         (["quant.weight.format=gguf"], r"^quant\.weight\.gguf_type: set it \(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4\) exactly when format is 'gguf'$"),
-        (["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.weight.bits=8"], r"^quant\.weight\.bits: got 8, but gguf_type Q4_0 implies 4; drop bits$"),
+        (
+            ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.weight.bits=8"],
+            r"^quant\.weight\.bits: got 8, but gguf_type Q4_0 implies 4; drop bits$",
+        ),
         (["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_K"], r"^quant\.weight\.gguf_type: got 'Q4_K', expected .*Q4_0.*MXFP4"),
         (["quant.version=2"], r"^quant\.version: got 2, expected 1"),
         (["training=3"], r"^training: got int 3, expected a mapping of TrainingConfig keys$"),

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from qaft.trainer.config import DataConfig
-from qaft.trainer.data import EpochPermutation, build_blocks, tokenize_and_pack, train_loader
 from qaft.core.errors import DataError
 from qaft.core.model import byte_tokenizer
+from qaft.trainer.config import DataConfig
+from qaft.trainer.data import EpochPermutation, build_blocks, tokenize_and_pack, train_loader
 
 TOK = byte_tokenizer()
 
@@ -68,7 +68,9 @@ def test_chat_template_renders_messages(tmp_path):
     tok = byte_tokenizer()
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
     p = tmp_path / "chat.jsonl"
-    p.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello " * 5}]}) for i in range(30)))
+    p.write_text(
+        "\n".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello " * 5}]}) for i in range(30))
+    )
     b = build_blocks(DataConfig(path=str(p), chat_template=True, block_size=64, eval_fraction=0.0), tok)
     assert tok.decode(b.train[0]).startswith("<user>hi 0\n<assistant>hello")
 

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = "final/adapter/adapter_model.safetensors"
@@ -27,21 +27,43 @@ def launch_file(tmp: Path, stage: int) -> Path:
     """launch/zero2.yaml as shipped; for ZeRO-3 the same with every parameter sharded."""
     if stage == 2:
         return ROOT / "launch" / "zero2.yaml"
-    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    ds = {
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
     (tmp / "ds3.json").write_text(json.dumps(ds))
-    raw = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "num_machines": 1, "num_processes": 2,
-           "deepspeed_config": {"deepspeed_config_file": str(tmp / "ds3.json"), "zero3_init_flag": False}}
+    raw = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "DEEPSPEED",
+        "num_machines": 1,
+        "num_processes": 2,
+        "deepspeed_config": {"deepspeed_config_file": str(tmp / "ds3.json"), "zero3_init_flag": False},
+    }
     (tmp / "launch-zero3.yaml").write_text(yaml.safe_dump(raw))
     return tmp / "launch-zero3.yaml"
 
 
 def write_config(raw: dict, tmp: Path, name: str, per_device: int, callbacks: list | None = None, **training) -> Path:
-    raw = raw | {"lora": raw["lora"] | {"lora_dropout": 0.0},  # dropout draws differ per rank
-                 "callbacks": callbacks or [],
-                 "training": raw["training"] | {"per_device_train_batch_size": per_device, "gradient_accumulation_steps": 1, "max_steps": 4,
-                                                "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "save_steps": 2, "eval_steps": None,
-                                                "logging_steps": 1, "max_grad_norm": 0.5, "output_dir": str(tmp / name)} | training}
+    raw = raw | {
+        "lora": raw["lora"] | {"lora_dropout": 0.0},  # dropout draws differ per rank
+        "callbacks": callbacks or [],
+        "training": raw["training"]
+        | {
+            "per_device_train_batch_size": per_device,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 4,
+            "lr_scheduler_type": "constant",
+            "warmup_ratio": 0.0,
+            "save_steps": 2,
+            "eval_steps": None,
+            "logging_steps": 1,
+            "max_grad_norm": 0.5,
+            "output_dir": str(tmp / name),
+        }
+        | training,
+    }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -49,8 +71,9 @@ def write_config(raw: dict, tmp: Path, name: str, per_device: int, callbacks: li
 
 def train(config: Path, launch: str | Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", str(ROOT / "launch" / "train.sh"), str(launch), str(config), *overrides],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    r = subprocess.run(
+        ["bash", str(ROOT / "launch" / "train.sh"), str(launch), str(config), *overrides], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
     assert r.returncode == expect, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 
@@ -123,9 +146,11 @@ def test_zero3_resume_continues_exactly(runs):
 def test_callbacks_train_the_same_under_zero2_as_under_ddp(runs):
     """NPFT (Fisher scoring by autograd.grad beside the engine's gradient hooks), temporal distillation and
     telemetry read and write nothing DeepSpeed hides: the same 2 ranks give the same adapter either way."""
-    callbacks = [{"name": "npft", "ratio": 0.05, "calib_windows": 2, "hessian_probes": 0, "rounds": 2},
-                 {"name": "temporal_kd", "phase_steps": 1, "review_every": 1, "layers": [0, -1], "history": 2},
-                 {"name": "telemetry", "every": 1}]
+    callbacks = [
+        {"name": "npft", "ratio": 0.05, "calib_windows": 2, "hessian_probes": 0, "rounds": 2},
+        {"name": "temporal_kd", "phase_steps": 1, "review_every": 1, "layers": [0, -1], "history": 2},
+        {"name": "telemetry", "every": 1},
+    ]
     ddp, zero = runs.config("cb-ddp", callbacks=callbacks), runs.config("cb-zero2", callbacks=callbacks)
     train(ddp, "ddp-cpu")
     train(zero, runs.launch(2))
@@ -144,8 +169,14 @@ def test_a_callback_deepspeed_rules_out_stops_before_training(runs):
     r = train(cfg, runs.launch(2), expect=2)
     assert "callbacks: mat under DeepSpeed" in r.stdout
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    direct = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(runs.launch(2)),
-                             "-m", "qaft.pipeline.cli", "train", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    direct = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(runs.launch(2)), "-m", "qaft.pipeline.cli", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     assert direct.returncode != 0 and "callbacks: mat under DeepSpeed" in direct.stderr, direct.stderr[-3000:]
     assert "internal error" not in direct.stderr
     assert not (run_dir(cfg) / "final").exists()

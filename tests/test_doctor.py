@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qaft.pipeline.cli import main
 from qaft.core.errors import QaftError
+from qaft.pipeline.cli import main
 from qaft.pipeline.doctor import Launch, Status, diagnose, launch_from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,21 +34,37 @@ def only_status(findings, check) -> Status:
 def test_a_sound_config_passes_and_names_what_it_checked(smoke_file, capsys):
     assert main(["doctor", str(smoke_file)]) == 0
     out = capsys.readouterr().out
-    for check in ("torch", "peft", "config", "model", "lora targets", "lora rank", "quant scheme", "tied embeddings", "export", "disk space", "output dir", "launch"):
+    for check in (
+        "torch",
+        "peft",
+        "config",
+        "model",
+        "lora targets",
+        "lora rank",
+        "quant scheme",
+        "tied embeddings",
+        "export",
+        "disk space",
+        "output dir",
+        "launch",
+    ):
         assert any(line.startswith(check) and " ok " in line for line in out.splitlines()), (check, out)
     assert "LlamaForCausalLM" in out and "W4 per-channel sym on 14 Linear layers in 2 blocks" in out
 
 
-@pytest.mark.parametrize("overrides, check, needle", [
-    (["quant.weight.granularity=group", "quant.weight.group_size=48"], "quant scheme", "quant.weight.group_size: 48 does not divide the input width"),
-    (["postpass.rank=100"], "quant scheme", "postpass.rank: 100 exceeds"),
-    (["lora.target_modules=[q_proj, qproj]"], "lora targets", "['qproj'] match no Linear"),
-    (["lora.r=65"], "lora rank", "lora.r: 65 exceeds min(out, in)"),
-    (["quant.targets=[nothing_here]"], "quant targets", "select no decoder Linear"),
-    (["model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"], "export", "gguf is written for Llama-family models"),
-    (["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.activation.bits=8"], "export", "llama.cpp picks activation precision"),
-    (["export.format=gguf"], "export", "gguf files hold llama.cpp's block grids"),
-])
+@pytest.mark.parametrize(
+    "overrides, check, needle",
+    [
+        (["quant.weight.granularity=group", "quant.weight.group_size=48"], "quant scheme", "quant.weight.group_size: 48 does not divide the input width"),
+        (["postpass.rank=100"], "quant scheme", "postpass.rank: 100 exceeds"),
+        (["lora.target_modules=[q_proj, qproj]"], "lora targets", "['qproj'] match no Linear"),
+        (["lora.r=65"], "lora rank", "lora.r: 65 exceeds min(out, in)"),
+        (["quant.targets=[nothing_here]"], "quant targets", "select no decoder Linear"),
+        (["model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"], "export", "gguf is written for Llama-family models"),
+        (["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.activation.bits=8"], "export", "llama.cpp picks activation precision"),
+        (["export.format=gguf"], "export", "gguf files hold llama.cpp's block grids"),
+    ],
+)
 def test_model_layout_problems_block(smoke_file, overrides, check, needle):
     rows = diagnose(smoke_file, overrides, Launch("test"))
     bad = [r for r in rows if r.status is Status.FAIL]
@@ -63,11 +79,16 @@ def test_incompatible_callbacks_are_a_config_failure(smoke_file, capsys):
     assert "FAIL" in line and "qat cannot be combined with npft" in line
 
 
-@pytest.mark.parametrize("callback, zero3_blocks, zero2_blocks", [
-    ("npft", True, False), ("qat", True, False), ("temporal_kd", True, False),
-    ("mat", True, True),  # masks p.grad between backward and step, a point DeepSpeed does not have
-    ("telemetry", True, False),  # reads whole adapter tensors; logs without gradient norms under ZeRO-2
-])
+@pytest.mark.parametrize(
+    "callback, zero3_blocks, zero2_blocks",
+    [
+        ("npft", True, False),
+        ("qat", True, False),
+        ("temporal_kd", True, False),
+        ("mat", True, True),  # masks p.grad between backward and step, a point DeepSpeed does not have
+        ("telemetry", True, False),  # reads whole adapter tensors; logs without gradient norms under ZeRO-2
+    ],
+)
 def test_deepspeed_launch_against_callbacks(smoke_file, callback, zero3_blocks, zero2_blocks):
     extra = {"temporal_kd": "{name: temporal_kd, layers: [1]}"}.get(callback, f"{{name: {callback}}}")
     zero3 = launch_from(str(ROOT / "launch" / "zero3.yaml"))
@@ -115,8 +136,9 @@ def test_tied_embeddings_with_a_lora_head_block(smoke_file, tmp_path):
     from transformers import LlamaConfig
 
     folder = tmp_path / "tied"  # a config.json is all the doctor reads: it builds the model on the meta device
-    LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(folder)
+    LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+    ).save_pretrained(folder)
     assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
     ok = diagnose(smoke_file, [f"model.name_or_path={folder}"], Launch("t"))
     assert only_status(ok, "tied embeddings") is Status.OK and "tied to the input embedding" in rows_of(ok, "tied embeddings")[0].detail
@@ -142,11 +164,10 @@ def test_builtin_corpora_train_and_heldout_are_disjoint_and_checked(smoke_file):
 
     train, held = corpora.documents("python-docs-train"), corpora.documents("python-docs-heldout")
     every = corpora.documents("python-docs")
-    assert held == every[-len(held):] and set(train) < set(every) and not set(train) & set(held)
+    assert held == every[-len(held) :] and set(train) < set(every) and not set(train) & set(held)
     assert not corpora.ngrams("\n\n".join(train)) & corpora.ngrams("\n\n".join(held))  # no shared passage either
     ok = diagnose(smoke_file, ["data.path=python-docs-train", "eval.path=python-docs-heldout"], Launch("t"))
     (row,) = rows_of(ok, "data overlap")
     assert row.status is Status.OK and " 0.0%" in row.detail
     bad = diagnose(smoke_file, ["data.path=python-docs", "eval.path=python-docs-heldout"], Launch("t"))
     assert only_status(bad, "data overlap") is Status.FAIL  # the full corpus contains the held-out part
-

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.core.text import token_stream
 from qaft.eval.perplexity import perplexity
 from qaft.pipeline.cli import main
-from qaft.core.model import ModelConfig
-from qaft.core.model import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,13 +27,26 @@ def texts(tmp_path):
 
 
 def argv(texts, *extra):
-    return ["eval", str(ROOT / "configs" / "smoke.yaml"), f"eval.path={texts / 'test.txt'}", f"postpass.calibration_path={texts / 'calib.txt'}",
-            "postpass.calibration_samples=4", "postpass.calibration_seq_len=64", "eval.windows=3", "eval.seq_len=64", "postpass.rank=4", *extra]
+    return [
+        "eval",
+        str(ROOT / "configs" / "smoke.yaml"),
+        f"eval.path={texts / 'test.txt'}",
+        f"postpass.calibration_path={texts / 'calib.txt'}",
+        "postpass.calibration_samples=4",
+        "postpass.calibration_seq_len=64",
+        "eval.windows=3",
+        "eval.seq_len=64",
+        "postpass.rank=4",
+        *extra,
+    ]
 
 
 def test_eval_prints_the_protocol_and_writes_the_json_contract(texts, capsys):
     out = texts / "r.json"
-    assert main([*argv(texts, "training.seed=0", "postpass.reconstructor={name: aser, outliers: 4}"), "--methods", "fp,rtn,lqer,whiten,aser", "--json", str(out)]) == 0
+    assert (
+        main([*argv(texts, "training.seed=0", "postpass.reconstructor={name: aser, outliers: 4}"), "--methods", "fp,rtn,lqer,whiten,aser", "--json", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "3 windows x 64 tokens" in printed and "W4 per-channel sym, rank 4" in printed and "calibration 4 x 64" in printed
     report = json.loads(out.read_text())
@@ -61,7 +73,10 @@ def test_fp_perplexity_is_the_plain_protocol_number(texts, capsys):
         (["eval.path=null"], r"eval\.path: not set"),
         (["eval.path=nope.raw"], r"eval\.path: file 'nope\.raw' does not exist"),
         (["SAME"], r"postpass\.calibration_path: the calibration text is the evaluation text"),
-        (["quant.weight.granularity=group", "quant.weight.group_size=48"], r"quant\.weight\.group_size: 48 does not divide the input width 64 of model\.layers\.0\."),
+        (
+            ["quant.weight.granularity=group", "quant.weight.group_size=48"],
+            r"quant\.weight\.group_size: 48 does not divide the input width 64 of model\.layers\.0\.",
+        ),
     ],
 )
 def test_eval_input_errors_exit_2(texts, capsys, extra, message):

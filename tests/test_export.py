@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -11,16 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qaft.pipeline.commands import quantize_and_save
+from helpers import SMALL_POSTPASS as SMALL
+from qaft.core.errors import ExportError
 from qaft.export.ctformat import activations_float
 from qaft.export.exporter import load_export
 from qaft.export.parity import PROMPTS, compare_logits
-from qaft.pipeline.commands import export_run as export
-from qaft.quant.store import load_quantized
 from qaft.pipeline.cli import main
-from qaft.core.errors import ExportError
-
-SMALL = ("postpass.calibration_samples=4", "postpass.calibration_seq_len=32", "postpass.rank=4", "export.evaluate=false")
+from qaft.pipeline.commands import export_run as export
+from qaft.pipeline.commands import quantize_and_save
+from qaft.quant.store import load_quantized
 
 
 def quantized(make_cfg, *overrides: str):
@@ -29,12 +29,21 @@ def quantized(make_cfg, *overrides: str):
     return cfg
 
 
-@pytest.mark.parametrize("overrides", [
-    ("model.name_or_path=tiny-llama",),
-    ("model.name_or_path=tiny-opt", "postpass.reconstructor=whiten"),
-    ("quant.weight.granularity=group", "quant.weight.group_size=32", "quant.weight.symmetric=false"),
-    ("quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=16", "postpass.energy=0.5", "postpass.rank=8"),
-], ids=["llama-w4-channel", "opt-w4-whiten", "g32-asym", "w3-g16-energy-ranks"])
+def exporting(quantized_default, tmp_path):
+    """The shared default post-pass result, exported into this test's own folder."""
+    return dataclasses.replace(quantized_default, export=dataclasses.replace(quantized_default.export, dir=str(tmp_path / "export")))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.name_or_path=tiny-llama",),
+        ("model.name_or_path=tiny-opt", "postpass.reconstructor=whiten"),
+        ("quant.weight.granularity=group", "quant.weight.group_size=32", "quant.weight.symmetric=false"),
+        ("quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=16", "postpass.energy=0.5", "postpass.rank=8"),
+    ],
+    ids=["llama-w4-channel", "opt-w4-whiten", "g32-asym", "w3-g16-energy-ranks"],
+)
 def test_export_reloads_with_transformers_and_peft_to_the_same_logits(make_cfg, overrides):
     cfg = quantized(make_cfg, *overrides)
     out, m = export(cfg, overwrite=False, progress=False)
@@ -105,8 +114,8 @@ def test_a8_parity_is_exact_under_the_reference_rounding_and_the_server_gap_is_r
     assert not torch.allclose(on, off)
 
 
-def test_manifest_records_provenance_and_detects_tampering(make_cfg):
-    cfg = quantized(make_cfg)
+def test_manifest_records_provenance_and_detects_tampering(quantized_default, tmp_path):
+    cfg = exporting(quantized_default, tmp_path)
     out, m = export(cfg, overwrite=False, progress=False)
     assert m["calibration"]["tokens"] == 4 * 32 and len(m["calibration"]["tokens_sha256"]) == 64
     assert m["software"]["compressed-tensors"] and m["software"]["torch"] and m["method"] == "rtn+l2qer"
@@ -149,10 +158,13 @@ def test_export_without_a_post_pass_result_is_a_clear_error(smoke_raw, tmp_path,
     assert "no post-pass result" in err and "qaft quantize" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (("quant.weight.format=mxint", "quant.weight.granularity=group", "quant.weight.group_size=16"), "no compressed-tensors integer format"),
-    (("postpass.reconstructor=aser",), "explicit input scales"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (("quant.weight.format=mxint", "quant.weight.granularity=group", "quant.weight.group_size=16"), "no compressed-tensors integer format"),
+        (("postpass.reconstructor=aser",), "explicit input scales"),
+    ],
+)
 def test_schemes_the_format_cannot_carry_fail_naming_the_fix_and_leave_nothing(make_cfg, overrides, match):
     cfg = quantized(make_cfg, *overrides)
     with pytest.raises(ExportError, match=match):
@@ -166,8 +178,8 @@ def test_aser_with_fold_only_smoothing_exports(make_cfg):
     assert all(p["max_abs_diff"] <= cfg.export.parity_atol for p in m["parity"].values())
 
 
-def test_an_existing_export_is_kept_without_overwrite(make_cfg):
-    cfg = quantized(make_cfg)
+def test_an_existing_export_is_kept_without_overwrite(quantized_default, tmp_path):
+    cfg = exporting(quantized_default, tmp_path)
     out, _ = export(cfg, overwrite=False, progress=False)
     before = (out / "manifest.json").read_text()
     with pytest.raises(Exception, match="--overwrite"):
@@ -177,12 +189,12 @@ def test_an_existing_export_is_kept_without_overwrite(make_cfg):
     load_export(out)
 
 
-def test_eval_export_verifies_then_reports_base_and_adapter_rows(make_cfg, smoke_raw, tmp_path, capsys):
+def test_eval_export_verifies_then_reports_base_and_adapter_rows(quantized_default, smoke_raw, tmp_path, capsys):
     import yaml
 
     text = tmp_path / "eval.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    cfg = quantized(make_cfg)
+    cfg = exporting(quantized_default, tmp_path)
     out, _ = export(cfg, overwrite=False, progress=False)
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump(smoke_raw))
@@ -214,11 +226,21 @@ def test_smollm2_group64_export_reloads_with_parity(tmp_path):
     """The real model: W4 g64 + L2QER, small calibration; parity through both loaders."""
     from qaft.pipeline.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2-postpass.yaml", [
-        "data.path=python-docs", "postpass.calibration_path=python-docs",
-        "quant.weight.granularity=group", "quant.weight.group_size=64", "postpass.rank=8", "postpass.calibration_samples=2",
-        "postpass.calibration_seq_len=128", f"training.output_dir={tmp_path}", "export.evaluate=false",
-    ])
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "smollm2-postpass.yaml",
+        [
+            "data.path=python-docs",
+            "postpass.calibration_path=python-docs",
+            "quant.weight.granularity=group",
+            "quant.weight.group_size=64",
+            "postpass.rank=8",
+            "postpass.randomized_svd=true",
+            "postpass.calibration_samples=2",
+            "postpass.calibration_seq_len=128",
+            f"training.output_dir={tmp_path}",
+            "export.evaluate=false",
+        ],
+    )
     quantize_and_save(cfg, overwrite=False, progress=False)
     out, m = export(cfg, overwrite=False, progress=False)
     assert set(m["parity"]) == {"transformers", "compressed-tensors"}

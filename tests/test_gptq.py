@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from helpers import postpass
-from qaft.quant.postpass import quantize_model
-from qaft.quant.calibrate import LayerStats
-from qaft.quant import methods
-from qaft.quant.ggufgrid import CODE_RANGE
-from qaft.quant.quantizers.gptq import GPTQOptions, SingularHessian, gptq
-from qaft.quant.grid import dequantize, quantize_weight
-from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
-from qaft.core.model import ModelConfig
 from qaft.core.errors import ConfigError
-from qaft.core.model import load_model_and_tokenizer
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
+from qaft.quant import methods
+from qaft.quant.calibrate import LayerStats
+from qaft.quant.ggufgrid import CODE_RANGE
+from qaft.quant.grid import dequantize, quantize_weight
+from qaft.quant.postpass import quantize_model
+from qaft.quant.quantizers.gptq import GPTQOptions, SingularHessian, gptq
+from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
 
 SPECS = [
     WeightQuant(),
@@ -98,11 +97,8 @@ def tiny():
 
 
 def test_in_the_pipeline_gptq_beats_rtn_on_every_layer_and_composes_with_reconstruction(tiny):
-    from functools import partial
-
     model, calib = tiny
     scheme = QuantScheme(weight=WeightQuant(bits=3))
-    g = partial(gptq, settings=GPTQOptions())
     kw = dict(propagate="float", progress=False)  # same inputs for every method: a per-layer comparison
     rtn_reports, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0), **kw)
     gptq_reports, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0, quantizer="gptq"), **kw)

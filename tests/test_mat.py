@@ -5,17 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qaft.callbacks.mat import Grads, head_modules, lambda_max, per_sample_grads
-from qaft.callbacks import CALLBACKS
-from qaft.trainer.config import LoraSection
-from qaft.core.model import ModelConfig
-from qaft.core.errors import ConfigError, PreflightError
-from qaft.trainer.loop import fit, setup, train
-from qaft.trainer.metrics import MetricsLogger
-from qaft.trainer.lora import attach_lora
-from qaft.core.model import load_model_and_tokenizer
-
 from helpers import assert_resume_is_exact, events
+from qaft.callbacks import CALLBACKS
+from qaft.callbacks.mat import Grads, head_modules, lambda_max, per_sample_grads
+from qaft.core.errors import ConfigError, PreflightError
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
+from qaft.trainer.config import LoraSection
+from qaft.trainer.loop import fit, setup, train
+from qaft.trainer.lora import attach_lora
+from qaft.trainer.metrics import MetricsLogger
 
 
 def lora_model(name: str = "tiny-llama"):
@@ -64,7 +62,7 @@ def test_lambda_max_is_the_top_eigenvalue_of_the_explicit_jacobian_product(name)
         m = mods[i]
         own = list({id(s.param): s.param for s in m.slices}.values())
 
-        def losses(*tensors):  # every probe sample's loss as a function of the module's whole tensors
+        def losses(*tensors, own=own):  # every probe sample's loss as a function of the module's whole tensors
             swap = {names[id(p)]: t for p, t in zip(own, tensors)}
             return torch.stack([torch.func.functional_call(model, swap, (), {"input_ids": xi[None], "labels": xi[None]}).loss for xi in x])
 
@@ -72,7 +70,7 @@ def test_lambda_max_is_the_top_eigenvalue_of_the_explicit_jacobian_product(name)
         blocks = []
         for s in m.slices:
             j = jac[next(k for k, p in enumerate(own) if p is s.param)]
-            blocks.append((j[:, s.start:s.start + s.length, :] if s.dim == 0 else j[:, :, s.start:s.start + s.length]).reshape(len(x), -1))
+            blocks.append((j[:, s.start : s.start + s.length, :] if s.dim == 0 else j[:, :, s.start : s.start + s.length]).reshape(len(x), -1))
         jm = torch.cat(blocks, 1).double()
         exact = torch.linalg.eigvalsh(jm @ jm.T)[-1]
         assert torch.allclose(lam[i], exact, rtol=1e-4, atol=1e-9), (i, lam[i], exact)
@@ -87,8 +85,18 @@ def test_loop_and_torch_func_per_sample_gradients_agree():
 
 
 def test_gated_heads_parameters_and_adamw_moments_do_not_change(make_cfg):
-    cfg = with_mat(make_cfg, "training.max_steps=1", "training.weight_decay=0.1", "training.save_steps=0", "training.eval_steps=null",
-                   "lora.lora_dropout=0.0", warmup_steps=0, interval=100, mode="quantile", alpha=0.5)
+    cfg = with_mat(
+        make_cfg,
+        "training.max_steps=1",
+        "training.weight_decay=0.1",
+        "training.save_steps=0",
+        "training.eval_steps=null",
+        "lora.lora_dropout=0.0",
+        warmup_steps=0,
+        interval=100,
+        mode="quantile",
+        alpha=0.5,
+    )
     s = setup(cfg)
     (cb,) = s.callbacks.callbacks
     log = MetricsLogger(s.ctx.accelerator, cfg.training.output_dir, start_step=0, total_steps=3, append=False)
@@ -97,8 +105,17 @@ def test_gated_heads_parameters_and_adamw_moments_do_not_change(make_cfg):
     opt_state = getattr(s.ctx.optimizer, "optimizer", s.ctx.optimizer).state
     gated = [(m, sl) for m, on in zip(cb.modules, cb.active.tolist()) if not on for sl in m.slices]
     live = [(m, sl) for m, on in zip(cb.modules, cb.active.tolist()) if on for sl in m.slices]
-    snap = lambda pairs: [(sl.of(sl.param.data).clone(), {k: sl.of(v).clone() for k, v in opt_state.get(sl.param, {}).items()  # noqa: E731
-                                                          if torch.is_tensor(v) and v.shape == sl.param.shape}) for _, sl in pairs]
+    snap = lambda pairs: [
+        (
+            sl.of(sl.param.data).clone(),
+            {
+                k: sl.of(v).clone()
+                for k, v in opt_state.get(sl.param, {}).items()  # noqa: E731
+                if torch.is_tensor(v) and v.shape == sl.param.shape
+            },
+        )
+        for _, sl in pairs
+    ]
     before_gated, before_live = snap(gated), snap(live)
     s.ctx.state.max_steps = 3
     train(s.ctx, s.cfg, s.callbacks, s.loaders, s.scheduler, log)  # steps 2-3 with gating and live moments

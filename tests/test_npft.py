@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qaft.callbacks.npft import hessian_trace, outlier_range_noise, quant_step_noise
-from qaft.quant.grid import quant_step
-from qaft.callbacks import CALLBACKS
-from qaft.core.errors import ConfigError, PreflightError
-from qaft.trainer.loop import fit, setup
-
 from helpers import adapter_tensors, assert_resume_is_exact
+from qaft.callbacks import CALLBACKS
+from qaft.callbacks.npft import hessian_trace, outlier_range_noise, quant_step_noise
+from qaft.core.errors import ConfigError, PreflightError
+from qaft.quant.grid import quant_step
+from qaft.trainer.loop import fit, setup
 
 
 def with_npft(make_cfg, *overrides: str, **options):
@@ -146,12 +145,15 @@ def test_resume_with_npft_active_is_exact(make_cfg, monkeypatch, tmp_path, optio
     assert any("npft/hessian_trace_end" in r for r in rows) and any("npft/hessian_trace_start" in r for r in rows)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"ratio": 0.0}, r"ratio: got 0"),
-    ({"ratio": 1.0}, r"ratio: got 1"),
-    ({"criterion": "fisher", "calib_windows": 0}, r"calib_windows: got 0, expected at least 1 for criterion 'fisher'"),
-    ({"noise": "gaussian"}, r"noise: got 'gaussian'"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"ratio": 0.0}, r"ratio: got 0"),
+        ({"ratio": 1.0}, r"ratio: got 1"),
+        ({"criterion": "fisher", "calib_windows": 0}, r"calib_windows: got 0, expected at least 1 for criterion 'fisher'"),
+        ({"noise": "gaussian"}, r"noise: got 'gaussian'"),
+    ],
+)
 def test_bad_options_are_config_errors(smoke_raw, options, message):
     from qaft.pipeline.config import config_from_dict
 

@@ -6,17 +6,16 @@ import copy
 
 import pytest
 import torch
-from helpers import postpass
 
-from qaft.quant.postpass import quantize_model
-from qaft.quant.calibrate import collect
+from helpers import postpass
+from qaft.core.errors import ConfigError
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.core.text import windows_of
 from qaft.eval.perplexity import perplexity
+from qaft.quant.calibrate import collect
 from qaft.quant.fakequant import QuantLinear
+from qaft.quant.postpass import quantize_model
 from qaft.quant.scheme import ActQuant, Granularity, QuantScheme, WeightQuant
-from qaft.core.model import ModelConfig
-from qaft.core.errors import ConfigError
-from qaft.core.model import load_model_and_tokenizer
 
 
 @pytest.fixture(params=["tiny-llama", "tiny-opt"])
@@ -132,11 +131,19 @@ def test_smoothing_groups_by_shared_input_and_folds_into_the_producing_norm(tiny
         groups.setdefault((key, norm), set()).add(n.rsplit(".", 1)[-1])
     by_members = {frozenset(m): norm for (_, norm), m in groups.items()}
     if "mlp.gate_proj" in targets:  # llama
-        assert by_members == {frozenset({"q_proj", "k_proj", "v_proj"}): "input_layernorm", frozenset({"o_proj"}): None,
-                              frozenset({"gate_proj", "up_proj"}): "post_attention_layernorm", frozenset({"down_proj"}): None}
+        assert by_members == {
+            frozenset({"q_proj", "k_proj", "v_proj"}): "input_layernorm",
+            frozenset({"o_proj"}): None,
+            frozenset({"gate_proj", "up_proj"}): "post_attention_layernorm",
+            frozenset({"down_proj"}): None,
+        }
     else:  # opt
-        assert by_members == {frozenset({"q_proj", "k_proj", "v_proj"}): "self_attn_layer_norm", frozenset({"out_proj"}): None,
-                              frozenset({"fc1"}): "final_layer_norm", frozenset({"fc2"}): None}
+        assert by_members == {
+            frozenset({"q_proj", "k_proj", "v_proj"}): "self_attn_layer_norm",
+            frozenset({"out_proj"}): None,
+            frozenset({"fc1"}): "final_layer_norm",
+            frozenset({"fc2"}): None,
+        }
 
 
 def test_smoothing_alone_leaves_the_function_unchanged(tiny):
@@ -156,7 +163,7 @@ def test_smoothing_alone_leaves_the_function_unchanged(tiny):
 def test_smoothing_lowers_w4a8_output_error_on_outlier_activations(tiny):
     model, calib = tiny
     with torch.no_grad():  # plant LLM-like outlier channels: a norm weight with a few huge entries
-        for n, m in model.named_modules():
+        for m in model.modules():
             if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
                 m.weight[[3, 17, 40]] *= 30
     ids = torch.randint(0, 257, (1, 64), generator=torch.Generator().manual_seed(5))

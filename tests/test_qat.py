@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qaft.callbacks.qat import QAT, ste_activation
-from qaft.quant.postpass import quantize_model
-from qaft.quant.loftq import loftq, loftq_base
-from qaft.quant.grid import fake_quant_activation, quantize_weight
-from qaft.quant.scheme import ActQuant, GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
-from qaft.callbacks import CALLBACKS
-from qaft.core.model import ModelConfig
-from qaft.core.errors import ConfigError
-from qaft.trainer.loop import fit
-from qaft.core.model import load_model_and_tokenizer
-
 from helpers import assert_resume_is_exact, events, postpass
+from qaft.callbacks import CALLBACKS
+from qaft.callbacks.qat import QAT, ste_activation
+from qaft.core.errors import ConfigError
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
+from qaft.quant.grid import fake_quant_activation, quantize_weight
+from qaft.quant.loftq import loftq, loftq_base
+from qaft.quant.postpass import quantize_model
+from qaft.quant.scheme import ActQuant, GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
+from qaft.trainer.loop import fit
 
 W4 = WeightQuant(bits=4)
 SCHEMES = {
     "W4": [],
-    "W3 g32 asym A8": ["quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=32",
-                       "quant.weight.symmetric=false", "quant.activation.bits=8"],
+    "W3 g32 asym A8": [
+        "quant.weight.bits=3",
+        "quant.weight.granularity=group",
+        "quant.weight.group_size=32",
+        "quant.weight.symmetric=false",
+        "quant.activation.bits=8",
+    ],
     "MXINT4": ["quant.weight.format=mxint", "quant.weight.granularity=group", "quant.weight.group_size=16"],
     "GGUF Q4_1": ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_1"],
 }
@@ -98,10 +100,16 @@ def test_ste_activation_is_identity_in_the_backward_even_for_clipped_tokens():
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
-@pytest.mark.parametrize("spec", [W4, WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16, symmetric=False),
-                                  WeightQuant(bits=4, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16),
-                                  WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q4_0)],
-                         ids=["W4", "W3g16asym", "MXINT4", "GGUF-Q4_0"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        W4,
+        WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16, symmetric=False),
+        WeightQuant(bits=4, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16),
+        WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q4_0),
+    ],
+    ids=["W4", "W3g16asym", "MXINT4", "GGUF-Q4_0"],
+)
 @pytest.mark.parametrize("scaling", [1.0, 2.0, 0.25])
 def test_loftq_residual_is_below_rtn_every_iteration(spec, scaling):
     torch.manual_seed(0)
@@ -178,8 +186,9 @@ def test_rtn_of_final_reproduces_the_training_time_quantized_logits(make_cfg, mo
 
 def test_qat_trains_toward_what_survives_rounding(make_cfg, tmp_path):
     """The eval loss reported during QAT is the quantized model's; it falls over training (W3 g32, tiny model)."""
-    cfg = with_qat(make_cfg, f"training.output_dir={tmp_path}", "training.max_steps=12", "training.eval_steps=6",
-                   "training.eval_on_start=true", *SCHEMES["W3 g32 asym A8"])
+    cfg = with_qat(
+        make_cfg, f"training.output_dir={tmp_path}", "training.max_steps=12", "training.eval_steps=6", "training.eval_on_start=true", *SCHEMES["W3 g32 asym A8"]
+    )
     fit(cfg)
     evals = [r["eval_loss"] for r in events(tmp_path, "eval")]
     assert evals[-1] < evals[0]

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 import qaft.pipeline.run as run_mod
-from qaft.pipeline.cli import main
 from qaft.core.errors import CheckpointError
+from qaft.pipeline.cli import main
 from qaft.pipeline.run import STAGES, run
 
 
@@ -68,9 +68,16 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
 
     ev = json.loads((out / "eval.json").read_text())
     table = {(r["model"], r["method"], r["scheme"]): r["ppl"] for r in ev["rows"]}
-    for key in [("original", "fp", None), ("original", "rtn", "W4 per-channel sym"), ("original", "rtn", "W3 per-channel sym"),
-                ("fine-tuned", "fp", None), ("fine-tuned", "rtn", "W4 per-channel sym"), ("fine-tuned", "rtn+l2qer r4", "W4 per-channel sym"),
-                ("fine-tuned", "export-base", "W4 per-channel sym"), ("fine-tuned", "export", "W4 per-channel sym")]:
+    for key in [
+        ("original", "fp", None),
+        ("original", "rtn", "W4 per-channel sym"),
+        ("original", "rtn", "W3 per-channel sym"),
+        ("fine-tuned", "fp", None),
+        ("fine-tuned", "rtn", "W4 per-channel sym"),
+        ("fine-tuned", "rtn+l2qer r4", "W4 per-channel sym"),
+        ("fine-tuned", "export-base", "W4 per-channel sym"),
+        ("fine-tuned", "export", "W4 per-channel sym"),
+    ]:
         assert key in table, (key, sorted(table))
     assert table[("fine-tuned", "fp", None)] < table[("original", "fp", None)]  # the fine-tuning did something
     assert table[("fine-tuned", "rtn", "W3 per-channel sym")] != table[("fine-tuned", "rtn", "W4 per-channel sym")]  # really another grid
@@ -83,7 +90,15 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
     md = (out / "report" / "report.md").read_text()
     assert f"{table[('fine-tuned', 'export', 'W4 per-channel sym')]:.2f}" in md
     page = (out / "report" / "index.html").read_text()
-    for section in ("Perplexity", "Training curves", "Callback telemetry", "Per-layer quantization error", "Singular-value spectra", "Export: size and reload parity", "Config"):
+    for section in (
+        "Perplexity",
+        "Training curves",
+        "Callback telemetry",
+        "Per-layer quantization error",
+        "Singular-value spectra",
+        "Export: size and reload parity",
+        "Config",
+    ):
         assert f"<h2>{section}" in page, section
     assert page.count("data:image/png;base64,") >= 4
 
@@ -99,7 +114,12 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
     run(run_file, ["postpass.rank=2"], start="quantize", echo=quiet)
     assert calls == ["quantize", "export", "eval", "report"]
     assert json.loads((out / "quantized" / "qaft_quant.json").read_text())["rank"] == 2
-    render_headless(out / "report" / "index.html")
+
+
+@pytest.mark.browser
+def test_the_report_renders_with_every_image_in_headless_chromium(run_file, tmp_path):
+    run(run_file, [], echo=quiet)
+    render_headless(tmp_path / "run" / "report" / "index.html")
 
 
 def render_headless(page: Path) -> None:
@@ -107,8 +127,12 @@ def render_headless(page: Path) -> None:
     exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
     if exe is None:
         pytest.skip("chromium is not installed (.ci/run installs it with apt); the report's rendering was not checked")
-    dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     n = page.read_text().count("<img ")
     assert n >= 4 and f'data-images="{n}"' in dom, dom[:500]
     assert dom.count('data-decoded="1"') == n and 'data-decoded="0"' not in dom

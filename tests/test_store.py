@@ -9,25 +9,28 @@ import pytest
 import torch
 
 from helpers import postpass
-from qaft.quant.postpass import quantize_model
+from qaft.core.errors import CheckpointError
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
+from qaft.pipeline.cli import main
 from qaft.quant.fakequant import QuantLinear
+from qaft.quant.postpass import quantize_model
 from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
 from qaft.quant.store import load_quantized, save_quantized
-from qaft.pipeline.cli import main
-from qaft.core.model import ModelConfig
-from qaft.core.errors import CheckpointError
-from qaft.core.model import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
-@pytest.mark.parametrize("scheme", [
-    QuantScheme(),
-    QuantScheme(weight=WeightQuant(bits=3, symmetric=False, granularity=Granularity.GROUP, group_size=16)),
-    QuantScheme(weight=WeightQuant(bits=4, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16)),
-    QuantScheme(weight=WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q4_1)),
-], ids=["w4-channel", "w3-g16-asym", "mxint4-b16", "gguf-q4_1"])
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        QuantScheme(),
+        QuantScheme(weight=WeightQuant(bits=3, symmetric=False, granularity=Granularity.GROUP, group_size=16)),
+        QuantScheme(weight=WeightQuant(bits=4, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16)),
+        QuantScheme(weight=WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q4_1)),
+    ],
+    ids=["w4-channel", "w3-g16-asym", "mxint4-b16", "gguf-q4_1"],
+)
 def test_save_then_load_reproduces_the_logits_exactly(tmp_path, name, scheme):
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=name))
@@ -53,8 +56,16 @@ def test_qaft_quantize_cli_writes_and_refuses_to_clobber(tmp_path, capsys):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(topics[k] for k in sorted(topics)[:10]))
     out = tmp_path / "qout"
-    argv = ["quantize", str(ROOT / "configs" / "smoke.yaml"), f"postpass.calibration_path={calib}", f"postpass.output_dir={out}",
-            "postpass.calibration_samples=4", "postpass.calibration_seq_len=32", "postpass.rank=4", "postpass.reconstructor=whiten"]
+    argv = [
+        "quantize",
+        str(ROOT / "configs" / "smoke.yaml"),
+        f"postpass.calibration_path={calib}",
+        f"postpass.output_dir={out}",
+        "postpass.calibration_samples=4",
+        "postpass.calibration_seq_len=32",
+        "postpass.rank=4",
+        "postpass.reconstructor=whiten",
+    ]
     assert main(argv) == 0
     meta = json.loads((out / "qaft_quant.json").read_text())
     assert meta["method"] == "rtn+whiten" and meta["rank"] == 4 and meta["scheme"]["weight"]["bits"] == 4

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import assert_resume_is_exact, events
+from qaft.callbacks import CALLBACKS
 from qaft.callbacks.convlstm import ConvLSTMForecaster
 from qaft.callbacks.temporal_kd import energy, increments
-from qaft.callbacks import CALLBACKS
 from qaft.core.errors import ConfigError, PreflightError
 from qaft.trainer.loop import fit, setup
-
-from helpers import assert_resume_is_exact, events
 
 
 def with_tkd(make_cfg, *overrides: str, **options):
@@ -116,8 +115,8 @@ def test_bad_inputs_are_clear_errors(make_cfg, smoke_raw):
 
 def test_a_teacher_needs_a_frozen_base():
     from qaft.callbacks import create
-    from qaft.core.registry import Spec
     from qaft.callbacks.temporal_kd import TemporalKDOptions
+    from qaft.core.registry import Spec
 
     cb = create(Spec("temporal_kd", TemporalKDOptions()), seed=0, rank=0)
     plain = torch.nn.Linear(2, 2)
@@ -140,8 +139,12 @@ def test_the_teacher_pass_leaves_requires_grad_flags_alone(make_cfg, tmp_path):
 
 def test_every_callback_together_trains_and_logs(make_cfg, tmp_path):
     cfg = make_cfg("training.max_steps=8", "training.save_steps=4", "training.logging_steps=1", f"training.output_dir={tmp_path}")
-    specs = [{"name": "npft", "ratio": 0.01, "calib_windows": 2, "hessian_probes": 2}, {"name": "mat", "warmup_steps": 2, "interval": 3, "probe_samples": 4},
-             {"name": "temporal_kd", "phase_steps": 2, "review_every": 2}, {"name": "telemetry", "every": 2}]
+    specs = [
+        {"name": "npft", "ratio": 0.01, "calib_windows": 2, "hessian_probes": 2},
+        {"name": "mat", "warmup_steps": 2, "interval": 3, "probe_samples": 4},
+        {"name": "temporal_kd", "phase_steps": 2, "review_every": 2},
+        {"name": "telemetry", "every": 2},
+    ]
     fit(cfg.__class__(**{**cfg.__dict__, "callbacks": tuple(CALLBACKS.convert(x, "callbacks", []) for x in specs)}))
     keys = set().union(*events(tmp_path, "train"))
     assert {"npft/hessian_trace_end", "mat/active_fraction", "loss/temporal_kd/mse", "telemetry/update_ratio"} <= keys

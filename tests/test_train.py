@@ -11,16 +11,22 @@ import pytest
 import torch
 
 import qaft.trainer.checkpoint as checkpoint
+from helpers import Killed, adapter_tensors, assert_same_tensors, events, kill_after_checkpoint, without_timing
 from qaft.core.errors import CheckpointError
 from qaft.trainer.loop import fit
-
-from helpers import Killed, adapter_tensors, assert_same_tensors, events, kill_after_checkpoint, without_timing
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt"])
 def test_a_few_steps_reduce_the_loss(make_cfg, model):
-    cfg = make_cfg(f"model.name_or_path={model}", "training.max_steps=12", "training.logging_steps=3", "training.learning_rate=1e-2",
-                   "training.eval_steps=12", "training.save_steps=0", "lora.lora_dropout=0.0")
+    cfg = make_cfg(
+        f"model.name_or_path={model}",
+        "training.max_steps=12",
+        "training.logging_steps=3",
+        "training.learning_rate=1e-2",
+        "training.eval_steps=12",
+        "training.save_steps=0",
+        "lora.lora_dropout=0.0",
+    )
     fit(cfg)
     run = Path(cfg.training.output_dir)
     losses = [r["loss"] for r in events(run, "train")]
@@ -30,9 +36,8 @@ def test_a_few_steps_reduce_the_loss(make_cfg, model):
     assert ev["step"] == 12 and ev["eval_ppl"] == pytest.approx(torch.tensor(ev["eval_loss"]).exp().item(), rel=1e-6)
 
 
-def test_logged_rows_carry_the_documented_fields(make_cfg):
-    cfg = make_cfg("training.max_steps=6", "training.logging_steps=2", "training.save_steps=0", "callbacks.0.every=3")
-    fit(cfg)
+def test_logged_rows_carry_the_documented_fields(trained_run):
+    cfg = trained_run
     rows = events(Path(cfg.training.output_dir), "train")
     assert [r["step"] for r in rows] == [2, 4, 6]
     for r in rows:
@@ -92,36 +97,39 @@ def test_rotation_keeps_the_newest(make_cfg):
     assert [p.name for p in checkpoint.list_checkpoints(cfg.training.output_dir)] == ["checkpoint-6", "checkpoint-8"]
 
 
-def test_checkpoints_hold_only_the_adapter(make_cfg):
-    cfg = make_cfg("training.max_steps=2", "training.save_steps=2")
-    fit(cfg)
-    ck = Path(cfg.training.output_dir) / "checkpoint-2"
+def test_checkpoints_hold_only_the_adapter(trained_run):
+    ck = Path(trained_run.training.output_dir) / "checkpoint-3"
     names = {p.relative_to(ck).as_posix() for p in ck.rglob("*") if p.is_file()}
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "trainer_state.json", "config.yaml",
-            "callbacks/rank0.pt", "accelerate/optimizer.bin", "accelerate/random_states_0.pkl"} <= names
+    assert {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "trainer_state.json",
+        "config.yaml",
+        "callbacks/rank0.pt",
+        "accelerate/optimizer.bin",
+        "accelerate/random_states_0.pkl",
+    } <= names
     assert not any(n.startswith("accelerate/model") for n in names), names
-    assert json.loads((ck / "trainer_state.json").read_text())["step"] == 2
+    assert json.loads((ck / "trainer_state.json").read_text())["step"] == 3
 
 
-def test_final_holds_a_loadable_merged_model_and_adapter(make_cfg):
+def test_final_holds_a_loadable_merged_model_and_adapter(trained_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qaft.core.model import ModelConfig
-    from qaft.core.model import load_model_and_tokenizer
+    from qaft.core.model import ModelConfig, load_model_and_tokenizer
 
-    cfg = make_cfg("training.max_steps=6", "training.save_steps=0", "training.learning_rate=1e-2")
-    fit(cfg)
-    final = Path(cfg.training.output_dir) / "final"
+    final = Path(trained_run.training.output_dir) / "final"
     merged = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
-    torch.manual_seed(cfg.training.seed)  # fit builds the tiny base model from the run seed
-    base, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
-    with_adapter = PeftModel.from_pretrained(base, final / "adapter").eval()
     ids = tok("def main(): return 0", return_tensors="pt").input_ids
-    a, b = merged(ids).logits, with_adapter(ids).logits
-    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
-    assert not torch.allclose(a, base.get_base_model()(ids).logits if hasattr(base, "get_base_model") else a + 1, atol=1e-4)
+    fresh, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))  # the unadapted base, built as fit built it
+    with torch.no_grad():
+        base_logits = fresh(ids).logits
+        with_adapter = PeftModel.from_pretrained(load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))[0], final / "adapter").eval()
+        a, b = merged(ids).logits, with_adapter(ids).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()  # merged weights = base + adapter
+    assert (a - base_logits).abs().max() > 1e-2  # and training moved the model: final/ is not the base
 
 
 def test_output_dir_policy(make_cfg, tmp_path):
@@ -177,11 +185,17 @@ def test_smollm2_trains_and_its_final_folder_reloads(make_cfg):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qaft.core.model import ModelConfig
-    from qaft.core.model import load_model_and_tokenizer
+    from qaft.core.model import ModelConfig, load_model_and_tokenizer
 
-    cfg = make_cfg("model.name_or_path=smollm2-135m", "data.block_size=64", "training.per_device_train_batch_size=1",
-                   "training.gradient_accumulation_steps=1", "training.max_steps=2", "training.save_steps=0", "training.learning_rate=1e-3")
+    cfg = make_cfg(
+        "model.name_or_path=smollm2-135m",
+        "data.block_size=64",
+        "training.per_device_train_batch_size=1",
+        "training.gradient_accumulation_steps=1",
+        "training.max_steps=2",
+        "training.save_steps=0",
+        "training.learning_rate=1e-3",
+    )
     fit(cfg)
     final = Path(cfg.training.output_dir) / "final"
     merged = AutoModelForCausalLM.from_pretrained(final)

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from qaft.callbacks import CallbackList, Context, TrainState
 from qaft.core.configfile import diff_configs
 from qaft.core.errors import CheckpointError
-from qaft.core.io import TMP_PREFIX, publish
+from qaft.core.io import TMP_PREFIX, publish, temp_path
 
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .parallel import gathered, zero_stage
@@ -104,7 +104,7 @@ def save_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, kee
     acc = ctx.accelerator
     out = Path(cfg.training.output_dir)
     final = out / f"checkpoint-{ctx.state.step}"
-    tmp = out / f"{TMP_PREFIX}{final.name}"
+    tmp = temp_path(final)
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "callbacks").mkdir(parents=True)
@@ -163,7 +163,9 @@ def load_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, pat
     except CheckpointError:
         raise
     except Exception as e:  # truncated safetensors, missing optimizer file, pickle errors...
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); delete it or resume from an older one") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); delete it or resume from an older one"
+        ) from None
     return state
 
 

@@ -11,19 +11,19 @@ Sources (files, datasets, built-in corpora) are read by ``core.text``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qaft.core import text
-from .config import DataConfig
 from qaft.core.errors import DataError
 from qaft.core.typed import suggest
 
+from .config import DataConfig
 
 
 def load_documents(cfg: DataConfig) -> Any:
@@ -115,8 +115,12 @@ class EpochPermutation(Sampler[int]):
 def train_loader(blocks: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
     """Shuffled, full batches only (equal-size steps). Its own generator keeps the global RNG untouched."""
     return DataLoader(
-        _BlockDataset(blocks), batch_size=batch_size, sampler=EpochPermutation(len(blocks), seed),
-        drop_last=True, collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
+        _BlockDataset(blocks),
+        batch_size=batch_size,
+        sampler=EpochPermutation(len(blocks), seed),
+        drop_last=True,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -12,9 +12,10 @@ import dataclasses
 import importlib.util
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,11 @@ def build_accelerator(t: TrainingConfig) -> Any:
     plugin = GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False)
     try:
         acc = Accelerator(
-            gradient_accumulation_plugin=plugin, mixed_precision="bf16" if t.bf16 else "no", kwargs_handlers=process_group_kwargs(),
-            log_with=list(t.report_to) or None, project_dir=str(Path(t.output_dir) / "runs"),  # trackers write under runs/
+            gradient_accumulation_plugin=plugin,
+            mixed_precision="bf16" if t.bf16 else "no",
+            kwargs_handlers=process_group_kwargs(),
+            log_with=list(t.report_to) or None,
+            project_dir=str(Path(t.output_dir) / "runs"),  # trackers write under runs/
         )
     except (ValueError, ImportError) as e:  # accelerate's verdict on the launch configuration (DeepSpeed/FSDP plugin checks)
         raise PreflightError(f"launch: accelerate refuses this launch configuration: {' '.join(str(e).split())[:400]}") from None
@@ -182,8 +186,11 @@ def skip_nonfinite_step(ctx: Context, t: TrainingConfig, log: MetricsLogger, gra
     engine = zero_stage(acc) is not None
     if engine or st.skipped_steps > t.max_nonfinite_steps:
         last = latest_checkpoint(t.output_dir)
-        why = ("under DeepSpeed the engine applied that update before it could be checked" if engine else
-               f"{st.skipped_steps} steps skipped, more than training.max_nonfinite_steps={t.max_nonfinite_steps}")
+        why = (
+            "under DeepSpeed the engine applied that update before it could be checked"
+            if engine
+            else f"{st.skipped_steps} steps skipped, more than training.max_nonfinite_steps={t.max_nonfinite_steps}"
+        )
         raise DivergedError(
             f"training: non-finite gradient norm ({grad_norm}) at step {st.step + 1}; {why}. Newest checkpoint, intact: "
             f"{last or 'none'}. Lower training.learning_rate or training.max_grad_norm and start again"
@@ -232,8 +239,9 @@ def setup(cfg: TrainConfig, *, overwrite: bool = False) -> Session:
     scheduler = build_scheduler(opt, t, state.max_steps)
     acc.register_for_checkpointing(scheduler)
     callbacks = CallbackList([create(spec, seed=t.seed, rank=acc.process_index) for spec in cfg.callbacks])
-    ctx = Context(accelerator=acc, model=model, optimizer=opt, scheme=cfg.quant, seed=t.seed, output_dir=Path(t.output_dir),
-                  state=state, probe_blocks=blocks.train)
+    ctx = Context(
+        accelerator=acc, model=model, optimizer=opt, scheme=cfg.quant, seed=t.seed, output_dir=Path(t.output_dir), state=state, probe_blocks=blocks.train
+    )
     if acc.is_main_process:
         prepare_output_dir(cfg, overwrite=overwrite, clear=True)
     acc.wait_for_everyone()

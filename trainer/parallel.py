@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 import yaml
@@ -29,7 +30,6 @@ import yaml
 from qaft.callbacks import CALLBACKS
 from qaft.core.errors import PreflightError, QaftError
 from qaft.core.registry import Spec
-
 
 FSDP_REFUSED = (
     "launch: FSDP is not supported by qaft train yet: its adapter and merged-model saves are untested (no GPU here, and on CPU "
@@ -118,7 +118,10 @@ def fill_deepspeed_config(accelerator: Any, max_grad_norm: float, accumulation: 
     if plugin is None:
         return
     ds = plugin.deepspeed_config
-    for key, ours, want in (("gradient_clipping", "max_grad_norm", max_grad_norm), ("gradient_accumulation_steps", "gradient_accumulation_steps", accumulation)):
+    for key, ours, want in (
+        ("gradient_clipping", "max_grad_norm", max_grad_norm),
+        ("gradient_accumulation_steps", "gradient_accumulation_steps", accumulation),
+    ):
         have = ds.get(key, "auto")
         if have == "auto":
             ds[key] = want

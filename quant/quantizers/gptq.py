@@ -27,7 +27,7 @@ import torch
 from qaft.core.typed import Ge
 
 from ..calibrate import LayerStats
-from ..grid import QuantizedWeight, _groups, grid_params, pack, round_to_grid
+from ..grid import QuantizedWeight, grid_params, group_view, pack, round_to_grid
 from ..scheme import Granularity, WeightFormat, WeightQuant
 from .base import QUANTIZERS, QuantizationFailed, WeightQuantizer
 
@@ -70,7 +70,7 @@ def gptq(w: torch.Tensor, stats: LayerStats, spec: WeightQuant, settings: GPTQOp
     # grids: per tensor / channel from the whole (original) weight; per group now (static) or on arrival (dynamic)
     static = gs is None or settings.act_order
     if static:
-        g = _groups(W, spec)  # [rows, n_groups, group]
+        g = group_view(W, spec)  # [rows, n_groups, group]
         scale_g, zero_g = grid_params(g, spec)
     else:
         n_groups = cols // gs
@@ -87,7 +87,9 @@ def gptq(w: torch.Tensor, stats: LayerStats, spec: WeightQuant, settings: GPTQOp
     H += settings.damp * H.diagonal().mean() * torch.eye(cols, dtype=H.dtype, device=H.device)
     L, info = torch.linalg.cholesky_ex(H)
     if info.item() != 0:
-        raise SingularHessian(f"H + {settings.damp:g}·mean(diag)·I is not positive definite; raise postpass.quantizer.damp (e.g. 0.1) or calibrate on more tokens")
+        raise SingularHessian(
+            f"H + {settings.damp:g}·mean(diag)·I is not positive definite; raise postpass.quantizer.damp (e.g. 0.1) or calibrate on more tokens"
+        )
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(dtype)  # factorised in float64, applied in W's precision
 
     Q = torch.zeros_like(W)
@@ -99,7 +101,7 @@ def gptq(w: torch.Tensor, stats: LayerStats, spec: WeightQuant, settings: GPTQOp
         for i in range(i2 - i1):
             j = int(perm[i1 + i])
             if not static and j % gs == 0:  # first column of a group (no act-order: columns arrive in order)
-                s, z = grid_params(W1[:, i:i + gs], spec)
+                s, z = grid_params(W1[:, i : i + gs], spec)
                 scale_g[:, j // gs] = s
                 if zero_g is not None:
                     zero_g[:, j // gs] = z

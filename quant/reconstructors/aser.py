@@ -21,8 +21,9 @@ from those of ``x``, so no second calibration pass is needed.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Annotated, Any, ContextManager
+from typing import Annotated, Any
 
 import torch
 
@@ -64,8 +65,9 @@ def smoothed_stats(st: LayerStats, f: torch.Tensor) -> LayerStats:
 
 
 @torch.no_grad()
-def smooth_layer(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], stats: dict[str, LayerStats],
-                 sources: dict[str, tuple[int, str | None]], cfg: ASEROptions) -> Preparation:
+def smooth_layer(
+    layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], stats: dict[str, LayerStats], sources: dict[str, tuple[int, str | None]], cfg: ASEROptions
+) -> Preparation:
     """Scale weight columns by f and fold 1/f into the producing norm.
 
     Returns explicit input scales (Linears whose input no norm produced) and, with ``cfg.extract``,
@@ -104,11 +106,10 @@ class ASER(Whiten):
     @classmethod
     def rank_problem(cls, options: ASEROptions, rank: int) -> str | None:
         if options.extract and (options.outliers is None or options.outliers > rank):
-            return (f"outliers: got {options.outliers}, expected at most rank ({rank}) when extract is true: "
-                    "the correction must carry the extracted columns")
+            return f"outliers: got {options.outliers}, expected at most rank ({rank}) when extract is true: the correction must carry the extracted columns"
         return None
 
-    def observe(self, layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]) -> ContextManager[Any]:
+    def observe(self, layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]) -> AbstractContextManager[Any]:
         return input_sources(layer, targets)
 
     def prepare(self, layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], stats: dict[str, LayerStats], observed: Any) -> Preparation:

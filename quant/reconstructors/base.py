@@ -12,8 +12,9 @@ like ``lqer.LQER`` and one ``RECONSTRUCTORS.register`` call; the contract tests 
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, ContextManager
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,13 +34,16 @@ class Preparation:
     """Input columns left out of the quantized weight; the correction carries them whole."""
 
 
+NO_OPTIONS = NoOptions()
+
+
 class Reconstructor:
     """Base class: set ``name`` (and ``Options``), implement ``reconstruct``, then ``RECONSTRUCTORS.register`` it."""
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
 
-    def __init__(self, options: Any = NoOptions()):
+    def __init__(self, options: Any = NO_OPTIONS):
         self.options = options
 
     @classmethod
@@ -47,7 +51,7 @@ class Reconstructor:
         """Why these options cannot work at ``rank`` (``"<option>: ..."``, checked when the config loads), or None."""
         return None
 
-    def observe(self, layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]) -> ContextManager[Any]:
+    def observe(self, layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]) -> AbstractContextManager[Any]:
         """Entered around the calibration forward of ``layer``; what it yields is passed to ``prepare``."""
         return contextlib.nullcontext()
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
@@ -68,32 +68,69 @@ MATRIX: list[Case] = [
     Case("unknown choice", ("train", "CFG", "training.lr_scheduler_type=cosin"), r"training\.lr_scheduler_type: .*cosine"),
     Case("unknown callback", ("train", "CFG", "callbacks=[{name: npf}]"), r"callbacks\[0\]\.name: unknown callback 'npf' \(did you mean 'npft'\?\)"),
     Case("incompatible callbacks", ("train", "CFG", "callbacks=[{name: qat}, {name: npft}]"), r".*qat cannot be combined with npft"),
-    Case("unknown tiny model", ("train", "CFG", "model.name_or_path=tiny-lama", "training.output_dir=TMP/new"), r"model\.name_or_path: unknown tiny model 'tiny-lama'"),
+    Case(
+        "unknown tiny model",
+        ("train", "CFG", "model.name_or_path=tiny-lama", "training.output_dir=TMP/new"),
+        r"model\.name_or_path: unknown tiny model 'tiny-lama'",
+    ),
     # data
     Case("missing corpus", ("train", "CFG", "data.path=TMP/missing.txt", "training.output_dir=TMP/new"), r"data\.path: file '.*missing\.txt' does not exist"),
-    Case("empty corpus", ("train", "CFG", "data.path=TMP/empty.txt", "training.output_dir=TMP/new"), r"data\.block_size: corpus '.*empty\.txt' gives only 0 block\(s\) .*; use a smaller block_size or a larger corpus", _empty_corpus),
+    Case(
+        "empty corpus",
+        ("train", "CFG", "data.path=TMP/empty.txt", "training.output_dir=TMP/new"),
+        r"data\.block_size: corpus '.*empty\.txt' gives only 0 block\(s\) .*; use a smaller block_size or a larger corpus",
+        _empty_corpus,
+    ),
     # outputs
     Case("previous run, no --overwrite", ("train", "CFG"), r"training\.output_dir: .*--overwrite"),
     Case("output is a file", ("train", "CFG", "training.output_dir=TMP/a-file"), r"training\.output_dir: .*not a folder", _file_as_output),
     # schemes
-    Case("group size does not divide", ("quantize", "CFG", "quant.weight.granularity=group", "quant.weight.group_size=48",
-                                        "postpass.output_dir=TMP/pp"), r"quant\.weight\.group_size: 48 does not divide the input width 64 of .* and \d+ more .*e\.g\. 64"),
-    Case("rank too large", ("quantize", "CFG", "postpass.rank=100", "postpass.output_dir=TMP/pp"), r"postpass\.rank: 100 exceeds min\(out, in\) = 32 of .*; use postpass\.rank <= 32"),
+    Case(
+        "group size does not divide",
+        ("quantize", "CFG", "quant.weight.granularity=group", "quant.weight.group_size=48", "postpass.output_dir=TMP/pp"),
+        r"quant\.weight\.group_size: 48 does not divide the input width 64 of .* and \d+ more .*e\.g\. 64",
+    ),
+    Case(
+        "rank too large",
+        ("quantize", "CFG", "postpass.rank=100", "postpass.output_dir=TMP/pp"),
+        r"postpass\.rank: 100 exceeds min\(out, in\) = 32 of .*; use postpass\.rank <= 32",
+    ),
     # checkpoints
-    Case("resume from a truncated adapter", ("train", "CFG", RESUME), r"checkpoint .*checkpoint-4 cannot be loaded .*delete it or resume from an older one",
-         _truncate_adapter),
+    Case(
+        "resume from a truncated adapter",
+        ("train", "CFG", RESUME),
+        r"checkpoint .*checkpoint-4 cannot be loaded .*delete it or resume from an older one",
+        _truncate_adapter,
+    ),
     Case("resume without the optimizer file", ("train", "CFG", RESUME), r"checkpoint .*checkpoint-4 cannot be loaded", _drop_optimizer),
-    Case("resume with a changed config", ("train", "CFG", RESUME, "lora.r=4"), r"checkpoint .*checkpoint-4 was made with a different config \(lora\.r\); resuming would not be exact"),
-    Case("resume from a missing folder", ("train", "CFG", "training.resume_from_checkpoint=TMP/nope"), r"training\.resume_from_checkpoint: '.*nope' is not a folder"),
+    Case(
+        "resume with a changed config",
+        ("train", "CFG", RESUME, "lora.r=4"),
+        r"checkpoint .*checkpoint-4 was made with a different config \(lora\.r\); resuming would not be exact",
+    ),
+    Case(
+        "resume from a missing folder",
+        ("train", "CFG", "training.resume_from_checkpoint=TMP/nope"),
+        r"training\.resume_from_checkpoint: '.*nope' is not a folder",
+    ),
     # later stages
     Case("export before quantize", ("export", "CFG", "postpass.output_dir=TMP/none", "export.dir=TMP/ex"), r".*(quantize|post-pass)"),
     # GGUF (#12)
-    Case("GGUF type the gguf package cannot quantize", ("quantize", "CFG", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_K",
-                                                        "postpass.output_dir=TMP/pp"), r"quant\.weight\.gguf_type: got 'Q4_K', expected .*Q4_0.*MXFP4"),
-    Case("GGUF export of an int scheme", ("quantize", "CFG", "export.format=gguf", "postpass.output_dir=TMP/pp", "export.dir=TMP/ex", "--export"),
-         r"export\.format: gguf files hold llama\.cpp's block grids, and this result is W4 per-channel sym; quantize with quant\.weight\.format=gguf"),
-    Case("GGUF bits that contradict the type", ("quantize", "CFG", "quant.weight.format=gguf", "quant.weight.gguf_type=Q8_0", "quant.weight.bits=3",
-                                                "postpass.output_dir=TMP/pp"), r"quant\.weight\.bits: got 3, but gguf_type Q8_0 implies 8; drop bits"),
+    Case(
+        "GGUF type the gguf package cannot quantize",
+        ("quantize", "CFG", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_K", "postpass.output_dir=TMP/pp"),
+        r"quant\.weight\.gguf_type: got 'Q4_K', expected .*Q4_0.*MXFP4",
+    ),
+    Case(
+        "GGUF export of an int scheme",
+        ("quantize", "CFG", "export.format=gguf", "postpass.output_dir=TMP/pp", "export.dir=TMP/ex", "--export"),
+        r"export\.format: gguf files hold llama\.cpp's block grids, and this result is W4 per-channel sym; quantize with quant\.weight\.format=gguf",
+    ),
+    Case(
+        "GGUF bits that contradict the type",
+        ("quantize", "CFG", "quant.weight.format=gguf", "quant.weight.gguf_type=Q8_0", "quant.weight.bits=3", "postpass.output_dir=TMP/pp"),
+        r"quant\.weight\.bits: got 3, but gguf_type Q8_0 implies 8; drop bits",
+    ),
 ]
 
 
@@ -111,8 +148,7 @@ def earlier_run(tmp_path_factory, corpus) -> tuple[dict, Path]:
 
 
 def fingerprint(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(root.rglob("*"))}
+    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir") for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=[c.id for c in MATRIX])
@@ -133,4 +169,3 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, earlier_run, 
     assert len(err) == 1 and "Traceback" not in stderr, stderr[-2000:]
     assert re.search(case.message, err[0]), err[0]
     assert fingerprint(tmp_path) == before  # nothing written, nothing removed
-

@@ -17,10 +17,20 @@ TIMING = ("tokens_per_s", "s_per_step", "npft/noise_s")
 def test_two_runs_of_one_config_are_identical(make_cfg, tmp_path, callbacks):
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:
-        fit(make_cfg("training.max_steps=6", "training.save_steps=3", "training.eval_steps=3", "training.logging_steps=1",
-                     f"callbacks={callbacks}", f"training.output_dir={out}"))
-    rows = [without_timing([{k: v for k, v in json.loads(line).items() if k not in TIMING}
-                            for line in (out / "metrics.jsonl").read_text().splitlines()]) for out in runs]
+        fit(
+            make_cfg(
+                "training.max_steps=6",
+                "training.save_steps=3",
+                "training.eval_steps=3",
+                "training.logging_steps=1",
+                f"callbacks={callbacks}",
+                f"training.output_dir={out}",
+            )
+        )
+    rows = [
+        without_timing([{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in (out / "metrics.jsonl").read_text().splitlines()])
+        for out in runs
+    ]
     assert rows[0] == rows[1] and len(rows[0]) >= 6
     assert_same_tensors(adapter_tensors(runs[0]), adapter_tensors(runs[1]))
     assert_same_tensors(adapter_tensors(runs[0], "checkpoint-3/adapter"), adapter_tensors(runs[1], "checkpoint-3/adapter"))

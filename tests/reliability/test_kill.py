@@ -21,10 +21,10 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers import assert_same_tensors
-from qaft.trainer.checkpoint import check_resumable, list_checkpoints
 from qaft.pipeline.config import config_from_dict
+from qaft.trainer.checkpoint import check_resumable, list_checkpoints
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 STEPS, SAVE_EVERY = 12, 3
 # Runs qaft's CLI, pausing inside the save of one checkpoint when QAFT_TEST_PAUSE=adapter:N or publish:N.
@@ -47,8 +47,10 @@ sys.exit(main(sys.argv[1:]))
 
 def config(smoke_raw, tmp_path: Path, name: str) -> tuple[Path, Path]:
     out = tmp_path / name
-    raw = smoke_raw | {"training": smoke_raw["training"] | {"max_steps": STEPS, "save_steps": SAVE_EVERY, "logging_steps": 1, "eval_steps": None,
-                                                            "save_total_limit": 2, "output_dir": str(out)}}
+    raw = smoke_raw | {
+        "training": smoke_raw["training"]
+        | {"max_steps": STEPS, "save_steps": SAVE_EVERY, "logging_steps": 1, "eval_steps": None, "save_total_limit": 2, "output_dir": str(out)}
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, out
@@ -56,8 +58,7 @@ def config(smoke_raw, tmp_path: Path, name: str) -> tuple[Path, Path]:
 
 def start(cfg: Path, *extra: str, pause: str | None = None) -> subprocess.Popen:
     env = os.environ | {"OMP_NUM_THREADS": "1"} | ({"QAFT_TEST_PAUSE": pause} if pause else {})
-    return subprocess.Popen([sys.executable, "-c", RUNNER, "train", str(cfg), *extra], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", RUNNER, "train", str(cfg), *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:

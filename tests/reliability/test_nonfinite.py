@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from helpers import events
 from qaft.callbacks import CallbackList
-from qaft.trainer.checkpoint import check_resumable
 from qaft.pipeline.cli import main
 from qaft.pipeline.config import config_from_dict
+from qaft.trainer.checkpoint import check_resumable
 
 
 def poison(monkeypatch, attempts: set[int] | None = None, from_step: int | None = None) -> list[int]:
@@ -43,8 +43,12 @@ def write(smoke_raw, tmp_path, name, **training) -> tuple[Path, Path]:
     import yaml
 
     out = tmp_path / name
-    raw = smoke_raw | {"callbacks": [], "training": smoke_raw["training"] | {"max_steps": 8, "save_steps": 2, "logging_steps": 1,
-                                                                              "eval_steps": None, "save_total_limit": None, "output_dir": str(out)} | training}
+    raw = smoke_raw | {
+        "callbacks": [],
+        "training": smoke_raw["training"]
+        | {"max_steps": 8, "save_steps": 2, "logging_steps": 1, "eval_steps": None, "save_total_limit": None, "output_dir": str(out)}
+        | training,
+    }
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     return cfg, out
