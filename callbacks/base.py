@@ -92,6 +92,12 @@ class Callback:
         return None
 
     @classmethod
+    def quantized_base_problem(cls, options: Any) -> str | None:
+        """Why this callback cannot run in ``qaft tune``, where the base is already quantized (frozen integer
+        codes) and only the ``QuantLinear`` layers' low-rank factors train, or None."""
+        return None
+
+    @classmethod
     def neutral_options(cls) -> Any:
         """Options under which the callback leaves training bit-identical (contract-tested)."""
         return cls.Options()

@@ -199,6 +199,10 @@ class MAT(Callback):
     Options = MATOptions
 
     @classmethod
+    def quantized_base_problem(cls, options: MATOptions) -> str | None:
+        return "it gates per-head slices of peft LoRA adapters, and qaft tune trains per-layer correction factors"
+
+    @classmethod
     def sharded_weights_problem(cls, options: MATOptions) -> str | None:
         return "per-sample gradients and per-head freezing slice whole lora_A/lora_B tensors, which each process holds only a shard of"
 

@@ -208,6 +208,10 @@ class NPFT(Callback):
     Options = NPFTOptions
 
     @classmethod
+    def quantized_base_problem(cls, options: NPFTOptions) -> str | None:
+        return "it perturbs the float base weights that rounding will move, and in qaft tune the base is already rounded (frozen codes)"
+
+    @classmethod
     def sharded_weights_problem(cls, options: NPFTOptions) -> str | None:
         return "it scores and perturbs whole rows of the base weights in place, which each process holds only a shard of"
 

@@ -119,6 +119,10 @@ class QAT(Callback):
     conflicts = {"npft": "both redefine the base weight the forward reads (NPFT adds noise to W, QAT rounds W + s·BA) and no order is defined; use one"}
 
     @classmethod
+    def quantized_base_problem(cls, options: QATOptions) -> str | None:
+        return "qaft tune's model is already the quantized forward QAT simulates"
+
+    @classmethod
     def sharded_weights_problem(cls, options: QATOptions) -> str | None:
         return "its forward rounds the whole merged weight W + s·BA, read outside the base layer's own forward, where ZeRO-3/FSDP would gather it"
 

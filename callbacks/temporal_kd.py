@@ -108,6 +108,10 @@ class TemporalKD(Callback):
     Options = TemporalKDOptions
 
     @classmethod
+    def quantized_base_problem(cls, options: TemporalKDOptions) -> str | None:
+        return "its teacher is the base with peft adapters switched off; qaft tune already distils from the float model (tune.objective kd)"
+
+    @classmethod
     def sharded_weights_problem(cls, options: TemporalKDOptions) -> str | None:
         return "its snapshot ring copies and swaps whole adapter tensors, which each process holds only a shard of"
 

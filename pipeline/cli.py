@@ -1,4 +1,4 @@
-"""``qaft <train|quantize|eval|export|run|doctor> CONFIG [key=value ...]``.
+"""``qaft <train|quantize|tune|export|eval|run|doctor> CONFIG [key=value ...]``.
 
 Exit codes: 0 ok; 2 a problem with the input (one line per problem, no traceback); 1 a bug
 (traceback, please report it); 130 interrupted.
@@ -58,6 +58,13 @@ def _quantize(args: argparse.Namespace) -> int:
     return _export(args) if args.export else 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from .commands import tune_run
+
+    tune_run(_config(args), overwrite=args.overwrite)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from .commands import export_run
 
@@ -107,7 +114,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qaft", description="Quantization-aware fine-tuning of LLMs.")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="{train,quantize,eval,export,run,doctor}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="{train,quantize,tune,export,eval,run,doctor}")
 
     def verb(name: str, help: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
@@ -121,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz = verb("quantize", "quantize + reconstruct a model or a run's final/ folder, save codes, scales and factors", _quantize)
     qz.add_argument("--overwrite", action="store_true", help="replace an existing postpass.output_dir (and export.dir with --export)")
     qz.add_argument("--export", action="store_true", help="then run `qaft export` on the result")
+    tn = verb("tune", "train the post-pass result's low-rank factors (codes frozen) against the float model by distillation", _tune)
+    tn.add_argument("--overwrite", action="store_true", help="replace a previous tuning run in tune.output_dir")
     ex = verb("export", "packed int4 base (compressed-tensors) + PEFT adapter + manifest + model card, with a reload parity check", _export)
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export.dir")
     ev = verb("eval", "WikiText-2 perplexity of the float model and of post-pass methods", _eval)
@@ -132,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--export", metavar="DIR", help="also evaluate an export folder (base alone and base + adapter), after checking its manifest hashes")
     ev.add_argument("--json", metavar="PATH", help='also write {"protocol": {...}, "results": {method: {"ppl", "seconds", ...}}}')
-    rn = verb("run", "doctor → train → quantize → export → eval → report, resumable by stage", _run)
+    rn = verb("run", "doctor → train → quantize → tune → export → eval → report, resumable by stage", _run)
     rn.add_argument("--from", dest="start", choices=STAGES, help="redo this stage and the ones after it (finished stages are otherwise skipped)")
     rn.add_argument("--overwrite", action="store_true", help="start over: remove this run's outputs in training.output_dir")
     rn.add_argument("--launch", metavar="ACCELERATE_YAML", help="the accelerate config the doctor checks the callbacks against")

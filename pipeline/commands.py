@@ -4,6 +4,7 @@ arguments of the packages that do the work (defaults that read other sections li
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from qaft.core import text
-from qaft.core.errors import ConfigError, DataError
+from qaft.core.errors import CheckpointError, ConfigError, DataError
 from qaft.core.io import ensure_writable
 from qaft.core.model import load_model_and_tokenizer
 from qaft.core.typed import to_plain
@@ -22,7 +23,11 @@ from qaft.export.exporter import check_destination, export, load_export
 from qaft.quant.calibrate import calibration_ids, calibration_record
 from qaft.quant.methods import of_config, resolve
 from qaft.quant.postpass import quantize_model
-from qaft.quant.store import save_quantized
+from qaft.quant.store import META, save_quantized
+from qaft.trainer.checkpoint import check_resumable, latest_checkpoint
+from qaft.trainer.config import DataConfig, TrainingConfig
+from qaft.trainer.loop import fit
+from qaft.trainer.tune import Distill, TuneJob
 
 from .config import Config
 
@@ -68,8 +73,66 @@ def check_export_destination(cfg: Config, overwrite: bool) -> None:
 
 
 def export_run(cfg: Config, *, overwrite: bool, progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """``qaft export``: ``postpass.output_dir`` → ``export.dir``."""
-    return export(cfg.quantized_dir, cfg.export_dir, cfg.export, source=cfg.model, protocol=cfg.eval, overwrite=overwrite, progress=progress)
+    """``qaft export``: the tuned result (``tune.steps`` > 0) or the post-pass result → ``export.dir``."""
+    src = cfg.export_source
+    if cfg.tune.steps and not (src / META).is_file():
+        raise CheckpointError(
+            f"export: tune.steps is {cfg.tune.steps} but there is no tuned result at {src}; run `qaft tune CONFIG` first, "
+            "or export the post-pass result as solved with tune.steps=0"
+        )
+    return export(src, cfg.export_dir, cfg.export, source=cfg.model, protocol=cfg.eval, overwrite=overwrite, progress=progress)
+
+
+def tune_job(cfg: Config) -> TuneJob:
+    """The root config resolved into one tuning run: the teacher is ``model``, the text ``tune.data`` (default:
+    the calibration text), the loop's folder ``tune.output_dir``, the start ``postpass.output_dir``."""
+    t = cfg.tune
+    text_path = t.data or cfg.calibration_path
+    if cfg.eval.path and text.same_source(text_path, cfg.eval.path):
+        raise ConfigError(f"tune.data: {text_path} is the evaluation text; tune on other text (e.g. WikiText-2 validation, the calibration text)")
+    training = TrainingConfig(
+        output_dir=str(cfg.tune_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        max_steps=max(t.steps, 1),
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_ratio=t.warmup_ratio,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        eval_steps=t.eval_steps,
+        eval_on_start=True,
+        save_steps=t.save_steps,
+        save_total_limit=1,
+        seed=cfg.training.seed,
+        bf16=cfg.training.bf16,
+        resume_from_checkpoint=cfg.training.resume_from_checkpoint,
+    )
+    data = DataConfig(path=text_path, text_column=cfg.data.text_column, block_size=t.seq_len, eval_fraction=t.eval_fraction, max_eval_blocks=t.max_eval_blocks)
+    return TuneJob(
+        model=cfg.model, data=data, training=training, quant=cfg.quant, callbacks=t.callbacks, tune=t, source=str(cfg.quantized_dir), rank=cfg.postpass.rank
+    )
+
+
+def tune_run(cfg: Config, *, overwrite: bool, resume: bool = False) -> Path:
+    """``qaft tune``: the post-pass result's factors trained against the float model; returns the tuned folder.
+
+    ``resume`` (``qaft run``'s stage, which owns the folder): continue from the newest checkpoint when it
+    is this job's, and start over when it was made with another config or from another post-pass result."""
+    if cfg.tune.steps == 0:
+        raise ConfigError("tune.steps: 0 means no tuning; set the number of steps, e.g. tune.steps=200")
+    job = tune_job(cfg)
+    task = Distill(job)
+    if resume:
+        last = latest_checkpoint(cfg.tune_dir)
+        try:
+            if last is not None:
+                check_resumable(last, job, task.trainable)
+            job = dataclasses.replace(job, training=dataclasses.replace(job.training, resume_from_checkpoint=True))
+        except CheckpointError:
+            overwrite = True
+    return fit(job, overwrite=overwrite, task=task)
 
 
 def check_eval_inputs(cfg: Config) -> str:

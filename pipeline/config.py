@@ -22,7 +22,7 @@ from qaft.eval.config import EvalConfig
 from qaft.export.config import ExportConfig
 from qaft.quant import methods
 from qaft.quant.config import PostpassConfig
-from qaft.trainer.config import TrainConfig
+from qaft.trainer.config import TrainConfig, TuneConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +51,8 @@ class Config(TrainConfig):
 
     postpass: PostpassConfig = field(default_factory=PostpassConfig, metadata={STAGE: "quantize"})
     """Quantization + low-rank reconstruction after training."""
+    tune: TuneConfig = field(default_factory=TuneConfig, metadata={STAGE: "tune"})
+    """Training the low-rank correction against the float model (``qaft tune``; off while ``tune.steps`` is 0)."""
     export: ExportConfig = field(default_factory=ExportConfig, metadata={STAGE: "export"})
     """Deployable files."""
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={STAGE: "eval"})
@@ -66,6 +68,15 @@ class Config(TrainConfig):
     @property
     def quantized_dir(self) -> Path:
         return Path(self.postpass.output_dir or Path(self.training.output_dir) / "quantized")
+
+    @property
+    def tune_dir(self) -> Path:
+        return Path(self.tune.output_dir or Path(self.training.output_dir) / "tune")
+
+    @property
+    def export_source(self) -> Path:
+        """What ``qaft export`` reads: the tuned result when tuning is on, else the post-pass result as solved."""
+        return self.tune_dir / "final" if self.tune.steps else self.quantized_dir
 
     @property
     def export_dir(self) -> Path:

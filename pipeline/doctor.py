@@ -38,6 +38,7 @@ from qaft.export import formats
 from qaft.quant.postpass import check_scheme
 from qaft.trainer.checkpoint import list_checkpoints
 from qaft.trainer.parallel import FSDP_REFUSED, Launch, callback_problems, launch_from
+from qaft.trainer.tune import check_options
 
 from .config import Config, load_config
 
@@ -231,6 +232,24 @@ def sharding(cfg: Config, launch: Launch) -> list[Finding]:
     return rows + [Finding(f"callback {name}", Status.FAIL, why) for name, why in problems]
 
 
+def tuning(cfg: Config, launch: Launch) -> list[Finding]:
+    """``qaft tune`` (when ``tune.steps`` > 0): options the scheme allows, callbacks that make sense on a quantized model, the launch."""
+    if cfg.tune.steps == 0:
+        return [Finding("tune", Status.OK, "off (tune.steps is 0): the export ships the post-pass result as solved")]
+    rows = []
+    try:
+        check_options(cfg.tune, cfg.quant.weight.format)
+    except ConfigError as e:
+        rows += [Finding("tune", Status.FAIL, line) for line in e.problems]
+    if launch.sharded:
+        rows.append(Finding("tune", Status.FAIL, f"launch: qaft tune under {launch.sharded} is not supported; tune with DDP or one process"))
+    return rows or [
+        Finding(
+            "tune", Status.OK, f"{cfg.tune.steps} steps of {cfg.tune.objective.value} from {cfg.quantized_dir}, text {cfg.tune.data or cfg.calibration_path}"
+        )
+    ]
+
+
 def output_dir(cfg: Config) -> list[Finding]:
     out = Path(cfg.training.output_dir)
     if out.exists() and not out.is_dir():
@@ -270,6 +289,8 @@ def data_overlap(cfg: Config) -> list[Finding]:
         sources = {"postpass.calibration_path": cfg.postpass.calibration_path, "data.path": cfg.data.path}
     else:
         sources = {"data.path (also the calibration text)": cfg.data.path}
+    if cfg.tune.steps and cfg.tune.data and cfg.tune.data not in sources.values():
+        sources["tune.data"] = cfg.tune.data
     rows = []
     for key, src in sources.items():
         if text.same_source(src, cfg.eval.path):
@@ -298,6 +319,7 @@ def diagnose(config: str | Path, overrides: Iterable[str] = (), launch: Launch |
         return rows + [Finding("config", Status.FAIL, line) for line in str(e).splitlines()]
     rows.append(Finding("config", Status.OK, f"{config} ({len(cfg.callbacks)} callback(s): {', '.join(s.name for s in cfg.callbacks) or 'none'})"))
     rows += sharding(cfg, launch or launch_from(None))
+    rows += tuning(cfg, launch or launch_from(None))
     rows += output_dir(cfg)
     rows += data_overlap(cfg)
     rows += model_checks(cfg)

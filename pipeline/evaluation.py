@@ -2,7 +2,8 @@
 
 Rows, all on the config's ``eval`` protocol: (original | fine-tuned) × (fp, RTN of the scheme, RTN
 at each ``run.rtn_bits``); on the fine-tuned model also ``run.methods``, the saved post-pass result
-(``quantized/``, the method the export ships) and the export reloaded through transformers + peft,
+(``quantized/``), the tuned one (``tune/final/``, when ``tune.steps`` > 0; the one the export ships)
+and the export reloaded by its runtime,
 computed by ``qaft eval --export``'s own function, so the report and that command agree.
 """
 
@@ -44,13 +45,13 @@ def evaluate_run(cfg: Config, tuned: Config, out: Path, *, progress: bool = True
             for m, r in evaluate_methods(model, ids, calib, scheme_cfg.quant, scheme_cfg.postpass, methods, scheme_cfg.eval, progress).items():
                 rows.append(_row(label, m, None if m == "fp" else scheme_cfg.quant.label, r))
         del model
-    qmodel, tok, meta = load_quantized(out / "quantized")
-    r = perplexity(qmodel, text.token_stream(eval_path, tok, key="eval.path"), cfg.eval.seq_len, cfg.eval.windows, progress=progress)
-    rows.append(
-        _row("fine-tuned", f"{meta['method']} r{meta['rank']}" if meta["rank"] else meta["method"], cfg.quant.label, {"ppl": r.ppl, "seconds": r.seconds})
-    )
-    del qmodel
-    exported = compare(tuned, [], export=out / "export", progress=progress)
+    for folder in [tuned.quantized_dir] + ([tuned.tune_dir / "final"] if cfg.tune.steps else []):  # as solved, then tuned
+        qmodel, tok, meta = load_quantized(folder)
+        r = perplexity(qmodel, text.token_stream(eval_path, tok, key="eval.path"), cfg.eval.seq_len, cfg.eval.windows, progress=progress)
+        label = f"{meta['method']} r{meta['rank']}" if meta["rank"] else meta["method"]
+        rows.append(_row("fine-tuned", label, cfg.quant.label, {"ppl": r.ppl, "seconds": r.seconds}))
+        del qmodel
+    exported = compare(tuned, [], export=tuned.export_dir, progress=progress)
     for name, res in exported["results"].items():
         rows.append(_row("fine-tuned", name, exported["export"]["scheme"], res))
     protocol = exported["protocol"] | {"model": cfg.model.name_or_path, "fine_tuned": str(tuned.model.name_or_path)}

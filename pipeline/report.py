@@ -107,6 +107,20 @@ def training_figure(fig: Figures, rows: list[dict[str, Any]]) -> Path | None:
     )
 
 
+def tuning_figure(fig: Figures, rows: list[dict[str, Any]]) -> Path | None:
+    """``qaft tune``'s curves: the distillation loss, and on the held-out blocks the KL to the teacher and the perplexity."""
+    train, ev = _series(rows, "train"), _series(rows, "eval")
+    return fig.lines(
+        "tuning",
+        "tuning the low-rank factors against the float model",
+        [
+            ("KD loss (train)", {"loss": train.get("loss", [])} if train.get("loss") else {}),
+            ("KL to the teacher (held out)", {"eval_kl": ev.get("eval_kl", [])} if ev.get("eval_kl") else {}),
+            ("perplexity (held out)", {"eval_ppl": ev.get("eval_ppl", [])} if ev.get("eval_ppl") else {}),
+        ],
+    )
+
+
 def callback_figures(fig: Figures, rows: list[dict[str, Any]], names: list[str]) -> list[tuple[str, Path | None, dict[str, float]]]:
     """Per callback: a plot of its per-step metrics and a table of its one-off numbers (e.g. NPFT's Hessian trace)."""
     train = _series(rows, "train")
@@ -245,6 +259,8 @@ def write_report(out: str | Path) -> Path:
             head, body = ppl_table(ev)
             add("Perplexity", f"<p>{html.escape(proto)}</p>" + _html_table(head, body), f"{proto}\n\n" + _md_table(head, body))
         figure("Training curves", training_figure(figs, rows))
+        if (out / "tune" / "metrics.jsonl").is_file():
+            figure("Tuning curves", tuning_figure(figs, _metrics(out / "tune")))
         for name, path, once in callback_figures(figs, rows, callbacks):
             extra = [[k, f"{v:.4g}"] for k, v in sorted(once.items())]
             figure(f"Callback {name}", path)

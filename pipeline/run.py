@@ -6,6 +6,7 @@
     stages/<stage>.json      written (atomically) when a stage has published all its outputs
     checkpoint-N/ final/     train          (``qaft train`` with resume on: a kill loses ≤ save_steps steps)
     quantized/               quantize       (``qaft quantize`` on final/)
+    tune/                    tune           (``qaft tune``: checkpoints, metrics, final/ = the tuned result; skipped while tune.steps is 0)
     export/                  export         (``qaft export``: packed base + PEFT adapter, parity, manifest)
     eval.json                eval           (perplexity table: original and fine-tuned, fp / RTN / the method / the export)
     report/                  report         (index.html with embedded images, report.md, the PNGs)
@@ -41,13 +42,13 @@ from qaft.trainer.outputs import OWNED as TRAIN_OWNED
 from qaft.trainer.outputs import prepare_output_dir
 
 from . import STAGES
-from .commands import export_run, quantize_and_save
+from .commands import export_run, quantize_and_save, tune_job, tune_run
 from .config import NO_EFFECT_KEYS, Config, load_config, stage_of
 from .doctor import blocking, diagnose, render
 from .evaluation import evaluate_run
 from .report import write_report
 
-OWNED = ("stages", "quantized", "export", "eval.json", "report")
+OWNED = ("stages", "quantized", "tune", "export", "eval.json", "report")
 
 
 @dataclass
@@ -104,6 +105,26 @@ def stage_quantize(p: Pipeline) -> dict[str, Any]:
     return {"dir": str(out), "method": meta["method"], "seconds": meta["seconds"]}
 
 
+def stage_tune(p: Pipeline) -> dict[str, Any]:
+    cfg = p.tuned()
+    if cfg.tune.steps == 0:
+        return {"skipped": "tune.steps is 0"}
+    final = cfg.tune_dir / "final"
+    if not _tuned(final, cfg):  # killed after final/ was published but before this stage's record: keep it
+        tune_run(cfg, overwrite=False, resume=True)
+    state = json.loads((final / "trainer_state.json").read_text())
+    return {"steps": state["step"], "final": str(final)}
+
+
+def _tuned(final: Path, cfg: Config) -> bool:
+    """``final/`` holds a finished tuning of this config from this post-pass result (the run's record matches)."""
+    saved = final / "config.yaml"
+    if not (final / "trainer_state.json").is_file() or not saved.is_file():
+        return False
+    changed = [k for k in diff_configs(read_yaml(saved), tune_job(cfg).training_part()) if k not in NO_EFFECT_KEYS and not k.startswith("training.")]
+    return not changed
+
+
 def stage_export(p: Pipeline) -> dict[str, Any]:
     out, manifest = export_run(p.tuned(), overwrite=True, progress=p.progress)
     return {"dir": str(out), "parity": manifest["parity"], "sizes": manifest["sizes"]}
@@ -123,6 +144,7 @@ def stage_report(p: Pipeline) -> dict[str, Any]:
 RUNNERS: dict[str, Callable[[Pipeline], dict[str, Any]]] = {
     "train": stage_train,
     "quantize": stage_quantize,
+    "tune": stage_tune,
     "export": stage_export,
     "eval": stage_eval,
     "report": stage_report,

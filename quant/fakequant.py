@@ -3,6 +3,11 @@
 The weight is stored already de-quantized (the grid values), activations are fake-quantized
 dynamically per token when the scheme asks for it, and the low-rank correction reads the
 *unquantized* input, as a LoRA adapter beside a quantized kernel does.
+
+The factors and the scales are parameters that do not require grad: ``qaft tune`` switches them on
+(``trainable``) and trains them with the codes frozen. While the scales train, the weight is
+recomputed from codes and scales in every forward; the activation rounding passes gradients straight
+through (identity), so layers below still receive them.
 """
 
 from __future__ import annotations
@@ -10,17 +15,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .grid import QuantizedWeight, fake_quant_activation
+from .grid import QuantizedWeight, dequantize, fake_quant_activation
 from .lowrank import Correction
-from .scheme import ActQuant
+from .scheme import ActQuant, WeightQuant
 
 STORED = ("codes", "scale", "zero", "bias", "lora_A", "lora_B", "input_scale")
-"""The buffers that define the layer; ``weight`` is derived from codes and scale (kept for speed)."""
+"""The tensors that define the layer; ``weight`` is derived from codes and scale (kept for speed)."""
+
+
+def _frozen(t: torch.Tensor | None) -> torch.nn.Parameter | None:
+    return None if t is None else torch.nn.Parameter(t.detach().clone(), requires_grad=False)
 
 
 class QuantLinear(torch.nn.Module):
-    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None, act: ActQuant, correction: Correction | None, input_scale: torch.Tensor | None = None):
+    def __init__(
+        self,
+        q: QuantizedWeight,
+        bias: torch.Tensor | None,
+        act: ActQuant,
+        correction: Correction | None,
+        input_scale: torch.Tensor | None = None,
+        *,
+        spec: WeightQuant,
+    ):
         super().__init__()
+        self.spec = spec
+        """The weight grid (for recomputing the weight from trained scales)."""
         weight = q.dequant
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.act = act
@@ -28,23 +48,35 @@ class QuantLinear(torch.nn.Module):
         """How activations are rounded: a server's convention; ``ctpack.reference_activation_quant`` swaps in compressed-tensors' for parity checks."""
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("codes", q.codes.detach().clone())
-        self.register_buffer("scale", q.scale.detach().clone())
+        self.scale = _frozen(q.scale)
         self.register_buffer("zero", None if q.zero is None else q.zero.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         # PEFT's orientation: lora_A is applied first (our B, [k, in]), lora_B second (our A, [out, k])
         has = correction is not None and correction.rank > 0
-        self.register_buffer("lora_A", correction.B.detach().clone() if has else None)
-        self.register_buffer("lora_B", correction.A.detach().clone() if has else None)
+        self.register_parameter("lora_A", _frozen(correction.B) if has else None)
+        self.register_parameter("lora_B", _frozen(correction.A) if has else None)
         # 1/f of activation smoothing when it could not be folded into a preceding norm (``[in]``)
         self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
-        y = F.linear(self.act_fn(x, self.act), self.weight, self.bias)
+        xq = self.act_fn(x, self.act)
+        if x.requires_grad and self.act.bits is not None:
+            xq = x + (xq - x).detach()  # straight through: the rounding's value, the identity's gradient
+        y = F.linear(xq, self.dequantized() if self.scale.requires_grad else self.weight, self.bias)
         if self.lora_A is not None:
-            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B)
+            y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return y
+
+    def dequantized(self) -> torch.Tensor:
+        """``[out, in]`` the grid values of the codes under the current scales (differentiable in the scales)."""
+        return dequantize(self.codes, self.scale, self.zero, self.spec).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def refresh_weight(self) -> None:
+        """Recompute ``weight`` after the scales changed (``weight`` is what evaluation and the exports read)."""
+        self.weight.copy_(self.dequantized())
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]

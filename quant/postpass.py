@@ -178,7 +178,7 @@ def quantize_model(
             if corr is not None and postpass.factor_bits is not None:
                 corr = quantize_factors(corr, postpass.factor_bits)
             after = err if corr is None else err - corr.matrix().to(err.dtype)
-            set_submodule(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr, prep.input_scales.get(name)))
+            set_submodule(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr, prep.input_scales.get(name), spec=scheme.weight))
             seconds = time.perf_counter() - t0
             xtx32 = stats[name].xtx.float()
             ref = max(_out_norm(w, xtx32), 1e-30)

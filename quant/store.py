@@ -38,9 +38,8 @@ META = "qaft_quant.json"
 FORMAT_VERSION = 1
 
 
-def save_quantized(model: torch.nn.Module, tokenizer: Any, path: str | Path, scheme: QuantScheme, meta: dict[str, Any], *, overwrite: bool) -> Path:
-    out = Path(path)
-    ensure_writable(out, overwrite, key="postpass.output_dir")
+def write_quantized(model: torch.nn.Module, tokenizer: Any, folder: Path, scheme: QuantScheme, meta: dict[str, Any]) -> None:
+    """Write the files of a quantized folder into ``folder`` (which exists); ``save_quantized`` does it atomically."""
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not names:
         raise CheckpointError("nothing to save: the model has no quantized layers")
@@ -52,12 +51,18 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, path: str | Path, sch
             continue
         seen.add(t.data_ptr())
         tensors[key] = t.detach().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    record = {"format_version": FORMAT_VERSION, "scheme": to_plain(scheme), "quantized": names, **meta}
+    (folder / META).write_text(json.dumps(record, indent=2))
+
+
+def save_quantized(model: torch.nn.Module, tokenizer: Any, path: str | Path, scheme: QuantScheme, meta: dict[str, Any], *, overwrite: bool) -> Path:
+    out = Path(path)
+    ensure_writable(out, overwrite, key="postpass.output_dir")
     with staged(out) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"))
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        record = {"format_version": FORMAT_VERSION, "scheme": to_plain(scheme), "quantized": names, **meta}
-        (tmp / META).write_text(json.dumps(record, indent=2))
+        write_quantized(model, tokenizer, tmp, scheme, meta)
     return out
 
 
@@ -78,7 +83,7 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Any, dict[str, An
         q = QuantizedWeight(codes, scale, zero, dequantize(codes, scale, zero, scheme.weight))
         parent, _, leaf = name.rpartition(".")
         corr = None if lora_a is None else Correction(A=lora_b, B=lora_a)  # PEFT names → our A [out, k], B [k, in]
-        setattr(model.get_submodule(parent), leaf, QuantLinear(q, bias, scheme.activation, corr, input_scale))
+        setattr(model.get_submodule(parent), leaf, QuantLinear(q, bias, scheme.activation, corr, input_scale, spec=scheme.weight))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     built = set(meta["quantized"])  # their buffers were set above, from the popped tensors
     missing = [k for k in missing if k.rpartition(".")[0] not in built]

@@ -27,6 +27,7 @@ def run_file(smoke_raw, tmp_path):
         "training": smoke_raw["training"] | {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1},
         "callbacks": [{"name": "telemetry", "every": 1}],
         "postpass": {"rank": 4, "calibration_samples": 4, "calibration_seq_len": 64, "reconstructor": "l2qer"},
+        "tune": {"steps": 4, "seq_len": 64, "learning_rate": 1.0e-2, "save_steps": 2, "max_eval_blocks": 2},
         "eval": {"path": str(ev), "windows": 4, "seq_len": 64},
         "run": {"rtn_bits": [3]},
     }
@@ -50,21 +51,22 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
         monkeypatch.setitem(run_mod.RUNNERS, stage, lambda p, fn=fn, stage=stage: (calls.append(stage), fn(p))[1])
 
     def crash(p):
-        raise KeyboardInterrupt  # a kill during the export stage
+        raise KeyboardInterrupt  # a kill during the tune stage
 
-    original_export = run_mod.RUNNERS["export"]
-    monkeypatch.setitem(run_mod.RUNNERS, "export", crash)
+    original_tune = run_mod.RUNNERS["tune"]
+    monkeypatch.setitem(run_mod.RUNNERS, "tune", crash)
     with pytest.raises(KeyboardInterrupt):
         run(run_file, [], echo=quiet)
     assert calls == ["train", "quantize"] and sorted(mtimes(out)) == ["quantize", "train"]
     assert not (out / "export").exists() and not any(p.name.startswith(".tmp") for p in out.iterdir())
 
-    monkeypatch.setitem(run_mod.RUNNERS, "export", original_export)
+    monkeypatch.setitem(run_mod.RUNNERS, "tune", original_tune)
     before = mtimes(out)
     calls.clear()
     run(run_file, [], echo=quiet)
-    assert calls == ["export", "eval", "report"]  # nothing finished is redone
+    assert calls == ["tune", "export", "eval", "report"]  # nothing finished is redone
     assert {k: v for k, v in mtimes(out).items() if k in before} == before
+    assert json.loads((out / "export" / "manifest.json").read_text())["method"] == "rtn+l2qer+kd"  # the export ships the tuned result
 
     ev = json.loads((out / "eval.json").read_text())
     table = {(r["model"], r["method"], r["scheme"]): r["ppl"] for r in ev["rows"]}
@@ -75,6 +77,7 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
         ("fine-tuned", "fp", None),
         ("fine-tuned", "rtn", "W4 per-channel sym"),
         ("fine-tuned", "rtn+l2qer r4", "W4 per-channel sym"),
+        ("fine-tuned", "rtn+l2qer+kd r4", "W4 per-channel sym"),
         ("fine-tuned", "export-base", "W4 per-channel sym"),
         ("fine-tuned", "export", "W4 per-channel sym"),
     ]:
@@ -112,8 +115,11 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
         run(run_file, ["postpass.rank=2"], echo=quiet)
     calls.clear()
     run(run_file, ["postpass.rank=2"], start="quantize", echo=quiet)
-    assert calls == ["quantize", "export", "eval", "report"]
+    assert calls == ["quantize", "tune", "export", "eval", "report"]
     assert json.loads((out / "quantized" / "qaft_quant.json").read_text())["rank"] == 2
+    assert json.loads((out / "tune" / "final" / "qaft_quant.json").read_text())["rank"] == 2  # tuned again, from the new result
+    with pytest.raises(CheckpointError, match=r"config changed since stage 'tune' finished \(tune\.temperature\); rerun with --from tune"):
+        run(run_file, ["postpass.rank=2", "tune.temperature=2.0"], echo=quiet)
 
 
 @pytest.mark.browser

@@ -3,7 +3,8 @@
 Layout of ``output_dir/checkpoint-{step}/``::
 
     accelerate/          accelerator.save_state: optimizer, scheduler, RNG states (one per rank)
-    adapter/             the LoRA adapter in PEFT format (loadable with PeftModel.from_pretrained)
+    adapter/             what the run trains (``Trainable``): the LoRA adapter in PEFT format (``qaft train``),
+                         or the trained factors and scales by name (``qaft tune``)
     callbacks/rank{r}.pt every callback's state_dict(), keyed by callback name
     trainer_state.json   step, data position, tokens seen
     config.yaml          the training sections of the run's resolved config (``TrainConfig``)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 import yaml
 from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qaft.callbacks import CallbackList, Context, TrainState
 from qaft.core.configfile import diff_configs
@@ -94,12 +96,69 @@ def save_adapter(acc: Any, model: torch.nn.Module, folder: Path) -> None:
             peft_model.save_pretrained(folder)
 
 
+class Trainable:
+    """What a checkpoint's ``adapter/`` folder holds: the tensors the run trains, saved whole by the main process."""
+
+    files: tuple[str, ...] = ()
+    """Files every complete ``adapter/`` folder has."""
+
+    def save(self, acc: Any, model: torch.nn.Module, folder: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, acc: Any, model: torch.nn.Module, folder: Path) -> None:
+        raise NotImplementedError
+
+
+class PeftAdapter(Trainable):
+    """A peft LoRA adapter (``PeftModel.from_pretrained`` reads it)."""
+
+    files = (ADAPTER_WEIGHTS,)
+
+    def save(self, acc: Any, model: torch.nn.Module, folder: Path) -> None:
+        save_adapter(acc, model, folder)
+
+    def load(self, acc: Any, model: torch.nn.Module, folder: Path) -> None:
+        adapter = load_file(folder / ADAPTER_WEIGHTS)
+        peft_model = acc.unwrap_model(model)
+        with gathered(acc, trainable(peft_model), modifier_rank=0):  # every process loads the same file
+            result = set_peft_model_state_dict(peft_model, adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"checkpoint {folder.parent}: adapter has tensors this model lacks: {result.unexpected_keys[:3]}")
+
+
+class TrainedTensors(Trainable):
+    """Every parameter that requires grad, by its name in the model, in one safetensors file."""
+
+    files = ("trained.safetensors",)
+
+    def save(self, acc: Any, model: torch.nn.Module, folder: Path) -> None:
+        named = {n: p for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
+        with gathered(acc, named.values()):
+            if acc.is_main_process:
+                folder.mkdir(parents=True, exist_ok=True)
+                save_file({n: p.detach().contiguous() for n, p in named.items()}, str(folder / self.files[0]))
+
+    def load(self, acc: Any, model: torch.nn.Module, folder: Path) -> None:
+        saved = load_file(folder / self.files[0])
+        named = {n: p for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
+        if saved.keys() != named.keys():
+            odd = sorted(saved.keys() ^ named.keys())[:3]
+            raise CheckpointError(f"checkpoint {folder.parent}: its trained tensors are not this run's ({odd}); resume with the run's own config")
+        with torch.no_grad(), gathered(acc, named.values(), modifier_rank=0):
+            for n, p in named.items():
+                p.copy_(saved[n])
+
+
+PEFT_ADAPTER = PeftAdapter()
+TRAINED_TENSORS = TrainedTensors()
+
+
 def config_text(cfg: TrainConfig) -> str:
     """What a checkpoint and ``final/`` store as ``config.yaml``: the training sections of the run's config."""
     return yaml.safe_dump(cfg.training_part(), sort_keys=False)
 
 
-def save_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, keep: int | None) -> Path:
+def save_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, keep: int | None, what: Trainable = PEFT_ADAPTER) -> Path:
     """Write ``checkpoint-{step}`` atomically (all ranks call this), then rotate to the newest ``keep``."""
     acc = ctx.accelerator
     out = Path(cfg.training.output_dir)
@@ -111,7 +170,7 @@ def save_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, kee
     acc.wait_for_everyone()
     acc.save_state(str(tmp / "accelerate"), **_engine_kwargs(acc, save=True))
     torch.save(callbacks.state_dict(), tmp / "callbacks" / f"rank{acc.process_index}.pt")
-    save_adapter(acc, ctx.model, tmp / "adapter")
+    what.save(acc, ctx.model, tmp / "adapter")
     if acc.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(ctx.state), indent=2))
         (tmp / "config.yaml").write_text(config_text(cfg))
@@ -125,9 +184,9 @@ def save_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, kee
     return final
 
 
-def check_resumable(path: Path, cfg: TrainConfig) -> None:
+def check_resumable(path: Path, cfg: TrainConfig, what: Trainable = PEFT_ADAPTER) -> None:
     """A checkpoint must be complete and made by a compatible config, else resume could not be exact."""
-    need = [STATE_FILE, "config.yaml", f"adapter/{ADAPTER_WEIGHTS}", "accelerate", "callbacks"]
+    need = [STATE_FILE, "config.yaml", *(f"adapter/{f}" for f in what.files), "accelerate", "callbacks"]
     missing = [n for n in need if not (path / n).exists()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it or resume from an older one")
@@ -144,18 +203,13 @@ def check_resumable(path: Path, cfg: TrainConfig) -> None:
         )
 
 
-def load_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, path: Path) -> TrainState:
-    """Restore adapter, optimizer, scheduler, RNG and callback states from ``path``; returns its counters
-    (with ``max_steps`` from the current config, which decides how far to go)."""
-    check_resumable(path, cfg)
+def load_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, path: Path, what: Trainable = PEFT_ADAPTER) -> TrainState:
+    """Restore the trained tensors, optimizer, scheduler, RNG and callback states from ``path``; returns its
+    counters (with ``max_steps`` from the current config, which decides how far to go)."""
+    check_resumable(path, cfg, what)
     acc = ctx.accelerator
     try:
-        adapter = load_file(path / "adapter" / ADAPTER_WEIGHTS)
-        peft_model = acc.unwrap_model(ctx.model)
-        with gathered(acc, trainable(peft_model), modifier_rank=0):  # every process loads the same file
-            result = set_peft_model_state_dict(peft_model, adapter)
-        if getattr(result, "unexpected_keys", None):
-            raise CheckpointError(f"checkpoint {path}: adapter has tensors this model lacks: {result.unexpected_keys[:3]}")
+        what.load(acc, ctx.model, path / "adapter")
         acc.load_state(str(path / "accelerate"), **_engine_kwargs(acc, save=False))
         rank_file = path / "callbacks" / f"rank{acc.process_index}.pt"
         callbacks.load_state_dict(torch.load(rank_file, weights_only=False))
@@ -169,20 +223,19 @@ def load_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, pat
     return state
 
 
-def save_final(ctx: Context, tokenizer: Any, cfg: TrainConfig, train_state: TrainState) -> Path:
-    """``final/``: merged model folder (safetensors + config + tokenizer) and ``final/adapter/``."""
+def save_final(ctx: Context, cfg: TrainConfig, train_state: TrainState, write: Callable[[torch.nn.Module, Path], None]) -> Path:
+    """``final/``: what ``write(unwrapped model, folder)`` puts there, plus the run's ``config.yaml`` and
+    ``trainer_state.json``; written by the main process into a temp folder and published whole."""
     acc = ctx.accelerator
     out = Path(cfg.training.output_dir)
     tmp, final = out / f"{TMP_PREFIX}final", out / "final"
     acc.wait_for_everyone()
-    peft_model = acc.unwrap_model(ctx.model)
-    with gathered(acc, peft_model.parameters()):  # ZeRO-3: the whole model, for the merge; dropped on exit
+    model = acc.unwrap_model(ctx.model)
+    with gathered(acc, model.parameters()):  # ZeRO-3: the whole model; dropped on exit
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            peft_model.save_pretrained(tmp / "adapter")
-            merged = peft_model.merge_and_unload()  # training is over: merging in place is fine
-            merged.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            tmp.mkdir(parents=True)
+            write(model, tmp)
             (tmp / "config.yaml").write_text(config_text(cfg))
             (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=2))
             publish(tmp, final)

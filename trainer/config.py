@@ -9,6 +9,7 @@ part, and a resume is refused when a key differs that is not marked ``RESUMABLE`
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -122,6 +123,57 @@ class TrainingConfig:
             raise ValueError("max_steps: got 0, expected -1 (use num_train_epochs) or a positive number of steps")
         if self.resume_from_checkpoint is False:
             object.__setattr__(self, "resume_from_checkpoint", None)
+
+
+class Objective(str, enum.Enum):
+    KD = "kd"
+    """KL(teacher ‖ student) of the next-token distributions at ``temperature`` (× T²), over every position."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig:
+    """Used by ``qaft tune`` and ``qaft run``'s tune stage: train the post-pass result's low-rank factors (codes frozen) against the float model."""
+
+    steps: Annotated[int, Ge(0)] = 0
+    """Optimizer steps; 0 = no tuning (``qaft run`` skips the stage and exports the post-pass result as solved)."""
+    objective: Objective = Objective.KD
+    """What the factors minimise: ``kd`` (distillation from the float model's next-token distributions)."""
+    temperature: Annotated[float, Gt(0.0)] = 1.0
+    """Distillation temperature T; the loss is scaled by T² so its gradients keep their size."""
+    init: Literal["closed_form", "zero"] = "closed_form"
+    """Start from the post-pass factors as saved (``closed_form``) or from fresh ones at ``postpass.rank`` (``zero``: lora_B = 0, lora_A random, as peft starts)."""
+    train_scales: bool = False
+    """Also train the per-channel / per-group weight scales (codes stay frozen); int schemes only."""
+    data: str | None = None
+    """Tuning text; null = the calibration text (``postpass.calibration_path``, else ``data.path``). Must not be the evaluation text."""
+    seq_len: Annotated[int, Ge(8)] = 256
+    """Tokens per tuning block."""
+    batch_size: Annotated[int, Ge(1)] = 2
+    """Blocks per micro-batch on each process."""
+    gradient_accumulation_steps: Annotated[int, Ge(1)] = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: Annotated[float, Gt(0.0)] = 4e-4
+    """Peak learning rate of AdamW."""
+    lr_scheduler_type: Literal[SCHEDULERS] = "cosine"  # type: ignore[valid-type]
+    """Schedule from ``transformers.get_scheduler``."""
+    warmup_ratio: Annotated[float, Ge(0.0), Le(1.0)] = 0.05
+    """Share of steps with linear warm-up."""
+    max_grad_norm: Annotated[float, Ge(0.0)] = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+    eval_fraction: Annotated[float, Ge(0.0), Le(0.5)] = 0.05
+    """Share of the tuning blocks, from the end of the text, held out: the loop reports the tuned model's perplexity on them."""
+    max_eval_blocks: Annotated[int, Ge(1)] | None = 8
+    """Keep only the first N held-out blocks."""
+    eval_steps: Annotated[int, Ge(1)] | None = field(default=None, metadata={RESUMABLE: True})
+    """Evaluate every N steps; null = only at the end."""
+    logging_steps: Annotated[int, Ge(1)] = field(default=10, metadata={RESUMABLE: True, NO_EFFECT: True})
+    """Log train metrics every N optimizer steps."""
+    save_steps: Annotated[int, Ge(0)] = field(default=50, metadata={RESUMABLE: True})
+    """Checkpoint every N steps (factors, optimizer, data position); 0 = none."""
+    output_dir: str | None = field(default=None, metadata={NO_EFFECT: True})
+    """The tuning run's folder (checkpoints, ``metrics.jsonl``, and ``final/``: the tuned post-pass result that ``qaft export`` reads); null = ``<training.output_dir>/tune``."""
+    callbacks: tuple[Annotated[Spec, CALLBACKS], ...] = ()
+    """Training callbacks that make sense on a quantized model (``telemetry``); the others are refused naming why."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,15 +25,14 @@ from transformers import get_scheduler
 
 from qaft.callbacks import CallbackList, Context, TrainState, create
 from qaft.core.errors import DivergedError, PreflightError
-from qaft.core.model import load_model_and_tokenizer
 
 from .checkpoint import install_adapter_only_hooks, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from .config import TrainConfig, TrainingConfig
 from .data import build_blocks, eval_loader, load_documents, train_loader
-from .lora import attach_lora
 from .metrics import MetricsLogger, Throughput
 from .outputs import prepare_output_dir
 from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, zero_stage
+from .task import FineTune, Task
 
 
 @dataclass
@@ -98,34 +97,38 @@ def micro_batches(acc: Any, loader: Any, start: int) -> Iterator[tuple[int, dict
         epoch, skip = epoch + 1, 0
 
 
-def evaluate_and_log(ctx: Context, callbacks: CallbackList, loader: Any, log: MetricsLogger) -> None:
-    """Eval metrics plus whatever the callbacks add, logged as one ``eval`` event at the current step."""
-    metrics = evaluate(ctx, loader)
+def evaluate_and_log(ctx: Context, callbacks: CallbackList, loader: Any, log: MetricsLogger, task: Task) -> None:
+    """Eval metrics plus whatever the task and the callbacks add, logged as one ``eval`` event at the current step."""
+    metrics = evaluate(ctx, loader, task)
     log.log("eval", ctx.state.step, metrics | callbacks.on_evaluate(ctx, metrics))
 
 
 @torch.no_grad()
-def evaluate(ctx: Context, loader: Any) -> dict[str, float]:
-    """Mean next-token NLL over every eval token (all processes), and its perplexity."""
+def evaluate(ctx: Context, loader: Any, task: Task | None = None) -> dict[str, float]:
+    """Mean next-token NLL over every eval token (all processes), its perplexity, and the task's own metrics."""
     ctx.model.eval()
-    losses = []
+    values: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
-        logits = ctx.model(input_ids=batch["input_ids"]).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none").mean(1)  # (batch,)
-        losses.append(ctx.accelerator.gather_for_metrics(nll))
-    loss = torch.cat(losses).mean().item()
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        logits = ctx.model(input_ids=batch["input_ids"]).logits
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none").mean(1)  # (batch,)
+        for k, v in {"eval_loss": nll, **(task.eval_terms(batch, logits) if task else {})}.items():
+            values.setdefault(k, []).append(ctx.accelerator.gather_for_metrics(v))
+    means = {k: torch.cat(v).mean().item() for k, v in values.items()}
+    return {**means, **{f"{k.removesuffix('_loss')}_ppl": math.exp(min(v, 50.0)) for k, v in means.items() if k.endswith("_loss")}}
 
 
-def train(ctx: Context, cfg: TrainConfig, callbacks: CallbackList, loaders: Loaders, scheduler: Any, log: MetricsLogger) -> TrainState:
+def train(
+    ctx: Context, cfg: TrainConfig, callbacks: CallbackList, loaders: Loaders, scheduler: Any, log: MetricsLogger, task: Task | None = None
+) -> TrainState:
     """Run optimizer steps until ``ctx.state.max_steps``; returns the final state."""
     acc, model, opt, st, t = ctx.accelerator, ctx.model, ctx.optimizer, ctx.state, cfg.training
+    task = task or FineTune()
     params = [p for p in model.parameters() if p.requires_grad]
     batches = micro_batches(acc, loaders.train, st.micro_batches)
     meter, sums, latest = Throughput(), {}, {}  # sums: loss terms, latest: callback metrics, since the last log event
     callbacks.on_train_begin(ctx)
     if loaders.eval is not None and t.eval_on_start and st.step == 0:
-        evaluate_and_log(ctx, callbacks, loaders.eval, log)
+        evaluate_and_log(ctx, callbacks, loaders.eval, log, task)
     while st.step < st.max_steps:
         model.train()
         callbacks.on_step_begin(ctx)
@@ -134,7 +137,7 @@ def train(ctx: Context, cfg: TrainConfig, callbacks: CallbackList, loaders: Load
             st.epoch, batch = next(batches)
             with acc.accumulate(model):
                 out = model(**batch)
-                terms = {"loss": out.loss, **callbacks.loss_terms(ctx, batch, out)}
+                terms = {"loss": task.loss(batch, out), **callbacks.loss_terms(ctx, batch, out)}
                 acc.backward(sum(terms.values()))  # accelerate divides by the accumulation steps
             for k, v in terms.items():  # detached tensors: no device sync per micro-batch
                 step_sums[k] = step_sums.get(k, 0.0) + v.detach().float() / t.gradient_accumulation_steps
@@ -167,9 +170,9 @@ def train(ctx: Context, cfg: TrainConfig, callbacks: CallbackList, loaders: Load
             log.progress(st.step, loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
             sums, latest = {}, {}
         if loaders.eval is not None and ((t.eval_steps and st.step % t.eval_steps == 0) or st.step == st.max_steps):
-            evaluate_and_log(ctx, callbacks, loaders.eval, log)
+            evaluate_and_log(ctx, callbacks, loaders.eval, log, task)
         if t.save_steps and st.step % t.save_steps == 0:
-            save_checkpoint(ctx, callbacks, cfg, t.save_total_limit)
+            save_checkpoint(ctx, callbacks, cfg, t.save_total_limit, task.trainable)
     callbacks.on_train_end(ctx)
     return st
 
@@ -204,6 +207,7 @@ class Session:
 
     ctx: Context
     cfg: TrainConfig
+    task: Task
     callbacks: CallbackList
     loaders: Loaders
     scheduler: Any
@@ -212,24 +216,24 @@ class Session:
     summary: str
 
 
-def setup(cfg: TrainConfig, *, overwrite: bool = False) -> Session:
-    """Validate outputs, load data and model, attach LoRA, prepare with accelerate, restore a checkpoint."""
+def setup(cfg: TrainConfig, *, overwrite: bool = False, task: Task | None = None) -> Session:
+    """Validate outputs, load data, build the task's model, prepare with accelerate, restore a checkpoint."""
+    task = task or FineTune()
     t = cfg.training
     resume_from = prepare_output_dir(cfg, overwrite=overwrite, clear=False)  # read-only checks first
     documents = load_documents(cfg.data)  # before the model: a bad path should fail in a second, not after a model load
     acc = build_accelerator(t)
     check_launch(cfg.callbacks, acc)  # before the model load: a refused callback should fail in seconds
+    task.check(cfg, acc)
     set_seed(t.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = attach_lora(model, cfg.lora)
+    model, tokenizer = task.build(cfg)
     blocks = build_blocks(cfg.data, tokenizer, documents)
     train_dl = train_loader(blocks.train, t.per_device_train_batch_size, t.seed)
     eval_dl = eval_loader(blocks.eval, t.per_device_eval_batch_size) if len(blocks.eval) else None
     opt = build_optimizer(model, t)
     model, opt, train_dl = acc.prepare(model, opt, train_dl)
     eval_dl = acc.prepare(eval_dl) if eval_dl is not None else None
+    task.ready(acc)
     if len(train_dl) == 0:
         raise PreflightError(
             f"data: {len(blocks.train)} training blocks fill no batch of {t.per_device_train_batch_size} x {acc.num_processes} processes; "
@@ -246,20 +250,20 @@ def setup(cfg: TrainConfig, *, overwrite: bool = False) -> Session:
         prepare_output_dir(cfg, overwrite=overwrite, clear=True)
     acc.wait_for_everyone()
     if resume_from is not None:
-        ctx = dataclasses.replace(ctx, state=load_checkpoint(ctx, callbacks, cfg, resume_from))
+        ctx = dataclasses.replace(ctx, state=load_checkpoint(ctx, callbacks, cfg, resume_from, task.trainable))
         state = ctx.state
     summary = (
-        f"qaft train: {cfg.model.name_or_path} | {len(blocks.train)} train / {len(blocks.eval)} eval blocks of {cfg.data.block_size} tokens | "
+        f"{task.verb}: {cfg.model.name_or_path} | {len(blocks.train)} train / {len(blocks.eval)} eval blocks of {cfg.data.block_size} tokens | "
         f"{state.max_steps} steps x {t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes} blocks | "
         f"{acc.num_processes} process(es) on {acc.device} | torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
         + (f" | resumed from {resume_from.name} (step {state.step})" if resume_from else "")
     )
-    return Session(ctx, cfg, callbacks, Loaders(train_dl, eval_dl), scheduler, tokenizer, resume_from, summary)
+    return Session(ctx, cfg, task, callbacks, Loaders(train_dl, eval_dl), scheduler, tokenizer, resume_from, summary)
 
 
-def fit(cfg: TrainConfig, *, overwrite: bool = False) -> Path:
-    """``qaft train``: set up, resume if asked, train, write ``final/``. Returns its path."""
-    s = setup(cfg, overwrite=overwrite)
+def fit(cfg: TrainConfig, *, overwrite: bool = False, task: Task | None = None) -> Path:
+    """``qaft train`` (or another task's verb): set up, resume if asked, train, write ``final/``. Returns its path."""
+    s = setup(cfg, overwrite=overwrite, task=task)
     acc, state, t = s.ctx.accelerator, s.ctx.state, cfg.training
     if t.report_to:
         acc.init_trackers("qaft")
@@ -268,9 +272,9 @@ def fit(cfg: TrainConfig, *, overwrite: bool = False) -> Path:
     if s.resume_from is not None:
         log.log("resume", state.step, {"checkpoint": str(s.resume_from)})
     try:
-        train(s.ctx, cfg, s.callbacks, s.loaders, s.scheduler, log)
-        final = save_final(s.ctx, s.tokenizer, cfg, s.ctx.state)
-        log.echo(f"qaft train: done, {state.step} steps; merged model and adapter in {final}")
+        train(s.ctx, cfg, s.callbacks, s.loaders, s.scheduler, log, s.task)
+        final = save_final(s.ctx, cfg, s.ctx.state, lambda model, folder: s.task.write_final(model, s.tokenizer, folder))
+        log.echo(s.task.done(state.step, final))
     finally:
         log.close()
     return final

@@ -1,0 +1,165 @@
+"""``qaft tune`` on tiny models: the factors learn from the float teacher, codes never move, resume is exact,
+the tuned result exports with parity, and what tuning cannot start from is refused in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import SMALL_POSTPASS, assert_same_tensors, events
+from qaft.core.errors import CheckpointError, ConfigError, PreflightError
+from qaft.pipeline.cli import main
+from qaft.pipeline.commands import export_run, quantize_and_save, tune_job, tune_run
+from qaft.quant.fakequant import QuantLinear
+from qaft.quant.store import load_quantized
+from qaft.trainer.tune import Distill, kd_loss, kd_per_position
+
+TUNE = ("tune.steps=12", "tune.seq_len=64", "tune.learning_rate=1e-2", "tune.logging_steps=1", "tune.save_steps=4", "tune.max_eval_blocks=4")
+
+
+def quantized(make_cfg, *overrides: str):
+    cfg = make_cfg(*SMALL_POSTPASS, *TUNE, *overrides)
+    quantize_and_save(cfg, overwrite=False, progress=False)
+    return cfg
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_kd_is_zero_for_the_teacher_itself_and_matches_the_definition():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    assert kd_loss(t, t, 2.0).abs() < 1e-6
+    p, q = t.softmax(-1), s.softmax(-1)
+    assert torch.allclose(kd_per_position(s, t, 1.0), (p * (p.log() - q.log())).sum(-1), atol=1e-6)
+    pt, qt = (t / 3).softmax(-1), (s / 3).softmax(-1)
+    assert torch.allclose(kd_loss(s, t, 3.0), 9 * (pt * (pt.log() - qt.log())).sum(-1).mean(), atol=1e-6)
+
+
+def test_tuning_lowers_the_held_out_kl_below_the_closed_form_and_moves_only_the_factors(make_cfg):
+    cfg = quantized(make_cfg)
+    final = tune_run(cfg, overwrite=False)
+    kl = [r["eval_kl"] for r in events(cfg.tune_dir, "eval")]
+    assert kl[0] > 0 and kl[-1] < 0.85 * kl[0], kl  # step 0 is the closed-form start, on blocks tuning never reads
+    before, after = tensors(cfg.quantized_dir), tensors(final)
+    assert before.keys() == after.keys()
+    moved = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert moved and all(k.endswith((".lora_A", ".lora_B")) for k in moved), moved
+    meta = json.loads((final / "qaft_quant.json").read_text())
+    assert meta["method"] == "rtn+l2qer+kd" and meta["tune"]["steps"] == 12 and meta["tune"]["source"] == str(cfg.quantized_dir)
+
+
+def test_train_scales_moves_scales_and_factors_and_nothing_else(make_cfg):
+    cfg = quantized(make_cfg, "tune.train_scales=true")
+    final = tune_run(cfg, overwrite=False)
+    before, after = tensors(cfg.quantized_dir), tensors(final)
+    moved = {k.rpartition(".")[2] for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"scale", "lora_A", "lora_B"}
+    model, _, _ = load_quantized(final)  # the weight is rebuilt from the frozen codes and the tuned scales
+    for m in (m for m in model.modules() if isinstance(m, QuantLinear)):
+        assert torch.equal(m.weight, m.dequantized())
+
+
+def test_resume_mid_tune_is_bit_exact(make_cfg, tmp_path, monkeypatch):
+    from helpers import Killed, kill_after_checkpoint
+
+    cfg = quantized(make_cfg)
+    straight = tune_run(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, output_dir=str(tmp_path / "a"))), overwrite=False)
+    broken = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, output_dir=str(tmp_path / "b")))
+    kill_after_checkpoint(monkeypatch, 4)
+    with pytest.raises(Killed):
+        tune_run(broken, overwrite=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "b" / "final").exists() and (tmp_path / "b" / "checkpoint-4" / "adapter" / "trained.safetensors").is_file()
+    resumed = tune_run(broken, overwrite=False, resume=True)
+    assert_same_tensors(tensors(straight), tensors(resumed))
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "s_per_step")} for r in rows]  # noqa: E731
+    assert drop(events(tmp_path / "a", "train")) == drop(events(tmp_path / "b", "train"))
+
+
+@pytest.mark.parametrize("scheme", [(), ("quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0")], ids=["compressed-tensors", "gguf"])
+def test_tuned_factors_export_with_parity_and_the_manifest_records_the_tuning(make_cfg, scheme):
+    cfg = quantized(make_cfg, *scheme)
+    final = tune_run(cfg, overwrite=False)
+    out, m = export_run(cfg, overwrite=False, progress=False)
+    assert m["method"] == "rtn+l2qer+kd" and all(p["max_abs_diff"] <= cfg.export.parity_atol for p in m["parity"].values())
+    tuned, _, _ = load_quantized(final)
+    solved, _, _ = load_quantized(cfg.quantized_dir)
+    a = next(x for x in tuned.modules() if isinstance(x, QuantLinear)).lora_B
+    b = next(x for x in solved.modules() if isinstance(x, QuantLinear)).lora_B
+    assert not torch.equal(a, b)  # the export shipped the tuned factors, not the solved ones
+
+
+def test_activation_quantized_schemes_tune(make_cfg):
+    cfg = quantized(make_cfg, "quant.activation.bits=8")
+    tune_run(cfg, overwrite=False)
+    kl = [r["eval_kl"] for r in events(cfg.tune_dir, "eval")]
+    assert kl[-1] < 0.85 * kl[0], kl
+
+
+def test_zero_init_starts_fresh_factors_even_without_a_reconstruction(make_cfg):
+    cfg = quantized(make_cfg, "postpass.reconstructor=none", "tune.init=zero")
+    final = tune_run(cfg, overwrite=False)
+    model, _, meta = load_quantized(final)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert meta["method"] == "rtn+none+kd" and all(m.lora_A is not None and m.lora_B.abs().sum() > 0 for m in layers)
+    kl = [r["eval_kl"] for r in events(cfg.tune_dir, "eval")]
+    assert kl[-1] < kl[0], kl
+
+
+def test_what_tuning_cannot_start_from_is_one_line(make_cfg, smoke_raw, tmp_path, capsys):
+    cfg = make_cfg(*SMALL_POSTPASS, *TUNE)
+    with pytest.raises(CheckpointError, match=r"^tune: no post-pass result at .*quantized .*run `qaft quantize CONFIG` or `qaft run CONFIG --from quantize`"):
+        tune_run(cfg, overwrite=False)
+    quantize_and_save(cfg, overwrite=False, progress=False)
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path="tiny-opt"))
+    with pytest.raises(
+        ConfigError, match=r"^tune: the post-pass result at .* was made from 'tiny-llama', but the teacher \(model.name_or_path\) is 'tiny-opt'"
+    ):
+        tune_run(other, overwrite=False)
+    none = quantized(make_cfg, "postpass.reconstructor=none", f"training.output_dir={tmp_path / 'none'}")
+    with pytest.raises(
+        ConfigError, match=r"^tune\.init: closed_form starts from the post-pass factors, and .* has none \(reconstructor none\); use tune\.init=zero$"
+    ):
+        tune_run(none, overwrite=False)
+    with pytest.raises(ConfigError, match=r"^tune\.steps: 0 means no tuning"):
+        tune_run(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, steps=0)), overwrite=False)
+    evaltext = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, path=cfg.data.path))
+    with pytest.raises(ConfigError, match=r"^tune\.data: .* is the evaluation text"):
+        tune_job(evaltext)
+    with pytest.raises(ConfigError, match=r"^tune\.train_scales: only int schemes can train their scales"):
+        tune_run(
+            quantized(make_cfg, "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "tune.train_scales=true", f"training.output_dir={tmp_path / 'g'}"),
+            overwrite=False,
+        )
+    with pytest.raises(ConfigError, match=r"^tune\.callbacks: npft cannot run in qaft tune: it perturbs the float base weights"):
+        tune_run(quantized(make_cfg, "tune.callbacks=[{name: npft}, {name: telemetry}]", f"training.output_dir={tmp_path / 'n'}"), overwrite=False)
+    import yaml
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(smoke_raw))
+    assert main(["tune", str(cfg_file), f"training.output_dir={tmp_path / 'empty'}", "tune.steps=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qaft: error: tune: no post-pass result")
+
+
+def test_sharded_weights_are_refused_before_any_model_loads(make_cfg):
+    cfg = quantized(make_cfg)
+    task = Distill(tune_job(cfg))
+    zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)), num_processes=2)
+    with pytest.raises(PreflightError, match=r"^launch: qaft tune under DeepSpeed ZeRO-3 is not supported"):
+        task.check(tune_job(cfg), zero3)
+
+
+def test_telemetry_runs_in_tuning(make_cfg):
+    cfg = quantized(make_cfg, "tune.callbacks=[{name: telemetry, every: 2}]")
+    tune_run(cfg, overwrite=False)
+    rows = [r for r in events(cfg.tune_dir, "train") if "telemetry/grad_norm/lora_B" in r]
+    assert rows and all(r["telemetry/grad_norm/lora_B"] > 0 for r in rows)

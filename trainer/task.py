@@ -1,0 +1,73 @@
+"""What the loop trains: the model it builds, the loss it minimises, how its state and its result are saved.
+
+``FineTune`` is ``qaft train``'s task: a LoRA adapter on the float model, the model's own
+cross-entropy, peft adapters in checkpoints, and ``final/`` = the merged model + the adapter.
+``tune.Distill`` (``qaft tune``) trains a quantized model's low-rank factors against the float
+model. ``loop.train`` is the same for both: optimizer, schedule, accumulation, callbacks,
+checkpoints and resume do not know which task they run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from qaft.core.model import load_model_and_tokenizer
+
+from .checkpoint import PEFT_ADAPTER, Trainable
+from .config import TrainConfig
+from .lora import attach_lora
+
+
+class Task:
+    """Base class: ``qaft train``'s LoRA fine-tuning unless a subclass says otherwise."""
+
+    verb: ClassVar[str] = "qaft train"
+    trainable: ClassVar[Trainable] = PEFT_ADAPTER
+    """What checkpoints save and resume restores."""
+
+    def check(self, cfg: TrainConfig, accelerator: Any) -> None:
+        """Refuse, before the model loads, what this task cannot run (a launch, a callback)."""
+
+    def build(self, cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
+        """``(model with exactly the trained parameters requiring grad, tokenizer)``."""
+        raise NotImplementedError
+
+    def ready(self, accelerator: Any) -> None:
+        """Called once accelerate prepared the model: move what the task keeps beside it to its device."""
+
+    def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
+        """The task's loss for one micro-batch (logged as ``loss``; callbacks' terms are added to it)."""
+        return outputs.loss
+
+    def eval_terms(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra evaluation metrics, one value per sequence (``[batch]``), averaged over the eval blocks."""
+        return {}
+
+    def write_final(self, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+        """The result into ``folder`` (main process; ``final/`` once published)."""
+        raise NotImplementedError
+
+    def done(self, steps: int, final: Path) -> str:
+        return f"{self.verb}: done, {steps} steps; result in {final}"
+
+
+class FineTune(Task):
+    """LoRA fine-tuning of the float model (``qaft train``)."""
+
+    def build(self, cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        if cfg.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return attach_lora(model, cfg.lora), tokenizer
+
+    def write_final(self, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+        model.save_pretrained(folder / "adapter")
+        merged = model.merge_and_unload()  # training is over: merging in place is fine
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    def done(self, steps: int, final: Path) -> str:
+        return f"{self.verb}: done, {steps} steps; merged model and adapter in {final}"

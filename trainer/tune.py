@@ -1,0 +1,206 @@
+"""``qaft tune``: train the low-rank correction of a quantized model against the float model it came from.
+
+The post-pass solves each layer's factors in closed form, one SVD of a weighted error per layer; they
+never see the model's loss. Tuning keeps every integer code frozen and trains, in the same loop as
+``qaft train``, the factors of every ``QuantLinear`` (``lora_A [k, in]``, ``lora_B [out, k]``: shapes
+and orientation unchanged, so both exports take them as they are) and, with ``train_scales``, the
+per-channel / per-group scales.
+
+Objective ``kd``: ``T² · KL(p_teacher,T ‖ p_student,T)`` of the next-token distributions at every
+position, averaged over positions; the teacher is the float model the post-pass quantized (a run's
+``final/``, or the original), frozen, in eval mode. There is no label term: the student can only
+recover what the teacher knows, so a tuned model's perplexity is bounded by the float model's and
+the comparison stays honest (a label term would also adapt to the domain).
+
+Activation-quantized schemes tune as deployed: the base path sees ``Q_a(x)`` with a straight-through
+gradient, the factors the unquantized ``x`` (``QuantLinear``). The result is a post-pass folder
+(``quant.store``) in ``final/`` with a ``tune`` record (config, steps, the text's sha256), which
+``qaft export`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qaft.callbacks import CALLBACKS
+from qaft.core.errors import CheckpointError, ConfigError, PreflightError
+from qaft.core.io import sha256_file
+from qaft.core.model import load_model_and_tokenizer
+from qaft.core.typed import parse, to_plain
+from qaft.quant.fakequant import QuantLinear
+from qaft.quant.scheme import QuantScheme, WeightFormat
+from qaft.quant.store import META, load_quantized, write_quantized
+
+from .checkpoint import TRAINED_TENSORS
+from .config import TrainConfig, TuneConfig
+from .parallel import launch_of
+from .task import Task
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TuneJob(TrainConfig):
+    """One tuning run: the teacher (``model``), the tuning text (``data``), the loop (``training``), the
+    scheme, the tuning options and the post-pass folder it starts from. Built from the root config by
+    the pipeline (``commands.tune_job``); a checkpoint records all of it, so a resume is exact."""
+
+    tune: TuneConfig
+    """The ``tune`` section."""
+    source: str
+    """The post-pass result the factors start from (``postpass.output_dir``)."""
+    rank: int
+    """The factors' rank when ``tune.init`` is ``zero`` (``postpass.rank``)."""
+
+    @property
+    def source_id(self) -> str | None:
+        """sha256 of the source's record (which holds its calibration and per-layer telemetry): a re-quantized
+        folder at the same path is another start, so checkpoints and results of the old one are not reused."""
+        record = Path(self.source) / META
+        return sha256_file(record) if record.is_file() else None
+
+    def training_part(self) -> dict[str, Any]:
+        return super().training_part() | {"tune": to_plain(self.tune), "source": self.source, "source_sha256": self.source_id, "rank": self.rank}
+
+
+def kd_per_position(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the vocabulary at each position (``[..., vocab]`` → ``[...]``, float32)."""
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return temperature**2 * (t.exp() * (t - s)).sum(-1)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``kd_per_position`` averaged over every position of the batch."""
+    return kd_per_position(student, teacher, temperature).mean()
+
+
+def check_source(job: TuneJob) -> dict[str, Any]:
+    """The post-pass record ``job.source`` holds, refused when tuning cannot start from it."""
+    src = Path(job.source)
+    if not (src / META).is_file():
+        raise CheckpointError(f"tune: no post-pass result at {src} (no {META}); run `qaft quantize CONFIG` or `qaft run CONFIG --from quantize` first")
+    meta = json.loads((src / META).read_text())
+    if str(meta["source_model"]) != str(job.model.name_or_path):
+        raise ConfigError(
+            f"tune: the post-pass result at {src} was made from {meta['source_model']!r}, but the teacher (model.name_or_path) is "
+            f"{job.model.name_or_path!r}; quantize the teacher again, or point model.name_or_path at {meta['source_model']!r}"
+        )
+    if job.tune.init == "closed_form" and not meta.get("rank"):
+        raise ConfigError(f"tune.init: closed_form starts from the post-pass factors, and {src} has none (reconstructor none); use tune.init=zero")
+    if job.tune.init == "zero" and job.rank == 0 and not job.tune.train_scales:
+        raise ConfigError("tune.init: zero creates factors of rank postpass.rank, which is 0; set postpass.rank (e.g. 32) or tune.train_scales=true")
+    return meta
+
+
+def check_options(tune: TuneConfig, weight_format: WeightFormat) -> None:
+    """What the tuning options cannot do with this scheme, one line each."""
+    if tune.train_scales and weight_format is not WeightFormat.INT:
+        raise ConfigError(
+            f"tune.train_scales: only int schemes can train their scales (the {weight_format.value} grid fixes them: MXINT's are powers of "
+            "two, GGUF's are re-derived from each block by llama.cpp's writer); set tune.train_scales=false"
+        )
+    bad = [(s.name, why) for s in tune.callbacks if (why := CALLBACKS.get(s.name).quantized_base_problem(s.options))]
+    if bad:
+        raise ConfigError([f"tune.callbacks: {name} cannot run in qaft tune: {why}" for name, why in bad])
+
+
+def fresh_factors(model: torch.nn.Module, rank: int, seed: int) -> None:
+    """``tune.init: zero``: every ``QuantLinear`` gets rank-``rank`` factors as peft starts a LoRA adapter,
+    ``lora_B = 0`` (the model is unchanged) and ``lora_A`` Kaiming-uniform (so ``lora_B`` gets a gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            k = min(rank, m.in_features, m.out_features)
+            bound = 1 / math.sqrt(m.in_features)
+            a = (torch.rand(k, m.in_features, generator=g) * 2 - 1) * bound
+            m.lora_A = torch.nn.Parameter(a.to(m.weight.dtype), requires_grad=False)
+            m.lora_B = torch.nn.Parameter(torch.zeros(m.out_features, k, dtype=m.weight.dtype), requires_grad=False)
+
+
+class Distill(Task):
+    """``qaft tune``'s task: the post-pass model's factors (and scales) trained against the float teacher."""
+
+    verb = "qaft tune"
+    trainable = TRAINED_TENSORS
+
+    def __init__(self, job: TuneJob):
+        self.job = job
+        self.meta = check_source(job)
+        self.scheme = parse(QuantScheme, self.meta["scheme"], "scheme")
+        check_options(job.tune, self.scheme.weight.format)
+        self.teacher: torch.nn.Module | None = None
+
+    def check(self, cfg: TrainConfig, accelerator: Any) -> None:
+        launch = launch_of(accelerator)
+        if launch.sharded:
+            raise PreflightError(
+                f"launch: qaft tune under {launch.sharded} is not supported: the quantized layers hold whole codes and "
+                "factors per process; tune with DDP or one process (launch/ddp-cpu.yaml, ddp-gpu.yaml)"
+            )
+
+    def build(self, cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
+        student, tokenizer, _ = load_quantized(self.job.source)
+        if self.job.tune.init == "zero":
+            fresh_factors(student, self.job.rank, cfg.training.seed)
+        student.requires_grad_(False)
+        layers = [m for m in student.modules() if isinstance(m, QuantLinear)]
+        for m in layers:
+            for p in (m.lora_A, m.lora_B, m.scale if self.job.tune.train_scales else None):
+                if p is not None:
+                    p.requires_grad_(True)
+        if not any(p.requires_grad for p in student.parameters()):
+            raise ConfigError(f"tune: nothing to train in {self.job.source}: no low-rank factors (rank 0) and tune.train_scales is false")
+        teacher, _ = load_model_and_tokenizer(cfg.model)
+        self.teacher = teacher.eval().requires_grad_(False)
+        return student.train(), tokenizer
+
+    def ready(self, accelerator: Any) -> None:
+        self.teacher.to(accelerator.device)
+        self.accelerator = accelerator
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher under the same autocast as the student (bf16 matmuls when ``training.bf16``)."""
+        with self.accelerator.autocast():
+            return self.teacher(input_ids=batch["input_ids"]).logits
+
+    def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
+        return kd_loss(outputs.logits, self.teacher_logits(batch), self.job.tune.temperature)
+
+    def eval_terms(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """On the held-out blocks, per sequence: ``eval_kl``, the KL to the teacher at temperature 1 (what tuning
+        lowers), and ``eval_teacher_loss``, the teacher's own next-token loss (``eval_teacher_ppl``: the bound)."""
+        teacher = self.teacher_logits(batch)
+        nll = F.cross_entropy(teacher[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none").mean(1)
+        return {"eval_kl": kd_per_position(logits, teacher, 1.0).mean(-1), "eval_teacher_loss": nll}
+
+    def write_final(self, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+        for m in model.modules():
+            if isinstance(m, QuantLinear) and m.scale.requires_grad:
+                m.refresh_weight()
+        record = {
+            "config": to_plain(self.job.tune),
+            "source": self.job.source,
+            "source_sha256": self.job.source_id,
+            "teacher": self.job.model.name_or_path,
+            "data": {
+                "path": self.job.data.path,
+                "sha256": sha256_file(Path(self.job.data.path)) if Path(self.job.data.path).is_file() else None,
+                "seq_len": self.job.data.block_size,
+            },
+            "start": self.meta["method"],
+            "steps": self.job.training.max_steps,
+        }
+        meta = {k: v for k, v in self.meta.items() if k not in ("format_version", "scheme", "quantized")}
+        rank = self.job.rank if self.job.tune.init == "zero" else meta["rank"]
+        method = f"{self.meta['method']}+{self.job.tune.objective.value}"
+        write_quantized(model, tokenizer, folder, self.scheme, meta | {"method": method, "rank": rank, "tune": record})
+
+    def done(self, steps: int, final: Path) -> str:
+        return f"{self.verb}: done, {steps} steps; tuned post-pass result in {final} (export it with `qaft export`)"
