@@ -3,7 +3,7 @@
 Reads only what the stages wrote, so it can be rebuilt at any time (``qaft run --from report``):
 ``stages/run.yaml``, ``metrics.jsonl`` (training curves and every callback's metrics),
 ``mat_lambda.png`` (MAT's λmax heatmap), ``eval.json`` (the perplexity table), ``quantized/``
-(per-layer errors; the scheme), ``final/`` (weights for the error spectra) and
+(per-layer errors; the scheme), ``tune/`` (tuning curves, per-block errors), ``final/`` (weights for the error spectra) and
 ``export/manifest.json`` (sizes and parity). Plots need matplotlib (``pip install 'qaft[plots]'``);
 without it the report has the tables and says the plots were skipped.
 """
@@ -152,6 +152,23 @@ def layer_error_figure(fig: Figures, meta: dict[str, Any]) -> Path | None:
     return fig.save(f, "layer-error")
 
 
+def block_error_figure(fig: Figures, tuned: dict[str, Any]) -> Path | None:
+    """Per decoder block, the relative output error against the float model, as solved and as tuned (``qaft tune``)."""
+    errors = (tuned.get("tune") or {}).get("block_errors")
+    if fig.plt is None or not errors:
+        return None
+    f, ax = fig.plt.subplots(figsize=(9, 3.2))
+    for label, values in errors.items():
+        ax.plot(range(len(values)), values, marker="o", ms=3, lw=1, label=label.replace("_", " "))
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("‖y − y_float‖ / ‖y_float‖ (calibration)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"per-block output error, {tuned.get('method')}", fontsize=10)
+    f.tight_layout()
+    return fig.save(f, "block-error")
+
+
 def spectra_figure(fig: Figures, out: Path, meta: dict[str, Any]) -> Path | None:
     """Singular values of the RTN error ``W − Q(W)`` of the fine-tuned weights (first, middle, last block), rank cut marked."""
     files = sorted((out / "final").glob("*.safetensors"))
@@ -270,6 +287,9 @@ def write_report(out: str | Path) -> Path:
                 figure("MAT λmax per head (layers × heads, per recomputation)", Path(shutil.copy(out / "mat_lambda.png", tmp / "mat_lambda.png")))
         if meta:
             figure("Per-layer quantization error", layer_error_figure(figs, meta))
+        tuned = _read_json(out / "tune" / "final" / "qaft_quant.json")
+        if tuned:
+            figure("Per-block output error: closed form vs tuned", block_error_figure(figs, tuned))
             figure("Singular-value spectra of the quantization error", spectra_figure(figs, out, meta))
         if manifest:
             head, body = export_table(manifest)

@@ -77,18 +77,25 @@ def kept_energy(m: torch.Tensor, s: torch.Tensor) -> float:
     return 1.0 if total == 0 else (s.pow(2).sum() / total).clamp(max=1.0).item()
 
 
-def quantize_factors(c: Correction, bits: int) -> Correction:
-    """Put ``A`` and ``B`` on a symmetric per-row ``bits``-bit RTN grid, as an int8 LoRA kernel would store them.
+def balanced(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A·diag(k), diag(k)⁻¹·B)`` with ``‖A[:, j]‖ = ‖B[j]‖`` for every component j (float64): the same product.
 
-    The components are first balanced (``‖A[:, j]‖ = ‖B[j]‖``, the product unchanged): ``A = U Σ`` puts
-    the whole σ range into A's rows, where one per-row scale would flatten the small components."""
-    if c.rank == 0:
-        return c
-    a, b = c.A.to(torch.float64), c.B.to(torch.float64)
+    The closed forms put the whole σ range into one factor (``A = U Σ``); balanced factors let a per-row
+    grid (``quantize_factors``) and an element-wise optimizer (``qaft tune``'s AdamW) treat both alike."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
     na, nb = a.norm(dim=0), b.norm(dim=1)
     k = torch.where((na > 0) & (nb > 0), torch.sqrt(nb / na.clamp(min=1e-300)), torch.ones_like(na))
+    return a * k, b / k[:, None]
+
+
+def quantize_factors(c: Correction, bits: int) -> Correction:
+    """Put ``A`` and ``B`` on a symmetric per-row ``bits``-bit RTN grid, as an int8 LoRA kernel would store
+    them, after balancing them (otherwise one per-row scale would flatten the small components)."""
+    if c.rank == 0:
+        return c
+    a, b = balanced(c.A, c.B)
     spec = WeightQuant(bits=bits, granularity=Granularity.CHANNEL)
-    qa, qb = quantize_weight(a * k, spec).dequant, quantize_weight(b / k[:, None], spec).dequant
+    qa, qb = quantize_weight(a, spec).dequant, quantize_weight(b, spec).dequant
     return Correction(qa.to(c.A.dtype), qb.to(c.B.dtype), c.kept_energy)
 
 

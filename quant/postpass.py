@@ -201,3 +201,24 @@ def quantize_model(
         else:
             inputs = [(layer(h, **kw), kw) for h, kw in inputs]
     return reports, kept
+
+
+@torch.no_grad()
+def block_errors(model: torch.nn.Module, reference: torch.nn.Module, calibration: torch.Tensor) -> list[float]:
+    """Per decoder block, ``‖y − y_ref‖ / ‖y_ref‖`` over the calibration tokens: ``model``'s block and the
+    reference model's block on the same inputs, those ``model`` itself produces (quantized propagation).
+    Any method can be compared this way (ASER's smoothing changes the Linears' weights, not a block's function)."""
+    _, layers = decoder_layers(model)
+    _, ref_layers = decoder_layers(reference)
+    inputs = capture_inputs(model, layers[0], calibration)
+    errors = []
+    for layer, ref in zip(layers, ref_layers):
+        outputs = [layer(h, **kw) for h, kw in inputs]
+        num = den = 0.0
+        for (h, kw), y in zip(inputs, outputs):
+            y, y_ref = (t[0] if isinstance(t, tuple) else t for t in (y, ref(h, **kw)))
+            num += (y - y_ref).float().pow(2).sum().item()
+            den += y_ref.float().pow(2).sum().item()
+        errors.append((num / max(den, 1e-30)) ** 0.5)
+        inputs = [(y[0] if isinstance(y, tuple) else y, kw) for y, (_, kw) in zip(outputs, inputs)]
+    return errors

@@ -98,6 +98,8 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
         "Training curves",
         "Callback telemetry",
         "Per-layer quantization error",
+        "Tuning curves",
+        "Per-block output error: closed form vs tuned",
         "Singular-value spectra",
         "Export: size and reload parity",
         "Config",

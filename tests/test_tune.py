@@ -54,6 +54,8 @@ def test_tuning_lowers_the_held_out_kl_below_the_closed_form_and_moves_only_the_
     assert moved and all(k.endswith((".lora_A", ".lora_B")) for k in moved), moved
     meta = json.loads((final / "qaft_quant.json").read_text())
     assert meta["method"] == "rtn+l2qer+kd" and meta["tune"]["steps"] == 12 and meta["tune"]["source"] == str(cfg.quantized_dir)
+    blocks = meta["tune"]["block_errors"]  # per decoder block, relative output error against the teacher (KD does not minimise it)
+    assert len(blocks["closed_form"]) == len(blocks["tuned"]) == 2 and blocks["tuned"] != blocks["closed_form"] and min(blocks["tuned"]) > 0
 
 
 def test_train_scales_moves_scales_and_factors_and_nothing_else(make_cfg):

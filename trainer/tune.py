@@ -34,7 +34,10 @@ from qaft.core.errors import CheckpointError, ConfigError, PreflightError
 from qaft.core.io import sha256_file
 from qaft.core.model import load_model_and_tokenizer
 from qaft.core.typed import parse, to_plain
+from qaft.quant.calibrate import calibration_ids
 from qaft.quant.fakequant import QuantLinear
+from qaft.quant.lowrank import balanced
+from qaft.quant.postpass import block_errors
 from qaft.quant.scheme import QuantScheme, WeightFormat
 from qaft.quant.store import META, load_quantized, write_quantized
 
@@ -110,6 +113,17 @@ def check_options(tune: TuneConfig, weight_format: WeightFormat) -> None:
         raise ConfigError([f"tune.callbacks: {name} cannot run in qaft tune: {why}" for name, why in bad])
 
 
+@torch.no_grad()
+def balance_factors(model: torch.nn.Module) -> None:
+    """``tune.init: closed_form``: the post-pass factors, balanced (``lowrank.balanced``: the same product,
+    ``‖lora_B[:, j]‖ = ‖lora_A[j]‖``), so that AdamW's per-element steps are of one size for both factors."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.lora_A is not None:
+            a, b = balanced(m.lora_B, m.lora_A)  # our A = peft's lora_B [out, k], our B = peft's lora_A [k, in]
+            m.lora_B.copy_(a.to(m.lora_B.dtype))
+            m.lora_A.copy_(b.to(m.lora_A.dtype))
+
+
 def fresh_factors(model: torch.nn.Module, rank: int, seed: int) -> None:
     """``tune.init: zero``: every ``QuantLinear`` gets rank-``rank`` factors as peft starts a LoRA adapter,
     ``lora_B = 0`` (the model is unchanged) and ``lora_A`` Kaiming-uniform (so ``lora_B`` gets a gradient)."""
@@ -148,6 +162,8 @@ class Distill(Task):
         student, tokenizer, _ = load_quantized(self.job.source)
         if self.job.tune.init == "zero":
             fresh_factors(student, self.job.rank, cfg.training.seed)
+        else:
+            balance_factors(student)
         student.requires_grad_(False)
         layers = [m for m in student.modules() if isinstance(m, QuantLinear)]
         for m in layers:
@@ -180,6 +196,19 @@ class Distill(Task):
         nll = F.cross_entropy(teacher[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none").mean(1)
         return {"eval_kl": kd_per_position(logits, teacher, 1.0).mean(-1), "eval_teacher_loss": nll}
 
+    def errors_by_block(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, list[float]]:
+        """Per decoder block, the relative output error against the teacher on the post-pass's own calibration
+        tokens, as solved and as tuned: where the tuning changed what (the report plots it)."""
+        c = self.meta["calibration"]
+        ids = calibration_ids(c["path"], tokenizer, c["samples"], c["seq_len"])
+        solved, _, _ = load_quantized(self.job.source)
+        was = model.training
+        model.eval()
+        try:
+            return {"closed_form": block_errors(solved, self.teacher, ids), "tuned": block_errors(model, self.teacher, ids)}
+        finally:
+            model.train(was)
+
     def write_final(self, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
         for m in model.modules():
             if isinstance(m, QuantLinear) and m.scale.requires_grad:
@@ -196,6 +225,7 @@ class Distill(Task):
             },
             "start": self.meta["method"],
             "steps": self.job.training.max_steps,
+            "block_errors": self.errors_by_block(model, tokenizer),
         }
         meta = {k: v for k, v in self.meta.items() if k not in ("format_version", "scheme", "quantized")}
         rank = self.job.rank if self.job.tune.init == "zero" else meta["rank"]

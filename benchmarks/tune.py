@@ -1,0 +1,158 @@
+"""Tuned vs closed-form low-rank correction on SmolLM2-135M: ``qaft quantize`` then ``qaft tune``, per scheme.
+
+Per scheme (and per ``--starts`` closed form): the post-pass on the source model (the original, or a
+run's ``final/`` with ``--model``), its perplexity, ``qaft tune`` from it, the tuned perplexity; beside
+the source model's float perplexity (the teacher: what tuning can at best recover) and, for A8 schemes,
+the float model with the same activation quantization. GGUF schemes are also exported and reloaded
+through transformers' GGUF loader (``export`` column). Bits per quantized weight count codes, fp16
+scales (and minima) and fp16 factors, as a deployment would store them. Protocol of
+``configs/smollm2-postpass.yaml``: WikiText-2 test 8 × 512, calibration 16 × 512 tokens from the start
+of WikiText-2 valid; tuning reads the same validation text (its last 5% is held out and gives
+``valid_*``, the numbers defaults are chosen on). Writes ``benchmarks/results/tune.json`` (``--out``).
+
+    .venv/bin/python benchmarks/tune.py --schemes w4 w4g64 q4_0 w4a8 w3g64 --steps 150
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from common import add_run_arguments, train_rows
+
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
+from qaft.core.text import token_stream
+from qaft.eval.perplexity import perplexity
+from qaft.export.exporter import load_export
+from qaft.pipeline.commands import export_run, quantize_and_save, tune_run
+from qaft.pipeline.config import load_config
+from qaft.quant.fakequant import QuantLinear
+from qaft.quant.grid import fake_quant_activation
+from qaft.quant.store import load_quantized
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT / "configs" / "smollm2-postpass.yaml"
+SCHEMES = {
+    "w4": ["quant.weight.granularity=channel"],
+    "w4g64": ["quant.weight.granularity=group", "quant.weight.group_size=64"],
+    "w3g64": ["quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=64"],
+    "w4a8": ["quant.activation.bits=8"],
+    "q4_0": ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"],
+    "w4r8": ["postpass.rank=8"],
+    "q4_0r8": ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "postpass.rank=8"],
+}
+STARTS = {
+    "l2qer": ["postpass.reconstructor=l2qer"],
+    "whiten": ["postpass.reconstructor=whiten"],
+    "gptq+whiten": ["postpass.quantizer=gptq", "postpass.reconstructor=whiten"],
+    "zero": ["postpass.reconstructor=none", "tune.init=zero"],
+}
+
+
+def bits_per_weight(model: torch.nn.Module) -> float:
+    """Codes + fp16 scales (and fp16 minima / int zero points) + fp16 factors, per quantized weight."""
+    bits = weights = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            n = m.codes.numel()
+            weights += n
+            bits += n * m.spec.bits + 16 * m.scale.numel() + (0 if m.zero is None else 16 * m.zero.numel())
+            if m.lora_A is not None:
+                bits += 16 * (m.lora_A.numel() + m.lora_B.numel())
+    return bits / weights
+
+
+def a8_float_ppl(source: str, ids: torch.Tensor, cfg) -> float:
+    """The float model with each decoder Linear's input fake-quantized as the scheme's activations: A8's own bound."""
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=source))
+    for lin in cfg.quant.linears(model).values():
+        lin.register_forward_pre_hook(lambda mod, args: (fake_quant_activation(args[0], cfg.quant.activation),))
+    return perplexity(model, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--schemes", nargs="+", default=["w4", "w4g64", "q4_0", "w4a8", "w3g64"], choices=list(SCHEMES))
+    ap.add_argument("--starts", nargs="+", default=["whiten"], choices=list(STARTS))
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--model", default="smollm2-135m", help="the source model: the original, or a training run's final/")
+    add_run_arguments(ap, ROOT, "tune")
+    args = ap.parse_args()
+    work = Path(args.work)
+    report = {"model": args.model, "steps": args.steps, "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "results": {}}
+    float_model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=args.model))
+    base = load_config(EVAL, [f"model.name_or_path={args.model}", *args.set])
+    ids = token_stream(base.eval.path, tok, key="eval.path")
+    report["float_ppl"] = perplexity(float_model, ids, base.eval.seq_len, base.eval.windows, progress=False).ppl
+    del float_model
+    for scheme in args.schemes:
+        for start in args.starts:
+            name = f"{scheme}/{start}"
+            out = work / scheme / start
+            cfg = load_config(
+                EVAL,
+                [
+                    f"model.name_or_path={args.model}",
+                    "training.bf16=true",
+                    "postpass.randomized_svd=true",
+                    *SCHEMES[scheme],
+                    *STARTS[start],
+                    f"training.output_dir={out}",
+                    f"tune.steps={args.steps}",
+                    "tune.logging_steps=10",
+                    f"tune.eval_steps={max(args.steps // 3, 1)}",
+                    "tune.save_steps=0",
+                    *args.set,
+                ],
+            )
+            row: dict = {"scheme": cfg.quant.label, "start": start, "rank": cfg.postpass.rank}
+            t0 = time.perf_counter()
+            quantize_and_save(cfg, overwrite=True, progress=False)
+            row["postpass_seconds"] = time.perf_counter() - t0
+            solved, _, _ = load_quantized(cfg.quantized_dir)
+            row["bits_per_weight"] = bits_per_weight(solved)
+            row["closed_form_ppl"] = perplexity(solved, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
+            del solved
+            t0 = time.perf_counter()
+            final = tune_run(cfg, overwrite=True)
+            row["tune_seconds"] = time.perf_counter() - t0
+            tuned, _, _ = load_quantized(final)
+            row["tuned_ppl"] = perplexity(tuned, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
+            row["bits_per_weight_tuned"] = bits_per_weight(tuned)
+            del tuned
+            evals = train_rows(cfg.tune_dir, "eval")
+            row["valid"] = [{k: r[k] for k in ("step", "eval_kl", "eval_ppl", "eval_teacher_ppl")} for r in evals]
+            steps = [r["s_per_step"] for r in train_rows(cfg.tune_dir) if "s_per_step" in r]
+            row["median_s_per_step"] = sorted(steps)[len(steps) // 2] if steps else None
+            if cfg.quant.activation.bits is not None:
+                row["a8_float_ppl"] = a8_float_ppl(args.model, ids, cfg)
+            if cfg.quant.weight.gguf_type is not None:
+                folder, _ = export_run(cfg, overwrite=True, progress=False)
+                exported, _, _ = load_export(folder)
+                row["export_ppl"] = perplexity(exported, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
+                del exported
+            bound = row.get("a8_float_ppl", report["float_ppl"])
+            row["closed_form_ratio"], row["tuned_ratio"] = row["closed_form_ppl"] / bound, row["tuned_ppl"] / bound
+            report["results"][name] = row
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2))
+            print(
+                f"{name:<18} {row['bits_per_weight']:.2f} bits  closed form {row['closed_form_ppl']:.2f} ({row['closed_form_ratio']:.3f}x)  "
+                f"tuned {row['tuned_ppl']:.2f} ({row['tuned_ratio']:.3f}x)  {row['tune_seconds'] / 60:.1f} min",
+                flush=True,
+            )
+    print(
+        f"float {report['float_ppl']:.2f}; WikiText-2 test {base.eval.windows} x {base.eval.seq_len}; {args.steps} tuning steps of "
+        f"{base.tune.batch_size} x {base.tune.seq_len} tokens; {report['threads']} threads, OMP_WAIT_POLICY={report['omp_wait_policy']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
