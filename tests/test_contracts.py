@@ -109,3 +109,54 @@ def test_every_format_refuses_what_it_cannot_hold_before_writing(name, make_cfg)
     with pytest.raises(ExportError):
         export_run(cfg, overwrite=False, progress=False)
     assert not cfg.export_dir.exists() and not any(p.name.startswith(".tmp") for p in cfg.export_dir.parent.iterdir())
+
+
+def _corrupt_compressed_tensors(monkeypatch):
+    """Flip one packed int32 word (8 int4 codes) of the first quantized Linear right after the library packs it."""
+    from safetensors.torch import load_file, save_file
+
+    import qaft.export.ctformat as ctformat
+
+    real = ctformat.write_packed
+
+    def write_then_flip(model, tok, scheme, out):
+        names = real(model, tok, scheme, out)
+        f = next(out.glob("*.safetensors"))
+        t = load_file(str(f))
+        key = sorted(k for k in t if k.endswith("weight_packed"))[0]
+        t[key].view(-1)[0] ^= 0x7777_7777
+        save_file(t, str(f), metadata={"format": "pt"})
+        return names
+
+    monkeypatch.setattr(ctformat, "write_packed", write_then_flip)
+
+
+def _corrupt_gguf(monkeypatch):
+    """Change one byte of codes in the first quantized tensor's packed blocks."""
+    import qaft.export.gguffile as gguffile
+
+    real, done = gguffile.quantized, []
+
+    def quantized_then_flip(name, values, t):
+        packed = real(name, values, t).copy()
+        if not done:
+            packed.reshape(-1)[-1] ^= 0x55  # the last byte: codes, never a block scale
+            done.append(name)
+        return packed
+
+    monkeypatch.setattr(gguffile, "quantized", quantized_then_flip)
+
+
+CORRUPT = {"compressed-tensors": _corrupt_compressed_tensors, "gguf": _corrupt_gguf}
+
+
+@pytest.mark.parametrize("name", FORMATS.names())
+def test_a_reload_mismatch_fails_the_export_and_publishes_nothing(name, make_cfg, monkeypatch):
+    """The parity gate: files that do not reload to the model fail the command; no export folder, no temp folder."""
+    fmt = FORMATS.get(name)
+    cfg = make_cfg(*SMALL_POSTPASS, f"export.format={name}", *scheme_for(fmt))
+    quantize_and_save(cfg, overwrite=False, progress=False)
+    CORRUPT[name](monkeypatch)
+    with pytest.raises(ExportError, match=r"reload parity failed .* > export\.parity_atol"):
+        export_run(cfg, overwrite=False, progress=False)
+    assert not cfg.export_dir.exists() and not any(p.name.startswith(".tmp") for p in cfg.export_dir.parent.iterdir())

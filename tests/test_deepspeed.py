@@ -6,6 +6,7 @@ an ungathered save: the empty-adapter bug)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +17,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-pytest.importorskip("deepspeed")
+if importlib.util.find_spec("deepspeed") is None:  # installed by the dev extra: a missing one must not turn these proofs into skips
+    pytest.fail("deepspeed is not installed; `pip install -e '.[dev]'` (or '.[deepspeed]') installs it", pytrace=False)
 pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,3 +182,19 @@ def test_a_callback_deepspeed_rules_out_stops_before_training(runs):
     assert direct.returncode != 0 and "callbacks: mat under DeepSpeed" in direct.stderr, direct.stderr[-3000:]
     assert "internal error" not in direct.stderr
     assert not (run_dir(cfg) / "final").exists()
+
+
+def test_without_the_gather_a_zero3_save_is_refused_not_written_empty(runs, tmp_path):
+    """The negative control of the gather: the same ZeRO-3 run with ``gathered`` switched off in the saving code
+    (a ``sitecustomize`` in the ranks' path) must stop at the first save with the "not gathered" error. So the
+    factors really are sharded in these runs and the gather is what makes every saved adapter whole."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import contextlib\nimport qaft.trainer.checkpoint as c\nc.gathered = lambda *a, **k: contextlib.nullcontext()\n")
+    cfg = runs.config("z3-ungathered", max_steps=2)
+    env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook)}
+    r = subprocess.run(
+        ["bash", str(ROOT / "launch" / "train.sh"), str(runs.launch(3)), str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
+    assert r.returncode != 0 and "is sharded across processes and was not gathered" in r.stderr, r.stderr[-3000:]
+    assert not (run_dir(cfg) / "checkpoint-2").exists() and not (run_dir(cfg) / "final").exists()

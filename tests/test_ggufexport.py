@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import gguf  # a dependency of qaft: never a skip
 import numpy as np
 import pytest
 import torch
-
-gguf = pytest.importorskip("gguf")
 
 from qaft.core.errors import ConfigError, ExportError  # noqa: E402
 from qaft.export.gguffile import ADAPTER_FILE, Layout, quantized, read_adapter  # noqa: E402
@@ -100,6 +99,28 @@ def test_the_adapter_file_round_trips_every_factor_exactly(make_cfg):
         assert torch.equal(a, layers[name].lora_A) and torch.equal(b, layers[name].lora_B), name
     r = {t.name: t for t in reader.tensors}["blk.0.attn_q.weight.lora_b"]  # stored rows are permuted like the weight's
     assert not torch.equal(torch.from_numpy(np.array(r.data)), layers["model.layers.0.self_attn.q_proj"].lora_B)
+
+
+def test_per_layer_ranks_follow_llama_cpps_scale_rule_on_the_raw_tensors(make_cfg):
+    """llama.cpp scales every adapter tensor pair by ``alpha / rank`` (its own rank): with ranks that differ per
+    layer the file holds one alpha, so ``lora_b`` carries ``rank / alpha``. Read raw, the rule must give back
+    qaft's factors (rows permuted like the weight), independently of qaft's own reader."""
+    cfg = gguf_result(make_cfg, "Q8_0", "postpass.rank=8", "postpass.energy=0.5")
+    out, m = export(cfg, overwrite=False, progress=False)
+    ours, _, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    reader = gguf.GGUFReader(out / ADAPTER_FILE)
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    raw = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in reader.tensors}
+    layout, tmap = Layout.of(ours.config), gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, ours.config.num_hidden_layers)
+    ranks = set()
+    for name, layer in ((n, x) for n, x in ours.named_modules() if isinstance(x, QuantLinear)):
+        g = tmap.get_name(f"{name}.weight", try_suffixes=(".weight",))
+        a, b = raw[f"{g}.lora_a"], raw[f"{g}.lora_b"]
+        rank = a.shape[0]
+        ranks.add(rank)
+        assert rank == layer.lora_A.shape[0] and torch.equal(a, layer.lora_A)
+        torch.testing.assert_close(b * (alpha / rank), layout.permute(g, layer.lora_B), rtol=1e-6, atol=1e-7)
+    assert len(ranks) > 1 and alpha == max(ranks)  # the case the folding exists for
 
 
 def test_the_tokenizer_round_trips(make_cfg):

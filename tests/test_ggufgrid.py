@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 
+import gguf  # a dependency of qaft: never a skip
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qaft.quant.ggufgrid import CODE_RANGE, MXFP4_CODES  # noqa: E402
 from qaft.quant.grid import dequantize, quant_step, quantize_weight  # noqa: E402
@@ -35,8 +34,9 @@ def reference(w: torch.Tensor, t: GGUFType) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reference_grid_and_codes(blocks: np.ndarray, t: GGUFType) -> tuple[np.ndarray, np.ndarray | None]:
-    """Stored scale per block and the codes (our convention) of the types whose layout is one nibble
-    or byte per weight: Q4_0 (``nibble − 8``), Q4_1 (nibble), Q8_0 (int8), MXFP4 (doubled E2M1 value)."""
+    """Stored scale per block and the codes in our convention, unpacked from ggml's block layouts: Q4_0
+    (``nibble − 8``), Q4_1 (nibble), Q5_0 (``(nibble | high bit << 4) − 16``), Q5_1 (unsigned), Q8_0 (int8),
+    MXFP4 (doubled E2M1 value). Q5_x keep the 32 high bits in a uint32 ``qh`` before the nibbles."""
     if t is GGUFType.MXFP4:
         e = blocks[:, 0].astype(np.uint32)
         scale = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23)).view(np.float32)
@@ -45,11 +45,17 @@ def reference_grid_and_codes(blocks: np.ndarray, t: GGUFType) -> tuple[np.ndarra
     scale = blocks[:, :2].copy().view(np.float16).astype(np.float32).ravel()
     if t is GGUFType.Q8_0:
         return scale, blocks[:, 2:].copy().view(np.int8).astype(np.float32)
-    qs = blocks[:, 4:] if t is GGUFType.Q4_1 else blocks[:, 2:]
+    header = 4 if t in (GGUFType.Q4_1, GGUFType.Q5_1) else 2  # d (and the minimum m), fp16 each
     if t in (GGUFType.Q4_0, GGUFType.Q4_1):
+        qs = blocks[:, header:]
         nib = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
         return scale, nib - 8 if t is GGUFType.Q4_0 else nib
-    return scale, None  # Q5_x: high bits elsewhere; values and scales still compared
+    qh = blocks[:, header : header + 4].copy().view("<u4").ravel()
+    qs = blocks[:, header + 4 :]
+    nib = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.uint32)
+    high = (qh[:, None] >> np.arange(32, dtype=np.uint32)[None, :]) & 1
+    codes = (nib | (high << 4)).astype(np.float32)
+    return scale, codes - 16 if t is GGUFType.Q5_0 else codes
 
 
 def assert_bit_exact(w: torch.Tensor, t: GGUFType) -> None:
@@ -58,8 +64,7 @@ def assert_bit_exact(w: torch.Tensor, t: GGUFType) -> None:
     assert torch.equal(q.dequant, torch.from_numpy(values)), f"{t.value}: values differ"
     scale, codes = reference_grid_and_codes(blocks, t)
     assert torch.equal(q.scale.reshape(-1), torch.from_numpy(scale)), f"{t.value}: stored scales differ"
-    if codes is not None:
-        assert torch.equal(q.codes.float().reshape(-1, 32), torch.from_numpy(codes)), f"{t.value}: codes differ"
+    assert torch.equal(q.codes.float().reshape(-1, 32), torch.from_numpy(codes)), f"{t.value}: codes differ"
     if t in (GGUFType.Q4_1, GGUFType.Q5_1):
         m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32).ravel()
         assert torch.equal(q.zero.reshape(-1), torch.from_numpy(m)), f"{t.value}: stored minimum differs"

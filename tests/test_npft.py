@@ -69,6 +69,8 @@ def test_outlier_range_noise_stays_in_the_row_range_and_sums_to_zero_per_row():
             width = values[sel].max() - values[sel].min()
             assert abs(noise[sel].sum()) < 1e-4 and (noise[sel].abs() <= width + 1e-6).all()
     assert noise[-1] != 0  # the released code's weakness: a single outlier got exactly zero
+    multi = torch.stack([values[rows == r].max() - values[rows == r].min() for r in rows.unique() if (rows == r).sum() > 1])
+    assert noise[-1].abs() <= multi.median() / 2  # ±½ the module's median multi-outlier row range
     half = outlier_range_noise(values, rows, torch.Generator().manual_seed(1), scale=0.5)
     assert torch.allclose(half, noise * 0.5)
 

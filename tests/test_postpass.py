@@ -146,21 +146,40 @@ def test_smoothing_groups_by_shared_input_and_folds_into_the_producing_norm(tiny
         }
 
 
-def test_smoothing_alone_leaves_the_function_unchanged(tiny):
-    """With 16-bit weights and float activations, smoothing is an exact re-parametrisation."""
+def test_smoothing_alone_is_an_exact_reparametrisation(tiny):
+    """Smoothing without any quantization, in float64: weight columns times f, 1/f folded into the norms or
+    applied as explicit input scales, changes the logits only by rounding (~1e-12), while the weights move."""
+    from qaft.core.modules import decoder_layers
+    from qaft.quant.postpass import capture_inputs
+    from qaft.quant.reconstructors import RECONSTRUCTORS
+
     model, calib = tiny
     model = model.double()
     ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(3))
-    ref = model(ids).logits
-    fine = QuantScheme(weight=WeightQuant(bits=8, granularity=Granularity.TENSOR))
-    plain, smooth = copy.deepcopy(model), copy.deepcopy(model)
-    quantize_model(plain, calib, fine, postpass("lqer", 32), progress=False)
-    quantize_model(smooth, calib, fine, postpass({"name": "aser", "alpha": 0.5, "outliers": None, "extract": False}, 32), progress=False)
-    # not bit-equal (the grid moves with the scaled columns), but both are within 8-bit noise of float
-    assert (smooth(ids).logits - ref).norm() / ref.norm() < 0.02
+    with torch.no_grad():
+        ref = model(ids).logits
+        before = copy.deepcopy(model.state_dict())
+        aser = RECONSTRUCTORS.create(RECONSTRUCTORS.spec("aser", alpha=0.5, outliers=None, extract=False))
+        prefix, layers = decoder_layers(model)
+        inputs = capture_inputs(model, layers[0], calib)
+        for i, layer in enumerate(layers):
+            targets = QuantScheme().layer_linears(layer, f"{prefix}.{i}")
+            with collect(targets) as stats, aser.observe(layer, targets) as observed:
+                outputs = [layer(h, **kw) for h, kw in inputs]
+            prep = aser.prepare(layer, targets, stats, observed)
+            for name, scale in prep.input_scales.items():  # what QuantLinear does with an input scale
+                targets[name].register_forward_pre_hook(lambda mod, args, s=scale: (args[0] * s,))
+            inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs)]
+        after = model(ids).logits
+    moved = max(((model.state_dict()[k] - v).abs().max() / v.abs().max()).item() for k, v in before.items() if v.is_floating_point())
+    assert moved > 0.1  # the weights really were re-scaled
+    assert (after - ref).abs().max() <= 1e-10 * ref.abs().max(), (after - ref).abs().max()
 
 
-def test_smoothing_lowers_w4a8_output_error_on_outlier_activations(tiny):
+@pytest.mark.parametrize("bits, factor", [(8, 3.0), (4, 1.1)], ids=["W8A8", "W4A8"])
+def test_smoothing_cuts_the_a8_logit_error_on_outlier_activations(tiny, bits, factor):
+    """What docs/methods/postpass.md states: ASER cuts the W8A8 logit error at least 3x versus whitening alone
+    (measured 4.4-6.4x on the two tiny models), and at W4A8, where weight rounding dominates, by at least 1.1x."""
     model, calib = tiny
     with torch.no_grad():  # plant LLM-like outlier channels: a norm weight with a few huge entries
         for m in model.modules():
@@ -168,13 +187,13 @@ def test_smoothing_lowers_w4a8_output_error_on_outlier_activations(tiny):
                 m.weight[[3, 17, 40]] *= 30
     ids = torch.randint(0, 257, (1, 64), generator=torch.Generator().manual_seed(5))
     ref = model(ids).logits
-    w4a8 = QuantScheme(weight=WeightQuant(bits=4), activation=ActQuant(bits=8))
+    scheme = QuantScheme(weight=WeightQuant(bits=bits), activation=ActQuant(bits=8))
     errs = {}
     for name, recon in (("whiten", "whiten"), ("aser", {"name": "aser", "alpha": 0.5, "outliers": 3, "extract": True})):
         m = copy.deepcopy(model)
-        quantize_model(m, calib, w4a8, postpass(recon, 8), progress=False)
+        quantize_model(m, calib, scheme, postpass(recon, 8), progress=False)
         errs[name] = ((m(ids).logits - ref).norm() / ref.norm()).item()
-    assert errs["aser"] < errs["whiten"], errs
+    assert errs["whiten"] >= factor * errs["aser"], errs
 
 
 def test_kept_energy_is_recorded_and_grows_with_rank(tiny):

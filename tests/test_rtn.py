@@ -45,6 +45,22 @@ def test_codes_in_range_and_error_within_half_a_step(spec, seed, scale, outlier)
         assert (err <= delta).all()
     else:
         assert (err <= delta / 2 * (1 + 1e-5) + 1e-12).all()
+    torch.testing.assert_close(delta, expected_step(w, spec), rtol=1e-6, atol=0)  # the smallest grid that covers the range
+
+
+def expected_step(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """Δ from the definitions, written independently of the grid code: an oversized scale cannot pass."""
+    rows, cols = w.shape
+    size = cols if spec.granularity is Granularity.CHANNEL else rows * cols if spec.granularity is Granularity.TENSOR else spec.group_size
+    g = w.reshape(-1, size) if spec.granularity is Granularity.TENSOR else w.reshape(rows, -1, size)
+    b = spec.bits
+    if spec.format is WeightFormat.MXINT:
+        step = 2.0 ** torch.floor(torch.log2(g.abs().amax(-1, keepdim=True))) / 2 ** (b - 2)
+    elif spec.symmetric:
+        step = g.abs().amax(-1, keepdim=True) / (2 ** (b - 1) - 1)
+    else:
+        step = (g.amax(-1, keepdim=True).clamp(min=0) - g.amin(-1, keepdim=True).clamp(max=0)) / (2**b - 1)
+    return step.expand_as(g).reshape(rows, cols)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)

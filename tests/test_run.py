@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 import qaft.pipeline.run as run_mod
+from helpers import Killed, events, kill_after_checkpoint
 from qaft.core.errors import CheckpointError
+from qaft.export.exporter import load_export
 from qaft.pipeline.cli import main
 from qaft.pipeline.run import STAGES, run
 
@@ -50,22 +52,48 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
     for stage, fn in list(run_mod.RUNNERS.items()):
         monkeypatch.setitem(run_mod.RUNNERS, stage, lambda p, fn=fn, stage=stage: (calls.append(stage), fn(p))[1])
 
-    def crash(p):
-        raise KeyboardInterrupt  # a kill during the tune stage
+    killer, recorded_tune = pytest.MonkeyPatch(), run_mod.RUNNERS["tune"]
 
-    original_tune = run_mod.RUNNERS["tune"]
-    monkeypatch.setitem(run_mod.RUNNERS, "tune", crash)
-    with pytest.raises(KeyboardInterrupt):
+    def tune_then_die(p):  # the tune stage dies right after its first checkpoint (train's checkpoints are not touched)
+        kill_after_checkpoint(killer, 2)
+        return recorded_tune(p)
+
+    monkeypatch.setitem(run_mod.RUNNERS, "tune", tune_then_die)
+    with pytest.raises(Killed):
         run(run_file, [], echo=quiet)
-    assert calls == ["train", "quantize"] and sorted(mtimes(out)) == ["quantize", "train"]
-    assert not (out / "export").exists() and not any(p.name.startswith(".tmp") for p in out.iterdir())
+    killer.undo()
+    monkeypatch.setitem(run_mod.RUNNERS, "tune", recorded_tune)
+    assert calls == ["train", "quantize", "tune"] and sorted(mtimes(out)) == ["quantize", "train"]
+    assert (out / "tune" / "checkpoint-2").is_dir() and not (out / "tune" / "final").exists() and not (out / "export").exists()
 
-    monkeypatch.setitem(run_mod.RUNNERS, "tune", original_tune)
     before = mtimes(out)
     calls.clear()
     run(run_file, [], echo=quiet)
     assert calls == ["tune", "export", "eval", "report"]  # nothing finished is redone
     assert {k: v for k, v in mtimes(out).items() if k in before} == before
+    assert [r["step"] for r in events(out / "tune", "resume")] == [2]  # the killed stage went on from what it had written
+
+    # a kill inside the export, after it wrote part of its files: the stage is redone whole
+    import qaft.export.exporter as exporter
+
+    real_write, partial = exporter.manifest.write, tmp_path / "partial"
+
+    def die_mid_export(root, record):
+        shutil.copytree(root, partial)  # what a SIGKILL would have left behind: the temp folder, half written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter.manifest, "write", die_mid_export)
+    with pytest.raises(KeyboardInterrupt):
+        run(run_file, [], start="export", echo=quiet)
+    monkeypatch.setattr(exporter.manifest, "write", real_write)
+    shutil.copytree(partial, out / ".tmp-export")
+    assert (out / ".tmp-export" / "base").is_dir() and not (out / "stages" / "export.json").exists()
+    earlier = (out / "export" / "manifest.json").stat().st_mtime_ns  # the previous run's export is still in place
+    calls.clear()
+    run(run_file, [], echo=quiet)
+    assert calls == ["export", "eval", "report"] and not (out / ".tmp-export").exists()
+    assert (out / "export" / "manifest.json").stat().st_mtime_ns > earlier
+    load_export(out / "export")  # whole: every file matches its manifest hash
     assert json.loads((out / "export" / "manifest.json").read_text())["method"] == "rtn+l2qer+kd"  # the export ships the tuned result
 
     ev = json.loads((out / "eval.json").read_text())

@@ -114,7 +114,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(reference, tmp_path
         wait_for(p, lambda: (out / f".tmp-checkpoint-{save}").exists())
         time.sleep(0.3)  # inside the pause
     p.send_signal(signal.SIGKILL)
-    p.wait()
+    assert p.wait() == -signal.SIGKILL, "the run finished before the kill"  # it really was interrupted
+    assert not (out / "final").exists() and logged_steps(out) < STEPS
     if kind != "step":
         assert (out / f".tmp-checkpoint-{save}").exists() and not (out / f"checkpoint-{save}").exists()  # killed mid-save
     assert list_checkpoints(out), "no checkpoint to resume from"

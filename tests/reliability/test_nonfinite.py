@@ -54,21 +54,31 @@ def write(smoke_raw, tmp_path, name, **training) -> tuple[Path, Path]:
     return cfg, out
 
 
+def raw_accumulation(cfg: Path) -> int:
+    import yaml
+
+    return yaml.safe_load(cfg.read_text())["training"]["gradient_accumulation_steps"]
+
+
 def test_a_few_nonfinite_steps_are_skipped_without_touching_weights_or_schedule(smoke_raw, tmp_path, monkeypatch):
     clean_cfg, clean = write(smoke_raw, tmp_path, "clean")
     assert main(["train", str(clean_cfg)]) == 0
     cfg, out = write(smoke_raw, tmp_path, "poisoned")
     snapshots: dict[int, list[dict]] = {}
+    positions: list[int] = []
     real_begin = CallbackList.on_step_begin
 
     def snapshot(self, ctx):  # the adapter at the start of every attempt, keyed by the optimizer step count
         snapshots.setdefault(ctx.state.step, []).append({n: p.detach().clone() for n, p in ctx.model.named_parameters() if p.requires_grad})
+        positions.append(ctx.state.micro_batches)
         return real_begin(self, ctx)
 
     monkeypatch.setattr(CallbackList, "on_step_begin", snapshot)
     seen = poison(monkeypatch, attempts={2, 5})
     assert main(["train", str(cfg)]) == 0
     assert seen == [0, 1, 2, 2, 3, 4, 4, 5, 6, 7]  # attempts 2 and 5 did not advance the step count
+    accumulation = raw_accumulation(cfg)
+    assert positions == [i * accumulation for i in range(10)]  # but the data moved on: no batch is seen twice
     for step in (2, 4):  # the attempt after a skip starts from exactly the weights the skipped one saw
         before, after = snapshots[step]
         assert all(torch.equal(before[k], after[k]) for k in before)
