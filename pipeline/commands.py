@@ -14,6 +14,7 @@ import torch
 
 from qaft.core import text
 from qaft.core.errors import CheckpointError, ConfigError, DataError
+from qaft.core.hardware import resolve_bf16
 from qaft.core.io import ensure_writable
 from qaft.core.model import load_model_and_tokenizer
 from qaft.core.typed import to_plain
@@ -106,7 +107,7 @@ def tune_job(cfg: Config) -> TuneJob:
         save_steps=t.save_steps,
         save_total_limit=1,
         seed=cfg.training.seed,
-        bf16=cfg.training.bf16,
+        bf16=resolve_bf16(t.bf16)[0],
         resume_from_checkpoint=cfg.training.resume_from_checkpoint,
     )
     data = DataConfig(path=text_path, text_column=cfg.data.text_column, block_size=t.seq_len, eval_fraction=t.eval_fraction, max_eval_blocks=t.max_eval_blocks)
@@ -187,5 +188,7 @@ def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None
         "factor_bits": p.factor_bits,
         "svd": "randomized" if p.randomized_svd else "exact",
         "calibration": {"path": cfg.calibration_path, "samples": p.calibration_samples, "seq_len": p.calibration_seq_len},
+        "quantizer": to_plain(p.quantizer),
+        "reconstructor": to_plain(p.reconstructor),  # the options every method of the same name used
     }
     return {"protocol": protocol, "results": results, **extra}

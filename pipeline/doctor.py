@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from qaft.core import text
 from qaft.core.errors import ConfigError, QaftError
+from qaft.core.hardware import resolve_bf16
 from qaft.core.model import TINY_MODELS, byte_tokenizer, resolve
 from qaft.core.modules import decoder_layers
 from qaft.export import formats
@@ -243,11 +244,9 @@ def tuning(cfg: Config, launch: Launch) -> list[Finding]:
         rows += [Finding("tune", Status.FAIL, line) for line in e.problems]
     if launch.sharded:
         rows.append(Finding("tune", Status.FAIL, f"launch: qaft tune under {launch.sharded} is not supported; tune with DDP or one process"))
-    return rows or [
-        Finding(
-            "tune", Status.OK, f"{cfg.tune.steps} steps of {cfg.tune.objective.value} from {cfg.quantized_dir}, text {cfg.tune.data or cfg.calibration_path}"
-        )
-    ]
+    use, why = resolve_bf16(cfg.tune.bf16)
+    detail = f"{cfg.tune.steps} steps of {cfg.tune.objective.value} from {cfg.quantized_dir}, text {cfg.tune.data or cfg.calibration_path}"
+    return rows or [Finding("tune", Status.OK, f"{detail}; bf16 autocast {'on' if use else 'off'} ({why})")]
 
 
 def output_dir(cfg: Config) -> list[Finding]:

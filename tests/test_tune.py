@@ -165,3 +165,15 @@ def test_telemetry_runs_in_tuning(make_cfg):
     tune_run(cfg, overwrite=False)
     rows = [r for r in events(cfg.tune_dir, "train") if "telemetry/grad_norm/lora_B" in r]
     assert rows and all(r["telemetry/grad_norm/lora_B"] > 0 for r in rows)
+
+
+def test_bf16_auto_follows_the_hardware(monkeypatch):
+    from qaft.core import hardware
+
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert hardware.resolve_bf16("auto") == (True, "auto: CPU has avx512_bf16")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    use, why = hardware.resolve_bf16("auto")
+    assert not use and "no bf16 units" in why
+    assert hardware.resolve_bf16(True) == (True, "set in the config") and hardware.resolve_bf16(False)[0] is False

@@ -160,6 +160,8 @@ class TuneConfig:
     """Share of steps with linear warm-up."""
     max_grad_norm: Annotated[float, Ge(0.0)] = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bfloat16 autocast for the student and the teacher (the KD loss stays float32); ``auto`` = on where the device has bf16 units (CPU ``avx512_bf16`` / ``amx_bf16``, or CUDA), off elsewhere (emulated bf16 is slower than float32)."""
     eval_fraction: Annotated[float, Ge(0.0), Le(0.5)] = 0.05
     """Share of the tuning blocks, from the end of the text, held out: the loop reports the tuned model's perplexity on them."""
     max_eval_blocks: Annotated[int, Ge(1)] | None = 8

@@ -255,7 +255,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool = False, task: Task | None = None
     summary = (
         f"{task.verb}: {cfg.model.name_or_path} | {len(blocks.train)} train / {len(blocks.eval)} eval blocks of {cfg.data.block_size} tokens | "
         f"{state.max_steps} steps x {t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes} blocks | "
-        f"{acc.num_processes} process(es) on {acc.device} | torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        f"{acc.num_processes} process(es) on {acc.device}{', bf16 autocast' if t.bf16 else ''} | torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
         + (f" | resumed from {resume_from.name} (step {state.step})" if resume_from else "")
     )
     return Session(ctx, cfg, task, callbacks, Loaders(train_dl, eval_dl), scheduler, tokenizer, resume_from, summary)
