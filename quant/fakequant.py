@@ -74,9 +74,11 @@ class QuantLinear(torch.nn.Module):
         return dequantize(self.codes, self.scale, self.zero, self.spec).to(self.weight.dtype)
 
     @torch.no_grad()
-    def refresh_weight(self) -> None:
-        """Recompute ``weight`` after the scales changed (``weight`` is what evaluation and the exports read)."""
-        self.weight.copy_(self.dequantized())
+    def refresh_weight(self, dtype: torch.dtype | None = None) -> None:
+        """Recompute ``weight`` from codes and scales (after the scales changed: ``weight`` is what evaluation and the
+        exports read), optionally stored in ``dtype``: bf16 while tuning under bf16 autocast, where every matmul
+        casts it to bf16 anyway and autograd would keep each cast for the backward (half the memory, same products)."""
+        self.weight = dequantize(self.codes, self.scale, self.zero, self.spec).to(dtype or self.weight.dtype)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from helpers import SMALL_POSTPASS, assert_same_tensors, events
@@ -18,7 +19,9 @@ from qaft.pipeline.cli import main
 from qaft.pipeline.commands import export_run, quantize_and_save, tune_job, tune_run
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.store import load_quantized
-from qaft.trainer.tune import Distill, kd_loss, kd_per_position
+from qaft.trainer import kd
+from qaft.trainer.kd import kd_loss, kd_per_position
+from qaft.trainer.tune import Distill
 
 TUNE = ("tune.steps=12", "tune.seq_len=64", "tune.learning_rate=1e-2", "tune.logging_steps=1", "tune.save_steps=4", "tune.max_eval_blocks=4")
 
@@ -41,6 +44,25 @@ def test_kd_is_zero_for_the_teacher_itself_and_matches_the_definition():
     assert torch.allclose(kd_per_position(s, t, 1.0), (p * (p.log() - q.log())).sum(-1), atol=1e-6)
     pt, qt = (t / 3).softmax(-1), (s / 3).softmax(-1)
     assert torch.allclose(kd_loss(s, t, 3.0), 9 * (pt * (pt.log() - qt.log())).sum(-1).mean(), atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kd_value_and_gradient_equal_the_obvious_autograd_form_across_chunks(monkeypatch, temperature):
+    """The chunked loss (forward and hand-written backward) against log_softmax/exp/sum through autograd, on a
+    batch that does not divide into chunks, for float32 and bf16 student logits (the bf16 autocast case)."""
+    monkeypatch.setattr(kd, "CHUNK", 4)
+    g = torch.Generator().manual_seed(1)
+    t = 3 * torch.randn(2, 7, 13, generator=g)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        s0 = (3 * torch.randn(2, 7, 13, generator=g)).to(dtype)
+        w = torch.rand(2, 7, generator=g)  # a non-uniform upstream gradient
+        s1, s2 = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        (kd_per_position(s1, t, temperature) * w).sum().backward()
+        ls, lt = F.log_softmax(s2.float() / temperature, -1), F.log_softmax(t / temperature, -1)
+        ref = temperature**2 * (lt.exp() * (lt - ls)).sum(-1)
+        (ref * w).sum().backward()
+        assert torch.allclose(kd_per_position(s0, t, temperature), ref.detach(), atol=1e-6)
+        assert s1.grad.dtype == dtype and torch.allclose(s1.grad.float(), s2.grad.float(), atol=tol, rtol=tol)
 
 
 def test_tuning_lowers_the_held_out_kl_below_the_closed_form_and_moves_only_the_factors(make_cfg):
@@ -177,3 +199,28 @@ def test_bf16_auto_follows_the_hardware(monkeypatch):
     use, why = hardware.resolve_bf16("auto")
     assert not use and "no bf16 units" in why
     assert hardware.resolve_bf16(True) == (True, "set in the config") and hardware.resolve_bf16(False)[0] is False
+
+
+def test_bf16_weight_storage_is_exact_under_bf16_autocast(make_cfg):
+    """While tuning under bf16 autocast the dequantized weight is stored in bf16 (half the memory, and no per-layer
+    bf16 copy kept for the backward); every matmul casts it to bf16 anyway, so outputs and factor gradients are
+    bit-identical, and ``refresh_weight`` returns the float32 grid values exactly."""
+    model, _, _ = load_quantized(quantized(make_cfg).quantized_dir)
+    layer = next(m for m in model.modules() if isinstance(m, QuantLinear) and m.lora_A is not None)
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        layer.refresh_weight(dtype)
+        layer.zero_grad()
+        layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+        runs.append((y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    assert layer.weight.dtype == torch.bfloat16
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    full = layer.weight.float()
+    layer.refresh_weight(torch.float32)
+    assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight.bfloat16().float(), full)
+    assert torch.equal(layer.weight, layer.dequantized())

@@ -43,6 +43,7 @@ from qaft.quant.store import META, load_quantized, write_quantized
 
 from .checkpoint import TRAINED_TENSORS
 from .config import TrainConfig, TuneConfig
+from .kd import kd_loss, kd_per_position
 from .parallel import launch_of
 from .task import Task
 
@@ -69,18 +70,6 @@ class TuneJob(TrainConfig):
 
     def training_part(self) -> dict[str, Any]:
         return super().training_part() | {"tune": to_plain(self.tune), "source": self.source, "source_sha256": self.source_id, "rank": self.rank}
-
-
-def kd_per_position(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the vocabulary at each position (``[..., vocab]`` → ``[...]``, float32)."""
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return temperature**2 * (t.exp() * (t - s)).sum(-1)
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``kd_per_position`` averaged over every position of the batch."""
-    return kd_per_position(student, teacher, temperature).mean()
 
 
 def check_source(job: TuneJob) -> dict[str, Any]:
@@ -161,9 +150,9 @@ class Distill(Task):
     def build(self, cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
         student, tokenizer, _ = load_quantized(self.job.source)
         if self.job.tune.init == "zero":
-            fresh_factors(student, self.job.rank, cfg.training.seed)
+            fresh_factors(student, self.job.rank, cfg.training.seed)  # lora_B = 0: the model as solved
         else:
-            balance_factors(student)
+            balance_factors(student)  # the same products
         student.requires_grad_(False)
         layers = [m for m in student.modules() if isinstance(m, QuantLinear)]
         for m in layers:
@@ -174,6 +163,11 @@ class Distill(Task):
             raise ConfigError(f"tune: nothing to train in {self.job.source}: no low-rank factors (rank 0) and tune.train_scales is false")
         teacher, _ = load_model_and_tokenizer(cfg.model)
         self.teacher = teacher.eval().requires_grad_(False)
+        self.solved_errors = self.errors_by_block(student, tokenizer)  # now, rather than reloading the solved model at the end
+        self.weight_dtype = layers[0].weight.dtype if layers else torch.float32
+        if cfg.training.bf16 and not self.job.tune.train_scales:
+            for m in layers:  # exact under bf16 autocast (QuantLinear.refresh_weight); back to weight_dtype in write_final
+                m.refresh_weight(torch.bfloat16)
         return student.train(), tokenizer
 
     def ready(self, accelerator: Any) -> None:
@@ -196,23 +190,21 @@ class Distill(Task):
         nll = F.cross_entropy(teacher[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none").mean(1)
         return {"eval_kl": kd_per_position(logits, teacher, 1.0).mean(-1), "eval_teacher_loss": nll}
 
-    def errors_by_block(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, list[float]]:
+    def errors_by_block(self, model: torch.nn.Module, tokenizer: Any) -> list[float]:
         """Per decoder block, the relative output error against the teacher on the post-pass's own calibration
-        tokens, as solved and as tuned: where the tuning changed what (the report plots it)."""
+        tokens (``postpass.block_errors``); the record keeps it as solved and as tuned (the report plots both)."""
         c = self.meta["calibration"]
-        ids = calibration_ids(c["path"], tokenizer, c["samples"], c["seq_len"])
-        solved, _, _ = load_quantized(self.job.source)
         was = model.training
         model.eval()
         try:
-            return {"closed_form": block_errors(solved, self.teacher, ids), "tuned": block_errors(model, self.teacher, ids)}
+            return block_errors(model, self.teacher, calibration_ids(c["path"], tokenizer, c["samples"], c["seq_len"]))
         finally:
             model.train(was)
 
     def write_final(self, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
         for m in model.modules():
-            if isinstance(m, QuantLinear) and m.scale.requires_grad:
-                m.refresh_weight()
+            if isinstance(m, QuantLinear):
+                m.refresh_weight(self.weight_dtype)  # trained scales, or bf16 storage while tuning
         record = {
             "config": to_plain(self.job.tune),
             "source": self.job.source,
@@ -225,7 +217,7 @@ class Distill(Task):
             },
             "start": self.meta["method"],
             "steps": self.job.training.max_steps,
-            "block_errors": self.errors_by_block(model, tokenizer),
+            "block_errors": {"closed_form": self.solved_errors, "tuned": self.errors_by_block(model, tokenizer)},
         }
         meta = {k: v for k, v in self.meta.items() if k not in ("format_version", "scheme", "quantized")}
         rank = self.job.rank if self.job.tune.init == "zero" else meta["rank"]
