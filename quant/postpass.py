@@ -100,8 +100,8 @@ def _more(found: list) -> str:
 
 
 @torch.no_grad()
-def capture_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, sequences: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """``(hidden_states, kwargs)`` entering ``first_layer`` for each calibration sequence (batch of 1)."""
+def layer_input(model: torch.nn.Module, layer: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``(hidden_states, kwargs)`` entering ``layer`` when ``model`` runs on ``input_ids``; the forward stops there."""
     seen: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
     def hook(mod, args, kwargs):
@@ -109,19 +109,22 @@ def capture_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, sequenc
         seen.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _Captured
 
-    h = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for seq in sequences:
-            try:
-                model(input_ids=seq[None].to(device), use_cache=False)
-            except _Captured:
-                pass
+        model(input_ids=input_ids, use_cache=False)
+    except _Captured:
+        pass
     finally:
         h.remove()
-    if len(seen) != len(sequences):
-        raise RuntimeError(f"captured {len(seen)} layer inputs for {len(sequences)} sequences")
-    return seen
+    if not seen:
+        raise RuntimeError(f"the forward never reached {type(layer).__name__}")
+    return seen[0]
+
+
+def capture_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, sequences: torch.Tensor) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """``(hidden_states, kwargs)`` entering ``first_layer`` for each calibration sequence (batch of 1)."""
+    device = next(model.parameters()).device
+    return [layer_input(model, first_layer, seq[None].to(device)) for seq in sequences]
 
 
 def _out_norm(m: torch.Tensor, xtx32: torch.Tensor) -> float:

@@ -224,3 +224,44 @@ def test_bf16_weight_storage_is_exact_under_bf16_autocast(make_cfg):
     layer.refresh_weight(torch.float32)
     assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight.bfloat16().float(), full)
     assert torch.equal(layer.weight, layer.dequantized())
+
+
+def test_block_tunes_each_layer_in_its_own_phase_against_the_float_layer(make_cfg, tmp_path, monkeypatch):
+    """``objective: block``: steps split evenly over the decoder layers, in order, each phase with its own schedule; a
+    layer's factors move only in its phase; each layer's output error against the float layer drops below the closed
+    form's (on calibration tokens tuning never read); a run killed at the phase boundary resumes bit-exactly."""
+    from helpers import Killed, kill_after_checkpoint
+
+    cfg = quantized(make_cfg, "tune.objective=block", "tune.save_steps=6")  # 2 layers x 6 steps
+    straight = tune_run(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, output_dir=str(tmp_path / "a"))), overwrite=False)
+    broken = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, output_dir=str(tmp_path / "b")))
+    kill_after_checkpoint(monkeypatch, 6)
+    with pytest.raises(Killed):
+        tune_run(broken, overwrite=False)
+    monkeypatch.undo()
+    start, mid = tensors(cfg.quantized_dir), load_file(str(tmp_path / "b" / "checkpoint-6" / "adapter" / "trained.safetensors"))
+    end = tensors(tune_run(broken, overwrite=False, resume=True))
+    assert_same_tensors(tensors(straight), end)
+    names = sorted(k.removesuffix(".lora_A") for k in mid if k.endswith(".lora_A"))
+    moved = lambda a, b, n: (
+        not torch.allclose(a[f"{n}.lora_B"].float() @ a[f"{n}.lora_A"].float(), b[f"{n}.lora_B"].float() @ b[f"{n}.lora_A"].float(), atol=1e-6)
+    )  # noqa: E731
+    assert all(moved(start, mid, n) for n in names if ".layers.0." in n), "phase 1 trains layer 0"
+    assert not any(moved(start, mid, n) for n in names if ".layers.1." in n), "layer 1 waits for its phase"
+    assert not any(moved(mid, end, n) for n in names if ".layers.0." in n), "layer 0 is done after its phase"
+    assert all(moved(mid, end, n) for n in names if ".layers.1." in n), "phase 2 trains layer 1"
+    errors = json.loads((straight / "qaft_quant.json").read_text())["tune"]["block_errors"]
+    assert all(t < c for t, c in zip(errors["tuned"], errors["closed_form"])), errors
+    lr = {r["step"]: r["lr"] for r in events(tmp_path / "a", "train")}
+    assert lr[1] == lr[7] == max(lr.values()) and lr[6] == lr[12] == 0.0, lr  # cosine, restarted per layer
+
+
+def test_block_refuses_fewer_steps_than_layers_and_ddp(make_cfg):
+    cfg = quantized(make_cfg, "tune.objective=block", "tune.steps=1")
+    with pytest.raises(ConfigError, match="tune.steps: block tunes the 2 decoder layers"):
+        tune_run(cfg, overwrite=False)
+    task = Distill(tune_job(cfg))
+    with pytest.raises(PreflightError, match="one process"):
+        task.check(
+            tune_job(cfg), SimpleNamespace(num_processes=2, state=SimpleNamespace(deepspeed_plugin=None), distributed_type=SimpleNamespace(name="MULTI_CPU"))
+        )

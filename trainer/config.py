@@ -128,6 +128,8 @@ class TrainingConfig:
 class Objective(str, enum.Enum):
     KD = "kd"
     """KL(teacher ‖ student) of the next-token distributions at ``temperature`` (× T²), over every position."""
+    BLOCK = "block"
+    """Per decoder layer, in order: the relative squared error of the layer's output against the float layer's on the same inputs."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +139,7 @@ class TuneConfig:
     steps: Annotated[int, Ge(0)] = 0
     """Optimizer steps; 0 = no tuning (``qaft run`` skips the stage and exports the post-pass result as solved)."""
     objective: Objective = Objective.KD
-    """What the factors minimise: ``kd`` (distillation from the float model's next-token distributions)."""
+    """``kd``: distillation from the float model's next-token distributions, end to end; ``block``: layer by layer, each decoder layer's output against the float layer's on the same inputs (``steps`` split evenly over the layers)."""
     temperature: Annotated[float, Gt(0.0)] = 1.0
     """Distillation temperature T; the loss is scaled by T² so its gradients keep their size."""
     init: Literal["closed_form", "zero"] = "closed_form"

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
-from transformers import get_scheduler
 
 from qaft.callbacks import CallbackList, Context, TrainState, create
 from qaft.core.errors import DivergedError, PreflightError
@@ -74,10 +73,6 @@ def process_group_kwargs() -> list:
 def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-
-
-def build_scheduler(opt: torch.optim.Optimizer, t: TrainingConfig, max_steps: int) -> Any:
-    return get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=math.ceil(t.warmup_ratio * max_steps), num_training_steps=max_steps)
 
 
 def total_steps(t: TrainingConfig, micro_batches_per_epoch: int) -> int:
@@ -136,7 +131,7 @@ def train(
         for _ in range(t.gradient_accumulation_steps):
             st.epoch, batch = next(batches)
             with acc.accumulate(model):
-                out = model(**batch)
+                out = task.forward(model, batch, st.step)
                 terms = {"loss": task.loss(batch, out), **callbacks.loss_terms(ctx, batch, out)}
                 acc.backward(sum(terms.values()))  # accelerate divides by the accumulation steps
             for k, v in terms.items():  # detached tensors: no device sync per micro-batch
@@ -240,7 +235,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool = False, task: Task | None = None
             "lower training.per_device_train_batch_size or data.block_size"
         )
     state = TrainState(max_steps=total_steps(t, len(train_dl)))
-    scheduler = build_scheduler(opt, t, state.max_steps)
+    scheduler = task.scheduler(opt, t, state.max_steps)
     acc.register_for_checkpointing(scheduler)
     callbacks = CallbackList([create(spec, seed=t.seed, rank=acc.process_index) for spec in cfg.callbacks])
     ctx = Context(

@@ -17,8 +17,9 @@ import torch
 from qaft.core.model import load_model_and_tokenizer
 
 from .checkpoint import PEFT_ADAPTER, Trainable
-from .config import TrainConfig
+from .config import TrainConfig, TrainingConfig
 from .lora import attach_lora
+from .schedule import build_scheduler
 
 
 class Task:
@@ -37,6 +38,14 @@ class Task:
 
     def ready(self, accelerator: Any) -> None:
         """Called once accelerate prepared the model: move what the task keeps beside it to its device."""
+
+    def scheduler(self, opt: torch.optim.Optimizer, t: TrainingConfig, max_steps: int) -> Any:
+        """The learning-rate schedule (``training.lr_scheduler_type`` over the run)."""
+        return build_scheduler(opt, t, max_steps)
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> Any:
+        """The training forward of optimizer step ``step`` (0-based); ``loss`` reads its outputs."""
+        return model(**batch)
 
     def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
         """The task's loss for one micro-batch (logged as ``loss``; callbacks' terms are added to it)."""

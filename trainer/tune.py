@@ -20,6 +20,7 @@ gradient, the factors the unquantized ``x`` (``QuantLinear``). The result is a p
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -33,18 +34,20 @@ from qaft.callbacks import CALLBACKS
 from qaft.core.errors import CheckpointError, ConfigError, PreflightError
 from qaft.core.io import sha256_file
 from qaft.core.model import load_model_and_tokenizer
+from qaft.core.modules import decoder_layers
 from qaft.core.typed import parse, to_plain
 from qaft.quant.calibrate import calibration_ids
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.lowrank import balanced
-from qaft.quant.postpass import block_errors
+from qaft.quant.postpass import block_errors, layer_input
 from qaft.quant.scheme import QuantScheme, WeightFormat
 from qaft.quant.store import META, load_quantized, write_quantized
 
 from .checkpoint import TRAINED_TENSORS
-from .config import TrainConfig, TuneConfig
+from .config import Objective, TrainConfig, TrainingConfig, TuneConfig
 from .kd import kd_loss, kd_per_position
 from .parallel import launch_of
+from .schedule import phased_scheduler
 from .task import Task
 
 
@@ -126,6 +129,18 @@ def fresh_factors(model: torch.nn.Module, rank: int, seed: int) -> None:
             m.lora_B = torch.nn.Parameter(torch.zeros(m.out_features, k, dtype=m.weight.dtype), requires_grad=False)
 
 
+@dataclasses.dataclass
+class LayerOutputs:
+    """``block``'s forward: one decoder layer's output, quantized (with grad) and float, on the same input."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+
+
+def _first(y: Any) -> torch.Tensor:
+    return y[0] if isinstance(y, tuple) else y
+
+
 class Distill(Task):
     """``qaft tune``'s task: the post-pass model's factors (and scales) trained against the float teacher."""
 
@@ -146,6 +161,11 @@ class Distill(Task):
                 f"launch: qaft tune under {launch.sharded} is not supported: the quantized layers hold whole codes and "
                 "factors per process; tune with DDP or one process (launch/ddp-cpu.yaml, ddp-gpu.yaml)"
             )
+        if self.job.tune.objective is Objective.BLOCK and accelerator.num_processes > 1:
+            raise PreflightError(
+                f"tune.objective: block trains one decoder layer at a time outside the model's forward, which DDP does not "
+                f"synchronise; run it on one process (this launch has {accelerator.num_processes}), or use tune.objective=kd"
+            )
 
     def build(self, cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
         student, tokenizer, _ = load_quantized(self.job.source)
@@ -163,6 +183,12 @@ class Distill(Task):
             raise ConfigError(f"tune: nothing to train in {self.job.source}: no low-rank factors (rank 0) and tune.train_scales is false")
         teacher, _ = load_model_and_tokenizer(cfg.model)
         self.teacher = teacher.eval().requires_grad_(False)
+        self.layers = list(zip(decoder_layers(student)[1], decoder_layers(self.teacher)[1]))
+        if self.job.tune.objective is Objective.BLOCK and cfg.training.max_steps < len(self.layers):
+            raise ConfigError(
+                f"tune.steps: block tunes the {len(self.layers)} decoder layers one after another, so it needs at least "
+                f"{len(self.layers)} steps (got {cfg.training.max_steps}); e.g. tune.steps={20 * len(self.layers)}"
+            )
         self.solved_errors = self.errors_by_block(student, tokenizer)  # now, rather than reloading the solved model at the end
         self.weight_dtype = layers[0].weight.dtype if layers else torch.float32
         if cfg.training.bf16 and not self.job.tune.train_scales:
@@ -180,7 +206,34 @@ class Distill(Task):
         with self.accelerator.autocast():
             return self.teacher(input_ids=batch["input_ids"]).logits
 
+    def phase_starts(self, steps: int) -> list[int]:
+        """``block``: the first step of each decoder layer's phase (``steps`` split evenly, in order)."""
+        n = len(self.layers)
+        return [math.ceil(i * steps / n) for i in range(n)]
+
+    def scheduler(self, opt: torch.optim.Optimizer, t: TrainingConfig, max_steps: int) -> Any:
+        if self.job.tune.objective is Objective.BLOCK:
+            return phased_scheduler(opt, t, self.phase_starts(max_steps), max_steps)
+        return super().scheduler(opt, t, max_steps)
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> Any:
+        """``kd``: the student's forward. ``block``: the input of this phase's layer, as the (already tuned) layers below
+        produce it (quantized propagation, no graph), then that layer and the float layer on it."""
+        if self.job.tune.objective is Objective.KD:
+            return model(**batch)
+        starts = self.phase_starts(self.job.training.max_steps)
+        student, teacher = self.layers[bisect.bisect_right(starts, step) - 1]
+        with torch.no_grad():
+            hidden, kw = layer_input(model, student, batch["input_ids"])
+        with self.accelerator.autocast():
+            out = _first(student(hidden, **kw))
+            with torch.no_grad():
+                target = _first(teacher(hidden, **kw))
+        return LayerOutputs(out, target)
+
     def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
+        if isinstance(outputs, LayerOutputs):
+            return (outputs.student.float() - outputs.teacher.float()).pow(2).sum() / outputs.teacher.float().pow(2).sum().clamp(min=1e-30)
         return kd_loss(outputs.logits, self.teacher_logits(batch), self.job.tune.temperature)
 
     def eval_terms(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
