@@ -11,6 +11,8 @@ Writes ``benchmarks/results/postpass.json``, ``postpass_ppl_vs_rank.png`` and ``
     .venv/bin/python benchmarks/postpass.py                                   # full grid
     .venv/bin/python benchmarks/postpass.py --schemes w4 w4a8 --ranks 8 32    # a quicker slice
     .venv/bin/python benchmarks/postpass.py --schemes w4 --ranks 32 --methods gptq gptq+l2qer gptq+aser --json-name postpass_gptq.json --no-spectra
+    .venv/bin/python benchmarks/postpass.py --schemes w4 w4g64 q4_0 --ranks 32 --methods signround gptq signround+whiten \
+        --set "postpass.quantizer={name: signround, iters: 50}" --json-name postpass_signround.json --no-spectra
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ SCHEMES = {  # name → overrides of configs/smollm2-postpass.yaml (576 is not d
     "w3g64": ["quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=64"],
     "mxint4": ["quant.weight.format=mxint", "quant.weight.granularity=group", "quant.weight.group_size=16"],
     "w4a8": ["quant.activation.bits=8"],
+    "q4_0": ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"],
 }
 
 
@@ -118,7 +121,7 @@ def plot(report: dict, out_dir: Path, stem: str = "postpass") -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    ap.add_argument("--schemes", nargs="+", default=["w4", "w4g64", "w3g64", "mxint4", "w4a8"], choices=list(SCHEMES))
     ap.add_argument(
         "--methods",
         nargs="+",

@@ -27,7 +27,7 @@ def test_the_page_shows_all_four_extension_points():
 EXPECT = {
     "A callback": r"^\[\d\.\d+(e-\d+)?, \d\.\d+(e-\d+)?\]$",  # the penalty is logged every step
     "A weight quantizer": r"^14 layers, mean output error after the correction 0\.\d+$",
-    "A reconstructor": r"^\['l2qer_max', 'gptq\+l2qer_max'\]$",
+    "A reconstructor": r"^\['l2qer_max', 'gptq\+l2qer_max', 'signround\+l2qer_max'\]$",
     "An export format": r"^\['README\.md', 'config\.json', .*'manifest\.json', 'model\.safetensors'.*\] \{'transformers': \{'max_abs_diff': ",
 }
 

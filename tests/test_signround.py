@@ -1,0 +1,130 @@
+"""SignRound: RTN at zero steps, lower output error than RTN, offsets that only pick floor or ceil, clipping
+only where the format leaves scales free, composition in the pipeline, clear refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import postpass
+from qaft.core.errors import ConfigError
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
+from qaft.quant import methods
+from qaft.quant.calibrate import LayerStats
+from qaft.quant.grid import group_view, quantize_weight
+from qaft.quant.postpass import quantize_model
+from qaft.quant.quantizers.base import QuantizationFailed
+from qaft.quant.quantizers.signround import SignRoundOptions, signround
+from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
+
+SPECS = [
+    WeightQuant(),
+    WeightQuant(symmetric=False),
+    WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16),
+    WeightQuant(symmetric=False, granularity=Granularity.GROUP, group_size=16),
+    WeightQuant(granularity=Granularity.TENSOR),
+    WeightQuant(format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16),
+    *(WeightQuant(format=WeightFormat.GGUF, gguf_type=t) for t in (GGUFType.Q4_0, GGUFType.Q4_1, GGUFType.Q5_0, GGUFType.Q8_0)),
+]
+IDS = [s.label for s in SPECS]
+FIXED_SCALES = [s for s in SPECS if s.format is not WeightFormat.INT]
+
+
+def outlier_stats(d: int = 64, n: int = 2048) -> LayerStats:
+    """Correlated inputs with a few large channels, as LLM activations have."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g) @ torch.randn(8, d, generator=g) + 0.3 * torch.randn(n, d, generator=g)
+    x[:, :3] *= 8
+    st = LayerStats(d)
+    st.update(x)
+    return st
+
+
+def weight(out: int = 48, d: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(out, d, generator=torch.Generator().manual_seed(seed))
+
+
+def output_error(w: torch.Tensor, deq: torch.Tensor, st: LayerStats) -> float:
+    e = (w - deq).double()
+    return torch.trace(e @ st.covariance @ e.T).item()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_zero_steps_is_rtn_bit_for_bit(spec):
+    w, st = weight(), outlier_stats()
+    q, r = signround(w, st, spec, SignRoundOptions(iters=0)), quantize_weight(w, spec)
+    assert torch.equal(q.codes, r.codes) and torch.equal(q.scale, r.scale) and torch.equal(q.dequant, r.dequant)
+    assert (q.zero is None and r.zero is None) or torch.equal(q.zero, r.zero)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_learned_rounding_lowers_the_output_error_below_rtn(spec):
+    w, st = weight(), outlier_stats()
+    learned = output_error(w, signround(w, st, spec, SignRoundOptions(iters=100)).dequant, st)
+    assert learned < 0.9 * output_error(w, quantize_weight(w, spec).dequant, st)
+
+
+@pytest.mark.parametrize("spec", FIXED_SCALES, ids=[s.label for s in FIXED_SCALES])
+def test_on_formats_with_ruled_scales_only_the_rounding_direction_changes(spec):
+    """MXINT / GGUF: the scales stay the format's own, and every code is RTN's or its neighbour (|V| ≤ ½)."""
+    w, st = weight(), outlier_stats()
+    q, r = signround(w, st, spec, SignRoundOptions(iters=100, lr=0.05)), quantize_weight(w, spec)
+    assert torch.equal(q.scale, r.scale) and ((q.zero is None) or torch.equal(q.zero, r.zero))
+    moved = (q.codes.int() - r.codes.int()).abs()
+    assert moved.max() == 1 and moved.float().mean() < 0.5
+
+
+def test_without_clipping_codes_are_floor_or_ceil_of_the_scaled_weight():
+    """The paper's search space: round(w/Δ + V), V ∈ [−½, ½], i.e. ⌊w/Δ⌋ or ⌈w/Δ⌉ (within the grid's range)."""
+    w, st, spec = weight(), outlier_stats(), WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16)
+    q = signround(w, st, spec, SignRoundOptions(iters=100, lr=0.05, minmax=False))  # steps that could carry V past ½
+    u = (group_view(w, spec) / q.scale.unsqueeze(-1)).reshape(w.shape)
+    c = q.codes.float()
+    assert torch.all((c == torch.floor(u).clamp(-3, 3)) | (c == torch.ceil(u).clamp(-3, 3)))
+    assert not torch.equal(q.codes, quantize_weight(w, spec).codes)
+
+
+def test_clipping_is_learned_on_int_grids_within_its_bounds():
+    w, st, spec = weight(), outlier_stats(), WeightQuant(bits=3)
+    rtn = quantize_weight(w, spec)
+    q = signround(w, st, spec, SignRoundOptions(iters=100, min_clip=0.7))
+    ratio = q.scale / rtn.scale
+    assert ratio.min() >= 0.7 - 1e-6 and ratio.max() <= 1 + 1e-6 and ratio.min() < 1  # some rows clipped, none widened
+
+
+def test_grids_it_cannot_express_are_refused_naming_those_that_work():
+    w, st = weight(), outlier_stats()
+    with pytest.raises(QuantizationFailed, match=r"MXFP4.*int grids, MXINT and GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q8_0"):
+        signround(w, st, WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.MXFP4))
+    with pytest.raises(QuantizationFailed, match=r"minmax.*set minmax: false"):
+        signround(w, st, WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q4_0), SignRoundOptions(minmax=True))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    return model, torch.randint(0, 257, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+def test_in_the_pipeline_it_beats_rtn_on_every_layer_and_composes_with_each_reconstructor(tiny):
+    model, calib = tiny
+    scheme = QuantScheme(weight=WeightQuant(bits=3))
+    kw = dict(propagate="float", progress=False)  # the same inputs for both: a per-layer comparison
+    sr = {"name": "signround", "iters": 50}
+    rtn, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0), **kw)
+    learned, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0, quantizer=sr), **kw)
+    worse = [a.name for a, b in zip(learned, rtn) if not a.rel_output_error < b.rel_output_error]
+    assert not worse, worse
+    for recon in ("lqer", "l2qer", "whiten", "aser"):
+        both, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(recon, 8, quantizer=sr), **kw)
+        assert all(c.rel_output_error < c.rel_output_error_rtn for c in both), recon
+    assert {"signround", "signround+whiten", "signround+aser"} <= set(methods.names())
+
+
+def test_a_grid_it_cannot_express_fails_the_post_pass_in_one_line(tiny):
+    model, calib = tiny
+    scheme = QuantScheme(weight=WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.MXFP4))
+    with pytest.raises(ConfigError, match=r"^postpass\.quantizer: signround on model\.layers\.0\.self_attn\.q_proj: .*MXFP4"):
+        quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0, quantizer="signround"), progress=False)
