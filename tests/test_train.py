@@ -13,7 +13,8 @@ import torch
 import qaft.trainer.checkpoint as checkpoint
 from helpers import Killed, adapter_tensors, assert_same_tensors, events, kill_after_checkpoint, without_timing
 from qaft.core.errors import CheckpointError
-from qaft.trainer.loop import fit
+from qaft.trainer.config import TrainingConfig
+from qaft.trainer.loop import build_accelerator, fit
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt"])
@@ -205,3 +206,9 @@ def test_smollm2_trains_and_its_final_folder_reloads(make_cfg):
     adapted = PeftModel.from_pretrained(base, final / "adapter").eval()
     assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
     assert not torch.allclose(merged(ids).logits, base_logits, atol=1e-4)  # training changed something
+
+
+def test_stages_in_one_process_may_change_precision(tmp_path):
+    """`qaft run` trains in float32 and then tunes in bf16 in the same process; each stage gets the precision it asks for."""
+    seen = [build_accelerator(TrainingConfig(output_dir=str(tmp_path / s), bf16=b)).mixed_precision for s, b in (("a", False), ("b", True), ("c", False))]
+    assert seen == ["no", "bf16", "no"]

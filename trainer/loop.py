@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
 from qaft.callbacks import CallbackList, Context, TrainState, create
@@ -47,6 +48,11 @@ def build_accelerator(t: TrainingConfig) -> Any:
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         raise PreflightError(FSDP_REFUSED)
     plugin = GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False)
+    # One process may run several stages, each with its own precision (`qaft run`: train in float32, then tune in
+    # bf16); accelerate keeps one global state and refuses a second precision, so drop it. The process group
+    # (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     try:
         acc = Accelerator(
             gradient_accumulation_plugin=plugin,
