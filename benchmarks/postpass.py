@@ -159,6 +159,7 @@ def main() -> None:
             f"torch threads {torch.get_num_threads()}"
         ),
         "fp": {"ppl": fp.ppl},
+        "overrides": args.set,
         "results": {},
     }
     print(report["protocol"], f"\nfloat ppl {fp.ppl:.2f}", flush=True)

@@ -53,6 +53,7 @@ STARTS = {
     "whiten": ["postpass.reconstructor=whiten"],
     "gptq+whiten": ["postpass.quantizer=gptq", "postpass.reconstructor=whiten"],
     "zero": ["postpass.reconstructor=none", "tune.init=zero"],
+    "signround+whiten": ["postpass.quantizer={name: signround, iters: 50}", "postpass.reconstructor=whiten"],
     "block": ["postpass.reconstructor=whiten", "tune.objective=block"],
 }
 
