@@ -76,3 +76,13 @@ def postpass(reconstructor=None, rank: int = 0, **fields):
     from qaft.quant.config import PostpassConfig
 
     return parse(PostpassConfig, {"reconstructor": reconstructor or "none", "rank": rank, **fields}, "postpass")
+
+
+def tiny_model_and_calibration():
+    """The tiny random Llama and 6 × 32 calibration token ids (fixed seed): the pipeline tests of the weight quantizers."""
+    import torch
+
+    from qaft.core.model import ModelConfig, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    return model, torch.randint(0, 257, (6, 32), generator=torch.Generator().manual_seed(1))

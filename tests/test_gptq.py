@@ -7,9 +7,8 @@ import copy
 import pytest
 import torch
 
-from helpers import postpass
+from helpers import postpass, tiny_model_and_calibration
 from qaft.core.errors import ConfigError
-from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.quant import methods
 from qaft.quant.calibrate import LayerStats
 from qaft.quant.ggufgrid import CODE_RANGE
@@ -92,8 +91,7 @@ def test_dead_input_channels_get_zero_weight_columns():
 
 @pytest.fixture
 def tiny():
-    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
-    return model, torch.randint(0, 257, (6, 32), generator=torch.Generator().manual_seed(1))
+    return tiny_model_and_calibration()
 
 
 def test_in_the_pipeline_gptq_beats_rtn_on_every_layer_and_composes_with_reconstruction(tiny):

@@ -8,9 +8,8 @@ import copy
 import pytest
 import torch
 
-from helpers import postpass
+from helpers import postpass, tiny_model_and_calibration
 from qaft.core.errors import ConfigError
-from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.quant import methods
 from qaft.quant.calibrate import LayerStats
 from qaft.quant.grid import group_view, quantize_weight
@@ -104,8 +103,7 @@ def test_grids_it_cannot_express_are_refused_naming_those_that_work():
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
-    return model, torch.randint(0, 257, (6, 32), generator=torch.Generator().manual_seed(1))
+    return tiny_model_and_calibration()
 
 
 def test_in_the_pipeline_it_beats_rtn_on_every_layer_and_composes_with_each_reconstructor(tiny):

@@ -91,16 +91,22 @@ def test_train_scales_moves_scales_and_factors_and_nothing_else(make_cfg):
         assert torch.equal(m.weight, m.dequantized())
 
 
-def test_resume_mid_tune_is_bit_exact(make_cfg, tmp_path, monkeypatch):
+def straight_and_killed(cfg, tmp_path: Path, monkeypatch, kill_at: int):
+    """``cfg`` tuned straight through (into ``a/``), and the same run killed right after checkpoint ``kill_at`` (``b/``):
+    ``(straight final, the killed run's config)``; resuming the latter must reproduce the former."""
     from helpers import Killed, kill_after_checkpoint
 
-    cfg = quantized(make_cfg)
     straight = tune_run(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, output_dir=str(tmp_path / "a"))), overwrite=False)
     broken = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, output_dir=str(tmp_path / "b")))
-    kill_after_checkpoint(monkeypatch, 4)
+    kill_after_checkpoint(monkeypatch, kill_at)
     with pytest.raises(Killed):
         tune_run(broken, overwrite=False)
     monkeypatch.undo()
+    return straight, broken
+
+
+def test_resume_mid_tune_is_bit_exact(make_cfg, tmp_path, monkeypatch):
+    straight, broken = straight_and_killed(quantized(make_cfg), tmp_path, monkeypatch, 4)
     assert not (tmp_path / "b" / "final").exists() and (tmp_path / "b" / "checkpoint-4" / "adapter" / "trained.safetensors").is_file()
     resumed = tune_run(broken, overwrite=False, resume=True)
     assert_same_tensors(tensors(straight), tensors(resumed))
@@ -230,15 +236,8 @@ def test_block_tunes_each_layer_in_its_own_phase_against_the_float_layer(make_cf
     """``objective: block``: steps split evenly over the decoder layers, in order, each phase with its own schedule; a
     layer's factors move only in its phase; each layer's output error against the float layer drops below the closed
     form's (on calibration tokens tuning never read); a run killed at the phase boundary resumes bit-exactly."""
-    from helpers import Killed, kill_after_checkpoint
-
     cfg = quantized(make_cfg, "tune.objective=block", "tune.save_steps=6")  # 2 layers x 6 steps
-    straight = tune_run(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, output_dir=str(tmp_path / "a"))), overwrite=False)
-    broken = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, output_dir=str(tmp_path / "b")))
-    kill_after_checkpoint(monkeypatch, 6)
-    with pytest.raises(Killed):
-        tune_run(broken, overwrite=False)
-    monkeypatch.undo()
+    straight, broken = straight_and_killed(cfg, tmp_path, monkeypatch, 6)
     start, mid = tensors(cfg.quantized_dir), load_file(str(tmp_path / "b" / "checkpoint-6" / "adapter" / "trained.safetensors"))
     end = tensors(tune_run(broken, overwrite=False, resume=True))
     assert_same_tensors(tensors(straight), end)
