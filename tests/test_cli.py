@@ -21,6 +21,7 @@ def qaft_exe() -> str:
     return str(exe) if exe.exists() else shutil.which("qaft")
 
 
+@pytest.mark.multiprocess  # the installed console script, in a subprocess (~18 s)
 def test_the_console_script_trains_and_writes_the_documented_tree(corpus, tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(
