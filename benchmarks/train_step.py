@@ -8,7 +8,7 @@ both alike; the overhead is reported as the ratio of median step times measured 
     .venv/bin/python benchmarks/train_step.py --model tiny-llama --seq 64 --rounds 2
 
 Writes ``benchmarks/results/train_step.json``. Never run it beside another CPU-heavy process
-(tests included): on 2 cores that distorts both (see shared/docs/machine-notes.md).
+(tests included): on 2 cores the two fight for the same cores and both timings come out several times too slow.
 """
 
 from __future__ import annotations

@@ -143,13 +143,7 @@ def layer_error_figure(fig: Figures, meta: dict[str, Any]) -> Path | None:
     ax.plot(xs, [r["rel_output_error_rtn"] for r in layers], lw=1, label="quantized only")
     if any(r["rank"] for r in layers):
         ax.plot(xs, [r["rel_output_error"] for r in layers], lw=1, label=f"with the rank-{meta.get('rank')} correction")
-    ax.set_yscale("log")
-    ax.set_xlabel("Linear (model order)")
-    ax.set_ylabel("‖XEᵀ‖ / ‖XWᵀ‖ (calibration)")
-    ax.legend(fontsize=7)
-    ax.set_title(f"per-layer output error, {meta.get('method')}", fontsize=10)
-    f.tight_layout()
-    return fig.save(f, "layer-error")
+    return _save_error_plot(fig, f, ax, "Linear (model order)", "‖XEᵀ‖ / ‖XWᵀ‖ (calibration)", f"per-layer output error, {meta.get('method')}", "layer-error")
 
 
 def block_error_figure(fig: Figures, tuned: dict[str, Any]) -> Path | None:
@@ -160,13 +154,20 @@ def block_error_figure(fig: Figures, tuned: dict[str, Any]) -> Path | None:
     f, ax = fig.plt.subplots(figsize=(9, 3.2))
     for label, values in errors.items():
         ax.plot(range(len(values)), values, marker="o", ms=3, lw=1, label=label.replace("_", " "))
+    return _save_error_plot(
+        fig, f, ax, "decoder block", "‖y − y_float‖ / ‖y_float‖ (calibration)", f"per-block output error, {tuned.get('method')}", "block-error"
+    )
+
+
+def _save_error_plot(fig: Figures, f: Any, ax: Any, xlabel: str, ylabel: str, title: str, name: str) -> Path:
+    """The finish both error plots share: relative errors span decades, so a log axis."""
     ax.set_yscale("log")
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("‖y − y_float‖ / ‖y_float‖ (calibration)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
-    ax.set_title(f"per-block output error, {tuned.get('method')}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     f.tight_layout()
-    return fig.save(f, "block-error")
+    return fig.save(f, name)
 
 
 def spectra_figure(fig: Figures, out: Path, meta: dict[str, Any]) -> Path | None:
