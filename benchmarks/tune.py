@@ -47,13 +47,15 @@ SCHEMES = {
     "q4_0": ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"],
     "w4r8": ["postpass.rank=8"],
     "q4_0r8": ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "postpass.rank=8"],
+    "w4g64r4": ["quant.weight.granularity=group", "quant.weight.group_size=64", "postpass.rank=4"],
 }
 STARTS = {
     "l2qer": ["postpass.reconstructor=l2qer"],
     "whiten": ["postpass.reconstructor=whiten"],
     "gptq+whiten": ["postpass.quantizer=gptq", "postpass.reconstructor=whiten"],
     "zero": ["postpass.reconstructor=none", "tune.init=zero"],
-    "signround+whiten": ["postpass.quantizer={name: signround, iters: 50}", "postpass.reconstructor=whiten"],
+    "signround+whiten": ["postpass.quantizer={name: signround, iters: 50, objective: linear}", "postpass.reconstructor=whiten"],
+    "signround-block+whiten": ["postpass.quantizer={name: signround, iters: 50, objective: block}", "postpass.reconstructor=whiten"],
     "block": ["postpass.reconstructor=whiten", "tune.objective=block"],
 }
 

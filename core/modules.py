@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -17,3 +19,8 @@ def set_submodule(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> N
     """``root.<dotted> = new``."""
     parent, _, leaf = dotted.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def hidden_states(y: Any) -> torch.Tensor:
+    """A decoder layer's output hidden states (some transformers versions return them in a tuple)."""
+    return y[0] if isinstance(y, tuple) else y

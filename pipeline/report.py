@@ -140,7 +140,10 @@ def layer_error_figure(fig: Figures, meta: dict[str, Any]) -> Path | None:
         return None
     f, ax = fig.plt.subplots(figsize=(9, 3.2))
     xs = range(len(layers))
-    ax.plot(xs, [r["rel_output_error_rtn"] for r in layers], lw=1, label="quantized only")
+    nearest = [r.get("rel_output_error_nearest") for r in layers]
+    if None not in nearest and nearest != [r["rel_output_error_rtn"] for r in layers]:  # a learned quantizer: show what it gained
+        ax.plot(xs, nearest, lw=1, color="0.6", label="round to nearest")
+    ax.plot(xs, [r["rel_output_error_rtn"] for r in layers], lw=1, label=f"quantized only ({meta.get('method', '?').split('+')[0]})")
     if any(r["rank"] for r in layers):
         ax.plot(xs, [r["rel_output_error"] for r in layers], lw=1, label=f"with the rank-{meta.get('rank')} correction")
     return _save_error_plot(fig, f, ax, "Linear (model order)", "‖XEᵀ‖ / ‖XWᵀ‖ (calibration)", f"per-layer output error, {meta.get('method')}", "layer-error")

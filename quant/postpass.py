@@ -22,15 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from qaft.core.errors import ConfigError
-from qaft.core.modules import decoder_layers, set_submodule
+from qaft.core.modules import decoder_layers, hidden_states, set_submodule
 
 from .calibrate import LayerStats, collect
 from .config import PostpassConfig
 from .fakequant import QuantLinear
+from .grid import quantize_weight
 from .lowrank import LowRank, quantize_factors
 from .methods import Method, of_config
 from .quantizers import QUANTIZERS
-from .quantizers.base import QuantizationFailed
+from .quantizers.base import Block, QuantizationFailed
 from .reconstructors import RECONSTRUCTORS, Preparation
 from .scheme import Granularity, QuantScheme, WeightFormat
 
@@ -53,7 +54,12 @@ class LayerReport:
     kept_energy: float
     """Share of the (scaled/whitened) error energy the rank-k factors keep; 0 without a correction."""
     seconds: float
-    """Quantize + reconstruct time of this Linear (no calibration forward, no telemetry)."""
+    """Quantize + reconstruct time of this Linear (no calibration forward, no telemetry; a share of its block's refinement)."""
+    rel_output_error_nearest: float | None = None
+    """The output error round to nearest gives on the same grid: what a learned quantizer (GPTQ, SignRound) is measured against."""
+    block_error: tuple[float, float] | None = None
+    """``(before, after)`` the quantizer's block refinement: the decoder layer's relative squared output error against
+    the float layer (on float inputs), with every Linear on the grid and no correction; None without one."""
 
 
 def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None:
@@ -158,31 +164,42 @@ def quantize_model(
     model.eval()
     prefix, layers = decoder_layers(model)
     inputs = capture_inputs(model, layers[0], calibration)
+    float_inputs = inputs if quantizer.refines_blocks else None  # the block refinement's targets come from the float stream
     reports, kept = [], {} if propagate == "float" else None
     lowrank = LowRank(postpass.rank, randomized=postpass.randomized_svd, energy=postpass.energy)
     for i, layer in enumerate(tqdm(layers, desc="post-pass (layers)", disable=not progress, leave=False)):
         targets = scheme.layer_linears(layer, f"{prefix}.{i}")
+        float_outputs = None if float_inputs is None else [hidden_states(layer(h, **kw)) for h, kw in float_inputs]
         with collect(targets) as stats, recon.observe(layer, targets) if recon else contextlib.nullcontext() as observed:
             outputs = [layer(h, **kw) for h, kw in inputs]
         prep = recon.prepare(layer, targets, stats, observed) if recon else Preparation()
+        gridded, quantized, seconds = {}, {}, {}
         for name, lin in targets.items():
             t0 = time.perf_counter()
-            w = lin.weight.data
-            to_quantize = w
+            gridded[name] = lin.weight.data
             if name in prep.extracted:  # ASER's reading (b): these columns are not quantized; the correction carries them whole
-                to_quantize = w.clone()
-                to_quantize[:, prep.extracted[name]] = 0
+                gridded[name] = lin.weight.data.clone()
+                gridded[name][:, prep.extracted[name]] = 0
             try:
-                q = quantizer.quantize(to_quantize, stats[name], scheme.weight)
+                quantized[name] = quantizer.quantize(gridded[name], stats[name], scheme.weight)
             except QuantizationFailed as e:
                 raise ConfigError(f"postpass.quantizer: {method.quantizer.name} on {prefix}.{i}.{name}: {e}") from None
+            seconds[name] = time.perf_counter() - t0
+        block = None
+        if float_outputs is not None:
+            t0 = time.perf_counter()
+            block = quantizer.refine_block(Block(layer, targets, gridded, inputs, float_outputs, scheme.weight, scheme.activation, prep.input_scales))
+            quantized = block.weights
+            seconds = {n: s + (time.perf_counter() - t0) / len(targets) for n, s in seconds.items()}
+        for name, lin in targets.items():
+            t0 = time.perf_counter()
+            w, q = lin.weight.data, quantized[name]
             err = w - q.dequant
             corr = recon.reconstruct(err, stats[name], lowrank) if recon else None
             if corr is not None and postpass.factor_bits is not None:
                 corr = quantize_factors(corr, postpass.factor_bits)
             after = err if corr is None else err - corr.matrix().to(err.dtype)
             set_submodule(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr, prep.input_scales.get(name), spec=scheme.weight))
-            seconds = time.perf_counter() - t0
             xtx32 = stats[name].xtx.float()
             ref = max(_out_norm(w, xtx32), 1e-30)
             before_err = _out_norm(err, xtx32) / ref
@@ -195,7 +212,9 @@ def quantize_model(
                     before_err,
                     before_err if corr is None else _out_norm(after, xtx32) / ref,
                     0.0 if corr is None else corr.kept_energy,
-                    seconds,
+                    seconds[name] + time.perf_counter() - t0,
+                    _out_norm(w - quantize_weight(gridded[name], scheme.weight).dequant, xtx32) / ref,
+                    None if block is None else (block.loss_start, block.loss),
                 )
             )
         if kept is not None:
@@ -203,6 +222,8 @@ def quantize_model(
             inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs)]
         else:
             inputs = [(layer(h, **kw), kw) for h, kw in inputs]
+        if float_inputs is not None:
+            float_inputs = [(y, kw) for y, (_, kw) in zip(float_outputs, float_inputs)]
     return reports, kept
 
 
@@ -219,9 +240,9 @@ def block_errors(model: torch.nn.Module, reference: torch.nn.Module, calibration
         outputs = [layer(h, **kw) for h, kw in inputs]
         num = den = 0.0
         for (h, kw), y in zip(inputs, outputs):
-            y, y_ref = (t[0] if isinstance(t, tuple) else t for t in (y, ref(h, **kw)))
+            y, y_ref = hidden_states(y), hidden_states(ref(h, **kw))
             num += (y - y_ref).float().pow(2).sum().item()
             den += y_ref.float().pow(2).sum().item()
         errors.append((num / max(den, 1e-30)) ** 0.5)
-        inputs = [(y[0] if isinstance(y, tuple) else y, kw) for y, (_, kw) in zip(outputs, inputs)]
+        inputs = [(hidden_states(y), kw) for y, (_, kw) in zip(outputs, inputs)]
     return errors

@@ -10,13 +10,14 @@ import torch
 
 from helpers import postpass, tiny_model_and_calibration
 from qaft.core.errors import ConfigError
+from qaft.core.modules import decoder_layers, hidden_states
 from qaft.quant import methods
 from qaft.quant.calibrate import LayerStats
 from qaft.quant.grid import group_view, quantize_weight
-from qaft.quant.postpass import quantize_model
+from qaft.quant.postpass import block_errors, capture_inputs, quantize_model
 from qaft.quant.quantizers.base import QuantizationFailed
 from qaft.quant.quantizers.signround import SignRoundOptions, signround
-from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
+from qaft.quant.scheme import ActQuant, GGUFType, Granularity, QuantScheme, WeightFormat, WeightQuant
 
 SPECS = [
     WeightQuant(),
@@ -110,7 +111,7 @@ def test_in_the_pipeline_it_beats_rtn_on_every_layer_and_composes_with_each_reco
     model, calib = tiny
     scheme = QuantScheme(weight=WeightQuant(bits=3))
     kw = dict(propagate="float", progress=False)  # the same inputs for both: a per-layer comparison
-    sr = {"name": "signround", "iters": 50}
+    sr = {"name": "signround", "iters": 50, "objective": "linear"}  # per Linear: each Linear's own error is what it lowers
     rtn, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0), **kw)
     learned, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0, quantizer=sr), **kw)
     worse = [a.name for a, b in zip(learned, rtn) if not a.rel_output_error < b.rel_output_error]
@@ -126,3 +127,66 @@ def test_a_grid_it_cannot_express_fails_the_post_pass_in_one_line(tiny):
     scheme = QuantScheme(weight=WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.MXFP4))
     with pytest.raises(ConfigError, match=r"^postpass\.quantizer: signround on model\.layers\.0\.self_attn\.q_proj: .*MXFP4"):
         quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0, quantizer="signround"), progress=False)
+
+
+BLOCK = {"name": "signround", "iters": 40, "objective": "block", "batch": 2, "bf16": False}
+
+
+@pytest.mark.parametrize("spec", [WeightQuant(bits=3), WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType.Q4_0)], ids=["W3", "Q4_0"])
+def test_block_objective_lowers_every_layers_output_error_against_the_float_layer(tiny, spec):
+    """AutoRound's objective: each decoder layer's output (all its Linears on the grid) against the float layer's
+    output on the float stream; the refinement must lower it on every layer, and below what the per-Linear objective reaches."""
+    model, calib = tiny
+    scheme = QuantScheme(weight=spec)
+    reports, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0, quantizer=BLOCK), progress=False)
+    per_layer = {r.name.rsplit(".", 2)[0]: r.block_error for r in reports}
+    assert all(after < 0.7 * before for before, after in per_layer.values()), per_layer
+    linear = copy.deepcopy(model)
+    quantize_model(linear, calib, scheme, postpass(None, 0, quantizer={**BLOCK, "objective": "linear"}), progress=False)
+    blockwise = copy.deepcopy(model)
+    quantize_model(blockwise, calib, scheme, postpass(None, 0, quantizer=BLOCK), progress=False)
+    assert sum(block_errors(blockwise, model, calib)) < sum(block_errors(linear, model, calib))
+
+
+def test_block_objective_at_zero_steps_is_rtn_and_leaves_the_layer_as_it_found_it(tiny):
+    model, calib = tiny
+    scheme = QuantScheme(weight=WeightQuant(bits=3))
+    rtn, sr = copy.deepcopy(model), copy.deepcopy(model)
+    sr.requires_grad_(True)
+    quantize_model(rtn, calib, scheme, postpass(None, 0), progress=False)
+    quantize_model(sr, calib, scheme, postpass(None, 0, quantizer={**BLOCK, "iters": 0}), progress=False)
+    a, b = rtn.state_dict(), sr.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    others = [p for n, p in sr.named_parameters() if "norm" in n]  # the refinement freezes the layer while it works
+    assert others and all(p.requires_grad for p in others)
+
+
+def test_block_objective_composes_with_each_reconstructor_and_activation_quantization(tiny):
+    """ASER smooths (input scales) and extracts columns; W4A8 rounds activations: the refinement sees the layer as deployed."""
+    model, calib = tiny
+    for recon, scheme in [
+        ("aser", QuantScheme(weight=WeightQuant(bits=3))),
+        ("whiten", QuantScheme(weight=WeightQuant(bits=3), activation=ActQuant(bits=8))),
+    ]:
+        reports, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(recon, 4, quantizer=BLOCK), progress=False)
+        assert all(r.block_error[1] < r.block_error[0] for r in reports), recon
+        assert all(r.rel_output_error < r.rel_output_error_rtn for r in reports), recon
+
+
+def test_the_block_error_it_reports_is_the_deployed_layers(tiny):
+    """The refinement simulates the layer as ``QuantLinear`` will run it (here with A8 activation rounding): the error it
+    reports after refining equals the deployed model's, measured independently (quantized stream vs float stream)."""
+    model, calib = tiny
+    scheme = QuantScheme(weight=WeightQuant(bits=3), activation=ActQuant(bits=8))
+    deployed = copy.deepcopy(model)
+    reports, _ = quantize_model(deployed, calib, scheme, postpass(None, 0, quantizer=BLOCK), progress=False)
+    reported = list({r.name.rsplit(".", 2)[0]: r.block_error[1] for r in reports}.values())
+    (_, quantized), (_, floats) = decoder_layers(deployed), decoder_layers(model)
+    xq, xf = capture_inputs(deployed, quantized[0], calib), capture_inputs(model, floats[0], calib)
+    measured = []
+    with torch.no_grad():
+        for q, f in zip(quantized, floats):
+            yq, yf = [hidden_states(q(h, **kw)) for h, kw in xq], [hidden_states(f(h, **kw)) for h, kw in xf]
+            measured.append((sum((a - b).pow(2).sum() for a, b in zip(yq, yf)) / sum(b.pow(2).sum() for b in yf)).item())
+            xq, xf = [(y, kw) for y, (_, kw) in zip(yq, xq)], [(y, kw) for y, (_, kw) in zip(yf, xf)]
+    assert reported == pytest.approx(measured, rel=1e-4)

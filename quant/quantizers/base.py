@@ -5,10 +5,16 @@ A weight quantizer turns one Linear's weight into codes and scales on the scheme
 (``grid.pack``), so every reconstructor, the store and both export formats take any quantizer's
 output unchanged. RTN ignores the statistics; GPTQ uses ``XᵀX``. New quantizer = one file with a
 class like ``rtn.RTN`` and one ``QUANTIZERS.register`` call.
+
+A quantizer may also refine a whole decoder layer's results against the float layer's output
+(``refine_block``, given a ``Block``): the interactions between one layer's Linears (and its
+non-linearities) are invisible to a per-Linear objective. The driver then keeps a float stream of
+layer inputs beside the quantized one, for the float targets.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -17,11 +23,40 @@ from qaft.core.registry import NoOptions, Registry
 
 from ..calibrate import LayerStats
 from ..grid import QuantizedWeight
-from ..scheme import WeightQuant
+from ..scheme import ActQuant, WeightQuant
 
 
 class QuantizationFailed(ValueError):
     """A layer this quantizer cannot handle with these options; the message says what to change."""
+
+
+@dataclass
+class Block:
+    """One decoder layer's Linears after per-Linear quantization, and what their joint refinement fits."""
+
+    layer: torch.nn.Module
+    """The decoder layer, its targets still the float Linears (a refiner may swap them while it works; it puts them back)."""
+    linears: dict[str, torch.nn.Linear]
+    """Target Linears by name relative to ``layer``."""
+    weights: dict[str, torch.Tensor]
+    """What each Linear's grid holds (the weight, less columns a reconstructor extracted)."""
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]]
+    """``(hidden_states, kwargs)`` the deployed layer will see (quantized propagation), one per calibration sequence."""
+    targets: list[torch.Tensor]
+    """The float layer's output on the float inputs (what the refined layer should produce from ``inputs``)."""
+    spec: WeightQuant
+    act: ActQuant
+    input_scales: dict[str, torch.Tensor]
+    """A reconstructor's input smoothing the deployed Linear applies (``Preparation.input_scales``)."""
+
+
+@dataclass(frozen=True)
+class Refined:
+    weights: dict[str, QuantizedWeight]
+    loss_start: float
+    """Relative block output error ``‖y − y_float‖² / ‖y_float‖²`` of the per-Linear results, on the calibration sequences."""
+    loss: float
+    """The same after the refinement."""
 
 
 class WeightQuantizer:
@@ -34,6 +69,14 @@ class WeightQuantizer:
         self.options = options
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, spec: WeightQuant) -> QuantizedWeight:
+        raise NotImplementedError
+
+    @property
+    def refines_blocks(self) -> bool:
+        """Whether the driver should call ``refine_block`` (and keep the float stream it needs)."""
+        return False
+
+    def refine_block(self, block: Block) -> Refined:
         raise NotImplementedError
 
 
