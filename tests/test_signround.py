@@ -4,6 +4,7 @@ only where the format leaves scales free, composition in the pipeline, clear ref
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -190,3 +191,20 @@ def test_the_block_error_it_reports_is_the_deployed_layers(tiny):
             measured.append((sum((a - b).pow(2).sum() for a, b in zip(yq, yf)) / sum(b.pow(2).sum() for b in yf)).item())
             xq, xf = [(y, kw) for y, (_, kw) in zip(yq, xq)], [(y, kw) for y, (_, kw) in zip(yf, xf)]
     assert reported == pytest.approx(measured, rel=1e-4)
+
+
+def test_telemetry_and_report_show_round_to_nearest_beside_the_learned_rounding(tiny, tmp_path, monkeypatch):
+    from qaft.pipeline import report
+
+    model, calib = tiny
+    scheme = QuantScheme(weight=WeightQuant(bits=3))
+    rtn, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0), progress=False)
+    assert all(r.rel_output_error_nearest == pytest.approx(r.rel_output_error_rtn, rel=1e-6) for r in rtn)
+    learned, _ = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0, quantizer=BLOCK), progress=False)
+    assert sum(r.rel_output_error_rtn for r in learned) < sum(r.rel_output_error_nearest for r in learned)
+
+    drawn = []
+    monkeypatch.setattr(report, "_save_error_plot", lambda fig, f, ax, *a: drawn.append([line.get_label() for line in ax.get_lines()]))
+    for reports, method in ((rtn, "rtn+none"), (learned, "signround+none")):
+        report.layer_error_figure(report.Figures(tmp_path), {"layers": [dataclasses.asdict(r) for r in reports], "method": method, "rank": 0})
+    assert drawn == [["quantized only (rtn)"], ["round to nearest", "quantized only (signround)"]]
