@@ -12,6 +12,8 @@ through (identity), so layers below still receive them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,20 @@ from .scheme import ActQuant, WeightQuant
 
 STORED = ("codes", "scale", "zero", "bias", "lora_A", "lora_B", "input_scale")
 """The tensors that define the layer; ``weight`` is derived from codes and scale (kept for speed)."""
+
+
+def deployed_input(
+    x: torch.Tensor, input_scale: torch.Tensor | None, act: ActQuant, act_fn: Callable[[torch.Tensor, ActQuant], torch.Tensor] = fake_quant_activation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, Q_a(x))`` as a deployed Linear sees its input: after any smoothing scale, and rounded as ``act`` says
+    (``act_fn``), the rounding straight through (its value, the identity's gradient). The base path reads ``Q_a(x)``,
+    the low-rank correction ``x``."""
+    if input_scale is not None:
+        x = x * input_scale
+    xq = act_fn(x, act)
+    if x.requires_grad and act.bits is not None:
+        xq = x + (xq - x).detach()
+    return x, xq
 
 
 def _frozen(t: torch.Tensor | None) -> torch.nn.Parameter | None:
@@ -59,11 +75,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x = x * self.input_scale
-        xq = self.act_fn(x, self.act)
-        if x.requires_grad and self.act.bits is not None:
-            xq = x + (xq - x).detach()  # straight through: the rounding's value, the identity's gradient
+        x, xq = deployed_input(x, self.input_scale, self.act, self.act_fn)
         y = F.linear(xq, self.dequantized() if self.scale.requires_grad else self.weight, self.bias)
         if self.lora_A is not None:
             y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))

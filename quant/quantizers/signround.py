@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
@@ -53,7 +53,8 @@ from qaft.core.typed import Ge, Le
 
 from .. import ggufgrid
 from ..calibrate import LayerStats
-from ..grid import QuantizedWeight, fake_quant_activation, grid_params, group_view, pack, round_to_grid
+from ..fakequant import deployed_input
+from ..grid import QuantizedWeight, grid_params, group_view, pack, quantize_weight, round_to_grid
 from ..scheme import ActQuant, GGUFType, WeightFormat, WeightQuant
 from .base import QUANTIZERS, Block, QuantizationFailed, Refined, WeightQuantizer
 
@@ -178,17 +179,16 @@ Evaluate = Callable[[int, bool], tuple[float, list[torch.Tensor] | None]]
 """``(step, with_gradients) -> (loss, gradients of every parameter in order, or None)``."""
 
 
-def descend(roundings: list[_Rounding], evaluate: Evaluate, options: SignRoundOptions) -> tuple[float, float]:
+def descend(roundings: list[_Rounding], evaluate: Evaluate, options: SignRoundOptions) -> None:
     """Signed gradient descent on ``roundings`` (``lr`` decaying linearly to 0); loads the iterate with the lowest
-    loss, the start included. Returns ``(start loss, best loss)``."""
+    loss, the start included."""
     iters = options.iters
     lr = options.lr if options.lr is not None else 1.0 / max(iters, 1)
     sizes = [len(r.params()) for r in roundings]
-    best, best_loss, start = [r.state() for r in roundings], float("inf"), None
+    best, best_loss = [r.state() for r in roundings], float("inf")
     with torch.enable_grad():  # the post-pass driver runs under no_grad
         for i in range(iters + 1):  # the start (RTN) is scored first, the last step's result last
             value, grads = evaluate(i, i < iters)
-            start = value if start is None else start
             if value < best_loss:
                 best, best_loss = [r.state() for r in roundings], value
             if i == iters:
@@ -198,7 +198,6 @@ def descend(roundings: list[_Rounding], evaluate: Evaluate, options: SignRoundOp
                 grads = grads[n:]
     for r, s in zip(roundings, best):
         r.load(s)
-    return start, best_loss
 
 
 def check_grid(spec: WeightQuant, minmax: bool | None) -> bool:
@@ -243,9 +242,7 @@ class _Deployed(torch.nn.Module):
         self.extra = extra if bool(extra.any()) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x = x * self.input_scale
-        xq = _ste(x, fake_quant_activation(x, self.act))
+        x, xq = deployed_input(x, self.input_scale, self.act)
         y = F.linear(xq, self.weight.to(xq.dtype), self.bias)
         return y if self.extra is None else y + F.linear(x, self.extra)
 
@@ -346,8 +343,9 @@ class SignRound(WeightQuantizer):
     Options = SignRoundOptions
 
     def quantize(self, weight: torch.Tensor, stats: LayerStats, spec: WeightQuant) -> QuantizedWeight:
-        if self.refines_blocks:  # the block objective starts from RTN
-            return signround(weight, stats, spec, replace(self.options, iters=0))
+        if self.refines_blocks:  # the block objective starts from RTN; a grid it cannot express fails here, per Linear
+            check_grid(spec, self.options.minmax)
+            return quantize_weight(weight, spec)
         return signround(weight, stats, spec, self.options)
 
     @property
