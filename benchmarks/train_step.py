@@ -49,7 +49,7 @@ def timed_steps(session, callbacks, log, n: int) -> list[float]:
     for _ in range(n):
         session.ctx.state.max_steps = session.ctx.state.step + 1
         t0 = time.perf_counter()
-        train(session.ctx, callbacks, session.loaders, session.scheduler, log)
+        train(session.ctx, session.cfg, callbacks, session.loaders, session.scheduler, log, session.task)
         times.append(time.perf_counter() - t0)
     return times
 

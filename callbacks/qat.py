@@ -88,10 +88,13 @@ def _lora_forward(layer: Any, scheme: QuantScheme):
         if self.disable_adapters or self.merged or not adapters:
             return original(x, *args, **kwargs)
         base = self.get_base_layer()
-        with torch.no_grad():
+        # float32 even under bf16 autocast: B·A in bf16 would move weights across rounding boundaries, and the
+        # grid must be the one the float32 merge_and_unload + post-pass deploy; only the matmul below is bf16.
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             merged = base.weight + sum(self.get_delta_weight(a) for a in adapters)  # what merge_and_unload stores
+            grid = quantized_weight(merged, scheme.weight)
         xq = ste_activation(x, scheme.activation)
-        y = F.linear(xq, quantized_weight(merged, scheme.weight), base.bias)
+        y = F.linear(xq, grid, base.bias)
         xd = xq.detach()
         for a in adapters:
             branch = self.lora_B[a](self.lora_A[a](self.lora_dropout[a](xd.to(self.lora_A[a].weight.dtype)))) * self.scaling[a]

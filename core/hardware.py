@@ -42,3 +42,9 @@ def resolve_bf16(setting: bool | str) -> tuple[bool, str]:
         use, why = bf16_is_fast()
         return use, f"auto: {why}"
     return bool(setting), "set in the config"
+
+
+def precision(setting: bool | str) -> str:
+    """What a ``bf16`` setting resolves to, in words, for run headers and the doctor."""
+    use, why = resolve_bf16(setting)
+    return f"{'bf16 autocast' if use else 'float32'} ({why})"

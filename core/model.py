@@ -51,7 +51,7 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weight dtype. Keep float32 on CPU: bf16 is ~5x slower on AVX2-only machines."""
+    """Weight storage dtype. float32 keeps the merge into ``final/`` and the quantization grids exact; bf16 compute comes from ``training.bf16`` (autocast), not from here."""
     trust_remote_code: bool = False
     """Allow model code from the hub repo to run."""
 

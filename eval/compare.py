@@ -63,6 +63,8 @@ def table(report: dict[str, Any]) -> str:
         f"WikiText-2 perplexity | {p['model']} | {p['scheme']}, rank {p['rank']}{factors} | {p['windows']} windows x {p['seq_len']} tokens | "
         f"calibration {p['calibration']['samples']} x {p['calibration']['seq_len']} from {p['calibration']['path']}"
     )
+    if "propagation" in p["calibration"]:  # every row: layer by layer, each method on its own quantized stream
+        head += f", {p['calibration']['propagation']} propagation, {p['calibration']['forwards']}"
     if "export" in report:
         e = report["export"]
         head += f"\nexport rows: {e['path']} ({e['scheme']} + {e['method']}; manifest hashes verified; activations rounded as compressed-tensors does)"

@@ -14,7 +14,7 @@ import torch
 
 from qaft.core import text
 from qaft.core.errors import CheckpointError, ConfigError, DataError
-from qaft.core.hardware import resolve_bf16
+from qaft.core.hardware import precision, resolve_bf16
 from qaft.core.io import ensure_writable
 from qaft.core.model import load_model_and_tokenizer
 from qaft.core.typed import to_plain
@@ -187,7 +187,13 @@ def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None
         "energy": p.energy,
         "factor_bits": p.factor_bits,
         "svd": "randomized" if p.randomized_svd else "exact",
-        "calibration": {"path": cfg.calibration_path, "samples": p.calibration_samples, "seq_len": p.calibration_seq_len},
+        "calibration": {
+            "path": cfg.calibration_path,
+            "samples": p.calibration_samples,
+            "seq_len": p.calibration_seq_len,
+            "propagation": "quantized",  # every method's later layers calibrate on its own quantized stream
+            "forwards": precision(p.bf16),
+        },
         "quantizer": to_plain(p.quantizer),
         "reconstructor": to_plain(p.reconstructor),  # the options every method of the same name used
     }

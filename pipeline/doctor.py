@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from qaft.core import text
 from qaft.core.errors import ConfigError, QaftError
-from qaft.core.hardware import resolve_bf16
+from qaft.core.hardware import precision, resolve_bf16
 from qaft.core.model import TINY_MODELS, byte_tokenizer, resolve
 from qaft.core.modules import decoder_layers
 from qaft.export import formats
@@ -233,6 +233,11 @@ def sharding(cfg: Config, launch: Launch) -> list[Finding]:
     return rows + [Finding(f"callback {name}", Status.FAIL, why) for name, why in problems]
 
 
+def precisions(cfg: Config) -> list[Finding]:
+    """What ``bf16: auto`` resolves to here, and why (hosts of one machine kind differ in bf16 units)."""
+    return [Finding("precision", Status.OK, f"training: {precision(cfg.training.bf16)}; post-pass calibration: {precision(cfg.postpass.bf16)}")]
+
+
 def tuning(cfg: Config, launch: Launch) -> list[Finding]:
     """``qaft tune`` (when ``tune.steps`` > 0): options the scheme allows, callbacks that make sense on a quantized model, the launch."""
     if cfg.tune.steps == 0:
@@ -318,6 +323,7 @@ def diagnose(config: str | Path, overrides: Iterable[str] = (), launch: Launch |
         return rows + [Finding("config", Status.FAIL, line) for line in str(e).splitlines()]
     rows.append(Finding("config", Status.OK, f"{config} ({len(cfg.callbacks)} callback(s): {', '.join(s.name for s in cfg.callbacks) or 'none'})"))
     rows += sharding(cfg, launch or launch_from(None))
+    rows += precisions(cfg)
     rows += tuning(cfg, launch or launch_from(None))
     rows += output_dir(cfg)
     rows += data_overlap(cfg)

@@ -1,4 +1,4 @@
-"""Calibration: the token windows, and per-Linear input statistics accumulated in float64 by forward pre-hooks, computed once and shared by methods.
+"""Calibration: the token windows, and per-Linear input statistics gathered by forward pre-hooks (float32 products per batch, float64 sums), one set per distinct input.
 
 Calibration takes the first ``samples × seq_len`` tokens of the calibration text (deterministic, so
 no seed is involved).
@@ -41,14 +41,16 @@ class LayerStats:
         self.xtx = z(self.in_features, self.in_features) if self.xtx is None else self.xtx
 
     def update(self, x: torch.Tensor) -> None:
-        """Add one calibration batch (``[..., in]``)."""
-        x = x.detach().reshape(-1, self.in_features).to(torch.float64)
+        """Add one calibration batch (``[..., in]``). The batch's own products run in float32 (as GPTQ's
+        reference code does; a float64 matmul is several times slower on CPUs) and the sums across batches
+        accumulate in float64, so the statistics do not lose precision as tokens add up."""
+        x = x.detach().reshape(-1, self.in_features).float()
         if self.xtx.device != x.device:  # accumulate where the activations live (a GPU, when the model is on one)
             self.abs_mean_max, self.abs_max, self.xtx = (t.to(x.device) for t in (self.abs_mean_max, self.abs_max, self.xtx))
         a = x.abs()
-        self.abs_mean_max = torch.maximum(self.abs_mean_max, a.mean(0))
-        self.abs_max = torch.maximum(self.abs_max, a.amax(0))
-        self.xtx += x.T @ x
+        self.abs_mean_max = torch.maximum(self.abs_mean_max, a.mean(0, dtype=torch.float64))
+        self.abs_max = torch.maximum(self.abs_max, a.amax(0).double())
+        self.xtx += (x.T @ x).double()
         self.n_tokens += x.shape[0]
 
     @property
@@ -59,14 +61,36 @@ class LayerStats:
 
 @contextmanager
 def collect(linears: Mapping[str, torch.nn.Linear]) -> Iterator[dict[str, LayerStats]]:
-    """Within the block, every forward call of each Linear adds its input as one batch."""
-    stats = {name: LayerStats(m.in_features) for name, m in linears.items()}
-    handles = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.update(args[0])) for n, m in linears.items()]
+    """Within the block, every forward call of each Linear adds its input as one batch.
+
+    Linears fed the very same tensor (q/k/v after one norm, gate/up after another) share one ``LayerStats``
+    object, so ``XᵀX`` (the costly part) is computed once per distinct input. Sharing is read from tensor
+    identity on every call, never assumed from names; the dict is complete (every Linear) once the block ends."""
+    stats: dict[str, LayerStats] = {}
+    followers: set[str] = set()  # Linears that read the stats of the Linear called just before them on the same tensor
+    last: list[Any] = [None, None]  # the latest input seen (held, so its identity cannot be reused) and its stats
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        if x is last[0]:
+            if stats.setdefault(name, last[1]) is not last[1]:
+                raise RuntimeError(f"calibration: {name} shared its input with another Linear on this batch but not on an earlier one")
+            followers.add(name)
+            return
+        if name in followers:
+            raise RuntimeError(f"calibration: {name} shared its input with another Linear on an earlier batch but not on this one")
+        s = stats.setdefault(name, LayerStats(x.shape[-1]))
+        s.update(x)
+        last[:] = [x, s]
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, args[0])) for n, m in linears.items()]
     try:
         yield stats
     finally:
         for h in handles:
             h.remove()
+        last[:] = [None, None]
+        for name, m in linears.items():
+            stats.setdefault(name, LayerStats(m.in_features))
 
 
 @contextmanager

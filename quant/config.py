@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from qaft.core.registry import Spec
 from qaft.core.typed import Ge, Gt, Le
@@ -32,6 +32,8 @@ class PostpassConfig:
     """Calibration text; null = ``data.path``. Must not overlap the eval text."""
     output_dir: str | None = None
     """Where ``qaft quantize`` writes the quantized model; null = ``<training.output_dir>/quantized``."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bf16 autocast for the calibration forwards (the layer passes that gather statistics and carry the stream on); statistics still come from float32 products summed in float64. ``auto`` = where the device has bf16 units."""
     calibration_samples: Annotated[int, Ge(1)] = 16
     """Calibration sequences."""
     calibration_seq_len: Annotated[int, Ge(8)] = 512

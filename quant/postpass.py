@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qaft.core.errors import ConfigError
+from qaft.core.hardware import resolve_bf16
 from qaft.core.modules import decoder_layers, hidden_states, set_submodule
 
 from .calibrate import LayerStats, collect
@@ -167,11 +168,18 @@ def quantize_model(
     float_inputs = inputs if quantizer.refines_blocks else None  # the block refinement's targets come from the float stream
     reports, kept = [], {} if propagate == "float" else None
     lowrank = LowRank(postpass.rank, randomized=postpass.randomized_svd, energy=postpass.energy)
+    use_bf16, device = resolve_bf16(postpass.bf16)[0], next(model.parameters()).device
+
+    def run(layer: torch.nn.Module, stream: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[Any]:
+        """The layer on each sequence of a stream; bf16 matmuls when ``postpass.bf16`` (the stream stays float32)."""
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return [layer(h, **kw) for h, kw in stream]
+
     for i, layer in enumerate(tqdm(layers, desc="post-pass (layers)", disable=not progress, leave=False)):
         targets = scheme.layer_linears(layer, f"{prefix}.{i}")
-        float_outputs = None if float_inputs is None else [hidden_states(layer(h, **kw)) for h, kw in float_inputs]
+        float_outputs = None if float_inputs is None else [hidden_states(y) for y in run(layer, float_inputs)]
         with collect(targets) as stats, recon.observe(layer, targets) if recon else contextlib.nullcontext() as observed:
-            outputs = [layer(h, **kw) for h, kw in inputs]
+            outputs = run(layer, inputs)
         prep = recon.prepare(layer, targets, stats, observed) if recon else Preparation()
         gridded, quantized, seconds = {}, {}, {}
         for name, lin in targets.items():
@@ -185,7 +193,7 @@ def quantize_model(
             except QuantizationFailed as e:
                 raise ConfigError(f"postpass.quantizer: {method.quantizer.name} on {prefix}.{i}.{name}: {e}") from None
             seconds[name] = time.perf_counter() - t0
-        block = None
+        block, xtx32s = None, {}
         if float_outputs is not None:
             t0 = time.perf_counter()
             block = quantizer.refine_block(Block(layer, targets, gridded, inputs, float_outputs, scheme.weight, scheme.activation, prep.input_scales))
@@ -200,7 +208,9 @@ def quantize_model(
                 corr = quantize_factors(corr, postpass.factor_bits)
             after = err if corr is None else err - corr.matrix().to(err.dtype)
             set_submodule(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr, prep.input_scales.get(name), spec=scheme.weight))
-            xtx32 = stats[name].xtx.float()
+            if id(stats[name]) not in xtx32s:  # one per distinct input (calibrate.collect shares them)
+                xtx32s[id(stats[name])] = stats[name].xtx.float()
+            xtx32 = xtx32s[id(stats[name])]
             ref = max(_out_norm(w, xtx32), 1e-30)
             before_err = _out_norm(err, xtx32) / ref
             reports.append(
@@ -221,7 +231,7 @@ def quantize_model(
             kept |= {f"{prefix}.{i}.{n}": s for n, s in stats.items()}
             inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs)]
         else:
-            inputs = [(layer(h, **kw), kw) for h, kw in inputs]
+            inputs = [(y, kw) for y, (_, kw) in zip(run(layer, inputs), inputs)]
         if float_inputs is not None:
             float_inputs = [(y, kw) for y, (_, kw) in zip(float_outputs, float_inputs)]
     return reports, kept

@@ -51,18 +51,21 @@ def kill_after_checkpoint(monkeypatch, step: int) -> None:
 def assert_resume_is_exact(run, monkeypatch, tmp_path: Path, kill_at: int, volatile: tuple[str, ...] = ()) -> list[dict]:
     """``run(out_dir, *extra_overrides) -> Config``: train straight through, and again killed right after
     checkpoint ``kill_at`` then resumed; the adapters and the logged train rows (minus timings and the
-    ``volatile`` keys, which measure wall time) must be identical. Returns the straight run's rows."""
+    ``volatile`` keys, which measure wall time) must be identical. Returns the straight run's rows.
+    Under bf16 autocast on every host (``training.bf16: auto`` picks it where the CPU has bf16 units; forced
+    here so that hosts without them test the same path, only slower)."""
     from qaft.trainer.loop import fit
 
-    fit(run(tmp_path / "a"))
+    bf16 = "training.bf16=true"
+    fit(run(tmp_path / "a", bf16))
     kill_after_checkpoint(monkeypatch, kill_at)
     try:
-        fit(run(tmp_path / "b"))
+        fit(run(tmp_path / "b", bf16))
         raise AssertionError("the run was not killed")
     except Killed:
         pass
     monkeypatch.undo()
-    fit(run(tmp_path / "b", "training.resume_from_checkpoint=true"))
+    fit(run(tmp_path / "b", bf16, "training.resume_from_checkpoint=true"))
     assert_same_tensors(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b"))
     drop = lambda rows: [{k: v for k, v in r.items() if k not in volatile} for r in without_timing(rows)]  # noqa: E731
     rows = drop(events(tmp_path / "a", "train"))

@@ -171,3 +171,23 @@ def test_builtin_corpora_train_and_heldout_are_disjoint_and_checked(smoke_file):
     assert row.status is Status.OK and " 0.0%" in row.detail
     bad = diagnose(smoke_file, ["data.path=python-docs", "eval.path=python-docs-heldout"], Launch("t"))
     assert only_status(bad, "data overlap") is Status.FAIL  # the full corpus contains the held-out part
+
+
+@pytest.mark.parametrize(
+    "flags, overrides, expected",
+    [
+        ({"avx512_bf16", "avx2"}, [], "training: bf16 autocast (auto: CPU has avx512_bf16); post-pass calibration: bf16 autocast (auto: CPU has avx512_bf16)"),
+        ({"avx2"}, [], "training: float32 (auto: CPU has no bf16 units"),
+        ({"amx_bf16"}, ["training.bf16=false"], "training: float32 (set in the config); post-pass calibration: bf16 autocast (auto: CPU has amx_bf16)"),
+    ],
+    ids=["bf16-units", "avx2-only", "forced-off"],
+)
+def test_the_precision_row_says_what_auto_chose_and_why(smoke_file, monkeypatch, flags, overrides, expected):
+    import torch
+
+    from qaft.core import hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    (row,) = rows_of(diagnose(smoke_file, overrides), "precision")
+    assert row.status is Status.OK and row.detail.startswith(expected)

@@ -84,6 +84,25 @@ def test_loop_and_torch_func_per_sample_gradients_agree():
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_lambda_max_under_bf16_autocast_is_the_float32_one_within_bf16_precision():
+    """Per-sample gradients run under the training forward's autocast (bf16 matmuls); the Gram matrix and its
+    eigenvalue are float64. The head ranking MAT gates on must survive that: λmax within 3%."""
+    model = lora_model()
+    modules = head_modules(model)
+    params = list({id(s.param): s.param for m in modules for s in m.slices}.values())
+    x = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(1))
+
+    def lam(bf16: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            g = per_sample_grads(model, x, params, Grads.LOOP)
+        return lambda_max(modules, {id(p): t for p, t in zip(params, g)})
+
+    fp32, bf16 = lam(False), lam(True)
+    assert fp32.dtype == bf16.dtype == torch.float64
+    torch.testing.assert_close(bf16, fp32, rtol=0.03, atol=0.0)
+    assert not torch.equal(bf16, fp32)  # the autocast really ran in bf16
+
+
 def test_gated_heads_parameters_and_adamw_moments_do_not_change(make_cfg):
     cfg = with_mat(
         make_cfg,

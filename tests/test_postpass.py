@@ -10,6 +10,7 @@ import torch
 from helpers import postpass
 from qaft.core.errors import ConfigError
 from qaft.core.model import ModelConfig, load_model_and_tokenizer
+from qaft.core.modules import decoder_layers
 from qaft.core.text import windows_of
 from qaft.eval.perplexity import perplexity
 from qaft.quant.calibrate import collect
@@ -37,12 +38,47 @@ def test_layer_sequential_and_whole_model_calibration_give_the_same_statistics(t
     with collect(targets) as whole:
         for seq in calib:
             model(input_ids=seq[None], use_cache=False)
-    _, sequential = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0), propagate="float", progress=False)
+    _, sequential = quantize_model(copy.deepcopy(model), calib, scheme, postpass(None, 0, bf16=False), propagate="float", progress=False)
     assert sequential.keys() == whole.keys() and len(whole) >= 12
     for k in whole:
         assert sequential[k].n_tokens == whole[k].n_tokens == 6 * 32
         assert torch.allclose(sequential[k].xtx, whole[k].xtx, rtol=1e-5, atol=1e-6), k
         assert torch.allclose(sequential[k].abs_mean_max, whole[k].abs_mean_max, rtol=1e-5, atol=1e-7), k
+
+
+def test_linears_fed_one_tensor_share_one_set_of_statistics_and_it_is_exact(tiny):
+    """q/k/v (and gate/up) read one tensor: one ``LayerStats`` for them, read from tensor identity; its ``XᵀX``
+    (float32 products per batch, float64 sums) equals the float64 sum over the inputs each Linear really saw, to 1e-6."""
+    model, calib = tiny
+    scheme = QuantScheme()
+    prefix, layers = decoder_layers(model)
+    targets = scheme.layer_linears(layers[0], f"{prefix}.0")
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen[n].append(args[0])) for n, m in targets.items()]
+    with torch.no_grad(), collect(targets) as stats:
+        for seq in calib:
+            model(input_ids=seq[None], use_cache=False)
+    for h in handles:
+        h.remove()
+    same_input = {n: frozenset(k for k in targets if all(a is b for a, b in zip(seen[k], seen[n]))) for n in targets}
+    same_stats = {n: frozenset(k for k in targets if stats[k] is stats[n]) for n in targets}
+    assert same_stats == same_input and max(map(len, same_input.values())) >= 2
+    for n, xs in seen.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+        ref = x.T @ x
+        assert ((stats[n].xtx - ref).norm() / ref.norm()).item() < 1e-6  # float32 products: ~1e-7 of the matrix, not of each entry
+        assert stats[n].n_tokens == x.shape[0]
+        torch.testing.assert_close(stats[n].abs_max, x.abs().amax(0), rtol=0, atol=0)
+
+
+def test_bf16_calibration_forwards_move_the_result_only_within_bf16_precision(tiny):
+    """``postpass.bf16``: the layer passes run bf16 matmuls; every layer's output error stays within a few percent
+    of the float32 calibration's, and the run really differs (the switch is live)."""
+    model, calib = tiny
+    runs = {b: quantize_model(copy.deepcopy(model), calib, QuantScheme(), postpass("whiten", 4, bf16=b), progress=False)[0] for b in (False, True)}
+    fp32, bf16 = ([r.rel_output_error for r in runs[b]] for b in (False, True))
+    assert fp32 != bf16
+    assert bf16 == pytest.approx(fp32, rel=0.05)
 
 
 def test_every_target_becomes_a_quant_linear_and_embeddings_and_head_stay_float(tiny):

@@ -170,16 +170,19 @@ def _record_qat_logits(monkeypatch, ids: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("init", ["zero", "loftq"])
-def test_rtn_of_final_reproduces_the_training_time_quantized_logits(make_cfg, monkeypatch, tmp_path, scheme, init):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_rtn_of_final_reproduces_the_training_time_quantized_logits(make_cfg, monkeypatch, tmp_path, scheme, init, bf16):
+    """Bit for bit, in float32 and under bf16 autocast alike: the grid QAT trains against is the float32 merge's
+    (B·A under autocast would be bf16 and move weights across rounding boundaries), only the matmuls are bf16."""
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     seen = _record_qat_logits(monkeypatch, ids)
-    cfg = with_qat(make_cfg, f"training.output_dir={tmp_path}", *SCHEMES[scheme], init=init, iters=2)
+    cfg = with_qat(make_cfg, f"training.output_dir={tmp_path}", f"training.bf16={str(bf16).lower()}", *SCHEMES[scheme], init=init, iters=2)
     final = fit(cfg)
     model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(final)))
-    with torch.no_grad():
-        float_final = model(input_ids=ids).logits
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        float_final = model(input_ids=ids).logits.float()
         quantize_model(model, ids[:1], cfg.quant, postpass(None, 0), progress=False)
-        rtn_final = model(input_ids=ids).logits
+        rtn_final = model(input_ids=ids).logits.float()  # accelerate hands the trained forward's logits back in float32
     assert torch.equal(rtn_final, seen["qat"])
     assert not torch.allclose(float_final, seen["qat"], atol=1e-4)  # the trained forward was quantized
     if init == "zero":
@@ -193,7 +196,14 @@ def test_qat_trains_toward_what_survives_rounding(make_cfg, tmp_path):
     from qaft.trainer.loop import evaluate, setup
 
     scheme = SCHEMES["W3 g32 asym A8"]
-    common = ("training.max_steps=12", "training.eval_steps=6", "training.eval_on_start=true", "training.learning_rate=1e-2", *scheme)
+    common = (
+        "training.max_steps=12",
+        "training.eval_steps=6",
+        "training.eval_on_start=true",
+        "training.learning_rate=1e-2",
+        "training.bf16=false",
+        *scheme,
+    )  # evaluate() below is float32
     cfg = with_qat(make_cfg, f"training.output_dir={tmp_path / 'qat'}", *common)
     fit(cfg)
     evals = [r["eval_loss"] for r in events(tmp_path / "qat", "eval")]

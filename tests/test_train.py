@@ -49,9 +49,11 @@ def test_logged_rows_carry_the_documented_fields(trained_run):
 
 
 @pytest.mark.parametrize("kill_at, extra", [(10, []), (5, ["data.max_train_blocks=24"])], ids=["mid-epoch", "across-epochs"])
-def test_resume_is_bit_exact(make_cfg, monkeypatch, tmp_path, kill_at, extra):
-    """20 steps straight == killed after checkpoint `kill_at`, then resumed to 20 (adapter and metrics)."""
-    save_every = ["training.save_steps=" + str(kill_at)]
+@pytest.mark.parametrize("bf16", ["false", "true"], ids=["fp32", "bf16"])
+def test_resume_is_bit_exact(make_cfg, monkeypatch, tmp_path, kill_at, extra, bf16):
+    """20 steps straight == killed after checkpoint `kill_at`, then resumed to 20 (adapter and metrics), in float32
+    and under bf16 autocast (forced: a host without bf16 units emulates it, slower but the same arithmetic)."""
+    save_every = ["training.save_steps=" + str(kill_at), f"training.bf16={bf16}"]
     straight = make_cfg(*extra, *save_every, f"training.output_dir={tmp_path / 'straight'}")
     fit(straight)
     broken = make_cfg(*extra, *save_every, f"training.output_dir={tmp_path / 'broken'}")
@@ -212,3 +214,18 @@ def test_stages_in_one_process_may_change_precision(tmp_path):
     """`qaft run` trains in float32 and then tunes in bf16 in the same process; each stage gets the precision it asks for."""
     seen = [build_accelerator(TrainingConfig(output_dir=str(tmp_path / s), bf16=b)).mixed_precision for s, b in (("a", False), ("b", True), ("c", False))]
     assert seen == ["no", "bf16", "no"]
+
+
+@pytest.mark.parametrize(
+    "flags, setting, expected", [({"avx512_bf16"}, "auto", "bf16"), ({"avx2"}, "auto", "no"), ({"avx2"}, "true", "bf16"), ({"amx_bf16"}, "false", "no")]
+)
+def test_bf16_auto_follows_the_cpu_and_an_explicit_setting_wins(make_cfg, monkeypatch, flags, setting, expected):
+    """``training.bf16: auto`` reads the CPU's flags (bf16 units or not), never assumes; true/false are obeyed."""
+    import torch
+
+    from qaft.core import hardware
+    from qaft.trainer.loop import build_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    assert build_accelerator(make_cfg(f"training.bf16={setting}").training).mixed_precision == expected

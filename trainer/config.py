@@ -57,8 +57,8 @@ class LoraSection:
     """LoRA rank."""
     lora_alpha: Annotated[float, Gt(0.0)] = 16.0
     """Scaling numerator: the update is ``lora_alpha / r · B A``."""
-    lora_dropout: Annotated[float, Ge(0.0), Le(0.9)] = 0.05
-    """Dropout on the LoRA input."""
+    lora_dropout: Annotated[float, Ge(0.0), Le(0.9)] = 0.0
+    """Dropout on the LoRA input; 0 = peft's default. On CPU its random draws are costly (torch's CPU generator makes ~10^8 draws/s): 0.05 costs about a third of a bf16 step on SmolLM2 (``benchmarks/speed.py``)."""
     target_modules: Literal["all-linear"] | tuple[str, ...] = "all-linear"
     """``all-linear`` (every Linear except the output head) or a list of module-name suffixes such as ``[q_proj, v_proj]``."""
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -107,8 +107,8 @@ class TrainingConfig:
     """Keep only the newest N checkpoints."""
     seed: int = 42
     """Seeds model init, LoRA init, data order and every callback's generator."""
-    bf16: bool = False
-    """bfloat16 autocast (GPU; on CPU it is ~5x slower than float32 on AVX2-only machines)."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bfloat16 autocast of the forward and backward (weights, optimizer state, loss stay float32); ``auto`` = on where the device has bf16 units (CPU ``avx512_bf16`` / ``amx_bf16``, or CUDA), off elsewhere (emulated bf16 is slower)."""
     report_to: tuple[Literal[TRACKERS], ...] = field(default=(), metadata={RESUMABLE: True, NO_EFFECT: True})  # type: ignore[valid-type]
     """Experiment trackers through accelerate, e.g. ``[tensorboard]`` (logs under ``output_dir/runs``)."""
     max_nonfinite_steps: Annotated[int, Ge(0)] = field(default=10, metadata={RESUMABLE: True})

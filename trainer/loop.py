@@ -25,6 +25,7 @@ from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs,
 
 from qaft.callbacks import CallbackList, Context, TrainState, create
 from qaft.core.errors import DivergedError, PreflightError
+from qaft.core.hardware import precision, resolve_bf16
 
 from .checkpoint import install_adapter_only_hooks, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from .config import TrainConfig, TrainingConfig
@@ -56,7 +57,7 @@ def build_accelerator(t: TrainingConfig) -> Any:
     try:
         acc = Accelerator(
             gradient_accumulation_plugin=plugin,
-            mixed_precision="bf16" if t.bf16 else "no",
+            mixed_precision="bf16" if resolve_bf16(t.bf16)[0] else "no",
             kwargs_handlers=process_group_kwargs(),
             log_with=list(t.report_to) or None,
             project_dir=str(Path(t.output_dir) / "runs"),  # trackers write under runs/
@@ -256,7 +257,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool = False, task: Task | None = None
     summary = (
         f"{task.verb}: {cfg.model.name_or_path} | {len(blocks.train)} train / {len(blocks.eval)} eval blocks of {cfg.data.block_size} tokens | "
         f"{state.max_steps} steps x {t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes} blocks | "
-        f"{acc.num_processes} process(es) on {acc.device}{', bf16 autocast' if t.bf16 else ''} | torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        f"{acc.num_processes} process(es) on {acc.device}, {precision(t.bf16)} | torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
         + (f" | resumed from {resume_from.name} (step {state.step})" if resume_from else "")
     )
     return Session(ctx, cfg, task, callbacks, Loaders(train_dl, eval_dl), scheduler, tokenizer, resume_from, summary)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from qaft.callbacks import CALLBACKS
 from qaft.core.errors import CheckpointError, ConfigError, PreflightError
+from qaft.core.hardware import resolve_bf16
 from qaft.core.io import sha256_file
 from qaft.core.model import load_model_and_tokenizer
 from qaft.core.modules import decoder_layers
@@ -191,7 +192,7 @@ class Distill(Task):
             )
         self.solved_errors = self.errors_by_block(student, tokenizer)  # now, rather than reloading the solved model at the end
         self.weight_dtype = layers[0].weight.dtype if layers else torch.float32
-        if cfg.training.bf16 and not self.job.tune.train_scales:
+        if resolve_bf16(cfg.training.bf16)[0] and not self.job.tune.train_scales:
             for m in layers:  # exact under bf16 autocast (QuantLinear.refresh_weight); back to weight_dtype in write_final
                 m.refresh_weight(torch.bfloat16)
         return student.train(), tokenizer
