@@ -71,7 +71,14 @@ def test_two_process_cpu_ddp_matches_one_process_with_the_same_global_batch(smok
         raw = smoke_raw | {
             "lora": smoke_raw["lora"] | {"lora_dropout": 0.0},  # dropout draws differ per rank
             "training": smoke_raw["training"]
-            | {"per_device_train_batch_size": per_device, "gradient_accumulation_steps": 1, "max_steps": 4, "save_steps": 0, "eval_steps": None, "bf16": False},  # float32: equal to tolerance
+            | {
+                "per_device_train_batch_size": per_device,
+                "gradient_accumulation_steps": 1,
+                "max_steps": 4,
+                "save_steps": 0,
+                "eval_steps": None,
+                "bf16": False,
+            },  # float32: equal to tolerance
         }
         p = tmp_path / f"b{per_device}.yaml"
         p.write_text(yaml.safe_dump(raw))
