@@ -63,17 +63,18 @@ class StepClock(Callback):
 
     name = "step_clock"
 
-    def __init__(self, times: list[float], starts: bool):
+    def __init__(self, times: list[float], start: StepClock | None = None, stop_after: int = 0):
+        """The first clock: ``StepClock(times)``; the last: ``StepClock(times, first, n)``, which ends the call after n steps."""
         super().__init__(None, generator=torch.Generator())
-        self.times, self.starts = times, starts
+        self.times, self.start, self.stop_after, self.t0 = times, start, stop_after, 0.0
 
     def on_step_begin(self, ctx) -> None:
-        if self.starts:
+        if self.start is None:
             self.t0 = time.perf_counter()
 
     def on_step_end(self, ctx) -> dict[str, float]:
-        if not self.starts:
-            self.times.append(time.perf_counter() - self.partner.t0)
+        if self.start is not None:
+            self.times.append(time.perf_counter() - self.start.t0)
             if len(self.times) == self.stop_after:
                 ctx.state.max_steps = ctx.state.step  # ends this train call; the run's own horizon is restored after it
         return {}
@@ -124,8 +125,8 @@ class Qaft:
         (``max_steps`` of the config), so callbacks that schedule work over the run (NPFT's re-scoring rounds)
         do it as they would in a real run, not at every call."""
         times: list[float] = []
-        first, last = StepClock(times, True), StepClock(times, False)
-        last.partner, last.stop_after = first, n + 1
+        first = StepClock(times)
+        last = StepClock(times, first, n + 1)
         s, horizon = self.s, self.s.cfg.training.max_steps
         s.ctx.state.max_steps = horizon
         try:
@@ -164,30 +165,33 @@ class Bare:
             torch.cuda.synchronize()  # qaft's loop syncs when it logs; time finished work in both
 
 
-def interleaved(conditions: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, list[float]]:
-    """Each condition ``steps`` timed calls per round, after one warm-up call; the order rotates every round."""
-    for step in conditions.values():
-        step()
-    names, times = list(conditions), {k: [] for k in conditions}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                conditions[name]()
-                times[name].append(time.perf_counter() - t0)
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {statistics.median(v):.2f}s" for k, v in times.items()), flush=True)
-    return times
+Turn = Callable[[int], list[float]]
+"""``turn(n)``: run ``n`` steps of one condition, return the seconds of each."""
 
 
-def interleaved_runs(runs: dict[str, Qaft], rounds: int, steps: int) -> dict[str, list[float]]:
-    """As ``interleaved``, for runs whose callbacks do work at the start/end of training: ``steps`` steps per
-    turn in one ``train`` call, each step timed inside it."""
-    for run in runs.values():
-        run.timed_steps(1)
-    names, times = list(runs), {k: [] for k in runs}
+def each_timed(step: Callable[[], None]) -> Turn:
+    """A turn of ``n`` separate calls to ``step``, each timed from outside."""
+
+    def turn(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    return turn
+
+
+def interleaved(turns: dict[str, Turn], rounds: int, steps: int) -> dict[str, list[float]]:
+    """Each condition one turn of ``steps`` steps per round, after one warm-up turn of one step; the order
+    rotates every round, so machine noise hits every condition alike."""
+    for turn in turns.values():
+        turn(1)
+    names, times = list(turns), {k: [] for k in turns}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name] += runs[name].timed_steps(steps)
+            times[name] += turns[name](steps)
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {statistics.median(v):.2f}s" for k, v in times.items()), flush=True)
     return times
 
@@ -205,12 +209,12 @@ def part_steps(args, tmp: Path) -> dict:
     bare32, bare16 = Bare(args, batches, bf16=False), Bare(args, batches, bf16=True)
     bare16_nodrop = Bare(args, batches, bf16=True, dropout=0.0)
     conditions = {
-        "qaft fp32": qaft32.step,
-        "qaft bf16": qaft16.step,
-        "bare HF+PEFT fp32": bare32.step,
-        "bare HF+PEFT bf16": bare16.step,
-        "qaft bf16, lora_dropout 0": qaft16_nodrop.step,
-        "bare HF+PEFT bf16, lora_dropout 0": bare16_nodrop.step,
+        "qaft fp32": each_timed(qaft32.step),
+        "qaft bf16": each_timed(qaft16.step),
+        "bare HF+PEFT fp32": each_timed(bare32.step),
+        "bare HF+PEFT bf16": each_timed(bare16.step),
+        "qaft bf16, lora_dropout 0": each_timed(qaft16_nodrop.step),
+        "bare HF+PEFT bf16, lora_dropout 0": each_timed(bare16_nodrop.step),
     }
     out = summary(interleaved(conditions, args.rounds, args.steps), "qaft fp32")
     med = {k: v["s_per_step"] for k, v in out.items()}
@@ -226,7 +230,7 @@ def part_callbacks(args, tmp: Path) -> dict:
     out = {}
     for name, spec in CALLBACK_SPECS.items():
         runs = {f"{name} {p}": Qaft(config(tmp / f"{name}{p}", args, bf16=p == "bf16", callbacks=(spec,)), tmp / f"{name}{p}") for p in ("fp32", "bf16")}
-        times = interleaved_runs(runs, args.rounds, args.steps)
+        times = interleaved({k: r.timed_steps for k, r in runs.items()}, args.rounds, args.steps)  # callbacks' begin/end hooks stay out
         out[name] = summary(times, f"{name} fp32")
         del runs
     return out
