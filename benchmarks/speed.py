@@ -10,6 +10,8 @@ noise hits all conditions alike; speed is reported as ratios of medians measured
 - ``callbacks``: NPFT, QAT, MAT, temporal distillation steps (dropout 0.05), float32 vs bf16.
 - ``postpass``: wall and perplexity of each post-pass method on the protocol, calibration forwards in float32 vs
   bf16 (and ``--baseline``: another checkout's code, e.g. before a change).
+- ``eval``: ``qaft eval`` of six methods on the protocol, the whole command's wall (``--baseline``'s code, quantized
+  propagation, float propagation with shared statistics), and the calibration of 16 x 512 tokens alone.
 - ``quality``: eval loss on 16 held-out blocks after ``--quality-steps`` steps from the same seed (dropout 0),
   float32 vs bf16.
 
@@ -293,7 +295,54 @@ def part_postpass(args, tmp: Path) -> dict:
     return out
 
 
-PARTS = {"steps": part_steps, "callbacks": part_callbacks, "quality": part_quality, "postpass": part_postpass}
+EVAL_METHODS = "fp,rtn,lqer,l2qer,whiten,aser"
+
+
+def calibration_worker() -> None:
+    """The statistics of every layer on the protocol's calibration tokens, alone: RTN (no quantization work to
+    speak of) under float propagation (one forward per layer) with telemetry; prints ``{calibration_s}``."""
+    from qaft.pipeline.commands import calibration_of
+    from qaft.pipeline.config import load_config
+    from qaft.quant.methods import resolve
+    from qaft.quant.postpass import quantize_model
+
+    cfg = load_config(POSTPASS_CONFIG, [])
+    model, tok = load_model_and_tokenizer(cfg.model)
+    calib = calibration_of(cfg, tok)
+    t0 = time.perf_counter()
+    reports, _ = quantize_model(model, calib, cfg.quant, cfg.postpass, method=resolve("rtn", cfg.postpass), propagate="float", progress=False)
+    wall = time.perf_counter() - t0
+    print(json.dumps({"calibration_s": wall - sum(r.seconds for r in reports), "tokens": calib.numel()}))
+
+
+def part_eval(args, tmp: Path) -> dict:
+    """``qaft eval CONFIG --methods fp,rtn,lqer,l2qer,whiten,aser`` wall (the whole command: model load, every
+    method's post-pass and evaluation), with ``--baseline``'s code, today's default (quantized propagation) and
+    ``postpass.propagate=float`` (statistics shared); plus the calibration of 16 x 512 tokens alone."""
+    import subprocess
+
+    conditions = {"quantized propagation": ({}, [])}
+    conditions["float propagation (shared)"] = ({}, ["postpass.propagate=float"])
+    if args.baseline:
+        conditions = {"baseline": ({"PYTHONPATH": args.baseline}, [])} | conditions
+    out: dict = {"config": str(POSTPASS_CONFIG.relative_to(ROOT)), "methods": EVAL_METHODS, "baseline": args.baseline, "conditions": {}}
+    for name, (env, overrides) in conditions.items():
+        js = tmp / f"{len(out['conditions'])}.json"
+        js.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "qaft", "eval", str(POSTPASS_CONFIG), *overrides, "--methods", EVAL_METHODS, "--json", str(js)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=os.environ | env, cwd=ROOT, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - t0
+        res = json.loads(js.read_text())["results"]
+        out["conditions"][name] = {"wall_s": wall, "ppl": {m: r["ppl"] for m, r in res.items()}, "seconds": {m: r["seconds"] for m, r in res.items()}}
+        print(f"  {name:<28}{wall:>8.1f} s  " + " ".join(f"{m} {r['ppl']:.3f}" for m, r in res.items()), flush=True)
+    done = subprocess.run([sys.executable, __file__, "--calibration-worker"], cwd=ROOT, capture_output=True, text=True, check=True)
+    out["calibration"] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  calibration of {out['calibration']['tokens']} tokens (every layer's statistics): {out['calibration']['calibration_s']:.1f} s")
+    return out
+
+
+PARTS = {"steps": part_steps, "callbacks": part_callbacks, "quality": part_quality, "postpass": part_postpass, "eval": part_eval}
 
 
 def main() -> None:
@@ -306,10 +355,13 @@ def main() -> None:
     ap.add_argument("--quality-steps", type=int, default=60)
     ap.add_argument("--parts", nargs="*", default=list(PARTS), choices=list(PARTS))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
-    ap.add_argument("--baseline", help="postpass part: also time the qaft package found on this PYTHONPATH (another checkout)")
+    ap.add_argument("--baseline", help="postpass and eval parts: also time the qaft package found on this PYTHONPATH (another checkout)")
     ap.add_argument("--postpass-worker", metavar="METHOD", help=argparse.SUPPRESS)
     ap.add_argument("--bf16", help=argparse.SUPPRESS)
+    ap.add_argument("--calibration-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.calibration_worker:
+        return calibration_worker()
     if args.postpass_worker:
         return postpass_worker(args.postpass_worker, args.bf16)
     use, why = bf16_is_fast()
@@ -365,6 +417,12 @@ def report(r: dict) -> None:
         print(f"\n{'method':<10}" + "".join(f"{n + ' s':>22}{'ppl':>9}" for n in names))
         for method, v in r["postpass"]["methods"].items():
             print(f"{method:<10}" + "".join(f"{v[n]['postpass_s']:>22.1f}{v[n]['ppl']:>9.3f}" for n in names))
+    if "eval" in r:
+        e = r["eval"]
+        print(f"\nqaft eval --methods {e['methods']} (whole command):")
+        for name, v in e["conditions"].items():
+            print(f"  {name:<28}{v['wall_s']:>8.1f} s")
+        print(f"calibration of {e['calibration']['tokens']} tokens alone: {e['calibration']['calibration_s']:.1f} s")
     if "quality" in r:
         q = r["quality"]
         print(f"\neval loss after the quality steps: fp32 {q['fp32']['eval_loss']:.4f}, bf16 {q['bf16']['eval_loss']:.4f} ({q['relative_difference']:+.2%})")

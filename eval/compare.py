@@ -1,8 +1,9 @@
 """Perplexity of several post-pass methods of one model on one protocol: ``qaft eval``'s table.
 
 The float model is loaded once by the caller; each quantizing method quantizes its own copy
-(layer-sequential, so each method's later layers calibrate on its own quantized outputs), then all
-are evaluated on the same windows. ``table`` prints the rows with the share of the RTN → float gap
+(layer-sequential: under the default quantized propagation each method's later layers calibrate on
+its own quantized outputs; under float propagation all methods share one set of statistics), then
+all are evaluated on the same windows. ``table`` prints the rows with the share of the RTN → float gap
 each method closes.
 """
 
@@ -17,9 +18,10 @@ from typing import Any
 
 import torch
 
+from qaft.core.modules import decoder_layers
 from qaft.quant import methods as post
-from qaft.quant.config import PostpassConfig
-from qaft.quant.postpass import quantize_model
+from qaft.quant.config import PostpassConfig, Propagation
+from qaft.quant.postpass import Solver, capture_inputs, quantize_models
 from qaft.quant.scheme import QuantScheme
 
 from .config import EvalConfig
@@ -36,18 +38,61 @@ def evaluate_methods(
     protocol: EvalConfig,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """``{method: {ppl, seconds, postpass_seconds, eval_seconds, layers}}``; ``model`` itself is never changed."""
-    results = {}
-    for name in methods:
-        method = post.resolve(name, postpass)
+    """``{method: {ppl, seconds, postpass_seconds, eval_seconds, layers}}``; ``model`` itself is never changed.
+
+    What the methods can share, they share: layer 0's inputs on the calibration text (the float model's, for
+    every copy), and under ``postpass.propagate: float`` every layer's statistics (one calibration forward per
+    layer for all methods; all copies are then held at once and the post-pass seconds are the shared wall split
+    evenly). Methods that read no statistics (RTN, LQER) run no calibration forward (their layer reports carry
+    no output errors)."""
+    resolved = {name: post.resolve(name, postpass) for name in methods}
+    quantizing = [n for n, m in resolved.items() if m is not None]
+    results: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    inputs = None
+    if quantizing and calib is not None:
+        first = decoder_layers(model)[1][0]
+        inputs = capture_inputs(model, first, calib)
+    shared_s = (time.perf_counter() - t0) / max(len(quantizing), 1)
+    if postpass.propagate is Propagation.FLOAT and len(quantizing) > 1:
         t0 = time.perf_counter()
-        mm = model if method is None else copy.deepcopy(model)
-        layers = [] if method is None else [asdict(r) for r in quantize_model(mm, calib, scheme, postpass, method=method, progress=progress)[0]]
-        postpass_s = time.perf_counter() - t0
+        copies = [copy.deepcopy(model) for _ in quantizing]
+        reports, _ = quantize_models(copies, [resolved[n] for n in quantizing], calib, scheme, postpass, telemetry=False, inputs=inputs, progress=progress)  # type: ignore[arg-type]
+        each = shared_s + (time.perf_counter() - t0) / len(quantizing)
+        done = {n: (c, r, each) for n, c, r in zip(quantizing, copies, reports)}
+        del copies
+    else:
+        done = {}
+    shared = set(done)
+    for name in methods:
+        method = resolved[name]
+        t0 = time.perf_counter()
+        if method is None:
+            mm, layers, postpass_s = model, [], 0.0
+        elif name in done:
+            mm, layers, postpass_s = done.pop(name)
+        else:
+            mm = copy.deepcopy(model)
+            layers = quantize_models([mm], [method], calib, scheme, postpass, telemetry=False, inputs=inputs, progress=progress)[0][0]  # type: ignore[arg-type]
+            postpass_s = shared_s + time.perf_counter() - t0
         r = perplexity(mm, eval_ids, protocol.seq_len, protocol.windows, progress=progress)
-        results[name] = {"ppl": r.ppl, "seconds": postpass_s + r.seconds, "postpass_seconds": postpass_s, "eval_seconds": r.seconds, "layers": layers}
+        results[name] = {
+            "ppl": r.ppl,
+            "calibration": _calibration(method, postpass, shared=name in shared),
+            "seconds": postpass_s + r.seconds,
+            "postpass_seconds": postpass_s,
+            "eval_seconds": r.seconds,
+            "layers": [asdict(x) for x in layers],
+        }
         del mm
     return results
+
+
+def _calibration(method: post.Method | None, postpass: PostpassConfig, *, shared: bool) -> str:
+    """How a row was calibrated: ``none`` (float, or a method that reads no statistics), else the propagation."""
+    if method is None or not Solver.of(method).reads_statistics:
+        return "none"
+    return f"{postpass.propagate.value}, shared" if shared else postpass.propagate.value
 
 
 def needs_calibration(methods: list[str]) -> bool:
@@ -63,8 +108,11 @@ def table(report: dict[str, Any]) -> str:
         f"WikiText-2 perplexity | {p['model']} | {p['scheme']}, rank {p['rank']}{factors} | {p['windows']} windows x {p['seq_len']} tokens | "
         f"calibration {p['calibration']['samples']} x {p['calibration']['seq_len']} from {p['calibration']['path']}"
     )
-    if "propagation" in p["calibration"]:  # every row: layer by layer, each method on its own quantized stream
+    if "propagation" in p["calibration"]:  # layer by layer; quantized: each method on its own stream, float: one shared set of statistics
         head += f", {p['calibration']['propagation']} propagation, {p['calibration']['forwards']}"
+        blind = [m for m, r in report["results"].items() if r.get("calibration") == "none" and m != "fp"]
+        if blind:
+            head += f" ({', '.join(blind)}: read no statistics, not calibrated)"
     if "export" in report:
         e = report["export"]
         head += f"\nexport rows: {e['path']} ({e['scheme']} + {e['method']}; manifest hashes verified; activations rounded as compressed-tensors does)"

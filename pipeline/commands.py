@@ -174,6 +174,11 @@ def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None
         ids = text.token_stream(eval_path, tok, key="eval.path")
         calib = calibration_of(cfg, tok) if needs_calibration(methods) else None
         results |= evaluate_methods(model, ids, calib, cfg.quant, cfg.postpass, methods, cfg.eval, progress)
+    return {"protocol": protocol_of(cfg, eval_path, ids), "results": results, **extra}
+
+
+def protocol_of(cfg: Config, eval_path: str, ids: torch.Tensor) -> dict[str, Any]:
+    """The record of what a perplexity table was measured on (windows actually taken from ``ids``, the scheme, the calibration)."""
     r = text.windows_of(ids, cfg.eval.seq_len, cfg.eval.windows)
     p = cfg.postpass
     protocol = {
@@ -191,10 +196,10 @@ def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None
             "path": cfg.calibration_path,
             "samples": p.calibration_samples,
             "seq_len": p.calibration_seq_len,
-            "propagation": "quantized",  # every method's later layers calibrate on its own quantized stream
+            "propagation": p.propagate.value,  # quantized: each method's later layers on its own stream; float: statistics shared
             "forwards": precision(p.bf16),
         },
         "quantizer": to_plain(p.quantizer),
         "reconstructor": to_plain(p.reconstructor),  # the options every method of the same name used
     }
-    return {"protocol": protocol, "results": results, **extra}
+    return protocol

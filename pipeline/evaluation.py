@@ -3,8 +3,9 @@
 Rows, all on the config's ``eval`` protocol: (original | fine-tuned) × (fp, RTN of the scheme, RTN
 at each ``run.rtn_bits``); on the fine-tuned model also ``run.methods``, the saved post-pass result
 (``quantized/``), the tuned one (``tune/final/``, when ``tune.steps`` > 0; the one the export ships)
-and the export reloaded by its runtime,
-computed by ``qaft eval --export``'s own function, so the report and that command agree.
+and the export reloaded by its runtime: the numbers the export stage measured on this protocol and recorded in
+its manifest (hashes verified), else ``qaft eval --export``'s own function, so the report, the model card and
+that command agree.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from qaft.core import text
 from qaft.core.model import load_model_and_tokenizer
 from qaft.eval.compare import evaluate_methods
 from qaft.eval.perplexity import perplexity
+from qaft.export import manifest
 from qaft.quant.store import load_quantized
 
-from .commands import calibration_of, check_eval_inputs, compare
+from .commands import calibration_of, check_eval_inputs, compare, protocol_of
 from .config import Config
 
 
@@ -51,8 +53,27 @@ def evaluate_run(cfg: Config, tuned: Config, out: Path, *, progress: bool = True
         label = f"{meta['method']} r{meta['rank']}" if meta["rank"] else meta["method"]
         rows.append(_row("fine-tuned", label, cfg.quant.label, {"ppl": r.ppl, "seconds": r.seconds}))
         del qmodel
-    exported = compare(tuned, [], export=tuned.export_dir, progress=progress)
-    for name, res in exported["results"].items():
-        rows.append(_row("fine-tuned", name, exported["export"]["scheme"], res))
-    protocol = exported["protocol"] | {"model": cfg.model.name_or_path, "fine_tuned": str(tuned.model.name_or_path)}
+    recorded = recorded_export_rows(tuned, ids)
+    if recorded is None:
+        exported = compare(tuned, [], export=tuned.export_dir, progress=progress)
+        recorded, protocol = (exported["export"]["scheme"], exported["results"]), exported["protocol"]
+    else:
+        protocol = protocol_of(tuned, eval_path, ids)
+    for name, res in recorded[1].items():
+        rows.append(_row("fine-tuned", name, recorded[0], res))
+    protocol |= {"model": cfg.model.name_or_path, "fine_tuned": str(tuned.model.name_or_path)}
     return {"protocol": protocol, "rows": rows}
+
+
+def recorded_export_rows(cfg: Config, ids: Any) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    """``(scheme, rows)`` of the export folder from its manifest (hashes verified) when the export stage already
+    measured it, reloaded by its runtime, on this very protocol (same text, windows, window length); else None.
+    Saves the stage three perplexity runs and gives the report the numbers the model card shows."""
+    record = manifest.verify(cfg.export_dir)
+    ev = record.get("evaluation")
+    want = text.windows_of(ids, cfg.eval.seq_len, cfg.eval.windows).shape
+    if not ev or ev["protocol"]["eval_path"] != cfg.eval.path or (ev["protocol"]["windows"], ev["protocol"]["seq_len"]) != tuple(want):
+        return None
+    ppl = ev["ppl"]
+    measured = {"export-base": ppl["base"], "export": ppl["base+adapter"]} if "base+adapter" in ppl else {"export": ppl["base"]}
+    return record["scheme_label"], {n: {"ppl": v, "seconds": None, "manifest_verified": True} for n, v in measured.items()}

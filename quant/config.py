@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -10,6 +11,15 @@ from qaft.core.typed import Ge, Gt, Le
 
 from .quantizers import QUANTIZERS
 from .reconstructors import RECONSTRUCTORS
+
+
+class Propagation(str, enum.Enum):
+    """What stream of inputs a decoder layer calibrates on, once the layers before it are quantized."""
+
+    QUANTIZED = "quantized"
+    """The quantized layers' outputs: each layer sees what it will see deployed (each method its own stream)."""
+    FLOAT = "float"
+    """The float model's outputs: whole-model calibration, the same statistics for every method (``qaft eval`` computes them once)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +44,8 @@ class PostpassConfig:
     """Where ``qaft quantize`` writes the quantized model; null = ``<training.output_dir>/quantized``."""
     bf16: bool | Literal["auto"] = "auto"
     """bf16 autocast for the calibration forwards (the layer passes that gather statistics and carry the stream on); statistics still come from float32 products summed in float64. ``auto`` = where the device has bf16 units."""
+    propagate: Propagation = Propagation.QUANTIZED
+    """``quantized`` (each layer calibrates on the quantized layers' outputs, as deployed) or ``float`` (on the float model's; ``qaft eval`` then shares one set of statistics among all its methods)."""
     calibration_samples: Annotated[int, Ge(1)] = 16
     """Calibration sequences."""
     calibration_seq_len: Annotated[int, Ge(8)] = 512

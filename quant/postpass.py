@@ -8,15 +8,21 @@ Linears, let the reconstructor prepare the layer (ASER smooths it), replace ever
 later layers calibrate on what they will really see), or pass on the float outputs (``"float"``,
 which reproduces whole-model calibration exactly). Peak memory is the model plus one layer's
 activations and statistics. Records per-layer telemetry.
+
+Several methods at once (``quantize_models``, what ``qaft eval`` calls): under float propagation the
+statistics do not depend on the method, so one calibration forward per layer serves them all (the
+copies are held together); a method that reads no statistics (RTN, LQER) skips calibration entirely
+when no telemetry is asked for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,14 +32,15 @@ from qaft.core.hardware import resolve_bf16
 from qaft.core.modules import decoder_layers, hidden_states, set_submodule
 
 from .calibrate import LayerStats, collect
-from .config import PostpassConfig
+from .config import PostpassConfig, Propagation
 from .fakequant import QuantLinear
 from .grid import quantize_weight
 from .lowrank import LowRank, quantize_factors
 from .methods import Method, of_config
 from .quantizers import QUANTIZERS
-from .quantizers.base import Block, QuantizationFailed
+from .quantizers.base import Block, QuantizationFailed, WeightQuantizer
 from .reconstructors import RECONSTRUCTORS, Preparation
+from .reconstructors.base import Reconstructor
 from .scheme import Granularity, QuantScheme, WeightFormat
 
 
@@ -48,9 +55,9 @@ class LayerReport:
     rank: int
     error_norm: float
     """``‖W − Q(W)‖_F``."""
-    rel_output_error_rtn: float
-    """``‖X Eᵀ‖_F / ‖X Wᵀ‖_F`` on the calibration inputs, before the correction."""
-    rel_output_error: float
+    rel_output_error_rtn: float | None
+    """``‖X Eᵀ‖_F / ‖X Wᵀ‖_F`` on the calibration inputs, before the correction (None: not calibrated, see ``telemetry``)."""
+    rel_output_error: float | None
     """The same after the correction (equal to the RTN figure without one)."""
     kept_energy: float
     """Share of the (scaled/whitened) error energy the rank-k factors keep; 0 without a correction."""
@@ -140,6 +147,205 @@ def _out_norm(m: torch.Tensor, xtx32: torch.Tensor) -> float:
     return (m @ xtx32 * m).sum().clamp(min=0).sqrt().item()
 
 
+@dataclass(frozen=True)
+class Solver:
+    """One method's parts, created once per run: its quantizer and its reconstructor (or None)."""
+
+    method: Method
+    quantizer: WeightQuantizer
+    recon: Reconstructor | None
+
+    @classmethod
+    def of(cls, method: Method) -> Solver:
+        return cls(method, QUANTIZERS.create(method.quantizer), None if method.reconstructor is None else RECONSTRUCTORS.create(method.reconstructor))
+
+    @property
+    def reads_statistics(self) -> bool:
+        """Whether anything it does depends on the calibration data (RTN, and LQER on RTN, do not)."""
+        return self.quantizer.reads_statistics or self.quantizer.refines_blocks or (self.recon is not None and self.recon.reads_statistics)
+
+
+@dataclass
+class _Settings:
+    """What every layer of one run shares."""
+
+    scheme: QuantScheme
+    postpass: PostpassConfig
+    lowrank: LowRank
+    bf16: bool
+
+    def run(self, layer: torch.nn.Module, stream: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[Any]:
+        """The layer on each sequence of a stream; bf16 matmuls when ``postpass.bf16`` (the stream stays float32)."""
+        device = next(layer.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return [layer(h, **kw) for h, kw in stream]
+
+
+def _quantize_layer(
+    layer: torch.nn.Module,
+    where: str,
+    targets: dict[str, torch.nn.Linear],
+    solver: Solver,
+    stats: dict[str, LayerStats] | None,
+    observed: Any,
+    st: _Settings,
+    refine: tuple[list[tuple[torch.Tensor, dict[str, Any]]], list[torch.Tensor]] | None,
+) -> list[LayerReport]:
+    """Replace each target of one decoder layer by its ``QuantLinear``. ``stats`` None: the solver reads none and
+    no telemetry was asked for (the reports' output errors are then None). ``refine``: the block's (inputs, float
+    outputs) for a quantizer that refines blocks."""
+    quantizer, recon = solver.quantizer, solver.recon
+    prep = recon.prepare(layer, targets, stats, observed) if recon else Preparation()  # type: ignore[arg-type]
+    of = (lambda n: None) if stats is None else stats.__getitem__
+    gridded, quantized, seconds = {}, {}, {}
+    for name, lin in targets.items():
+        t0 = time.perf_counter()
+        gridded[name] = lin.weight.data
+        if name in prep.extracted:  # ASER's reading (b): these columns are not quantized; the correction carries them whole
+            gridded[name] = lin.weight.data.clone()
+            gridded[name][:, prep.extracted[name]] = 0
+        try:
+            quantized[name] = quantizer.quantize(gridded[name], of(name), st.scheme.weight)
+        except QuantizationFailed as e:
+            raise ConfigError(f"postpass.quantizer: {solver.method.quantizer.name} on {where}.{name}: {e}") from None
+        seconds[name] = time.perf_counter() - t0
+    block = None
+    if refine is not None:
+        t0 = time.perf_counter()
+        block = quantizer.refine_block(Block(layer, targets, gridded, refine[0], refine[1], st.scheme.weight, st.scheme.activation, prep.input_scales))
+        quantized = block.weights
+        seconds = {n: s + (time.perf_counter() - t0) / len(targets) for n, s in seconds.items()}
+    reports, xtx32s = [], {}
+    for name, lin in targets.items():
+        t0 = time.perf_counter()
+        w, q = lin.weight.data, quantized[name]
+        err = w - q.dequant
+        corr = recon.reconstruct(err, of(name), st.lowrank) if recon else None  # type: ignore[arg-type]
+        if corr is not None and st.postpass.factor_bits is not None:
+            corr = quantize_factors(corr, st.postpass.factor_bits)
+        after = err if corr is None else err - corr.matrix().to(err.dtype)
+        set_submodule(layer, name, QuantLinear(q, lin.bias, st.scheme.activation, corr, prep.input_scales.get(name), spec=st.scheme.weight))
+        errors: tuple[float | None, ...] = (None, None, None)
+        if stats is not None:
+            if id(stats[name]) not in xtx32s:  # one per distinct input (calibrate.collect shares them)
+                xtx32s[id(stats[name])] = stats[name].xtx.float()
+            xtx32 = xtx32s[id(stats[name])]
+            ref = max(_out_norm(w, xtx32), 1e-30)
+            before = _out_norm(err, xtx32) / ref
+            nearest = _out_norm(w - quantize_weight(gridded[name], st.scheme.weight).dequant, xtx32) / ref
+            errors = (before, before if corr is None else _out_norm(after, xtx32) / ref, nearest)
+        reports.append(
+            LayerReport(
+                f"{where}.{name}",
+                tuple(w.shape),
+                0 if corr is None else corr.rank,
+                err.norm().item(),
+                errors[0],
+                errors[1],
+                0.0 if corr is None else corr.kept_energy,
+                seconds[name] + time.perf_counter() - t0,
+                errors[2],
+                None if block is None else (block.loss_start, block.loss),
+            )
+        )
+    return reports
+
+
+@contextlib.contextmanager
+def _observing(solvers: list[Solver], layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]):
+    """Each solver's reconstructor observes the same calibration forward; yields what each saw (None without one)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(s.recon.observe(layer, targets)) if s.recon else None for s in solvers]
+
+
+@torch.no_grad()
+def quantize_models(
+    models: list[torch.nn.Module],
+    methods: list[Method],
+    calibration: torch.Tensor,
+    scheme: QuantScheme,
+    postpass: PostpassConfig,
+    *,
+    propagate: Propagation | None = None,
+    telemetry: bool = True,
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]] | None = None,
+    progress: bool = True,
+) -> tuple[list[list[LayerReport]], dict[str, LayerStats] | None]:
+    """Quantize every target Linear of each ``models[k]`` in place with ``methods[k]`` (the models: copies of one
+    float model). ``calibration``: ``[n, seq_len]`` token ids.
+
+    With ``float`` propagation the statistics are the float model's, so they are computed once per layer (on the
+    first model, before it is quantized) and every method reads them: one calibration forward per layer for all
+    methods, at the cost of holding every copy at once. With ``quantized`` propagation each model calibrates on
+    its own stream. ``telemetry`` False skips the calibration of a method that reads no statistics (RTN, LQER):
+    no forward at all, the reports' output errors None. ``inputs``: layer 0's inputs on ``calibration`` when the
+    caller already has them (they are the float model's for every copy). Returns the per-layer reports of each
+    model and, with ``float`` propagation, the statistics (for tests).
+    """
+    propagate = Propagation(propagate or postpass.propagate)
+    solvers = [Solver.of(m) for m in methods]
+    for model, solver in zip(models, solvers):
+        check_scheme(model, scheme, postpass.rank if solver.recon else 0)
+        model.eval()
+    st = _Settings(scheme, postpass, LowRank(postpass.rank, randomized=postpass.randomized_svd, energy=postpass.energy), resolve_bf16(postpass.bf16)[0])
+    reports: list[list[LayerReport]] = [[] for _ in models]
+    blind = [k for k, s in enumerate(solvers) if not telemetry and not s.reads_statistics]
+    for k in blind:  # no calibration forward at all
+        prefix, layers = decoder_layers(models[k])
+        for i, layer in enumerate(layers):
+            reports[k] += _quantize_layer(layer, f"{prefix}.{i}", scheme.layer_linears(layer, f"{prefix}.{i}"), solvers[k], None, None, st, None)
+    calibrated = [k for k in range(len(models)) if k not in blind]
+    if not calibrated:
+        return reports, None
+    if inputs is None:
+        inputs = capture_inputs(models[calibrated[0]], decoder_layers(models[calibrated[0]])[1][0], calibration)
+    groups = [calibrated] if propagate is Propagation.FLOAT else [[k] for k in calibrated]  # the models that share one stream
+    kept: dict[str, LayerStats] | None = {} if propagate is Propagation.FLOAT else None
+    for group in groups:
+        _walk([models[k] for k in group], [solvers[k] for k in group], [reports[k] for k in group], inputs, st, propagate, kept, progress)
+    return reports, kept
+
+
+def _walk(
+    models: list[torch.nn.Module],
+    solvers: list[Solver],
+    reports: list[list[LayerReport]],
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    st: _Settings,
+    propagate: Propagation,
+    kept: dict[str, LayerStats] | None,
+    progress: bool,
+) -> None:
+    """Layer by layer through models that share one stream of inputs (one model under quantized propagation, any
+    number under float): one calibration forward of the first model's float layer per layer, then each model's
+    layer quantized by its solver. The first model's layer is quantized last, after the others read its statistics."""
+    walks = [decoder_layers(m) for m in models]
+    prefix = walks[0][0]
+    refines = any(s.quantizer.refines_blocks for s in solvers)
+    float_inputs = inputs if refines and propagate is Propagation.QUANTIZED else None  # a refinement's targets come from the float stream
+    for i, lead in enumerate(tqdm(walks[0][1], desc="post-pass (layers)", disable=not progress, leave=False)):
+        where = f"{prefix}.{i}"
+        targets = st.scheme.layer_linears(lead, where)
+        float_outputs = None if float_inputs is None else [hidden_states(y) for y in st.run(lead, float_inputs)]
+        with collect(targets) as stats, _observing(solvers, lead, targets) as observed:
+            outputs = [hidden_states(y) for y in st.run(lead, inputs)]
+        if propagate is Propagation.FLOAT:  # the stream is the float one: the layer's outputs are its own targets
+            float_outputs = outputs
+        if kept is not None:
+            kept |= {f"{where}.{n}": s for n, s in copy.deepcopy(stats).items()}  # as collected, before any prepare edits them
+        for k in reversed(range(len(models))):
+            layer = walks[k][1][i]
+            own = stats if k == 0 else copy.deepcopy(stats)  # prepare may edit statistics in place (ASER's smoothing)
+            refine = (inputs, float_outputs) if solvers[k].quantizer.refines_blocks else None
+            reports[k] += _quantize_layer(layer, where, st.scheme.layer_linears(layer, where), solvers[k], own, observed[k], st, refine)  # type: ignore[arg-type]
+        if propagate is Propagation.FLOAT:
+            inputs = [(y, kw) for y, (_, kw) in zip(outputs, inputs)]
+        else:
+            inputs = [(hidden_states(y), kw) for y, (_, kw) in zip(st.run(lead, inputs), inputs)]
+        if float_inputs is not None:
+            float_inputs = [(y, kw) for y, (_, kw) in zip(float_outputs, float_inputs)]  # type: ignore[arg-type]
+
+
 @torch.no_grad()
 def quantize_model(
     model: torch.nn.Module,
@@ -148,93 +354,15 @@ def quantize_model(
     postpass: PostpassConfig,
     *,
     method: Method | None = None,
-    propagate: Literal["quantized", "float"] = "quantized",
+    propagate: Propagation | str | None = None,
+    telemetry: bool = True,
     progress: bool = True,
 ) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
-    """Quantize every target Linear of ``model`` in place. ``calibration``: ``[n, seq_len]`` token ids.
-
-    ``method`` (default: the one ``postpass`` names) picks the quantizer and reconstructor; ``postpass``
-    gives the rank, the SVD and ``factor_bits`` (factors on an int grid, ``lowrank.quantize_factors``;
-    the reports then measure the factors as deployed). Returns the per-layer reports (and, when
-    ``propagate == "float"``, the statistics, for tests).
-    """
-    method = method or of_config(postpass)
-    quantizer = QUANTIZERS.create(method.quantizer)
-    recon = None if method.reconstructor is None else RECONSTRUCTORS.create(method.reconstructor)
-    check_scheme(model, scheme, postpass.rank if recon else 0)
-    model.eval()
-    prefix, layers = decoder_layers(model)
-    inputs = capture_inputs(model, layers[0], calibration)
-    float_inputs = inputs if quantizer.refines_blocks else None  # the block refinement's targets come from the float stream
-    reports, kept = [], {} if propagate == "float" else None
-    lowrank = LowRank(postpass.rank, randomized=postpass.randomized_svd, energy=postpass.energy)
-    use_bf16, device = resolve_bf16(postpass.bf16)[0], next(model.parameters()).device
-
-    def run(layer: torch.nn.Module, stream: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[Any]:
-        """The layer on each sequence of a stream; bf16 matmuls when ``postpass.bf16`` (the stream stays float32)."""
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return [layer(h, **kw) for h, kw in stream]
-
-    for i, layer in enumerate(tqdm(layers, desc="post-pass (layers)", disable=not progress, leave=False)):
-        targets = scheme.layer_linears(layer, f"{prefix}.{i}")
-        float_outputs = None if float_inputs is None else [hidden_states(y) for y in run(layer, float_inputs)]
-        with collect(targets) as stats, recon.observe(layer, targets) if recon else contextlib.nullcontext() as observed:
-            outputs = run(layer, inputs)
-        prep = recon.prepare(layer, targets, stats, observed) if recon else Preparation()
-        gridded, quantized, seconds = {}, {}, {}
-        for name, lin in targets.items():
-            t0 = time.perf_counter()
-            gridded[name] = lin.weight.data
-            if name in prep.extracted:  # ASER's reading (b): these columns are not quantized; the correction carries them whole
-                gridded[name] = lin.weight.data.clone()
-                gridded[name][:, prep.extracted[name]] = 0
-            try:
-                quantized[name] = quantizer.quantize(gridded[name], stats[name], scheme.weight)
-            except QuantizationFailed as e:
-                raise ConfigError(f"postpass.quantizer: {method.quantizer.name} on {prefix}.{i}.{name}: {e}") from None
-            seconds[name] = time.perf_counter() - t0
-        block, xtx32s = None, {}
-        if float_outputs is not None:
-            t0 = time.perf_counter()
-            block = quantizer.refine_block(Block(layer, targets, gridded, inputs, float_outputs, scheme.weight, scheme.activation, prep.input_scales))
-            quantized = block.weights
-            seconds = {n: s + (time.perf_counter() - t0) / len(targets) for n, s in seconds.items()}
-        for name, lin in targets.items():
-            t0 = time.perf_counter()
-            w, q = lin.weight.data, quantized[name]
-            err = w - q.dequant
-            corr = recon.reconstruct(err, stats[name], lowrank) if recon else None
-            if corr is not None and postpass.factor_bits is not None:
-                corr = quantize_factors(corr, postpass.factor_bits)
-            after = err if corr is None else err - corr.matrix().to(err.dtype)
-            set_submodule(layer, name, QuantLinear(q, lin.bias, scheme.activation, corr, prep.input_scales.get(name), spec=scheme.weight))
-            if id(stats[name]) not in xtx32s:  # one per distinct input (calibrate.collect shares them)
-                xtx32s[id(stats[name])] = stats[name].xtx.float()
-            xtx32 = xtx32s[id(stats[name])]
-            ref = max(_out_norm(w, xtx32), 1e-30)
-            before_err = _out_norm(err, xtx32) / ref
-            reports.append(
-                LayerReport(
-                    f"{prefix}.{i}.{name}",
-                    tuple(w.shape),
-                    0 if corr is None else corr.rank,
-                    err.norm().item(),
-                    before_err,
-                    before_err if corr is None else _out_norm(after, xtx32) / ref,
-                    0.0 if corr is None else corr.kept_energy,
-                    seconds[name] + time.perf_counter() - t0,
-                    _out_norm(w - quantize_weight(gridded[name], scheme.weight).dequant, xtx32) / ref,
-                    None if block is None else (block.loss_start, block.loss),
-                )
-            )
-        if kept is not None:
-            kept |= {f"{prefix}.{i}.{n}": s for n, s in stats.items()}
-            inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs)]
-        else:
-            inputs = [(y, kw) for y, (_, kw) in zip(run(layer, inputs), inputs)]
-        if float_inputs is not None:
-            float_inputs = [(y, kw) for y, (_, kw) in zip(float_outputs, float_inputs)]
-    return reports, kept
+    """``quantize_models`` for one model: ``method`` defaults to the one ``postpass`` names, ``propagate`` to ``postpass.propagate``."""
+    reports, kept = quantize_models(
+        [model], [method or of_config(postpass)], calibration, scheme, postpass, propagate=propagate, telemetry=telemetry, progress=progress
+    )
+    return reports[0], kept
 
 
 @torch.no_grad()

@@ -75,7 +75,11 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Any, dict[str, An
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{p / META}: format_version {meta.get('format_version')!r}, this qaft reads {FORMAT_VERSION}")
     scheme = parse(QuantScheme, meta["scheme"], "scheme")
-    tensors = load_file(str(p / "model.safetensors"))
+    try:
+        tensors = load_file(str(p / "model.safetensors"))
+    except Exception as e:  # SafetensorError (cut short, bad header), OSError
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{p / 'model.safetensors'} is damaged ({why}); write it again with `qaft quantize --overwrite`") from None
     with no_init_weights():  # every tensor is loaded below: skip the random init (seconds for SmolLM2)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
     for name in meta["quantized"]:

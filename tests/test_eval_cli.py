@@ -88,3 +88,16 @@ def test_eval_input_errors_exit_2(texts, capsys, extra, message):
     import re
 
     assert re.search(message, err), err
+
+
+def test_float_propagation_shares_statistics_and_the_header_says_how_each_row_was_calibrated(texts, capsys):
+    """``postpass.propagate=float``: the methods run together on one set of statistics, and each row's perplexity is
+    what that method alone gives; the header names the propagation and the rows that read no statistics."""
+    both, alone = texts / "both.json", texts / "alone.json"
+    assert main([*argv(texts, "postpass.propagate=float"), "--methods", "fp,rtn,lqer,whiten,aser", "--json", str(both)]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "float propagation" in head and "(rtn, lqer: read no statistics, not calibrated)" in head
+    assert main([*argv(texts, "postpass.propagate=float"), "--methods", "aser", "--json", str(alone)]) == 0
+    shared, own = json.loads(both.read_text())["results"], json.loads(alone.read_text())["results"]
+    assert [shared[m]["calibration"] for m in shared] == ["none", "none", "none", "float, shared", "float, shared"]
+    assert own["aser"]["calibration"] == "float" and shared["aser"]["ppl"] == own["aser"]["ppl"]

@@ -261,3 +261,60 @@ def test_int8_factors_cost_little_output_error_and_are_what_the_layer_holds(tiny
     lin = next(m for m in model.modules() if isinstance(m, QuantLinear))
     codes = lin.lora_A / (lin.lora_A.abs().amax(dim=1, keepdim=True) / 127)
     assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
+def _layer_calls(model) -> list[int]:
+    """A counter per decoder layer of its forward calls (hooks stay on the copies ``copy.deepcopy`` makes)."""
+    calls = [0] * len(decoder_layers(model)[1])
+    for i, layer in enumerate(decoder_layers(model)[1]):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def _outputs(model, calib) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=calib, use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", ["rtn", "lqer"])
+def test_a_method_that_reads_no_statistics_runs_no_forward_without_telemetry_and_gives_the_same_model(tiny, name):
+    """RTN (and LQER on it) ignore the calibration data: without telemetry not one layer forward runs, and the
+    quantized model is bit-identical to the calibrated run's; with telemetry the output errors are measured."""
+    from qaft.quant.methods import resolve
+
+    model, calib = tiny
+    cfg = postpass("lqer", 4, bf16=False)
+    method = resolve(name, cfg)
+    calls = _layer_calls(model)
+    blind, with_stats = copy.deepcopy(model), copy.deepcopy(model)
+    blind_reports, _ = quantize_model(blind, calib, QuantScheme(), cfg, method=method, telemetry=False, progress=False)
+    assert sum(calls) == 0
+    reports, _ = quantize_model(with_stats, calib, QuantScheme(), cfg, method=method, progress=False)
+    assert sum(calls) > 0
+    assert all(r.rel_output_error is None and r.rel_output_error_rtn is None for r in blind_reports)
+    assert all(r.rel_output_error is not None for r in reports)
+    assert [r.error_norm for r in blind_reports] == [r.error_norm for r in reports]
+    assert torch.equal(_outputs(blind, calib), _outputs(with_stats, calib))
+
+
+def test_float_propagation_calibrates_once_for_every_method_and_gives_what_each_alone_gives(tiny):
+    """``quantize_models`` under float propagation: one calibration forward per layer and sequence serves all
+    methods (ASER's smoothing edits its own copy of the statistics, not the others'), and each model is
+    bit-identical to that method's own float-propagation run."""
+    from qaft.quant.methods import resolve
+    from qaft.quant.postpass import quantize_models
+
+    model, calib = tiny
+    cfg = postpass("whiten", 4, bf16=False, propagate="float")
+    names = ["whiten", "l2qer", "gptq+whiten", "lqer", "aser"]  # ASER, which edits statistics, first in line
+    methods = [resolve(n, cfg) for n in names]
+    calls = _layer_calls(model)
+    copies = [copy.deepcopy(model) for _ in names]
+    together, _ = quantize_models(copies, methods, calib, QuantScheme(), cfg, progress=False)
+    n = calib.shape[0]
+    assert calls == [2 * n] + [n] * (len(calls) - 1)  # one pass for all five (layer 0 also sees the capture of its inputs)
+    for name, method, got, reports in zip(names, methods, copies, together):
+        alone = copy.deepcopy(model)
+        own, _ = quantize_model(alone, calib, QuantScheme(), cfg, method=method, progress=False)
+        assert [r.rel_output_error for r in reports] == [r.rel_output_error for r in own], name
+        assert torch.equal(_outputs(got, calib), _outputs(alone, calib)), name

@@ -118,6 +118,10 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
 
     direct = compare(run_mod.Pipeline(run_mod.load_config(run_file), out).tuned(), [], export=out / "export", progress=False)
     assert direct["results"]["export"]["ppl"] == table[("fine-tuned", "export", "W4 per-channel sym")]
+    # ... because the eval stage took them from the export's record (measured there on the same protocol), not again
+    recorded = json.loads((out / "export" / "manifest.json").read_text())["evaluation"]["ppl"]
+    assert [r["seconds"] for r in ev["rows"] if r["method"].startswith("export")] == [None, None]
+    assert table[("fine-tuned", "export-base", "W4 per-channel sym")] == recorded["base"] and table[("fine-tuned", "fp", None)] == recorded["float"]
     md = (out / "report" / "report.md").read_text()
     assert f"{table[('fine-tuned', 'export', 'W4 per-channel sym')]:.2f}" in md
     page = (out / "report" / "index.html").read_text()

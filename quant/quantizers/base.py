@@ -64,11 +64,13 @@ class WeightQuantizer:
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    reads_statistics: ClassVar[bool] = True
+    """False when ``quantize`` ignores its ``stats`` (it is then passed None and no calibration forward runs for it)."""
 
     def __init__(self, options: Any):
         self.options = options
 
-    def quantize(self, weight: torch.Tensor, stats: LayerStats, spec: WeightQuant) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, stats: LayerStats | None, spec: WeightQuant) -> QuantizedWeight:
         raise NotImplementedError
 
     @property

@@ -13,6 +13,7 @@ from .base import QUANTIZERS, WeightQuantizer
 @QUANTIZERS.register
 class RTN(WeightQuantizer):
     name = "rtn"
+    reads_statistics = False
 
-    def quantize(self, weight: torch.Tensor, stats: LayerStats, spec: WeightQuant) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, stats: LayerStats | None, spec: WeightQuant) -> QuantizedWeight:
         return quantize_weight(weight, spec)

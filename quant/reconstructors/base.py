@@ -42,6 +42,8 @@ class Reconstructor:
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    reads_statistics: ClassVar[bool] = True
+    """False when ``reconstruct`` ignores its ``stats`` and ``observe``/``prepare`` keep their defaults (it is then passed None)."""
 
     def __init__(self, options: Any = NO_OPTIONS):
         self.options = options

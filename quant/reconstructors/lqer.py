@@ -21,6 +21,7 @@ def reconstruct(error: torch.Tensor, stats: LayerStats | None, cfg: LowRank) -> 
 @RECONSTRUCTORS.register
 class LQER(Reconstructor):
     name = "lqer"
+    reads_statistics = False
 
-    def reconstruct(self, error: torch.Tensor, stats: LayerStats, lowrank: LowRank) -> Correction:
+    def reconstruct(self, error: torch.Tensor, stats: LayerStats | None, lowrank: LowRank) -> Correction:
         return reconstruct(error, stats, lowrank)
