@@ -1,10 +1,14 @@
-"""Errors a user can act on. The CLI prints them as one line each and exits 2; anything else is a bug (exit 1)."""
+"""Errors a user can act on. The CLI prints them as one line each and exits with the class's ``exit_code``: 2 for a
+problem with the input, 3 for one with the machine (a full disk, a read-only folder, an output folder in use), 128 +
+the signal number for a preemption that saved a checkpoint; anything else is a bug (exit 1)."""
 
 from __future__ import annotations
 
 
 class QaftError(Exception):
     """Base class: a problem with the user's input or environment, not a bug in qaft."""
+
+    exit_code = 2
 
 
 class ConfigError(QaftError):
@@ -32,9 +36,25 @@ class DivergedError(QaftError):
 
 
 class PreflightError(QaftError):
-    """An environment problem found before any work starts (missing package, output folder in use)."""
+    """A problem found before any work starts (a missing package, a blocking doctor finding)."""
 
 
 class ExportError(QaftError):
     """An export that cannot be written or does not verify: no post-pass result, a scheme the format
     cannot express, a tampered file, reload parity beyond tolerance."""
+
+
+class EnvironmentProblem(QaftError):
+    """The machine, not the input: a write failed for lack of space or permission, or another qaft process holds
+    the output folder. Exit 3: worth retrying once the cause is gone (a scheduler can tell it from a bad config)."""
+
+    exit_code = 3
+
+
+class Preempted(QaftError):
+    """SIGTERM or SIGINT arrived; the loop finished its step and saved a checkpoint. Exit 128 + the signal number
+    (143, 130), what shells and schedulers expect of a process that a signal stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -37,8 +38,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .errors import ModelError
-from .io import staged
+from .errors import EnvironmentProblem, ModelError
+from .io import damaged_safetensors, staged
 from .typed import suggest
 
 
@@ -172,11 +173,48 @@ def _from_pretrained(location: str, cfg: ModelConfig, kw: dict) -> tuple[PreTrai
     try:
         tok = AutoTokenizer.from_pretrained(location, **kw)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[cfg.dtype], **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
+        local = Path(location) / kw["gguf_file"] if kw.get("gguf_file") else Path(location)
+        if local.is_file() and local.suffix == ".gguf":
+            check_gguf(local)  # the cause (not GGUF, cut short) rather than the reader's reshape error
+        if local.is_dir() and (bad := damaged_safetensors(local)):
+            f, why = bad[0]
+            raise ModelError(f"model.name_or_path: {f} is damaged ({why}); re-create it (e.g. run the command that wrote it again with --overwrite)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "" if Path(location).exists() else " (not a local path; as a hub id it needs a network or a warm HF cache)"
         raise ModelError(f"model.name_or_path: cannot load {cfg.name_or_path!r}{hint}: {first}") from None
     return model, tok
+
+
+def check_gguf(path: Path) -> None:
+    """Raise the cause when ``path`` is not a whole GGUF file: wrong magic, a damaged header, or data ending before the
+    last tensor the header lists (an interrupted download or copy). Read from the header alone (gguf's reader,
+    without building the tensor views that fail on a short file)."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    class Header(GGUFReader):
+        def _build_tensors(self, start_offs: int, fields: list) -> None:  # offsets and sizes only
+            self.end = 0
+            for f in fields:
+                *_, dims, raw_type, offset = f.parts
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+                self.end = max(self.end, int(start_offs + offset[0]) + int(np.prod(dims)) * size // block)
+
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"model.name_or_path: {path} is not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
+    try:
+        header = Header(path)
+    except Exception as e:  # the header itself is cut short or damaged
+        raise ModelError(f"model.name_or_path: {path} has a damaged or cut-short GGUF header ({size} bytes; {e}); download or copy it again") from None
+    if size < header.end:
+        raise ModelError(
+            f"model.name_or_path: {path} is truncated: {size} bytes, but its header lists tensor data up to byte {header.end}; download or copy it again"
+        )
 
 
 def gguf_cache(gguf: Path) -> Path:
@@ -208,7 +246,7 @@ def _from_gguf(src: Source, cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrain
             with staged(cache) as tmp:
                 model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
-        except OSError:  # a read-only or full cache costs the next load time, never this one
+        except (OSError, EnvironmentProblem):  # a read-only or full cache costs the next load time, never this one
             pass
     return model, tok
 

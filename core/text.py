@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .errors import DataError
+from .io import utf8_problem
 
 HELDOUT_SHARE = 0.1
 NGRAM = 13  # word n-grams, the usual contamination unit: long enough that shared boilerplate rarely matches
@@ -103,6 +104,10 @@ def load_documents(path: str, *, key: str, config_name: str | None = None, split
     except DataError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError...)
+        if p.is_file() and _BUILDERS.get(p.suffix.lower()) in ("text", "json", "csv") and (bad := utf8_problem(p)):  # datasets only says "an error occurred"
+            raise DataError(
+                f"{key}: {path!r} is not UTF-8 text: {bad}; re-encode it, e.g. `iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}`"
+            ) from None
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DataError(f"{key}: cannot load {path!r}: {first}") from None
 

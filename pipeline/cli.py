@@ -1,7 +1,9 @@
 """``qaft <train|quantize|tune|export|eval|run|doctor> CONFIG [key=value ...]``.
 
-Exit codes: 0 ok; 2 a problem with the input (one line per problem, no traceback); 1 a bug
-(traceback, please report it); 130 interrupted.
+Exit codes: 0 ok; 2 a problem with the input (one line per problem, no traceback); 3 a problem with
+the machine (disk full, read-only or forbidden folder, output folder held by another qaft process; one
+line); 143 / 130 stopped by SIGTERM / SIGINT (training saves a checkpoint first); 1 a bug (traceback,
+please report it).
 
 Every verb's module is imported when the verb runs, not at start, so ``qaft --help`` answers in a
 fraction of a second instead of after torch, transformers and peft have loaded.
@@ -28,7 +30,11 @@ from . import STAGES
 def _train(args: argparse.Namespace) -> int:
     from qaft.trainer.loop import fit
 
-    fit(_config(args), overwrite=args.overwrite)
+    from .commands import held_folders
+
+    cfg = _config(args)
+    with held_folders(cfg):
+        fit(cfg, overwrite=args.overwrite)
     return 0
 
 
@@ -47,28 +53,33 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .commands import check_export_destination, quantize_and_save
+    from .commands import check_export_destination, held_folders, quantize_and_save
 
     cfg = _config(args)
-    if args.export:  # fail before the post-pass, not after it
-        check_export_destination(cfg, args.overwrite)
-    out = quantize_and_save(cfg, overwrite=args.overwrite)
-    p = cfg.postpass
-    print(f"qaft quantize: {cfg.quant.label}, {p.quantizer.name} + {p.reconstructor.name if p.reconstructor else 'none'} (rank {p.rank}) written to {out}")
-    return _export(args) if args.export else 0
+    with held_folders(cfg, (cfg.quantized_dir, "postpass.output_dir"), *([(cfg.export_dir, "export.dir")] if args.export else [])):
+        if args.export:  # fail before the post-pass, not after it
+            check_export_destination(cfg, args.overwrite)
+        out = quantize_and_save(cfg, overwrite=args.overwrite)
+        p = cfg.postpass
+        print(f"qaft quantize: {cfg.quant.label}, {p.quantizer.name} + {p.reconstructor.name if p.reconstructor else 'none'} (rank {p.rank}) written to {out}")
+        return _export(args) if args.export else 0
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .commands import tune_run
+    from .commands import held_folders, tune_run
 
-    tune_run(_config(args), overwrite=args.overwrite)
+    cfg = _config(args)
+    with held_folders(cfg, (cfg.tune_dir, "tune.output_dir")):
+        tune_run(cfg, overwrite=args.overwrite)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .commands import export_run
+    from .commands import export_run, held_folders
 
-    out, m = export_run(_config(args), overwrite=args.overwrite)
+    cfg = _config(args)
+    with held_folders(cfg, (cfg.export_dir, "export.dir")):
+        out, m = export_run(cfg, overwrite=args.overwrite)
     s, p = m["sizes"], m["parity"]
     print(f"qaft export: {m['scheme_label']} + {m['method']} written to {out}")
     print(
@@ -160,20 +171,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*args.overrides, *extra]
     from qaft.core.errors import QaftError
+    from qaft.core.io import environment_problem
 
     try:
         return args.handler(args)
     except QaftError as e:
-        for line in str(e).splitlines() or [type(e).__name__]:
-            print(f"qaft: error: {line}", file=sys.stderr)
-        return 2
+        return _report(e)
     except KeyboardInterrupt:
         print("qaft: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        problem = environment_problem(e, what=getattr(e, "filename", None) or "a file", doing="accessing")  # a write io.writing did not wrap
+        if problem is not None:
+            return _report(problem)
         traceback.print_exc()
         print("qaft: internal error (a bug in qaft): please report it with the traceback above", file=sys.stderr)
         return 1
+
+
+def _report(e: Any) -> int:
+    for line in str(e).splitlines() or [type(e).__name__]:
+        print(f"qaft: error: {line}", file=sys.stderr)
+    return e.exit_code
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from qaft.core import text
 from qaft.core.errors import CheckpointError, ConfigError, DataError
 from qaft.core.hardware import precision, resolve_bf16
 from qaft.core.io import ensure_writable
+from qaft.core.lock import output_locks
 from qaft.core.model import load_model_and_tokenizer
 from qaft.core.typed import to_plain
 from qaft.eval.compare import evaluate_methods, needs_calibration
@@ -31,6 +32,14 @@ from qaft.trainer.loop import fit
 from qaft.trainer.tune import Distill, TuneJob
 
 from .config import Config
+
+
+def held_folders(cfg: Config, *own: tuple[Path, str]) -> contextlib.AbstractContextManager[None]:
+    """The output-folder locks a writing command holds: the run folder (``training.output_dir``; one qaft command
+    per run folder at a time) and each of its own folders (``(path, config key)``) that lies outside it."""
+    run_dir = Path(cfg.training.output_dir).absolute()
+    outside = [(f, k) for f, k in own if run_dir not in Path(f).absolute().parents and Path(f).absolute() != run_dir]
+    return output_locks([(run_dir, "training.output_dir"), *outside])
 
 
 def calibration_of(cfg: Config, tokenizer: Any) -> torch.Tensor:

@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qaft.core import text
 from qaft.core.errors import ConfigError, QaftError
 from qaft.core.hardware import precision, resolve_bf16
+from qaft.core.io import human
 from qaft.core.model import TINY_MODELS, byte_tokenizer, resolve
 from qaft.core.modules import decoder_layers
 from qaft.export import formats
@@ -110,7 +111,7 @@ def model_checks(cfg: Config) -> list[Finding]:
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for check in (lora_targets, quant_targets, tied_embeddings, export_target):
         rows += check(cfg, model, linears)
-    rows += disk_space(cfg, n)
+    rows += disk_space(cfg, n, sum(cfg.lora.r * (m.in_features + m.out_features) for m in _lora_modules(cfg, model, linears).values()))
     return rows
 
 
@@ -201,15 +202,28 @@ def export_target(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Find
     return [Finding("export", Status.OK, f"{fmt.name}: {fmt.summary}")]
 
 
-def disk_space(cfg: Config, params: int) -> list[Finding]:
-    """Room for final/ (the merged model), the post-pass result and the export, plus checkpoints (adapter + AdamW)."""
+def disk_space(cfg: Config, params: int, adapter: int = 0) -> list[Finding]:
+    """Room for what the run writes: ``save_total_limit`` checkpoints plus the one being written before rotation
+    (adapter float32 + AdamW's two moments + RNG and scheduler state), ``final/`` (the merged model), the post-pass
+    result (codes and scales, the factors) and the export. A shortfall is a FAIL; less than twice the need, a WARN."""
+    t = cfg.training
     per = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
-    need = params * per * 2 + params  # final/, the post-pass's float residual view, a packed int4 export (generous)
-    out = Path(cfg.training.output_dir).resolve()
+    checkpoint = adapter * 4 * 3 + (1 << 20)  # weights + exp_avg + exp_avg_sq, float32; ~1 MB of states and records
+    kept = 0 if not t.save_steps else (t.save_total_limit or max(1, t.max_steps // t.save_steps)) + 1
+    final = params * per + adapter * 4
+    rest = params + params  # a post-pass result and a packed export, generously
+    need = kept * checkpoint + final + rest
+    out = Path(t.output_dir).resolve()
     probe = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(probe).free
-    detail = f"about {need / 2**30:.2f} GiB needed under {out}, {free / 2**30:.1f} GiB free"
-    return [Finding("disk space", Status.FAIL if free < need else Status.WARN if free < 2 * need else Status.OK, detail)]
+    detail = (
+        f"about {human(need)} needed under {out} ({kept} x {human(checkpoint)} checkpoints while rotating, final/ {human(final)}, "
+        f"post-pass + export {human(rest)}), {human(free)} free"
+    )
+    status = Status.FAIL if free < need else Status.WARN if free < 2 * need else Status.OK
+    if status is not Status.OK:
+        detail += "; free space or choose another training.output_dir" if status is Status.FAIL else "; tight: a full disk stops the run (exit 3)"
+    return [Finding("disk space", status, detail)]
 
 
 # -- everything that needs no model

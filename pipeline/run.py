@@ -42,7 +42,7 @@ from qaft.trainer.outputs import OWNED as TRAIN_OWNED
 from qaft.trainer.outputs import prepare_output_dir
 
 from . import STAGES
-from .commands import export_run, quantize_and_save, tune_job, tune_run
+from .commands import export_run, held_folders, quantize_and_save, tune_job, tune_run
 from .config import NO_EFFECT_KEYS, Config, load_config, stage_of
 from .doctor import blocking, diagnose, render
 from .evaluation import evaluate_run
@@ -214,15 +214,16 @@ def run(
     bad = blocking(rows)
     if bad:
         raise PreflightError("qaft doctor found blocking problems:\n" + render(bad))
-    p = prepare(cfg, overwrite=overwrite, start=start)
-    for stage in STAGES:
-        if p.done(stage):
-            echo(f"qaft run: {stage}: done earlier, skipped")
-            continue
-        echo(f"qaft run: {stage} ...")
-        t0 = time.perf_counter()
-        summary = RUNNERS[stage](p)
-        p.finish(stage, {"seconds": time.perf_counter() - t0, **summary})
-        echo(f"qaft run: {stage}: done in {time.perf_counter() - t0:.0f} s")
+    with held_folders(cfg, (cfg.quantized_dir, "postpass.output_dir"), (cfg.tune_dir, "tune.output_dir"), (cfg.export_dir, "export.dir")):
+        p = prepare(cfg, overwrite=overwrite, start=start)
+        for stage in STAGES:
+            if p.done(stage):
+                echo(f"qaft run: {stage}: done earlier, skipped")
+                continue
+            echo(f"qaft run: {stage} ...")
+            t0 = time.perf_counter()
+            summary = RUNNERS[stage](p)
+            p.finish(stage, {"seconds": time.perf_counter() - t0, **summary})
+            echo(f"qaft run: {stage}: done in {time.perf_counter() - t0:.0f} s")
     echo(f"qaft run: report in {p.out / 'report' / 'index.html'}")
     return p

@@ -191,3 +191,25 @@ def test_the_precision_row_says_what_auto_chose_and_why(smoke_file, monkeypatch,
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     (row,) = rows_of(diagnose(smoke_file, overrides), "precision")
     assert row.status is Status.OK and row.detail.startswith(expected)
+
+
+def test_the_disk_row_counts_the_checkpoints_rotation_holds_and_fails_below_the_need(smoke_file, monkeypatch):
+    """The estimate grows with ``save_total_limit`` (one more checkpoint exists while a new one is written) and the
+    row is FAIL below it, WARN below twice it, OK above."""
+    import collections
+    import re
+
+    import qaft.pipeline.doctor as doctor
+
+    def need(overrides):
+        (row,) = rows_of(diagnose(smoke_file, overrides), "disk space")
+        kept = int(re.search(r"\((\d+) x ", row.detail).group(1))
+        return kept, row
+
+    (k2, row), (k5, _) = need(["training.save_total_limit=2"]), need(["training.save_total_limit=5"])
+    assert (k2, k5) == (3, 6) and row.status is Status.OK
+    total = int(float(re.search(r"about ([\d.]+) MB needed", row.detail).group(1)) * 2**20)
+    usage = collections.namedtuple("usage", "total used free")
+    for free, status in [(total // 2, Status.FAIL), (int(total * 1.5), Status.WARN), (total * 3, Status.OK)]:
+        monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p, f=free: usage(10 * total, 0, f))
+        assert need(["training.save_total_limit=2"])[1].status is status, free

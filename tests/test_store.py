@@ -99,3 +99,13 @@ def test_aser_models_round_trip_with_folded_norms_and_input_scales(tmp_path, nam
 def test_loading_a_folder_that_is_not_ours_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"is not a qaft quantized folder \(no qaft_quant\.json\); create one with `qaft quantize`"):
         load_quantized(tmp_path)
+
+
+def test_a_damaged_safetensors_in_a_quantized_folder_is_named_with_the_fix(tmp_path):
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    quantize_model(model, torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(1)), QuantScheme(), postpass(), progress=False)
+    out = save_quantized(model, tok, tmp_path / "q", QuantScheme(), {"method": "rtn+none"}, overwrite=False)
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match=r"q/model\.safetensors is damaged \(.+\); write it again with `qaft quantize --overwrite`"):
+        load_quantized(out)

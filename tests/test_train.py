@@ -229,3 +229,15 @@ def test_bf16_auto_follows_the_cpu_and_an_explicit_setting_wins(make_cfg, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     assert build_accelerator(make_cfg(f"training.bf16={setting}").training).mixed_precision == expected
+
+
+def test_evaluating_never_changes_what_is_trained(make_cfg, tmp_path):
+    """An eval iterates a DataLoader, which draws a seed from the global RNG: without isolation the dropout masks
+    of every later step (and the adapter) would depend on ``eval_steps``, a key a resume may change."""
+    adapters = []
+    for i, evals in enumerate(("training.eval_steps=null", "training.eval_steps=1")):
+        cfg = make_cfg("training.max_steps=4", "training.save_steps=0", "lora.lora_dropout=0.1", evals, f"training.output_dir={tmp_path / str(i)}")
+        fit(cfg)
+        adapters.append(adapter_tensors(Path(cfg.training.output_dir)))
+    assert [len(events(tmp_path / d, "eval")) for d in "01"] == [1, 4]  # the last step always evaluates
+    assert_same_tensors(*adapters)

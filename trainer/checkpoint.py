@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from qaft.callbacks import CallbackList, Context, TrainState
 from qaft.core.configfile import diff_configs
 from qaft.core.errors import CheckpointError
-from qaft.core.io import TMP_PREFIX, publish, temp_path
+from qaft.core.io import TMP_PREFIX, folder_size, publish, temp_path, writing
 
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .parallel import gathered, zero_stage
@@ -164,24 +164,32 @@ def save_checkpoint(ctx: Context, callbacks: CallbackList, cfg: TrainConfig, kee
     out = Path(cfg.training.output_dir)
     final = out / f"checkpoint-{ctx.state.step}"
     tmp = temp_path(final)
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "callbacks").mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp / "accelerate"), **_engine_kwargs(acc, save=True))
-    torch.save(callbacks.state_dict(), tmp / "callbacks" / f"rank{acc.process_index}.pt")
-    what.save(acc, ctx.model, tmp / "adapter")
-    if acc.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(ctx.state), indent=2))
-        (tmp / "config.yaml").write_text(config_text(cfg))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        publish(tmp, final)
-        if keep is not None:
-            for old in list_checkpoints(out)[:-keep]:
-                shutil.rmtree(old)
+    newest = latest_checkpoint(out)
+    with writing(final.name, out, cleanup=tmp, needed=folder_size(newest) if newest else None, kept=lambda: _kept(newest)):
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "callbacks").mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "accelerate"), **_engine_kwargs(acc, save=True))
+        torch.save(callbacks.state_dict(), tmp / "callbacks" / f"rank{acc.process_index}.pt")
+        what.save(acc, ctx.model, tmp / "adapter")
+        if acc.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(ctx.state), indent=2))
+            (tmp / "config.yaml").write_text(config_text(cfg))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            publish(tmp, final)
+    if acc.is_main_process and keep is not None:  # rotation only after the new checkpoint is published
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
+
+
+def _kept(newest: Path | None) -> str:
+    if newest is None:
+        return "no checkpoint had been completed yet"
+    return f"the newest complete checkpoint, {newest.name}, is intact (resume from it with training.resume_from_checkpoint=true)"
 
 
 def check_resumable(path: Path, cfg: TrainConfig, what: Trainable = PEFT_ADAPTER) -> None:
@@ -233,11 +241,13 @@ def save_final(ctx: Context, cfg: TrainConfig, train_state: TrainState, write: C
     model = acc.unwrap_model(ctx.model)
     with gathered(acc, model.parameters()):  # ZeRO-3: the whole model; dropped on exit
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            write(model, tmp)
-            (tmp / "config.yaml").write_text(config_text(cfg))
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=2))
-            publish(tmp, final)
+            newest = latest_checkpoint(out)
+            with writing("final/", out, cleanup=tmp, kept=lambda: _kept(newest)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                write(model, tmp)
+                (tmp / "config.yaml").write_text(config_text(cfg))
+                (tmp / STATE_FILE).write_text(json.dumps(asdict(train_state), indent=2))
+                publish(tmp, final)
     acc.wait_for_everyone()
     return final

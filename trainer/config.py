@@ -111,6 +111,9 @@ class TrainingConfig:
     """bfloat16 autocast of the forward and backward (weights, optimizer state, loss stay float32); ``auto`` = on where the device has bf16 units (CPU ``avx512_bf16`` / ``amx_bf16``, or CUDA), off elsewhere (emulated bf16 is slower)."""
     report_to: tuple[Literal[TRACKERS], ...] = field(default=(), metadata={RESUMABLE: True, NO_EFFECT: True})  # type: ignore[valid-type]
     """Experiment trackers through accelerate, e.g. ``[tensorboard]`` (logs under ``output_dir/runs``)."""
+    save_on_signal: bool = field(default=True, metadata={RESUMABLE: True, NO_EFFECT: True})
+    """On SIGTERM (what SLURM, Kubernetes and spot instances send) or SIGINT: finish the optimizer step, write a
+    checkpoint, exit 143 / 130; a second SIGINT stops at once. false = the signal's default action (no save)."""
     max_nonfinite_steps: Annotated[int, Ge(0)] = field(default=10, metadata={RESUMABLE: True})
     """Optimizer steps whose gradient norm is NaN/Inf are skipped (no update, no scheduler step; the data
     moves on) and counted; more than this many stop the run with an error, checkpoints intact. Under

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
 from qaft.callbacks import CallbackList, Context, TrainState, create
-from qaft.core.errors import DivergedError, PreflightError
+from qaft.core.errors import DivergedError, Preempted, PreflightError
 from qaft.core.hardware import precision, resolve_bf16
 
 from .checkpoint import install_adapter_only_hooks, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
@@ -33,6 +34,7 @@ from .data import build_blocks, eval_loader, load_documents, train_loader
 from .metrics import MetricsLogger, Throughput
 from .outputs import prepare_output_dir
 from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, zero_stage
+from .preempt import StopRequests
 from .task import FineTune, Task
 
 
@@ -100,9 +102,14 @@ def micro_batches(acc: Any, loader: Any, start: int) -> Iterator[tuple[int, dict
 
 
 def evaluate_and_log(ctx: Context, callbacks: CallbackList, loader: Any, log: MetricsLogger, task: Task) -> None:
-    """Eval metrics plus whatever the task and the callbacks add, logged as one ``eval`` event at the current step."""
-    metrics = evaluate(ctx, loader, task)
-    log.log("eval", ctx.state.step, metrics | callbacks.on_evaluate(ctx, metrics))
+    """Eval metrics plus whatever the task and the callbacks add, logged as one ``eval`` event at the current step.
+
+    Under a forked CPU RNG: iterating a DataLoader draws a seed from the global generator, so without the fork an
+    eval would change the dropout masks of every later step, and the trained adapter would depend on ``eval_steps``."""
+    with torch.random.fork_rng(devices=[]):
+        metrics = evaluate(ctx, loader, task)
+        extra = callbacks.on_evaluate(ctx, metrics)
+    log.log("eval", ctx.state.step, metrics | extra)
 
 
 @torch.no_grad()
@@ -131,52 +138,70 @@ def train(
     callbacks.on_train_begin(ctx)
     if loaders.eval is not None and t.eval_on_start and st.step == 0:
         evaluate_and_log(ctx, callbacks, loaders.eval, log, task)
-    while st.step < st.max_steps:
-        model.train()
-        callbacks.on_step_begin(ctx)
-        step_sums: dict[str, Any] = {}
-        for _ in range(t.gradient_accumulation_steps):
-            st.epoch, batch = next(batches)
-            with acc.accumulate(model):
-                out = task.forward(model, batch, st.step)
-                terms = {"loss": task.loss(batch, out), **callbacks.loss_terms(ctx, batch, out)}
-                acc.backward(sum(terms.values()))  # accelerate divides by the accumulation steps
-            for k, v in terms.items():  # detached tensors: no device sync per micro-batch
-                step_sums[k] = step_sums.get(k, 0.0) + v.detach().float() / t.gradient_accumulation_steps
-            st.micro_batches += 1
-        callbacks.on_gradients(ctx)
-        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)  # inf: measure only
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            skip_nonfinite_step(ctx, t, log, float(grad_norm))
-            continue
-        for k, v in step_sums.items():
-            sums[k] = sums.get(k, 0.0) + v
-        opt.step()
-        scheduler.step()
-        opt.zero_grad(set_to_none=True)
-        tokens = t.gradient_accumulation_steps * batch["input_ids"].numel() * acc.num_processes
-        st.step, st.tokens_seen = st.step + 1, st.tokens_seen + tokens
-        meter.add(tokens)
-        latest |= callbacks.on_step_end(ctx)
-        log.progress(st.step)
-        if st.step % t.logging_steps == 0 or st.step == st.max_steps:
-            timing = meter.lap()
-            n = timing.pop("steps")  # steps in this window: fewer than logging_steps right after a resume
-            row = {k if k == "loss" else f"loss/{k}": (v / n).item() for k, v in sums.items()}
-            row |= {"lr": scheduler.get_last_lr()[0], "epoch": st.epoch, "tokens_seen": st.tokens_seen, **timing, **latest}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            if st.skipped_steps:
-                row["skipped_steps"] = st.skipped_steps
-            log.log("train", st.step, row)
-            log.progress(st.step, loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
-            sums, latest = {}, {}
-        if loaders.eval is not None and ((t.eval_steps and st.step % t.eval_steps == 0) or st.step == st.max_steps):
-            evaluate_and_log(ctx, callbacks, loaders.eval, log, task)
-        if t.save_steps and st.step % t.save_steps == 0:
-            save_checkpoint(ctx, callbacks, cfg, t.save_total_limit, task.trainable)
+    with StopRequests(t.save_on_signal) as stops:
+        while st.step < st.max_steps:
+            model.train()
+            callbacks.on_step_begin(ctx)
+            step_sums: dict[str, Any] = {}
+            for _ in range(t.gradient_accumulation_steps):
+                st.epoch, batch = next(batches)
+                with acc.accumulate(model):
+                    out = task.forward(model, batch, st.step)
+                    terms = {"loss": task.loss(batch, out), **callbacks.loss_terms(ctx, batch, out)}
+                    acc.backward(sum(terms.values()))  # accelerate divides by the accumulation steps
+                for k, v in terms.items():  # detached tensors: no device sync per micro-batch
+                    step_sums[k] = step_sums.get(k, 0.0) + v.detach().float() / t.gradient_accumulation_steps
+                st.micro_batches += 1
+            callbacks.on_gradients(ctx)
+            grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)  # inf: measure only
+            if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                skip_nonfinite_step(ctx, t, log, float(grad_norm))
+                continue
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            opt.step()
+            scheduler.step()
+            opt.zero_grad(set_to_none=True)
+            tokens = t.gradient_accumulation_steps * batch["input_ids"].numel() * acc.num_processes
+            st.step, st.tokens_seen = st.step + 1, st.tokens_seen + tokens
+            meter.add(tokens)
+            latest |= callbacks.on_step_end(ctx)
+            log.progress(st.step)
+            if st.step % t.logging_steps == 0 or st.step == st.max_steps:
+                timing = meter.lap()
+                n = timing.pop("steps")  # steps in this window: fewer than logging_steps right after a resume
+                row = {k if k == "loss" else f"loss/{k}": (v / n).item() for k, v in sums.items()}
+                row |= {"lr": scheduler.get_last_lr()[0], "epoch": st.epoch, "tokens_seen": st.tokens_seen, **timing, **latest}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                if st.skipped_steps:
+                    row["skipped_steps"] = st.skipped_steps
+                log.log("train", st.step, row)
+                log.progress(st.step, loss=row["loss"], lr=row["lr"], tok_s=row["tokens_per_s"])
+                sums, latest = {}, {}
+            if loaders.eval is not None and ((t.eval_steps and st.step % t.eval_steps == 0) or st.step == st.max_steps):
+                evaluate_and_log(ctx, callbacks, loaders.eval, log, task)
+            saved = bool(t.save_steps) and st.step % t.save_steps == 0
+            if saved:
+                save_checkpoint(ctx, callbacks, cfg, t.save_total_limit, task.trainable)
+            signum = stops.agreed(acc)
+            if signum is not None:
+                stop_on_signal(ctx, cfg, callbacks, log, task, signum, saved)
     callbacks.on_train_end(ctx)
     return st
+
+
+def stop_on_signal(ctx: Context, cfg: TrainConfig, callbacks: CallbackList, log: MetricsLogger, task: Task, signum: int, saved: bool) -> None:
+    """The step is done: checkpoint it (unless this step just did), log ``preempted``, stop with 128 + ``signum``."""
+    st, name = ctx.state, signal.Signals(signum).name
+    path = Path(cfg.training.output_dir) / f"checkpoint-{st.step}"
+    if not saved:
+        path = save_checkpoint(ctx, callbacks, cfg, cfg.training.save_total_limit, task.trainable)
+    log.log("preempted", st.step, {"signal": name, "checkpoint": path.name})
+    raise Preempted(
+        f"stopped by {name} after step {st.step} of {st.max_steps}; {path} holds every step so far: resume with training.resume_from_checkpoint=true",
+        signum,
+    )
 
 
 def skip_nonfinite_step(ctx: Context, t: TrainingConfig, log: MetricsLogger, grad_norm: float) -> None:

@@ -52,6 +52,31 @@ def _file_as_output(cfg, out, tmp):
     (tmp / "a-file").write_text("not a folder")
 
 
+def _latin1_corpus(cfg, out, tmp):
+    (tmp / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode() * 50 + "na\u00efve\n".encode("latin-1"))
+
+
+def _gguf(cfg, out, tmp):
+    """A small, valid GGUF (one 64 x 64 float32 tensor), then the same cut short and a text file named .gguf."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp / "whole.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.ones((64, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = (tmp / "whole.gguf").read_bytes()
+    (tmp / "cut.gguf").write_bytes(data[: len(data) - 5000])
+    (tmp / "text.gguf").write_text("<html>not found</html>")
+
+
+def _damage_final(cfg, out, tmp):
+    f = out / "final" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+
+
 RESUME = "training.resume_from_checkpoint=true"
 MATRIX: list[Case] = [
     # the config file itself
@@ -80,6 +105,31 @@ MATRIX: list[Case] = [
         ("train", "CFG", "data.path=TMP/empty.txt", "training.output_dir=TMP/new"),
         r"data\.block_size: corpus '.*empty\.txt' gives only 0 block\(s\) .*; use a smaller block_size or a larger corpus",
         _empty_corpus,
+    ),
+    Case(
+        "corpus not UTF-8",
+        ("train", "CFG", "data.path=TMP/latin1.txt", "training.output_dir=TMP/new"),
+        r"data\.path: '.*latin1\.txt' is not UTF-8 text: byte 702 \(line 51\) is b'\\xef', not UTF-8; re-encode it, e\.g\. `iconv -f latin1",
+        _latin1_corpus,
+    ),
+    # models
+    Case(
+        "GGUF cut short",
+        ("train", "CFG", "model.name_or_path=TMP/cut.gguf", "training.output_dir=TMP/new"),
+        r"model\.name_or_path: .*cut\.gguf is truncated: \d+ bytes, but its header lists tensor data up to byte \d+; download or copy it again",
+        _gguf,
+    ),
+    Case(
+        "not a GGUF file",
+        ("train", "CFG", "model.name_or_path=TMP/text.gguf", "training.output_dir=TMP/new"),
+        r"model\.name_or_path: .*text\.gguf is not a GGUF file \(it starts with b'<htm'",
+        _gguf,
+    ),
+    Case(
+        "damaged safetensors in final/",
+        ("quantize", "CFG", "model.name_or_path=OUT/final", "postpass.output_dir=TMP/pp"),
+        r"model\.name_or_path: .*final/model\.safetensors is damaged \(",
+        _damage_final,
     ),
     # outputs
     Case("previous run, no --overwrite", ("train", "CFG"), r"training\.output_dir: .*--overwrite"),
@@ -148,7 +198,13 @@ def earlier_run(tmp_path_factory, corpus) -> tuple[dict, Path]:
 
 
 def fingerprint(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir") for p in sorted(root.rglob("*"))}
+    """Every path under ``root`` with its hash, except the lock file a writing command leaves beside its output folder
+    (``.run.lock``: empty, never in the folder; deleting it on release would let two holders race)."""
+    return {
+        p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+        for p in sorted(root.rglob("*"))
+        if not (p.parent == root and p.name.startswith(".") and p.name.endswith(".lock"))
+    }
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=[c.id for c in MATRIX])

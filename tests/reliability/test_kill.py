@@ -1,5 +1,7 @@
 """SIGKILL ``qaft train`` (a real subprocess) mid-step and mid-checkpoint, resume, and compare with an
 uninterrupted run: the adapter must be bit-identical and every checkpoint folder either complete or absent.
+SIGTERM / SIGINT (preemption) the same way, mid-step, mid-save and mid-eval: the run saves the step it was in
+(exit 143 / 130, no step lost) and the resume is bit-identical too.
 
 Kills mid-checkpoint are made deterministic by a wrapper that pauses inside ``save_checkpoint`` at a
 chosen point (after the optimizer state, before the adapter; or after everything, before the atomic
@@ -8,6 +10,7 @@ moment after a seeded random step."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -27,37 +30,45 @@ from qaft.trainer.checkpoint import check_resumable, list_checkpoints
 pytestmark = pytest.mark.multiprocess
 
 STEPS, SAVE_EVERY = 12, 3
-# Runs qaft's CLI, pausing inside the save of one checkpoint when QAFT_TEST_PAUSE=adapter:N or publish:N.
+# Runs qaft's CLI, pausing inside the save of one checkpoint when QAFT_TEST_PAUSE=adapter:N or publish:N, or inside
+# the eval at step N (eval:N), for 60 s or QAFT_TEST_PAUSE_S; it touches QAFT_TEST_PAUSE_MARK when the pause begins.
 RUNNER = """
-import os, sys, time
-import qaft.trainer.checkpoint as c
+import os, pathlib, sys, time
+import qaft.trainer.checkpoint as c, qaft.trainer.loop as loop
 if os.environ.get("QAFT_TEST_PAUSE"):
     where, step = os.environ["QAFT_TEST_PAUSE"].split(":")
-    name = {"adapter": "save_adapter", "publish": "publish"}[where]
-    real = getattr(c, name)
+    module, name = {"adapter": (c, "save_adapter"), "publish": (c, "publish"), "eval": (loop, "evaluate")}[where]
+    real = getattr(module, name)
     def paused(*a, **k):
-        if any(f"checkpoint-{step}" in str(x) for x in a):
-            time.sleep(60)  # the test kills us in here
+        if any(f"checkpoint-{step}" in str(x) for x in a) or (where == "eval" and a[0].state.step == int(step)):
+            pathlib.Path(os.environ["QAFT_TEST_PAUSE_MARK"]).touch()
+            time.sleep(float(os.environ.get("QAFT_TEST_PAUSE_S", 60)))  # the test signals us in here
         return real(*a, **k)
-    setattr(c, name, paused)
+    setattr(module, name, paused)
 from qaft.pipeline.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def config(smoke_raw, tmp_path: Path, name: str) -> tuple[Path, Path]:
+def config(smoke_raw, tmp_path: Path, name: str, **training) -> tuple[Path, Path]:
     out = tmp_path / name
     raw = smoke_raw | {
         "training": smoke_raw["training"]
         | {"max_steps": STEPS, "save_steps": SAVE_EVERY, "logging_steps": 1, "eval_steps": None, "save_total_limit": 2, "output_dir": str(out)}
+        | training
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, out
 
 
-def start(cfg: Path, *extra: str, pause: str | None = None) -> subprocess.Popen:
-    env = os.environ | {"OMP_NUM_THREADS": "1"} | ({"QAFT_TEST_PAUSE": pause} if pause else {})
+def start(cfg: Path, *extra: str, pause: str | None = None, pause_s: float = 60.0) -> subprocess.Popen:
+    mark = cfg.parent / f"{cfg.stem}.paused"
+    env = (
+        os.environ
+        | {"OMP_NUM_THREADS": "1"}
+        | ({"QAFT_TEST_PAUSE": pause, "QAFT_TEST_PAUSE_S": str(pause_s), "QAFT_TEST_PAUSE_MARK": str(mark)} if pause else {})
+    )
     return subprocess.Popen([sys.executable, "-c", RUNNER, "train", str(cfg), *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -123,4 +134,63 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(reference, tmp_path
     p = start(cfg, "training.resume_from_checkpoint=true")
     assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     assert not list(out.glob(".tmp-*"))  # the stray temp folder was cleared
+    assert_same_tensors(straight, load_file(str(out / "final" / "adapter" / "adapter_model.safetensors")))
+
+
+def events(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["event"] == kind]
+
+
+@pytest.mark.parametrize("scenario", ["SIGTERM-step-0", "SIGTERM-step-1", "SIGTERM-step-2", "SIGTERM-save-4", "SIGINT-eval-5"])
+def test_a_preemption_signal_saves_the_step_in_flight_and_the_resume_is_exact(reference, tmp_path, scenario):
+    """SIGTERM / SIGINT at a seeded random moment of a step, inside a checkpoint save, inside an eval: the step in
+    flight finishes, a checkpoint of it is written (no step lost), a ``preempted`` event is logged, exit 143 / 130
+    with one line; resuming gives the uninterrupted run's adapter bit for bit."""
+    raw, straight = reference
+    name, kind, seed = scenario.split("-")
+    sig, rng = getattr(signal, name), random.Random(int(seed))
+    if kind == "step":
+        cfg, out = config(raw, tmp_path, "preempted")
+        target = rng.randint(1, STEPS - 2)
+        p = start(cfg)
+        wait_for(p, lambda: logged_steps(out) >= target)
+        time.sleep(rng.uniform(0.0, 0.05))
+    else:  # inside the save of checkpoint-6 / the eval after step 4 (evaluation never changes training)
+        cfg, out = config(raw, tmp_path, "preempted", **({"eval_steps": 4} if kind == "eval" else {}))
+        p = start(cfg, pause="publish:6" if kind == "save" else "eval:4", pause_s=2.0)
+        wait_for(p, lambda: (tmp_path / "preempted.paused").exists())
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("qaft:")]
+    assert len(lines) == 1 and f"stopped by {name} after step" in lines[0] and "Traceback" not in err, err[-2000:]
+    done = logged_steps(out)
+    assert 0 < done < STEPS and not (out / "final").exists()
+    assert list_checkpoints(out)[-1].name == f"checkpoint-{done}"  # the step in flight was saved: none lost
+    assert events(out, "preempted") == [{"event": "preempted", "step": done, "signal": name, "checkpoint": f"checkpoint-{done}"}]
+    if kind != "step":
+        assert done == {"save": 6, "eval": 4}[kind]
+    assert_every_checkpoint_complete(out, cfg)
+    p = start(cfg, "training.resume_from_checkpoint=true")
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    assert_same_tensors(straight, load_file(str(out / "final" / "adapter" / "adapter_model.safetensors")))
+
+
+def test_a_second_writer_is_refused_and_a_killed_holders_lock_is_taken_over(reference, tmp_path, capsys):
+    """One writer per output folder: while a run holds it (paused in a save), a second ``qaft train`` on it exits 3
+    naming the holder's pid and command, touching nothing; once the holder is ``kill -9``ed, the next run proceeds."""
+    from qaft.pipeline.cli import main
+
+    raw, straight = reference
+    cfg, out = config(raw, tmp_path, "held")
+    p = start(cfg, pause="publish:6")
+    wait_for(p, lambda: (tmp_path / "held.paused").exists())
+    before = sorted(x.name for x in out.iterdir())
+    assert main(["train", str(cfg), "training.resume_from_checkpoint=true"]) == 3
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qaft:")]
+    assert len(err) == 1 and f"is in use by another qaft process, pid {p.pid} (qaft train {cfg}" in err[0], err
+    assert sorted(x.name for x in out.iterdir()) == before
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert main(["train", str(cfg), "training.resume_from_checkpoint=true"]) == 0  # the dead holder's lock is free
     assert_same_tensors(straight, load_file(str(out / "final" / "adapter" / "adapter_model.safetensors")))
