@@ -62,7 +62,7 @@ def suggest(key: str, valid: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{close[0]}'?)"
-    return f" (valid: {', '.join(valid)})" if len(valid) <= 12 else ""
+    return f" (valid: {', '.join(valid)})" if len(valid) <= 16 else ""
 
 
 def type_name(tp: Any) -> str:

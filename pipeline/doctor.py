@@ -37,6 +37,7 @@ from qaft.core.io import human
 from qaft.core.model import TINY_MODELS, byte_tokenizer, resolve
 from qaft.core.modules import decoder_layers
 from qaft.export import formats
+from qaft.quant.budget import shape_bits
 from qaft.quant.postpass import check_scheme
 from qaft.trainer.checkpoint import list_checkpoints
 from qaft.trainer.parallel import FSDP_REFUSED, Launch, callback_problems, launch_from
@@ -109,7 +110,7 @@ def model_checks(cfg: Config) -> list[Finding]:
     n = sum(p.numel() for p in model.parameters())
     rows = [Finding("model", Status.OK, f"{type(model).__name__}, {n / 1e6:.1f}M parameters ({cfg.model.dtype})")]
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for check in (lora_targets, quant_targets, tied_embeddings, export_target):
+    for check in (lora_targets, quant_targets, budget_range, tied_embeddings, export_target):
         rows += check(cfg, model, linears)
     rows += disk_space(cfg, n, sum(cfg.lora.r * (m.in_features + m.out_features) for m in _lora_modules(cfg, model, linears).values()))
     return rows
@@ -173,6 +174,37 @@ def quant_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Find
             f"{cfg.quant.label} on {len(selected)} Linear layers in {len(layers)} blocks; group size and post-pass rank {cfg.postpass.rank} fit every one",
         )
     ]
+
+
+def budget_range(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
+    """Bits per weight a ``postpass.budget_bpw`` can take on this model: every Linear at rank 0 … at ``postpass.rank``."""
+    p = cfg.postpass
+    if p.reconstructor is None:
+        return []
+    shapes = [(m.out_features, m.in_features) for m in cfg.quant.linears(model).values()]
+    try:
+        parts = {s: shape_bits(*s, cfg.quant.weight) for s in set(shapes)}
+    except ValueError:  # a grid that does not fit the layers: the quant scheme row says why
+        return []
+    if not shapes:
+        return []
+    weights = sum(parts[s][2] for s in shapes)
+    low = sum(parts[s][0] for s in shapes) / weights
+    high = low + sum(parts[s][1] * p.rank for s in shapes) / weights
+    span = f"{low:.3f} (codes and scales, rank 0) to {high:.3f} (rank {p.rank} everywhere) bits per weight"
+    if p.budget_bpw is None:
+        return [Finding("bits budget", Status.OK, f"postpass.budget_bpw can range from {span}")]
+    if p.budget_bpw < low:
+        return [Finding("bits budget", Status.FAIL, f"postpass.budget_bpw: {p.budget_bpw:g} is below the minimum; it can range from {span}")]
+    if p.budget_bpw > high:
+        return [
+            Finding(
+                "bits budget",
+                Status.WARN,
+                f"postpass.budget_bpw: {p.budget_bpw:g} buys rank {p.rank} everywhere (range {span}); raise postpass.rank to spend it",
+            )
+        ]
+    return [Finding("bits budget", Status.OK, f"{p.budget_bpw:g} within {span}")]
 
 
 def tied_embeddings(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:

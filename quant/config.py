@@ -13,6 +13,15 @@ from .quantizers import QUANTIZERS
 from .reconstructors import RECONSTRUCTORS
 
 
+class BudgetWeighting(str, enum.Enum):
+    """How ``budget_bpw`` makes Linears' output errors comparable (``quant/budget.py``)."""
+
+    RELATIVE = "relative"
+    """Each Linear's ``‖X Eᵀ‖² / ‖X Wᵀ‖²``: every layer's output counts alike."""
+    ABSOLUTE = "absolute"
+    """``‖X Eᵀ‖²`` itself: layers with large outputs (the residual stream's big writers) count more."""
+
+
 class Propagation(str, enum.Enum):
     """What stream of inputs a decoder layer calibrates on, once the layers before it are quantized."""
 
@@ -32,6 +41,10 @@ class PostpassConfig:
     """Low-rank error reconstruction: ``lqer`` (plain SVD), ``l2qer`` (activation-scaled SVD), ``whiten`` (whitening SVD), ``aser`` (whitening + activation smoothing; options ``alpha``, ``outliers``, ``extract``, ``fold_only``), or ``none``."""
     rank: Annotated[int, Ge(0)] = 32
     """Rank of the correction factors per layer (with ``energy``: the per-layer cap)."""
+    budget_bpw: Annotated[float, Gt(0.0)] | None = None
+    """Bits per quantized weight for everything stored (codes, scales, fp16 factors): each Linear's rank is chosen from 0 … ``rank`` to minimise the summed relative output error within it (``quant/budget.py``); null = ``rank`` everywhere."""
+    budget_weighting: BudgetWeighting = BudgetWeighting.ABSOLUTE
+    """What the budget allocator minimises, summed over the Linears: ``absolute`` (the raw output error ``‖X Eᵀ‖²``) or ``relative`` (each over its output energy). Measured in docs/methods/postpass.md."""
     energy: Annotated[float, Gt(0.0), Le(1.0)] | None = None
     """Per-layer rank: the smallest k keeping this share of the error energy, at most ``rank``, so the total stays within rank × layers; null = ``rank`` everywhere."""
     randomized_svd: bool = False
@@ -52,6 +65,11 @@ class PostpassConfig:
     """Tokens per calibration sequence."""
 
     def __post_init__(self) -> None:
+        if self.budget_bpw is not None:
+            if self.reconstructor is None:
+                raise ValueError("budget_bpw: allocates the correction's ranks; name a reconstructor (e.g. whiten)")
+            if self.energy is not None or self.factor_bits is not None:
+                raise ValueError("budget_bpw: cannot be combined with energy or factor_bits (yet); drop one of them")
         if self.reconstructor is not None:
             why = RECONSTRUCTORS.get(self.reconstructor.name).rank_problem(self.reconstructor.options, self.rank)
             if why:

@@ -81,6 +81,17 @@ class QuantLinear(torch.nn.Module):
             y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return y
 
+    @torch.no_grad()
+    def truncate(self, rank: int) -> None:
+        """Keep the first ``rank`` components of the correction (the reconstructors order them by importance); 0 drops it."""
+        if self.lora_A is None or rank >= self.lora_A.shape[0]:
+            return
+        if rank == 0:
+            self.lora_A = self.lora_B = None
+            return
+        self.lora_A = _frozen(self.lora_A[:rank])
+        self.lora_B = _frozen(self.lora_B[:, :rank])
+
     def dequantized(self) -> torch.Tensor:
         """``[out, in]`` the grid values of the codes under the current scales (differentiable in the scales)."""
         return dequantize(self.codes, self.scale, self.zero, self.spec).to(self.weight.dtype)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ from qaft.core.errors import ConfigError
 from qaft.core.hardware import resolve_bf16
 from qaft.core.modules import decoder_layers, hidden_states, set_submodule
 
+from .budget import Curve, allocate, output_error_curve, stored_bits
 from .calibrate import LayerStats, collect
-from .config import PostpassConfig, Propagation
+from .config import BudgetWeighting, PostpassConfig, Propagation
 from .fakequant import QuantLinear
 from .grid import quantize_weight
 from .lowrank import LowRank, quantize_factors
@@ -68,6 +70,10 @@ class LayerReport:
     block_error: tuple[float, float] | None = None
     """``(before, after)`` the quantizer's block refinement: the decoder layer's relative squared output error against
     the float layer (on float inputs), with every Linear on the grid and no correction; None without one."""
+    curve: tuple[float, ...] | None = None
+    """With ``postpass.budget_bpw``: the relative squared output error at rank 0 … ``postpass.rank`` (what the allocator read)."""
+    output_energy: float | None = None
+    """``‖X Wᵀ‖²`` on the calibration inputs (with ``budget_bpw``: the scale of ``curve``)."""
 
 
 def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None:
@@ -226,6 +232,7 @@ def _quantize_layer(
         after = err if corr is None else err - corr.matrix().to(err.dtype)
         set_submodule(layer, name, QuantLinear(q, lin.bias, st.scheme.activation, corr, prep.input_scales.get(name), spec=st.scheme.weight))
         errors: tuple[float | None, ...] = (None, None, None)
+        curve = None
         if stats is not None:
             if id(stats[name]) not in xtx32s:  # one per distinct input (calibrate.collect shares them)
                 xtx32s[id(stats[name])] = stats[name].xtx.float()
@@ -234,6 +241,8 @@ def _quantize_layer(
             before = _out_norm(err, xtx32) / ref
             nearest = _out_norm(w - quantize_weight(gridded[name], st.scheme.weight).dequant, xtx32) / ref
             errors = (before, before if corr is None else _out_norm(after, xtx32) / ref, nearest)
+            if st.postpass.budget_bpw is not None and corr is not None:
+                curve = tuple((output_error_curve(err, corr.A, corr.B, stats[name].xtx) / ref**2).tolist())
         reports.append(
             LayerReport(
                 f"{where}.{name}",
@@ -246,6 +255,8 @@ def _quantize_layer(
                 seconds[name] + time.perf_counter() - t0,
                 errors[2],
                 None if block is None else (block.loss_start, block.loss),
+                curve,
+                None if curve is None else ref**2,
             )
         )
     return reports
@@ -289,7 +300,7 @@ def quantize_models(
         model.eval()
     st = _Settings(scheme, postpass, LowRank(postpass.rank, randomized=postpass.randomized_svd, energy=postpass.energy), resolve_bf16(postpass.bf16)[0])
     reports: list[list[LayerReport]] = [[] for _ in models]
-    blind = [k for k, s in enumerate(solvers) if not telemetry and not s.reads_statistics]
+    blind = [k for k, s in enumerate(solvers) if not telemetry and not s.reads_statistics and postpass.budget_bpw is None]
     for k in blind:  # no calibration forward at all
         prefix, layers = decoder_layers(models[k])
         for i, layer in enumerate(layers):
@@ -303,7 +314,27 @@ def quantize_models(
     kept: dict[str, LayerStats] | None = {} if propagate is Propagation.FLOAT else None
     for group in groups:
         _walk([models[k] for k in group], [solvers[k] for k in group], [reports[k] for k in group], inputs, st, propagate, kept, progress)
+    if postpass.budget_bpw is not None:
+        reports = [apply_budget(m, r, postpass.budget_bpw, postpass.budget_weighting) for m, r in zip(models, reports)]
     return reports, kept
+
+
+def apply_budget(model: torch.nn.Module, reports: list[LayerReport], budget_bpw: float, weighting: BudgetWeighting) -> list[LayerReport]:
+    """Choose each Linear's rank within the budget from the curves the walk measured (``budget.allocate``) and
+    truncate its factors to it; the reports then say the rank and the output error each Linear is left with.
+
+    Under quantized propagation the later layers were calibrated on a stream whose earlier layers still had
+    ``postpass.rank`` components: the allocation comes after the one walk, so the post-pass costs one extra
+    ``E·XᵀX`` product per Linear, not a second walk."""
+    lins = {r.name: model.get_submodule(r.name) for r in reports}
+    scale = {r.name: r.output_energy if weighting is BudgetWeighting.ABSOLUTE else 1.0 for r in reports}
+    curves = [Curve(r.name, tuple(e * scale[r.name] for e in r.curve), *stored_bits(lins[r.name])) for r in reports]  # type: ignore[union-attr, operator]
+    ranks = allocate(curves, budget_bpw)
+    out = []
+    for r, k in zip(reports, ranks):
+        lins[r.name].truncate(k)
+        out.append(dataclasses.replace(r, rank=k, rel_output_error=r.curve[k] ** 0.5))  # type: ignore[index]
+    return out
 
 
 def _walk(

@@ -213,3 +213,14 @@ def test_the_disk_row_counts_the_checkpoints_rotation_holds_and_fails_below_the_
     for free, status in [(total // 2, Status.FAIL), (int(total * 1.5), Status.WARN), (total * 3, Status.OK)]:
         monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p, f=free: usage(10 * total, 0, f))
         assert need(["training.save_total_limit=2"])[1].status is status, free
+
+
+def test_the_budget_row_gives_the_feasible_range_and_blocks_a_budget_below_it(smoke_file):
+    import re
+
+    (row,) = rows_of(diagnose(smoke_file, ["postpass.reconstructor=whiten", "postpass.rank=8"]), "bits budget")
+    low, high = map(float, re.search(r"from ([\d.]+) \(codes and scales, rank 0\) to ([\d.]+) \(rank 8", row.detail).groups())
+    assert row.status is Status.OK and 4 < low < high
+    for budget, status in [(low - 0.01, Status.FAIL), ((low + high) / 2, Status.OK), (high + 1, Status.WARN)]:
+        found = rows_of(diagnose(smoke_file, ["postpass.reconstructor=whiten", "postpass.rank=8", f"postpass.budget_bpw={budget}"]), "bits budget")
+        assert [r.status for r in found] == [status], found

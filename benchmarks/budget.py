@@ -1,0 +1,91 @@
+"""Equal bits per weight, uniform rank vs allocated rank (``postpass.budget_bpw``), on the post-pass protocol.
+
+For each budget B (bits per quantized weight: codes, fp16 scales, fp16 factors, as ``quant/budget.py`` and the
+export count them): the largest uniform rank that fits B, and the allocator's per-layer ranks (cap
+``--cap``) at B, each with the given reconstructors; perplexity on the protocol of configs/smollm2-postpass.yaml
+(W4 per-channel sym, calibration 16 x 512 tokens of WikiText-2 validation, WikiText-2 test 8 x 512).
+
+    .venv/bin/python benchmarks/budget.py --budgets 4.5 5.0 --methods whiten       # ~8 min on 2 cores
+
+Writes ``benchmarks/results/budget.json``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+from qaft.core import text
+from qaft.core.model import load_model_and_tokenizer
+from qaft.eval.perplexity import perplexity
+from qaft.pipeline.commands import calibration_of
+from qaft.pipeline.config import load_config
+from qaft.quant.budget import shape_bits, stored_bits
+from qaft.quant.fakequant import QuantLinear
+from qaft.quant.postpass import quantize_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "smollm2-postpass.yaml"
+
+
+def model_bpw(model) -> float:
+    parts = [(stored_bits(m), 0 if m.lora_A is None else m.lora_A.shape[0]) for m in model.modules() if isinstance(m, QuantLinear)]
+    return sum(b + per * k for (b, per, _), k in parts) / sum(n for (_, _, n), _ in parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[4.5, 5.0, 5.5])
+    ap.add_argument("--methods", nargs="+", default=["whiten", "l2qer"])
+    ap.add_argument("--weightings", nargs="+", default=["relative", "absolute"], help="postpass.budget_weighting values to allocate with")
+    ap.add_argument("--cap", type=int, default=128, help="largest rank the allocator may give one Linear")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "budget.json"))
+    args = ap.parse_args()
+    base_cfg = load_config(CONFIG, [])
+    model, tok = load_model_and_tokenizer(base_cfg.model)
+    calib, ids = calibration_of(base_cfg, tok), text.token_stream(base_cfg.eval.path, tok, key="eval.path")
+    fp = perplexity(model, ids, base_cfg.eval.seq_len, base_cfg.eval.windows, progress=False).ppl
+    shapes = [(m.out_features, m.in_features) for m in base_cfg.quant.linears(model).values()]
+    bits = [shape_bits(*s, base_cfg.quant.weight) for s in shapes]
+    n, base, per = (sum(b[i] for b in bits) for i in (2, 0, 1))
+    rows = []
+    print(f"{'budget':>7} {'method':<8} {'allocation':<16} {'bits/w':>7} {'ranks (min/median/max)':>24} {'ppl':>8} {'vs fp':>7} {'s':>6}")
+    for budget in args.budgets:
+        uniform = int((budget * n - base) // per)
+        for method in args.methods:
+            allocated = [
+                (f"alloc {w}", [f"postpass.rank={args.cap}", f"postpass.budget_bpw={budget}", f"postpass.budget_weighting={w}"]) for w in args.weightings
+            ]
+            for kind, overrides in [("uniform", [f"postpass.rank={uniform}"]), *allocated]:
+                cfg = load_config(CONFIG, [f"postpass.reconstructor={method}", *overrides])
+                m = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                reports, _ = quantize_model(m, calib, cfg.quant, cfg.postpass, progress=False)
+                seconds = time.perf_counter() - t0
+                ppl = perplexity(m, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
+                ranks = sorted(r.rank for r in reports)
+                row = {"budget_bpw": budget, "method": method, "allocation": kind, "bits_per_weight": model_bpw(m), "ppl": ppl, "ratio_to_fp": ppl / fp}
+                row |= {"ranks": [r.rank for r in reports], "rank_min": ranks[0], "rank_median": ranks[len(ranks) // 2], "rank_max": ranks[-1]}
+                row |= {"postpass_seconds": seconds}
+                rows.append(row)
+                print(
+                    f"{budget:>7.2f} {method:<8} {kind:<16} {row['bits_per_weight']:>7.3f} {f'{ranks[0]}/{ranks[len(ranks) // 2]}/{ranks[-1]}':>24} "
+                    f"{ppl:>8.3f} {ppl / fp:>6.3f}x {seconds:>6.0f}",
+                    flush=True,
+                )
+                del m
+    protocol = {"config": str(CONFIG.relative_to(ROOT)), "scheme": base_cfg.quant.label, "fp_ppl": fp, "cap": args.cap, "windows": base_cfg.eval.windows}
+    protocol |= {"seq_len": base_cfg.eval.seq_len, "calibration": [base_cfg.postpass.calibration_samples, base_cfg.postpass.calibration_seq_len]}
+    Path(args.out).write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
