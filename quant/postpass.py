@@ -280,6 +280,7 @@ def quantize_models(
     propagate: Propagation | None = None,
     telemetry: bool = True,
     inputs: list[tuple[torch.Tensor, dict[str, Any]]] | None = None,
+    keep_statistics: bool = False,
     progress: bool = True,
 ) -> tuple[list[list[LayerReport]], dict[str, LayerStats] | None]:
     """Quantize every target Linear of each ``models[k]`` in place with ``methods[k]`` (the models: copies of one
@@ -291,7 +292,8 @@ def quantize_models(
     its own stream. ``telemetry`` False skips the calibration of a method that reads no statistics (RTN, LQER):
     no forward at all, the reports' output errors None. ``inputs``: layer 0's inputs on ``calibration`` when the
     caller already has them (they are the float model's for every copy). Returns the per-layer reports of each
-    model and, with ``float`` propagation, the statistics (for tests).
+    model and, with ``keep_statistics`` under ``float`` propagation, every layer's statistics as collected (for
+    tests: they are the whole model's, hundreds of MB for a 135M model).
     """
     propagate = Propagation(propagate or postpass.propagate)
     solvers = [Solver.of(m) for m in methods]
@@ -311,7 +313,7 @@ def quantize_models(
     if inputs is None:
         inputs = capture_inputs(models[calibrated[0]], decoder_layers(models[calibrated[0]])[1][0], calibration)
     groups = [calibrated] if propagate is Propagation.FLOAT else [[k] for k in calibrated]  # the models that share one stream
-    kept: dict[str, LayerStats] | None = {} if propagate is Propagation.FLOAT else None
+    kept: dict[str, LayerStats] | None = {} if propagate is Propagation.FLOAT and keep_statistics else None
     for group in groups:
         _walk([models[k] for k in group], [solvers[k] for k in group], [reports[k] for k in group], inputs, st, propagate, kept, progress)
     if postpass.budget_bpw is not None:
@@ -387,11 +389,20 @@ def quantize_model(
     method: Method | None = None,
     propagate: Propagation | str | None = None,
     telemetry: bool = True,
+    keep_statistics: bool = False,
     progress: bool = True,
 ) -> tuple[list[LayerReport], dict[str, LayerStats] | None]:
     """``quantize_models`` for one model: ``method`` defaults to the one ``postpass`` names, ``propagate`` to ``postpass.propagate``."""
     reports, kept = quantize_models(
-        [model], [method or of_config(postpass)], calibration, scheme, postpass, propagate=propagate, telemetry=telemetry, progress=progress
+        [model],
+        [method or of_config(postpass)],
+        calibration,
+        scheme,
+        postpass,
+        propagate=propagate,  # type: ignore[arg-type]
+        telemetry=telemetry,
+        keep_statistics=keep_statistics,
+        progress=progress,
     )
     return reports[0], kept
 
