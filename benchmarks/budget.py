@@ -27,17 +27,11 @@ from qaft.core.model import load_model_and_tokenizer
 from qaft.eval.perplexity import perplexity
 from qaft.pipeline.commands import calibration_of
 from qaft.pipeline.config import load_config
-from qaft.quant.budget import shape_bits, stored_bits
-from qaft.quant.fakequant import QuantLinear
+from qaft.quant.budget import model_bpw, shape_bits
 from qaft.quant.postpass import quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2-postpass.yaml"
-
-
-def model_bpw(model) -> float:
-    parts = [(stored_bits(m), 0 if m.lora_A is None else m.lora_A.shape[0]) for m in model.modules() if isinstance(m, QuantLinear)]
-    return sum(b + per * k for (b, per, _), k in parts) / sum(n for (_, _, n), _ in parts)
 
 
 def main() -> None:

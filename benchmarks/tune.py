@@ -33,7 +33,7 @@ from qaft.eval.perplexity import perplexity
 from qaft.export.exporter import load_export
 from qaft.pipeline.commands import export_run, quantize_and_save, tune_run
 from qaft.pipeline.config import load_config
-from qaft.quant.fakequant import QuantLinear
+from qaft.quant.budget import model_bpw
 from qaft.quant.grid import fake_quant_activation
 from qaft.quant.store import load_quantized
 
@@ -58,19 +58,6 @@ STARTS = {
     "signround-block+whiten": ["postpass.quantizer={name: signround, iters: 50, objective: block}", "postpass.reconstructor=whiten"],
     "block": ["postpass.reconstructor=whiten", "tune.objective=block"],
 }
-
-
-def bits_per_weight(model: torch.nn.Module) -> float:
-    """Codes + fp16 scales (and fp16 minima / int zero points) + fp16 factors, per quantized weight."""
-    bits = weights = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            n = m.codes.numel()
-            weights += n
-            bits += n * m.spec.bits + 16 * m.scale.numel() + (0 if m.zero is None else 16 * m.zero.numel())
-            if m.lora_A is not None:
-                bits += 16 * (m.lora_A.numel() + m.lora_B.numel())
-    return bits / weights
 
 
 def a8_float_ppl(source: str, ids: torch.Tensor, cfg) -> float:
@@ -121,7 +108,7 @@ def main() -> None:
             quantize_and_save(cfg, overwrite=True, progress=False)
             row["postpass_seconds"] = time.perf_counter() - t0
             solved, _, _ = load_quantized(cfg.quantized_dir)
-            row["bits_per_weight"] = bits_per_weight(solved)
+            row["bits_per_weight"] = model_bpw(solved)
             row["closed_form_ppl"] = perplexity(solved, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
             del solved
             t0 = time.perf_counter()
@@ -129,7 +116,7 @@ def main() -> None:
             row["tune_seconds"] = time.perf_counter() - t0
             tuned, _, _ = load_quantized(final)
             row["tuned_ppl"] = perplexity(tuned, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
-            row["bits_per_weight_tuned"] = bits_per_weight(tuned)
+            row["bits_per_weight_tuned"] = model_bpw(tuned)
             del tuned
             evals = train_rows(cfg.tune_dir, "eval")
             row["valid"] = [{k: r[k] for k in ("step", "eval_kl", "eval_ppl", "eval_teacher_ppl")} for r in evals]

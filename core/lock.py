@@ -33,9 +33,14 @@ def lock_path(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.lock"
 
 
+def _info_path(folder: Path) -> Path:
+    """Who holds the lock: written by the holder after it took the lock (the lock file itself stays empty)."""
+    return lock_path(folder).with_suffix(".lock.json")
+
+
 def _holder(folder: Path) -> str:
     try:
-        info = json.loads(lock_path(folder).with_suffix(".lock.json").read_text())
+        info = json.loads(_info_path(folder).read_text())
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
         return f"pid {info['pid']} ({info['command']}, since {since})"
     except (OSError, ValueError, KeyError, TypeError):
@@ -59,7 +64,7 @@ def output_lock(folder: str | Path, key: str) -> Iterator[None]:
         raise EnvironmentProblem(
             f"{key}: {folder} is in use by another qaft process, {_holder(folder)}; wait for it to finish, stop it, or write to another folder"
         ) from None
-    info = path.with_suffix(".lock.json")
+    info = _info_path(folder)
     info.write_text(json.dumps({"pid": os.getpid(), "command": " ".join(["qaft", *sys.argv[1:]])[:300], "since": time.time()}))
     os.environ[HELD] = os.pathsep.join([*held, str(folder)])
     try:

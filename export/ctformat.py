@@ -25,6 +25,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qaft.core.io import folder_size
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.grid import fake_quant_activation
 from qaft.quant.scheme import ActQuant, QuantScheme, WeightFormat
@@ -104,13 +105,12 @@ def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
                 if key.rpartition(".")[2] in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"):
                     t = st.get_tensor(key)
                     packed_bytes += t.numel() * t.element_size()
-    on_disk = lambda sub: sum(p.stat().st_size for p in (folder / sub).rglob("*") if p.is_file())  # noqa: E731
     adapter_file = folder / "adapter" / WEIGHTS
     return size_record(
         reference,
         packed_bytes=packed_bytes,
-        base_bytes=on_disk("base"),
-        adapter_bytes=on_disk("adapter") if (folder / "adapter").is_dir() else 0,
+        base_bytes=folder_size(folder / "base"),
+        adapter_bytes=folder_size(folder / "adapter"),
         factor_bytes=adapter_file.stat().st_size if adapter_file.is_file() else 0,
     )
 

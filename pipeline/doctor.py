@@ -20,7 +20,6 @@ import enum
 import importlib.metadata
 import importlib.util
 import os
-import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qaft.core import text
 from qaft.core.errors import ConfigError, QaftError
 from qaft.core.hardware import precision, resolve_bf16
-from qaft.core.io import human
+from qaft.core.io import free_bytes, human
 from qaft.core.model import TINY_MODELS, byte_tokenizer, resolve
 from qaft.core.modules import decoder_layers
 from qaft.export import formats
@@ -246,8 +245,9 @@ def disk_space(cfg: Config, params: int, adapter: int = 0) -> list[Finding]:
     rest = params + params  # a post-pass result and a packed export, generously
     need = kept * checkpoint + final + rest
     out = Path(t.output_dir).resolve()
-    probe = next(p for p in (out, *out.parents) if p.exists())
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(out)
+    if free is None:
+        return [Finding("disk space", Status.WARN, f"cannot read the free space under {out}; about {human(need)} will be written there")]
     detail = (
         f"about {human(need)} needed under {out} ({kept} x {human(checkpoint)} checkpoints while rotating, final/ {human(final)}, "
         f"post-pass + export {human(rest)}), {human(free)} free"

@@ -80,6 +80,12 @@ def stored_bits(m: QuantLinear) -> tuple[int, int, int]:
     return _bits(m.codes.numel(), m.scale.numel(), 0 if m.zero is None else m.zero.numel(), m.spec.bits, m.out_features, m.in_features)
 
 
+def model_bpw(model: torch.nn.Module) -> float:
+    """Bits per quantized weight of a quantized model as stored: every ``QuantLinear``'s ``stored_bits`` at its rank."""
+    parts = [(stored_bits(m), 0 if m.lora_A is None else m.lora_A.shape[0]) for m in model.modules() if isinstance(m, QuantLinear)]
+    return sum(base + per * k for (base, per, _), k in parts) / sum(n for (_, _, n), _ in parts)
+
+
 def shape_bits(out: int, in_: int, spec: WeightQuant) -> tuple[int, int, int]:
     """``stored_bits`` of an ``[out, in]`` Linear on ``spec``'s grid, before any quantization (the doctor's range)."""
     q = quantize_weight(torch.zeros(out, in_), spec)

@@ -42,7 +42,7 @@ class PostpassConfig:
     rank: Annotated[int, Ge(0)] = 32
     """Rank of the correction factors per layer (with ``energy``: the per-layer cap)."""
     budget_bpw: Annotated[float, Gt(0.0)] | None = None
-    """Bits per quantized weight for everything stored (codes, scales, fp16 factors): each Linear's rank is chosen from 0 … ``rank`` to minimise the summed relative output error within it (``quant/budget.py``); null = ``rank`` everywhere."""
+    """Bits per quantized weight for everything stored (codes, scales, fp16 factors): each Linear's rank is chosen from 0 … ``rank`` to minimise the summed output error (``budget_weighting``) within it (``quant/budget.py``); null = ``rank`` everywhere."""
     budget_weighting: BudgetWeighting = BudgetWeighting.ABSOLUTE
     """What the budget allocator minimises, summed over the Linears: ``absolute`` (the raw output error ``‖X Eᵀ‖²``) or ``relative`` (each over its output energy). Measured in docs/methods/postpass.md."""
     energy: Annotated[float, Gt(0.0), Le(1.0)] | None = None

@@ -12,7 +12,7 @@ import torch
 from helpers import postpass
 from qaft.core.errors import ConfigError
 from qaft.core.model import ModelConfig, load_model_and_tokenizer
-from qaft.quant.budget import Curve, allocate, bounds, output_error_curve, spent_bpw, stored_bits
+from qaft.quant.budget import Curve, allocate, bounds, model_bpw, output_error_curve, spent_bpw, stored_bits
 from qaft.quant.calibrate import LayerStats
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.lowrank import LowRank
@@ -98,11 +98,6 @@ def tiny():
     return model, torch.randint(0, 257, (6, 32), generator=torch.Generator().manual_seed(1))
 
 
-def _model_bpw(model) -> float:
-    parts = [(stored_bits(m), 0 if m.lora_A is None else m.lora_A.shape[0]) for m in model.modules() if isinstance(m, QuantLinear)]
-    return sum(b + per * k for (b, per, _), k in parts) / sum(n for (_, _, n), _ in parts)
-
-
 @pytest.mark.parametrize("method", ["whiten", "l2qer"])
 def test_a_budgeted_post_pass_holds_the_budget_varies_ranks_and_beats_the_uniform_rank_at_its_bits(tiny, method):
     """On the tiny model: the stored bits equal what the allocator spent (at most the budget), ranks differ between
@@ -110,10 +105,10 @@ def test_a_budgeted_post_pass_holds_the_budget_varies_ranks_and_beats_the_unifor
     model, calib = tiny
     uniform = copy.deepcopy(model)
     flat = quantize_model(uniform, calib, QuantScheme(), postpass(method, 4, bf16=False), progress=False)[0]
-    budget = _model_bpw(uniform)
+    budget = model_bpw(uniform)
     alloc = copy.deepcopy(model)
     got = quantize_model(alloc, calib, QuantScheme(), postpass(method, 16, bf16=False, budget_bpw=budget, budget_weighting="relative"), progress=False)[0]
-    assert _model_bpw(alloc) <= budget + 1e-9
+    assert model_bpw(alloc) <= budget + 1e-9
     assert len({r.rank for r in got}) > 1 and max(r.rank for r in got) > 4
     assert [r.rank for r in got] == [0 if m.lora_A is None else m.lora_A.shape[0] for m in alloc.modules() if isinstance(m, QuantLinear)]
     assert sum(r.rel_output_error**2 for r in got) < sum(r.rel_output_error**2 for r in flat)

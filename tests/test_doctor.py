@@ -199,7 +199,7 @@ def test_the_disk_row_counts_the_checkpoints_rotation_holds_and_fails_below_the_
     import collections
     import re
 
-    import qaft.pipeline.doctor as doctor
+    import qaft.core.io as io
 
     def need(overrides):
         (row,) = rows_of(diagnose(smoke_file, overrides), "disk space")
@@ -211,7 +211,7 @@ def test_the_disk_row_counts_the_checkpoints_rotation_holds_and_fails_below_the_
     total = int(float(re.search(r"about ([\d.]+) MB needed", row.detail).group(1)) * 2**20)
     usage = collections.namedtuple("usage", "total used free")
     for free, status in [(total // 2, Status.FAIL), (int(total * 1.5), Status.WARN), (total * 3, Status.OK)]:
-        monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p, f=free: usage(10 * total, 0, f))
+        monkeypatch.setattr(io.shutil, "disk_usage", lambda p, f=free: usage(10 * total, 0, f))
         assert need(["training.save_total_limit=2"])[1].status is status, free
 
 
