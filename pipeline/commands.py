@@ -117,6 +117,7 @@ def tune_job(cfg: Config) -> TuneJob:
         save_total_limit=1,
         seed=cfg.training.seed,
         bf16=resolve_bf16(t.bf16)[0],
+        gradient_checkpointing=t.gradient_checkpointing,
         resume_from_checkpoint=cfg.training.resume_from_checkpoint,
     )
     data = DataConfig(path=text_path, text_column=cfg.data.text_column, block_size=t.seq_len, eval_fraction=t.eval_fraction, max_eval_blocks=t.max_eval_blocks)

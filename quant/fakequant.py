@@ -39,6 +39,17 @@ def deployed_input(
     return x, xq
 
 
+def narrow_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Integer codes in the narrowest type that holds them: int8 (or uint8 for unsigned 8-bit grids) for every
+    grid qaft writes, half of the int16 the grids compute in; only ``dequantize`` reads them in memory, and the
+    store writes int16 whatever they are held in."""
+    lo, hi = int(codes.min()), int(codes.max())
+    for dtype in (torch.int8, torch.uint8):
+        if torch.iinfo(dtype).min <= lo and hi <= torch.iinfo(dtype).max:
+            return codes.to(dtype)
+    return codes
+
+
 def _frozen(t: torch.Tensor | None) -> torch.nn.Parameter | None:
     return None if t is None else torch.nn.Parameter(t.detach().clone(), requires_grad=False)
 
@@ -63,7 +74,7 @@ class QuantLinear(torch.nn.Module):
         self.act_fn = fake_quant_activation
         """How activations are rounded: a server's convention; ``ctpack.reference_activation_quant`` swaps in compressed-tensors' for parity checks."""
         self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("codes", q.codes.detach().clone())
+        self.register_buffer("codes", narrow_codes(q.codes.detach().clone()))
         self.scale = _frozen(q.scale)
         self.register_buffer("zero", None if q.zero is None else q.zero.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
@@ -46,11 +47,12 @@ def write_quantized(model: torch.nn.Module, tokenizer: Any, folder: Path, scheme
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     derived = {f"{n}.weight" for n in names}
+    codes = {f"{n}.codes" for n in names}
     for key, t in model.state_dict().items():
         if key in derived or t.data_ptr() in seen:  # de-quantized weights are rebuilt; tied tensors stored once
             continue
         seen.add(t.data_ptr())
-        tensors[key] = t.detach().contiguous()
+        tensors[key] = (t.to(torch.int16) if key in codes else t).detach().contiguous()  # held narrow (fakequant.narrow_codes)
     save_file(tensors, str(folder / "model.safetensors"))
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -64,6 +66,13 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, path: str | Path, sch
     with staged(out) as tmp:
         write_quantized(model, tokenizer, tmp, scheme, meta)
     return out
+
+
+def read_codes(path: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The integer codes of the quantized Linears ``names`` in the folder ``path``, read alone (``qaft tune`` does
+    not hold the frozen codes while it trains, and takes them back from its source to write the result)."""
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        return {name: f.get_tensor(f"{name}.codes") for name in names}
 
 
 def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:

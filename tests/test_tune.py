@@ -65,6 +65,16 @@ def test_kd_value_and_gradient_equal_the_obvious_autograd_form_across_chunks(mon
         assert s1.grad.dtype == dtype and torch.allclose(s1.grad.float(), s2.grad.float(), atol=tol, rtol=tol)
 
 
+def test_next_token_nll_equals_cross_entropy_across_chunks(monkeypatch):
+    """Evaluation's chunked next-token loss against one cross-entropy over every position (bf16 logits as autocast gives)."""
+    monkeypatch.setattr(kd, "CHUNK", 4)
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, ids = (3 * torch.randn(3, 11, 17, generator=g)).to(dtype), torch.randint(0, 17, (3, 11), generator=g)
+        ref = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+        assert torch.allclose(kd.next_token_nll(logits, ids), ref, atol=1e-6)
+
+
 def test_tuning_lowers_the_held_out_kl_below_the_closed_form_and_moves_only_the_factors(make_cfg):
     cfg = quantized(make_cfg)
     final = tune_run(cfg, overwrite=False)
@@ -264,3 +274,76 @@ def test_block_refuses_fewer_steps_than_layers_and_ddp(make_cfg):
         task.check(
             tune_job(cfg), SimpleNamespace(num_processes=2, state=SimpleNamespace(deepspeed_plugin=None), distributed_type=SimpleNamespace(name="MULTI_CPU"))
         )
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_lean_teacher_shares_what_the_student_has_and_computes_the_same_logits_under_bf16_autocast(make_cfg, name):
+    """``lean_teacher``: parameters equal to the student's become the student's own tensors (embeddings, head, norms),
+    the other Linears are stored in bf16, and under bf16 autocast the logits are bit for bit the float32 teacher's
+    (autocast casts each float32 weight to bf16 for the matmul anyway); OPT covers Linears with biases."""
+    from qaft.core.model import ModelConfig, load_model_and_tokenizer
+    from qaft.trainer.tune import lean_teacher
+
+    student, _, _ = load_quantized(quantized(make_cfg, f"model.name_or_path={name}").quantized_dir)
+    teacher, _ = load_model_and_tokenizer(ModelConfig(name_or_path=name))
+    full = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = teacher(input_ids=ids).logits
+    bytes_before = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    lean_teacher(teacher, student, bf16=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(teacher(input_ids=ids).logits, before)
+    mine = {id(p) for p in student.parameters()}
+    shared = [n for n, p in teacher.named_parameters() if id(p) in mine]
+    assert any("embed" in n for n in shared) and any("norm" in n for n in shared), shared
+    linears = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) not in mine]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(torch.equal(p.float(), full[n].to(p.dtype).float()) for n, p in teacher.named_parameters())  # nothing else moved
+    own = sum(p.numel() * p.element_size() for p in teacher.parameters() if id(p) not in mine)
+    assert own < 0.5 * bytes_before, (own, bytes_before)
+
+
+def test_tuning_holds_narrow_codes_or_none_and_writes_the_sources_int16_codes(make_cfg):
+    """Codes live in int8 in memory (``narrow_codes``), are let go of while the factors train, and come back from the
+    source for the result; the stored codes stay int16 and bit-identical to the source's."""
+    from qaft.quant.fakequant import narrow_codes
+
+    assert narrow_codes(torch.tensor([-8, 7], dtype=torch.int16)).dtype == torch.int8
+    assert narrow_codes(torch.tensor([0, 255], dtype=torch.int16)).dtype == torch.uint8
+    assert narrow_codes(torch.tensor([-1, 200], dtype=torch.int16)).dtype == torch.int16
+    cfg = quantized(make_cfg, "tune.steps=2", "tune.bf16=true")
+    task = Distill(tune_job(cfg))
+    model, tokenizer = task.build(tune_job(cfg))
+    assert all(m.codes is None for m in model.modules() if isinstance(m, QuantLinear))
+    solved, _, _ = load_quantized(cfg.quantized_dir)
+    assert all(m.codes.dtype == torch.int8 for m in solved.modules() if isinstance(m, QuantLinear))
+    final = tune_run(cfg, overwrite=False)
+    before, after = tensors(cfg.quantized_dir), tensors(final)
+    codes = [k for k in before if k.endswith(".codes")]
+    assert codes and all(after[k].dtype == torch.int16 and torch.equal(before[k], after[k]) for k in codes)
+
+
+def test_a_source_quantized_again_while_tuning_is_refused_at_the_end(make_cfg, tmp_path):
+    """The codes come back from the source at the end: when that folder was re-made meanwhile, they would not be the
+    codes the factors were trained on, so the result is refused in one line and nothing is written."""
+    cfg = quantized(make_cfg, "tune.steps=2")
+    task = Distill(tune_job(cfg))
+    model, tokenizer = task.build(tune_job(cfg))
+    quantize_and_save(make_cfg(*SMALL_POSTPASS, *TUNE, "tune.steps=2", "postpass.rank=2"), overwrite=True, progress=False)
+    with pytest.raises(CheckpointError, match="changed while tuning"):
+        task.write_final(model, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_tuned_factors(make_cfg, tmp_path):
+    """``tune.gradient_checkpointing`` recomputes activations in the backward: the same gradients, so the same result."""
+    cfg = quantized(make_cfg)
+    on = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, gradient_checkpointing=True))
+    built = Distill(tune_job(on)).build(tune_job(on))[0]
+    assert getattr(built, "is_activation_checkpointing", None) or built.is_gradient_checkpointing
+    runs = []
+    for flag in (False, True):
+        job = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, gradient_checkpointing=flag, output_dir=str(tmp_path / str(flag))))
+        runs.append(tensors(tune_run(job, overwrite=False)))
+    assert_same_tensors(*runs)

@@ -93,8 +93,8 @@ class TrainingConfig:
     """AdamW decoupled weight decay."""
     max_grad_norm: Annotated[float, Ge(0.0)] = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward (~1.4x slower, about half the activation memory)."""
+    gradient_checkpointing: bool = field(default=False, metadata={RESUMABLE: True})
+    """Recompute activations in the backward (~1.4x slower, about half the activation memory; the same gradients)."""
     logging_steps: Annotated[int, Ge(1)] = field(default=10, metadata={RESUMABLE: True, NO_EFFECT: True})
     """Log train metrics every N optimizer steps."""
     eval_steps: Annotated[int, Ge(1)] | None = field(default=None, metadata={RESUMABLE: True})
@@ -165,6 +165,8 @@ class TuneConfig:
     """Share of steps with linear warm-up."""
     max_grad_norm: Annotated[float, Ge(0.0)] = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
+    gradient_checkpointing: bool = field(default=False, metadata={RESUMABLE: True})
+    """Recompute each decoder layer's activations in the backward instead of holding them: for ``kd`` on SmolLM2-135M about a fifth less peak memory at ~1.4x the step time; the same gradients."""
     bf16: bool | Literal["auto"] = "auto"
     """bfloat16 autocast for the student and the teacher (the KD loss stays float32); ``auto`` = on where the device has bf16 units (CPU ``avx512_bf16`` / ``amx_bf16``, or CUDA), off elsewhere (emulated bf16 is slower than float32)."""
     eval_fraction: Annotated[float, Ge(0.0), Le(0.5)] = 0.05

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
@@ -31,6 +30,7 @@ from qaft.core.hardware import precision, resolve_bf16
 from .checkpoint import install_adapter_only_hooks, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from .config import TrainConfig, TrainingConfig
 from .data import build_blocks, eval_loader, load_documents, train_loader
+from .kd import next_token_nll
 from .metrics import MetricsLogger, Throughput
 from .outputs import prepare_output_dir
 from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, zero_stage
@@ -119,8 +119,7 @@ def evaluate(ctx: Context, loader: Any, task: Task | None = None) -> dict[str, f
     values: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         logits = ctx.model(input_ids=batch["input_ids"]).logits
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none").mean(1)  # (batch,)
-        for k, v in {"eval_loss": nll, **(task.eval_terms(batch, logits) if task else {})}.items():
+        for k, v in {"eval_loss": next_token_nll(logits, batch["input_ids"]), **(task.eval_terms(batch, logits) if task else {})}.items():
             values.setdefault(k, []).append(ctx.accelerator.gather_for_metrics(v))
     means = {k: torch.cat(v).mean().item() for k, v in values.items()}
     return {**means, **{f"{k.removesuffix('_loss')}_ppl": math.exp(min(v, 50.0)) for k, v in means.items() if k.endswith("_loss")}}
@@ -151,6 +150,7 @@ def train(
                     acc.backward(sum(terms.values()))  # accelerate divides by the accumulation steps
                 for k, v in terms.items():  # detached tensors: no device sync per micro-batch
                     step_sums[k] = step_sums.get(k, 0.0) + v.detach().float() / t.gradient_accumulation_steps
+                del out, terms  # the logits: not held through the optimizer step, an eval, or the next forward
                 st.micro_batches += 1
             callbacks.on_gradients(ctx)
             grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)  # inf: measure only

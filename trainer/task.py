@@ -14,12 +14,24 @@ from typing import Any, ClassVar
 
 import torch
 
+from qaft.core.errors import ConfigError
 from qaft.core.model import load_model_and_tokenizer
 
 from .checkpoint import PEFT_ADAPTER, Trainable
 from .config import TrainConfig, TrainingConfig
 from .lora import attach_lora
 from .schedule import build_scheduler
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, key: str) -> None:
+    """Recompute each decoder layer in the backward (transformers' own, non-reentrant: no input needs grad)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{key}: {type(model).__name__} does not support gradient checkpointing in transformers; set {key}=false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns and goes in v6
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class Task:
@@ -69,7 +81,7 @@ class FineTune(Task):
     def build(self, cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
         if cfg.training.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model, "training.gradient_checkpointing")
         return attach_lora(model, cfg.lora), tokenizer
 
     def write_final(self, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:

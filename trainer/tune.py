@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from qaft.callbacks import CALLBACKS
 from qaft.core.errors import CheckpointError, ConfigError, PreflightError
@@ -38,18 +37,18 @@ from qaft.core.model import load_model_and_tokenizer
 from qaft.core.modules import decoder_layers
 from qaft.core.typed import parse, to_plain
 from qaft.quant.calibrate import calibration_ids
-from qaft.quant.fakequant import QuantLinear
+from qaft.quant.fakequant import QuantLinear, narrow_codes
 from qaft.quant.lowrank import balanced
 from qaft.quant.postpass import block_errors, layer_input
 from qaft.quant.scheme import QuantScheme, WeightFormat
-from qaft.quant.store import META, load_quantized, write_quantized
+from qaft.quant.store import META, load_quantized, read_codes, write_quantized
 
 from .checkpoint import TRAINED_TENSORS
 from .config import Objective, TrainConfig, TrainingConfig, TuneConfig
-from .kd import kd_loss, kd_per_position
+from .kd import kd_loss, kd_per_position, next_token_nll
 from .parallel import launch_of
 from .schedule import phased_scheduler
-from .task import Task
+from .task import Task, enable_gradient_checkpointing
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -130,6 +129,32 @@ def fresh_factors(model: torch.nn.Module, rank: int, seed: int) -> None:
             m.lora_B = torch.nn.Parameter(torch.zeros(m.out_features, k, dtype=m.weight.dtype), requires_grad=False)
 
 
+@torch.no_grad()
+def lean_teacher(teacher: torch.nn.Module, student: torch.nn.Module, *, bf16: bool) -> None:
+    """Hold the teacher in much less memory than a second float model, computing the same logits.
+
+    Parameters equal to the student's (the embeddings and a tied or untied head, the norms: the post-pass
+    changes only the quantized Linears and, with smoothing, the norms it folds into) become the student's
+    own tensors. Under bf16 autocast (``bf16``) the teacher's other Linears are stored in bf16: autocast
+    casts a float32 weight to bf16 for every matmul anyway, so the products are bit for bit the same
+    (tested), at half the memory and without a cast per forward. The teacher is then only for forwards
+    under that autocast."""
+    mine = dict(student.named_parameters(remove_duplicate=False))
+    for name, p in list(teacher.named_parameters(remove_duplicate=False)):
+        s = mine.get(name)
+        if s is not None and s is not p and s.shape == p.shape and s.dtype == p.dtype and torch.equal(s, p):
+            owner, _, leaf = name.rpartition(".")
+            setattr(teacher.get_submodule(owner), leaf, s)
+    if not bf16:
+        return
+    shared = {id(p) for p in student.parameters()}
+    for m in teacher.modules():
+        if isinstance(m, torch.nn.Linear) and id(m.weight) not in shared:
+            m.weight = torch.nn.Parameter(m.weight.to(torch.bfloat16), requires_grad=False)
+            if m.bias is not None:
+                m.bias = torch.nn.Parameter(m.bias.to(torch.bfloat16), requires_grad=False)
+
+
 @dataclasses.dataclass
 class LayerOutputs:
     """``block``'s forward: one decoder layer's output, quantized (with grad) and float, on the same input."""
@@ -182,7 +207,7 @@ class Distill(Task):
                     p.requires_grad_(True)
         if not any(p.requires_grad for p in student.parameters()):
             raise ConfigError(f"tune: nothing to train in {self.job.source}: no low-rank factors (rank 0) and tune.train_scales is false")
-        teacher, _ = load_model_and_tokenizer(cfg.model)
+        teacher, _ = load_model_and_tokenizer(self.job.model)
         self.teacher = teacher.eval().requires_grad_(False)
         self.layers = list(zip(decoder_layers(student)[1], decoder_layers(self.teacher)[1]))
         if self.job.tune.objective is Objective.BLOCK and cfg.training.max_steps < len(self.layers):
@@ -190,11 +215,19 @@ class Distill(Task):
                 f"tune.steps: block tunes the {len(self.layers)} decoder layers one after another, so it needs at least "
                 f"{len(self.layers)} steps (got {cfg.training.max_steps}); e.g. tune.steps={20 * len(self.layers)}"
             )
-        self.solved_errors = self.errors_by_block(student, tokenizer)  # now, rather than reloading the solved model at the end
         self.weight_dtype = layers[0].weight.dtype if layers else torch.float32
-        if resolve_bf16(cfg.training.bf16)[0] and not self.job.tune.train_scales:
+        self.bf16 = resolve_bf16(cfg.training.bf16)[0]
+        if self.bf16 and not self.job.tune.train_scales:
             for m in layers:  # exact under bf16 autocast (QuantLinear.refresh_weight); back to weight_dtype in write_final
                 m.refresh_weight(torch.bfloat16)
+        lean_teacher(self.teacher, student, bf16=self.bf16)
+        self.solved_errors = self.errors_by_block(student, tokenizer)  # now, rather than reloading the solved model at the end
+        if cfg.training.gradient_checkpointing:
+            enable_gradient_checkpointing(student, "tune.gradient_checkpointing")
+        self.source_id = self.job.source_id
+        if not self.job.tune.train_scales:
+            for m in layers:  # frozen and not read until write_final, which takes them back from the source
+                m.codes = None
         return student.train(), tokenizer
 
     def ready(self, accelerator: Any) -> None:
@@ -241,21 +274,36 @@ class Distill(Task):
         """On the held-out blocks, per sequence: ``eval_kl``, the KL to the teacher at temperature 1 (what tuning
         lowers), and ``eval_teacher_loss``, the teacher's own next-token loss (``eval_teacher_ppl``: the bound)."""
         teacher = self.teacher_logits(batch)
-        nll = F.cross_entropy(teacher[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none").mean(1)
-        return {"eval_kl": kd_per_position(logits, teacher, 1.0).mean(-1), "eval_teacher_loss": nll}
+        return {"eval_kl": kd_per_position(logits, teacher, 1.0).mean(-1), "eval_teacher_loss": next_token_nll(teacher, batch["input_ids"])}
 
     def errors_by_block(self, model: torch.nn.Module, tokenizer: Any) -> list[float]:
         """Per decoder block, the relative output error against the teacher on the post-pass's own calibration
-        tokens (``postpass.block_errors``); the record keeps it as solved and as tuned (the report plots both)."""
+        tokens (``postpass.block_errors``); the record keeps it as solved and as tuned (the report plots both).
+        Both are measured as tuning computes, under its autocast: the lean teacher (``lean_teacher``) is not a
+        float32 model any more, and a second, float32 one for the record would be the run's peak memory."""
         c = self.meta["calibration"]
         was = model.training
         model.eval()
+        device = next(model.parameters()).device
         try:
-            return block_errors(model, self.teacher, calibration_ids(c["path"], tokenizer, c["samples"], c["seq_len"]))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                return block_errors(model, self.teacher, calibration_ids(c["path"], tokenizer, c["samples"], c["seq_len"]))
         finally:
             model.train(was)
 
+    def restore_codes(self, model: torch.nn.Module) -> None:
+        """The codes ``build`` let go of, read back from the source, which must be the folder tuning started from."""
+        if self.job.source_id != self.source_id:
+            raise CheckpointError(
+                f"tune: the post-pass result at {self.job.source} changed while tuning (it was quantized again); its codes are not "
+                "the ones these factors were trained on: run `qaft tune CONFIG --overwrite` again"
+            )
+        missing = [n for n in self.meta["quantized"] if model.get_submodule(n).codes is None]
+        for name, codes in read_codes(self.job.source, missing).items():
+            model.get_submodule(name).codes = narrow_codes(codes)
+
     def write_final(self, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+        self.restore_codes(model)
         for m in model.modules():
             if isinstance(m, QuantLinear):
                 m.refresh_weight(self.weight_dtype)  # trained scales, or bf16 storage while tuning
