@@ -43,6 +43,12 @@ LOADERS = ("transformers", "compressed-tensors")
 library's own decompression), which also reads asymmetric schemes that transformers cannot (see there)."""
 
 
+def transformers_reads(scheme: QuantScheme) -> bool:
+    """Whether ``from_pretrained`` reads the export: weight-only ones load de-compressed (``ctpack.dequantize_on_load``),
+    and the compressed route (kept for activation quantization) fails on asymmetric zero points (``ctpack.load_packed``)."""
+    return scheme.activation.bits is None or scheme.weight.symmetric
+
+
 @contextmanager
 def activations_float(model: torch.nn.Module) -> Iterator[None]:
     """Turn activation quantization off in both our layers and compressed-tensors' (restored on exit)."""
@@ -79,9 +85,8 @@ def reference_rounding(model: torch.nn.Module) -> Iterator[None]:
 def check_parity(folder: Path, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, tolerance: float) -> dict[str, Parity]:
     """Compare the in-memory model with ``base/`` + ``adapter/`` read by every loader that can read them."""
     prompts = prompt_ids(tokenizer)
-    loaders = LOADERS if scheme.weight.symmetric else LOADERS[1:]
     results = {}
-    for loader in loaders:
+    for loader in LOADERS if transformers_reads(scheme) else LOADERS[1:]:
         loaded, _ = CompressedTensors.load(folder, loader=loader)
         with activations_float(reference), activations_float(loaded):
             diff, top1 = compare_logits(reference, loaded, prompts)
@@ -113,6 +118,29 @@ def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
         adapter_bytes=folder_size(folder / "adapter"),
         factor_bytes=adapter_file.stat().st_size if adapter_file.is_file() else 0,
     )
+
+
+def load_snippet(base: str, adapter: str, *, ranks: bool, activations: bool, transformers: bool = True) -> list[str]:
+    """The card's Python to load the export with transformers + peft (executed as written by the tests). Weight-only
+    exports load de-compressed (``ctpack.dequantize_on_load``); activation-quantized ones load compressed, keeping
+    the dynamic input quantization, and are de-compressed after loading for peft, which needs a ``.weight``; where
+    transformers cannot read the folder (``transformers_reads``), qaft's own loader."""
+    if not transformers:
+        folder = str(Path(base).parent)
+        return ["```python", "import qaft", "", f'model, tokenizer, manifest = qaft.load_quantized("{folder}")  # checks the manifest\'s hashes too', "```"]
+    return [
+        "```python",
+        "from peft import PeftModel  # needs: pip install compressed-tensors peft",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")  # int4 packed on disk, de-compressed to float on load'
+        if not activations
+        else f'base = AutoModelForCausalLM.from_pretrained("{base}")  # int4 packed; input activations quantized as recorded',
+        *(["base.hf_quantizer.compressor.decompress_model(base)  # peft wraps a .weight: de-compress the packed Linears"] if activations else []),
+        f'model = PeftModel.from_pretrained(base, "{adapter}")  # the low-rank error correction' if ranks else "model = base",
+        f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+        "```",
+    ]
 
 
 @FORMATS.register
@@ -152,11 +180,12 @@ class CompressedTensors(ExportFormat):
         adapter. ``loader``: ``transformers`` (``from_pretrained``; the int4 weights stay packed until the first
         forward, but peft needs a ``.weight`` to wrap, so they are de-compressed here, which is also all a CPU
         can do: no int4 kernel, memory of the float model) or ``compressed-tensors`` (``ctpack.load_packed``);
-        None picks transformers unless the scheme is asymmetric. Either way the dynamic activation
+        None picks transformers unless it cannot read the folder (``transformers_reads``). Either way the dynamic activation
         quantization in ``config.json`` stays active."""
         if loader is None:
-            groups = json.loads((folder / "base" / "config.json").read_text())["quantization_config"]["config_groups"]
-            loader = "transformers" if all(g["weights"]["symmetric"] for g in groups.values()) else "compressed-tensors"
+            q = json.loads((folder / "base" / "config.json").read_text())["quantization_config"]
+            readable = q.get("dequantize") or all(g["weights"]["symmetric"] for g in q["config_groups"].values())
+            loader = "transformers" if readable else "compressed-tensors"
         if loader == "transformers":
             base = AutoModelForCausalLM.from_pretrained(folder / "base")
             quantizer = getattr(base, "hf_quantizer", None)
@@ -207,22 +236,13 @@ class CompressedTensors(ExportFormat):
         if "transformers" not in p:
             lines += [
                 "",
-                "transformers' `from_pretrained` cannot read asymmetric packed checkpoints in transformers 5.23 + compressed-tensors 0.20 "
-                '(packed zero points are mis-sized on load); `qaft.load_quantized("export")` reads them with the library\'s own decompression.',
+                "transformers' `from_pretrained` cannot read asymmetric packed checkpoints with activation quantization in transformers 5.24 + "
+                'compressed-tensors 0.20 (packed zero points are mis-sized on load); `qaft.load_quantized("export")` reads them with the '
+                "library's own decompression.",
             ]
+        acts = m["scheme"]["activation"]["bits"] is not None
+        lines += ["", "## Load", "", *load_snippet("base", "adapter", ranks=bool(m["ranks"]), activations=acts, transformers="transformers" in p), ""]
         lines += [
-            "",
-            "## Load",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "from peft import PeftModel  # needs: pip install compressed-tensors peft",
-            "",
-            'base = AutoModelForCausalLM.from_pretrained("base")  # int4 packed; de-compressed to float on first use on CPU',
-            'model = PeftModel.from_pretrained(base, "adapter")   # the low-rank error correction' if m["ranks"] else "model = base",
-            'tokenizer = AutoTokenizer.from_pretrained("base")',
-            "```",
-            "",
             "Activation quantization, when the scheme has it, is recorded as dynamic `input_activations` in `base/config.json`; "
             "servers that read compressed-tensors (vLLM) apply it at run time.",
             "",

@@ -21,6 +21,7 @@ Conventions that differ and how they map:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -140,17 +141,33 @@ def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, ou
     compressor.remove_decompression_hook(model)  # the model is written, not run
     model.save_pretrained(out)
     compressor.update_config(str(out))
+    if scheme.activation.bits is None:
+        dequantize_on_load(out / "config.json")
     tokenizer.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     return sorted(layers)
 
 
+def dequantize_on_load(config: Path) -> None:
+    """``quantization_config.dequantize: true`` (weight-only schemes): transformers' ``from_pretrained`` then
+    de-compresses the packed Linears while loading, so ``PeftModel.from_pretrained(base, "adapter")`` finds the
+    ``.weight`` it wraps and the card's two lines work as written (without it the packed modules have no
+    ``weight`` and peft stops); it also reads asymmetric schemes, which the compressed route cannot (see
+    ``load_packed``). Not for activation-quantized schemes: that route drops the dynamic input quantization
+    (measured: 0.08 logit difference), so their card de-compresses after loading instead. Only transformers'
+    loader reads the key; the packed tensors, and what a server (vLLM) reads, are unchanged."""
+    data = json.loads(config.read_text())
+    data["quantization_config"]["dequantize"] = True
+    config.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def load_packed(folder: Path) -> torch.nn.Module:
     """Load a ``pack-quantized`` folder with compressed-tensors' own decompression, without transformers' quantizer.
 
-    Why: in transformers 5.23 + compressed-tensors 0.20, ``from_pretrained`` cannot load *asymmetric*
-    packed checkpoints. Before loading, transformers compresses an empty (meta) model to learn the
+    Why: in transformers 5.24 + compressed-tensors 0.20, ``from_pretrained``'s compressed route (the one that
+    keeps activation quantization; weight-only exports take the de-compressing one, ``dequantize_on_load``)
+    cannot load *asymmetric* packed checkpoints. Before loading, transformers compresses an empty (meta) model to learn the
     tensor layout, and the library's meta path leaves ``weight_zero_point`` unpacked ``[out, groups]``
     while real checkpoints store it packed along rows (``[out·b/32, groups]``), so loading stops with a
     size mismatch. Here each module's tensors go through ``PackedQuantizationCompressor.decompress``

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from helpers import SMALL_POSTPASS as SMALL
 from qaft.core.errors import ExportError
-from qaft.export.ctformat import activations_float
+from qaft.export.ctformat import activations_float, reference_rounding
 from qaft.export.exporter import load_export
 from qaft.export.parity import PROMPTS, compare_logits
 from qaft.pipeline.cli import main
@@ -44,11 +45,11 @@ def exporting(quantized_default, tmp_path):
     ],
     ids=["llama-w4-channel", "opt-w4-whiten", "g32-asym", "w3-g16-energy-ranks"],
 )
-def test_export_reloads_with_transformers_and_peft_to_the_same_logits(make_cfg, overrides):
+def test_export_reloads_with_transformers_and_peft_to_the_same_logits(make_cfg, overrides, monkeypatch):
     cfg = quantized(make_cfg, *overrides)
     out, m = export(cfg, overwrite=False, progress=False)
-    symmetric = "quant.weight.symmetric=false" not in overrides
-    assert set(m["parity"]) == ({"transformers", "compressed-tensors"} if symmetric else {"compressed-tensors"})
+    assert_card_snippet_loads_the_model(cfg, out, monkeypatch)
+    assert set(m["parity"]) == {"transformers", "compressed-tensors"}  # weight-only: from_pretrained reads asymmetric ones too
     assert all(p["max_abs_diff"] <= cfg.export.parity_atol and p["top1_agreement"] == 1.0 for p in m["parity"].values())
     # independently of the export's own check: reload and compare with the saved post-pass
     ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
@@ -87,18 +88,21 @@ def test_packed_codes_unpack_to_the_rtn_integers_and_factors_round_trip(make_cfg
     assert "lm_head" in config["ignore"]
     cfg_a = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg_a["r"] == cfg_a["lora_alpha"] == 4
-    # the upstream limitation the compressed-tensors loader exists for (flips when transformers/compressed-tensors fix it)
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        load_export(out, loader="transformers")
+    # weight-only exports load de-compressed (quantization_config.dequantize), the route that reads asymmetric zero points
+    assert config["dequantize"] is True
+    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    assert compare_logits(ours, load_export(out, loader="transformers")[0], prompts) == (0.0, 1.0)
     import qaft
 
     model, _, manifest = qaft.load_quantized(out)
     assert manifest["method"] == "rtn+l2qer" and type(model).__name__ == "PeftModelForCausalLM"
 
 
-def test_a8_parity_is_exact_under_the_reference_rounding_and_the_server_gap_is_reported(make_cfg):
+def test_a8_parity_is_exact_under_the_reference_rounding_and_the_server_gap_is_reported(make_cfg, monkeypatch):
     cfg = quantized(make_cfg, "quant.activation.bits=8")
     out, m = export(cfg, overwrite=False, progress=False)
+    assert_card_snippet_loads_the_model(cfg, out, monkeypatch)
     p = m["parity"]["transformers"]
     assert p["act_max_abs_diff"] <= cfg.export.parity_atol and m["parity"]["compressed-tensors"]["act_max_abs_diff"] <= cfg.export.parity_atol
     assert p["server_act_max_abs_diff"] > p["act_max_abs_diff"]  # the two conventions really differ
@@ -261,3 +265,55 @@ def test_a_trained_npft_run_quantizes_and_exports_with_its_training_provenance(m
     _, m = export(post, overwrite=False, progress=False)
     assert m["training"]["callbacks"] == ["npft"] and m["seeds"]["training"] == 0 and m["source_model"] == str(final)
     assert all(p["max_abs_diff"] <= post.export.parity_atol for p in m["parity"].values())
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, re.S)
+
+
+def run_snippet(code: str, cwd: Path, where: str, monkeypatch) -> dict:
+    """Execute a documentation block as written, from ``cwd``; returns its variables."""
+    monkeypatch.chdir(cwd)
+    scope: dict = {"__name__": "__snippet__"}
+    exec(compile(code, where, "exec"), scope)  # noqa: S102 - the point is to run the user's copy-paste
+    return scope
+
+
+ACT8 = ("quant.activation.bits=8",)
+ASYM = ("quant.weight.granularity=group", "quant.weight.group_size=32", "quant.weight.symmetric=false")
+
+
+def assert_card_snippet_loads_the_model(cfg, out: Path, monkeypatch) -> None:
+    """The export's README.md ``## Load`` block, copied verbatim and run from the export folder, gives the model qaft
+    built: the same logits (activation-quantized schemes under compressed-tensors' rounding, as the parity check
+    compares them), with the adapter attached and, where the scheme has them, the inputs still quantized."""
+    [code] = python_blocks((out / "README.md").read_text())
+    model = run_snippet(code, out, str(out / "README.md"), monkeypatch)["model"]
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    with reference_rounding(ours):
+        diff, top1 = compare_logits(ours, model.eval(), prompts)
+    assert diff <= cfg.export.parity_atol and top1 == 1.0, diff
+    if cfg.quant.activation.bits is not None:
+        with activations_float(ours):
+            assert compare_logits(ours, model, prompts)[0] > 10 * max(diff, 1e-6)  # its inputs are really quantized
+
+
+def test_the_card_of_an_asymmetric_activation_quantized_export_loads_as_written(make_cfg, monkeypatch):
+    """The one kind transformers cannot read (``ctformat.transformers_reads``): its card shows qaft's loader, which works."""
+    cfg = quantized(make_cfg, *ASYM, *ACT8)
+    out, m = export(cfg, overwrite=False, progress=False)
+    assert set(m["parity"]) == {"compressed-tensors"}
+    assert_card_snippet_loads_the_model(cfg, out, monkeypatch)
+
+
+def test_the_export_docs_load_snippet_runs_as_written(quantized_default, tmp_path, monkeypatch):
+    """docs/export.md's block, verbatim, from a folder where ``export/`` is a fresh export: the model qaft built."""
+    cfg = exporting(quantized_default, tmp_path)
+    export(cfg, overwrite=False, progress=False)
+    [code] = python_blocks((Path(__file__).parents[1] / "docs" / "export.md").read_text())
+    model = run_snippet(code, tmp_path, "docs/export.md", monkeypatch)["model"]
+    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    assert compare_logits(ours, model.eval(), prompts) == (0.0, 1.0)
