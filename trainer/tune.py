@@ -207,6 +207,15 @@ class Distill(Task):
                     p.requires_grad_(True)
         if not any(p.requires_grad for p in student.parameters()):
             raise ConfigError(f"tune: nothing to train in {self.job.source}: no low-rank factors (rank 0) and tune.train_scales is false")
+        self.weight_dtype = layers[0].weight.dtype if layers else torch.float32
+        self.bf16 = resolve_bf16(cfg.training.bf16)[0]
+        if self.bf16 and not self.job.tune.train_scales:
+            for m in layers:  # exact under bf16 autocast (QuantLinear.refresh_weight); back to weight_dtype in write_final
+                m.refresh_weight(torch.bfloat16)  # before the teacher loads: not both at float32
+        self.source_id = self.job.source_id
+        if not self.job.tune.train_scales:
+            for m in layers:  # frozen and not read until write_final, which takes them back from the source
+                m.codes = None
         teacher, _ = load_model_and_tokenizer(self.job.model)
         self.teacher = teacher.eval().requires_grad_(False)
         self.layers = list(zip(decoder_layers(student)[1], decoder_layers(self.teacher)[1]))
@@ -215,19 +224,10 @@ class Distill(Task):
                 f"tune.steps: block tunes the {len(self.layers)} decoder layers one after another, so it needs at least "
                 f"{len(self.layers)} steps (got {cfg.training.max_steps}); e.g. tune.steps={20 * len(self.layers)}"
             )
-        self.weight_dtype = layers[0].weight.dtype if layers else torch.float32
-        self.bf16 = resolve_bf16(cfg.training.bf16)[0]
-        if self.bf16 and not self.job.tune.train_scales:
-            for m in layers:  # exact under bf16 autocast (QuantLinear.refresh_weight); back to weight_dtype in write_final
-                m.refresh_weight(torch.bfloat16)
         lean_teacher(self.teacher, student, bf16=self.bf16)
         self.solved_errors = self.errors_by_block(student, tokenizer)  # now, rather than reloading the solved model at the end
         if cfg.training.gradient_checkpointing:
             enable_gradient_checkpointing(student, "tune.gradient_checkpointing")
-        self.source_id = self.job.source_id
-        if not self.job.tune.train_scales:
-            for m in layers:  # frozen and not read until write_final, which takes them back from the source
-                m.codes = None
         return student.train(), tokenizer
 
     def ready(self, accelerator: Any) -> None:
