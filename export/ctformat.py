@@ -40,7 +40,7 @@ from .sizes import size_record
 
 LOADERS = ("transformers", "compressed-tensors")
 """Two ways to read ``base/``: ``AutoModelForCausalLM.from_pretrained``, and ``ctpack.load_packed`` (the
-library's own decompression), which also reads asymmetric schemes that transformers cannot (see there)."""
+library's own decompression), which also reads the one kind transformers cannot (``transformers_reads``)."""
 
 
 def transformers_reads(scheme: QuantScheme) -> bool:
