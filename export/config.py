@@ -24,6 +24,8 @@ class ExportConfig:
     """Largest |logit difference| allowed between the reloaded export (transformers + peft) and the in-memory model, activation quantization off on both sides."""
     evaluate: bool = True
     """Perplexity of the float model, the packed base and base + adapter on the ``eval`` protocol, into the manifest and model card (skipped when ``eval.path`` is null)."""
+    runtime_check: Literal["auto", "required", "skip"] = "auto"
+    """Run the files in the program users deploy them with (GGUF: llama.cpp): load, greedy generation vs the reload, its perplexity rows when ``evaluate``. ``auto``: when installed (`make setup`), else recorded as skipped; ``required``; ``skip``."""
 
     def __post_init__(self) -> None:
         why = check_name(self.format)

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 import yaml
 
-from qaft.core.errors import ExportError
+from qaft.core.errors import ExportError, PreflightError
 from qaft.core.io import ensure_writable, staged
 from qaft.core.model import ModelConfig, load_model_and_tokenizer
-from qaft.core.text import token_stream
+from qaft.core.text import token_stream, windows_of
 from qaft.core.typed import parse
 from qaft.eval.config import EvalConfig
 from qaft.eval.perplexity import perplexity
@@ -77,8 +77,9 @@ def training_record(source_model: str) -> dict[str, Any] | None:
     }
 
 
-def evaluate(folder: Path, source: ModelConfig, protocol: EvalConfig, progress: bool) -> dict[str, Any]:
-    """Perplexity of the float source model, the packed base alone and base + adapter, reloaded from ``folder``."""
+def evaluate(folder: Path, source: ModelConfig, protocol: EvalConfig, progress: bool) -> tuple[dict[str, Any], torch.Tensor]:
+    """Perplexity of the float source model, the packed base alone and base + adapter, reloaded from ``folder``;
+    and the protocol's windows (token ids of the folder's tokenizer), for the runtime check."""
     loaded, tok, _ = load_export(folder, verify=False)
     ids = token_stream(protocol.path, tok, key="eval.path")
     run = lambda m: perplexity(m, ids, protocol.seq_len, protocol.windows, progress=progress)  # noqa: E731
@@ -93,7 +94,23 @@ def evaluate(folder: Path, source: ModelConfig, protocol: EvalConfig, progress: 
     float_model, _ = load_model_and_tokenizer(source)
     r = run(float_model)
     results = {"float": r.ppl, **results}
-    return {"protocol": {"eval_path": protocol.path, "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens}, "ppl": results}
+    record = {"protocol": {"eval_path": protocol.path, "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens}, "ppl": results}
+    return record, windows_of(ids, protocol.seq_len, protocol.windows)
+
+
+def check_runtime(fmt: type[ExportFormat], settings: ExportConfig) -> None:
+    """``export.runtime_check: required`` with the runtime absent fails before any work."""
+    why = fmt.runtime_missing() if fmt.runtime and settings.runtime_check == "required" else None
+    if why:
+        raise PreflightError(f"export.runtime_check: required, but {fmt.runtime} cannot run here: {why}; or set export.runtime_check=auto")
+
+
+def runtime_record(fmt: type[ExportFormat], folder: Path, settings: ExportConfig, windows: torch.Tensor | None) -> dict[str, Any] | None:
+    """The manifest's ``runtime_check``: what the format's runtime measured on the files, or why it did not run."""
+    if fmt.runtime is None or settings.runtime_check == "skip":
+        return None
+    why = fmt.runtime_missing()
+    return {"runtime": {"name": fmt.runtime}, "skipped": why} if why else fmt.runtime_check(folder, windows)
 
 
 def export(
@@ -106,6 +123,7 @@ def export(
     meta = read_source(src)
     scheme = parse(QuantScheme, meta["scheme"], "scheme")
     fmt = check_destination(settings, scheme, out, overwrite)
+    check_runtime(fmt, settings)
     model, tok, meta = load_quantized(src)
     fmt.check_model(model, scheme)
     reference = copy.deepcopy(model)  # the writers may consume ``model``
@@ -113,6 +131,10 @@ def export(
         written = fmt().write(tmp, model, reference, tok, scheme, meta, settings)
         del model, reference
         training = training_record(meta["source_model"])
+        evaluation, windows = evaluate(tmp, source, protocol, progress) if settings.evaluate and protocol is not None and protocol.path else (None, None)
+        runtime = runtime_record(fmt, tmp, settings, windows)
+        if evaluation and runtime:
+            evaluation["ppl"] |= {name: row["ppl"] for name, row in runtime.get("rows", {}).items()}
         record = {
             **written,
             "scheme": meta["scheme"],
@@ -127,7 +149,8 @@ def export(
             "training": training,
             "seeds": {"training": (training or {}).get("seed"), "randomized_svd": 0 if meta.get("randomized_svd") else None},
             "postpass_seconds": meta.get("seconds"),
-            "evaluation": evaluate(tmp, source, protocol, progress) if settings.evaluate and protocol is not None and protocol.path else None,
+            "evaluation": evaluation,
+            "runtime_check": runtime,
         }
         (tmp / "README.md").write_text(fmt.card(record))
         written = manifest.write(tmp, record)

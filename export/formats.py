@@ -66,6 +66,20 @@ class ExportFormat:
         """``(model, tokenizer)`` from the files, with the adapter attached when there is one (``disable_adapter()`` turns it off)."""
         raise NotImplementedError
 
+    runtime: ClassVar[str | None] = None
+    """The program users deploy the files with, when qaft can run it on them (``runtime_check``); None: only ``load``."""
+
+    @classmethod
+    def runtime_missing(cls) -> str | None:
+        """Why ``runtime`` cannot run on this machine (with how to install it), or None."""
+        return None
+
+    @classmethod
+    def runtime_check(cls, folder: Path, windows: torch.Tensor | None) -> dict[str, Any]:
+        """Run the files in ``runtime``: ``{"rows": {row name: {ppl, seconds, ...}}, ...}`` (perplexity over
+        ``windows``, token ids from the folder's own tokenizer; no rows without them) plus what else it checked."""
+        raise NotImplementedError
+
     @classmethod
     def card(cls, manifest: dict[str, Any]) -> str:
         """The folder's ``README.md``."""

@@ -186,10 +186,9 @@ def _build_tokenizer(writer: Any, tok: Any) -> None:
     writer.add_token_list(tok.convert_ids_to_tokens(list(range(n))))
     writer.add_token_types([3 if i in special else 1 for i in range(n)])  # 3 CONTROL, 1 NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    if merges:
-        writer.add_token_merges(merges)
-    else:  # a bare byte vocabulary (the tiny test models): GGUF has no empty arrays; transformers then derives (no) merges from scores
-        writer.add_token_scores([0.0] * n)
+    if not merges:  # GGUF has no empty arrays, and llama.cpp refuses a gpt2 vocabulary without this key
+        raise ExportError(f"tokenizer: {type(tok).__name__} has no BPE merges; llama.cpp cannot load a byte-level vocabulary without them")
+    writer.add_token_merges(merges)
     for key, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
         if tid is not None:
             getattr(writer, f"add_{key}_token_id")(tid)

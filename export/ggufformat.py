@@ -33,7 +33,9 @@ from qaft.core.errors import ExportError, QaftError
 from qaft.core.model import ModelConfig, resolve
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import GGUFType, QuantScheme, WeightFormat
+from qaft.runtimes import llamacpp as llamacpp_runtime
 
+from . import llamacpp
 from .card import made_with, mb, perplexity_section, provenance_note
 from .config import ExportConfig
 from .formats import FORMATS, ExportFormat
@@ -230,6 +232,19 @@ class GGUF(ExportFormat):
     def load(cls, folder: Path, **options: Any) -> tuple[torch.nn.Module, Any]:
         return load_gguf(folder)
 
+    runtime = "llama.cpp"
+
+    @classmethod
+    def runtime_missing(cls) -> str | None:
+        return llamacpp_runtime.missing()
+
+    @classmethod
+    def runtime_check(cls, folder: Path, windows: torch.Tensor | None) -> dict[str, Any]:
+        """llama.cpp on both files: its perplexity rows (``llama.cpp``, ``llama.cpp+adapter``) and greedy agreement."""
+        reloaded, tok = load_gguf(folder)
+        adapter = folder / ADAPTER_FILE
+        return llamacpp.check(reloaded, tok, folder / model_file(gguf_type_of(folder)), adapter if adapter.is_file() else None, windows)
+
     @classmethod
     def card(cls, m: dict[str, Any]) -> str:
         """Files, how llama.cpp and transformers load them, parity, sizes."""
@@ -274,5 +289,6 @@ class GGUF(ExportFormat):
             ('transformers does not read GGUF LoRA adapters; `qaft.load_quantized(".")` attaches the factors to the reloaded model. ' if adapter else "")
             + provenance_note(),
             "",
+            *(["## llama.cpp", "", *llamacpp.card_lines(m["runtime_check"])] if m.get("runtime_check") else []),
         ]
         return "\n".join(lines)

@@ -45,7 +45,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .commands import compare
 
     methods = parse_list(args.methods or "fp,rtn") if args.methods or not args.export else []
-    report = compare(_config(args), methods, export=args.export)
+    report = compare(_config(args), methods, export=args.export, runtime=args.runtime)
     print(table(report))
     if args.json:
         write_json(report, args.json)
@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(quantizers: rtn, gptq; reconstructors: aser, l2qer, lqer, whiten); default fp,rtn; none with --export",
     )
     ev.add_argument("--export", metavar="DIR", help="also evaluate an export folder (base alone and base + adapter), after checking its manifest hashes")
+    ev.add_argument(
+        "--runtime",
+        choices=["llama.cpp"],
+        help="with --export of a GGUF folder: also run the files in llama.cpp itself (rows llama.cpp, llama.cpp+adapter; greedy agreement with the reload)",
+    )
     ev.add_argument("--json", metavar="PATH", help='also write {"protocol": {...}, "results": {method: {"ppl", "seconds", ...}}}')
     rn = verb("run", "doctor → train → quantize → tune → export → eval → report, resumable by stage", _run)
     rn.add_argument("--from", dest="start", choices=STAGES, help="redo this stage and the ones after it (finished stages are otherwise skipped)")

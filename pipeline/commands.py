@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qaft.core import text
-from qaft.core.errors import CheckpointError, ConfigError, DataError
+from qaft.core.errors import CheckpointError, ConfigError, DataError, PreflightError
 from qaft.core.hardware import precision, resolve_bf16
 from qaft.core.io import ensure_writable
 from qaft.core.lock import output_locks
@@ -22,6 +22,7 @@ from qaft.core.typed import to_plain
 from qaft.eval.compare import evaluate_methods, needs_calibration
 from qaft.eval.perplexity import perplexity
 from qaft.export.exporter import check_destination, export, load_export
+from qaft.export.formats import of_folder
 from qaft.quant.calibrate import calibration_ids, calibration_record
 from qaft.quant.methods import of_config, resolve
 from qaft.quant.postpass import quantize_model
@@ -157,8 +158,15 @@ def check_eval_inputs(cfg: Config) -> str:
     return cfg.eval.path
 
 
-def export_rows(folder: str | Path, cfg: Config, progress: bool) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """Perplexity of an export folder (hashes checked first) reloaded by its runtime: ``export-base`` (factors off) and ``export``."""
+def export_rows(folder: str | Path, cfg: Config, progress: bool, runtime: str | None = None) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Perplexity of an export folder (hashes checked first) reloaded by its Python reader: ``export-base`` (factors off)
+    and ``export``; with ``runtime`` (``llama.cpp``) also run by that program on the same token ids."""
+    fmt = of_folder(Path(folder))
+    if runtime is not None and fmt.runtime != runtime:
+        raise ConfigError(f"--runtime {runtime}: {folder} is a {fmt.name} export, which {runtime} does not read; export with export.format=gguf")
+    why = fmt.runtime_missing() if runtime else None
+    if why:
+        raise PreflightError(f"--runtime {runtime}: {why}")
     exported, tok, record = load_export(folder)
     ids = text.token_stream(cfg.eval.path, tok, key="eval.path")
     rows = {"export-base": True, "export": False} if hasattr(exported, "disable_adapter") else {"export": False}
@@ -168,17 +176,25 @@ def export_rows(folder: str | Path, cfg: Config, progress: bool) -> tuple[dict[s
             r = perplexity(exported, ids, cfg.eval.seq_len, cfg.eval.windows, progress=progress)
         results[name] = {"ppl": r.ppl, "seconds": r.seconds, "eval_seconds": r.seconds, "manifest_verified": True, "layers": []}
     info = {"path": str(folder), "scheme": record["scheme_label"], "method": record["method"], "manifest_verified": True}
+    if runtime is not None:
+        del exported
+        check = fmt.runtime_check(Path(folder), text.windows_of(ids, cfg.eval.seq_len, cfg.eval.windows))
+        for name, row in check.pop("rows").items():
+            results[name] = row | {"eval_seconds": row["seconds"], "manifest_verified": True, "layers": []}
+        info["runtime_check"] = check
     return results, info, ids
 
 
-def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """``qaft eval``: perplexity of each method on the model (and of an export folder), on one protocol."""
+def compare(cfg: Config, methods: list[str], *, export: str | Path | None = None, runtime: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """``qaft eval``: perplexity of each method on the model (and of an export folder, also run by ``runtime``), on one protocol."""
     eval_path = check_eval_inputs(cfg)
+    if runtime is not None and export is None:
+        raise ConfigError(f"--runtime {runtime}: runs an export's files; give the folder with --export DIR")
     results: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     ids = None
     if export is not None:
-        results, extra["export"], ids = export_rows(export, cfg, progress)
+        results, extra["export"], ids = export_rows(export, cfg, progress, runtime)
     if methods:
         model, tok = load_model_and_tokenizer(cfg.model)
         ids = text.token_stream(eval_path, tok, key="eval.path")

@@ -230,7 +230,15 @@ def export_target(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Find
         fmt.check_model_config(model.config, cfg.quant, type(model).__name__)
     except QaftError as e:
         return [Finding("export", Status.FAIL, str(e))]
-    return [Finding("export", Status.OK, f"{fmt.name}: {fmt.summary}")]
+    rows = [Finding("export", Status.OK, f"{fmt.name}: {fmt.summary}")]
+    if fmt.runtime and cfg.export.runtime_check != "skip":  # the export runs its files there (export.runtime_check)
+        why = fmt.runtime_missing()
+        if why is None:
+            rows.append(Finding("export runtime", Status.OK, f"{fmt.runtime} installed: the export runs its files in it"))
+        else:
+            status = Status.FAIL if cfg.export.runtime_check == "required" else Status.WARN
+            rows.append(Finding("export runtime", status, f"{fmt.runtime}: {why}; until then the export records the check as skipped"))
+    return rows
 
 
 def disk_space(cfg: Config, params: int, adapter: int = 0) -> list[Finding]:

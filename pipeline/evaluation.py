@@ -19,10 +19,13 @@ from qaft.core.model import load_model_and_tokenizer
 from qaft.eval.compare import evaluate_methods
 from qaft.eval.perplexity import perplexity
 from qaft.export import manifest
+from qaft.export.llamacpp import ROWS as LLAMACPP_ROWS
 from qaft.quant.store import load_quantized
 
 from .commands import calibration_of, check_eval_inputs, compare, protocol_of
 from .config import Config
+
+RUNTIME_ROWS = tuple(LLAMACPP_ROWS.values())
 
 
 def with_bits(cfg: Config, bits: int) -> Config:
@@ -76,4 +79,5 @@ def recorded_export_rows(cfg: Config, ids: Any) -> tuple[str, dict[str, dict[str
         return None
     ppl = ev["ppl"]
     measured = {"export-base": ppl["base"], "export": ppl["base+adapter"]} if "base+adapter" in ppl else {"export": ppl["base"]}
+    measured |= {name: ppl[name] for name in RUNTIME_ROWS if name in ppl}  # what the export's runtime check measured (llama.cpp)
     return record["scheme_label"], {n: {"ppl": v, "seconds": None, "manifest_verified": True} for n, v in measured.items()}

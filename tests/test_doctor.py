@@ -224,3 +224,17 @@ def test_the_budget_row_gives_the_feasible_range_and_blocks_a_budget_below_it(sm
     for budget, status in [(low - 0.01, Status.FAIL), ((low + high) / 2, Status.OK), (high + 1, Status.WARN)]:
         found = rows_of(diagnose(smoke_file, ["postpass.reconstructor=whiten", "postpass.rank=8", f"postpass.budget_bpw={budget}"]), "bits budget")
         assert [r.status for r in found] == [status], found
+
+
+def test_a_gguf_export_names_whether_llama_cpp_can_run_its_files(smoke_file, monkeypatch):
+    from qaft.runtimes import llamacpp
+
+    gguf = ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"]
+    monkeypatch.setattr(llamacpp, "missing", lambda: "node is not on PATH")
+    rows = {r.check: r for r in diagnose(smoke_file, gguf, Launch("test"))}
+    assert rows["export runtime"].status is Status.WARN and "llama.cpp: node is not on PATH" in rows["export runtime"].detail
+    required = {r.check: r for r in diagnose(smoke_file, [*gguf, "export.runtime_check=required"], Launch("test"))}
+    assert required["export runtime"].status is Status.FAIL
+    assert "export runtime" not in {r.check for r in diagnose(smoke_file, [*gguf, "export.runtime_check=skip"], Launch("test"))}
+    monkeypatch.setattr(llamacpp, "missing", lambda: None)
+    assert {r.check: r for r in diagnose(smoke_file, gguf, Launch("test"))}["export runtime"].status is Status.OK

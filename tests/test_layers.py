@@ -1,4 +1,4 @@
-"""The packages' imports flow one way: core → quant → callbacks → trainer → eval → export → pipeline.
+"""The packages' imports flow one way: core → quant → callbacks → trainer → eval → runtimes → export → pipeline.
 
 Checked twice: statically (every import statement of every module, function bodies included, names
 a package at or below its own), and at run time (importing a package in a fresh interpreter loads no
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["core", "quant", "callbacks", "trainer", "eval", "export", "pipeline"]
+LAYERS = ["core", "quant", "callbacks", "trainer", "eval", "runtimes", "export", "pipeline"]
 LAZY_ALLOWED = {"pipeline/cli.py", "pipeline/_qaft/__init__.py"}
 
 

@@ -21,10 +21,10 @@ def test_tiny_models_build_offline_and_deterministically(name, arch):
     m1, tok = load_model_and_tokenizer(ModelConfig(name_or_path=name))
     torch.manual_seed(0)
     m2, _ = load_model_and_tokenizer(ModelConfig(name_or_path=name))
-    assert type(m1).__name__ == arch and m1.config.vocab_size == len(tok) == 257
+    assert type(m1).__name__ == arch and m1.config.vocab_size == len(tok) == 261
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     ids = tok("qaft", return_tensors="pt").input_ids
-    assert m1(ids).logits.shape == (1, ids.shape[1], 257)
+    assert m1(ids).logits.shape == (1, ids.shape[1], 261)
 
 
 def test_tiny_llama_uses_grouped_query_attention():
@@ -38,6 +38,7 @@ def test_byte_tokenizer_round_trips_any_text():
     tok = byte_tokenizer()
     text = "naïve café — 東京 \t\n end"
     assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+    assert tok.convert_ids_to_tokens(tok("the in a", add_special_tokens=False).input_ids) == ["t", "he", "Ġ", "in", "Ġa"]  # its merges apply
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])

@@ -1,0 +1,178 @@
+"""GGUF exports run by llama.cpp itself (node-llama-cpp's prebuilt CPU binary, ``runtimes/llamacpp``), not only by
+Python readers: the files load, perplexity on the same token ids matches transformers' reload, the adapter moves
+llama.cpp's predictions as it moves transformers', and a broken file is one line, not a crash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from qaft.core.errors import ConfigError, ExportError, PreflightError
+from qaft.export.gguffile import ADAPTER_FILE
+from qaft.export.ggufformat import load_gguf
+from qaft.pipeline.commands import export_run, quantize_and_save
+from qaft.runtimes import llamacpp
+
+pytestmark = [
+    pytest.mark.llamacpp,
+    pytest.mark.skipif(llamacpp.missing() is not None, reason=f"llama.cpp runtime not installed: {llamacpp.missing()}"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "The quick brown fox jumps over the lazy dog; then the dog sleeps in the sun, and the fox runs into the woods. " * 40
+PPL_RTOL = 0.01
+"""llama.cpp vs transformers' reload on the same ids: llama.cpp rounds activations to 8 bits in its quantized dot
+products (measured here: 0.02-0.3% on the tiny model; 1.5% is the acceptance bound on SmolLM2)."""
+
+
+def exported(make_cfg, tmp_path, t: str, *overrides: str):
+    """A tiny-llama post-pass result on the GGUF grid ``t``, exported (and evaluated on TEXT: 4 windows x 64)."""
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    cfg = make_cfg(
+        "postpass.calibration_samples=4",
+        "postpass.calibration_seq_len=32",
+        "postpass.rank=8",
+        "model.name_or_path=tiny-llama",
+        "quant.weight.format=gguf",
+        f"quant.weight.gguf_type={t}",
+        f"eval.path={text}",
+        "eval.seq_len=64",
+        "eval.windows=4",
+        *overrides,
+    )
+    quantize_and_save(cfg, overwrite=False, progress=False)
+    out, m = export_run(cfg, overwrite=False, progress=False)
+    return cfg, out, m
+
+
+@pytest.fixture(scope="module")
+def q4_0(corpus, tmp_path_factory):
+    """One Q4_0 export, evaluated and run by llama.cpp at export time, for the tests that only read it (copy it to change it)."""
+    from qaft.pipeline.config import config_from_dict
+
+    root = tmp_path_factory.mktemp("q4_0")
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    raw["data"]["path"], raw["training"]["output_dir"] = str(corpus), str(root / "run")
+    return exported(lambda *o: config_from_dict(raw, list(o)), root, "Q4_0", "export.runtime_check=required")
+
+
+@pytest.mark.parametrize("t", ["Q4_0", "Q8_0", "Q4_1", "MXFP4"])
+def test_llama_cpp_loads_each_type_and_matches_the_transformers_reload(make_cfg, tmp_path, t):
+    _, out, m = exported(make_cfg, tmp_path, t, "export.runtime_check=required")
+    ppl, rc = m["evaluation"]["ppl"], m["runtime_check"]
+    assert ppl["llama.cpp"] == pytest.approx(ppl["base"], rel=PPL_RTOL)
+    assert ppl["llama.cpp+adapter"] == pytest.approx(ppl["base+adapter"], rel=PPL_RTOL)
+    assert rc["rows"]["llama.cpp"]["prompt_tokens_per_s"] > 0 and rc["generation"]["new_tokens"] == 16
+    assert rc["runtime"]["binding"] == "node-llama-cpp 3.21.1"  # the pinned package, as installed
+    card = (out / "README.md").read_text()
+    assert "## llama.cpp" in card and f"| llama.cpp+adapter | {ppl['llama.cpp+adapter']:.2f} |" in card
+
+
+def test_the_adapter_moves_llama_cpps_predictions_as_it_moves_transformers(q4_0):
+    """Per token, (NLL with adapter − without) in llama.cpp vs in transformers: the same direction and size (a wrong
+    LoRA scale or a factor llama.cpp does not attach shows up as a slope away from 1 or a low correlation)."""
+    _, out, _ = q4_0
+    reloaded, tok = load_gguf(out)
+    ids = torch.tensor(tok(TEXT, add_special_tokens=False)["input_ids"][:256]).view(4, 64)
+    job = llamacpp.Job(windows=ids.tolist(), prompts=[], token_nll=True)
+    rows = llamacpp.run(out / "model-Q4_0.gguf", out / ADAPTER_FILE, job)["rows"]
+    theirs = {k: torch.tensor(r["token_nll"]).flatten() for k, r in rows.items()}
+    with torch.no_grad():
+        nll = lambda m: torch.nn.functional.cross_entropy(m(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")  # noqa: E731
+        with reloaded.disable_adapter():
+            base = nll(reloaded)
+        adapted = nll(reloaded)
+    ours_effect, theirs_effect = adapted - base, theirs["model+adapter"] - theirs["model"]
+    assert ours_effect.abs().mean() > 5 * (theirs["model"] - base).abs().mean()  # the adapter matters more than llama.cpp's rounding
+    slope = (theirs_effect * ours_effect).sum() / (ours_effect * ours_effect).sum()
+    assert torch.corrcoef(torch.stack([ours_effect, theirs_effect]))[0, 1] > 0.9
+    assert 0.85 < slope < 1.15
+
+
+def test_qaft_eval_runtime_llama_cpp_reports_the_rows_and_agreement(q4_0, smoke_raw, tmp_path, capsys):
+    from qaft.pipeline.cli import main
+
+    cfg, out, m = q4_0
+    cfg_file, js = tmp_path / "c.yaml", tmp_path / "r.json"
+    cfg_file.write_text(yaml.safe_dump(smoke_raw))
+    args = ["eval", str(cfg_file), "--export", str(out), "--runtime", "llama.cpp", f"eval.path={cfg.eval.path}", "eval.seq_len=64", "eval.windows=4"]
+    assert main([*args, "--json", str(js)]) == 0
+    report = json.loads(js.read_text())
+    rows = report["results"]
+    assert list(rows) == ["export-base", "export", "llama.cpp", "llama.cpp+adapter"]
+    for name in ("llama.cpp", "llama.cpp+adapter"):  # the same numbers the export stage recorded
+        assert rows[name]["ppl"] == pytest.approx(m["evaluation"]["ppl"][name], rel=1e-4), (m["evaluation"], {k: v["ppl"] for k, v in rows.items()})
+    assert set(report["export"]["runtime_check"]["generation"]["agreement"]) == {"llama.cpp", "llama.cpp+adapter"}
+    assert "llama.cpp rows: the same token ids" in capsys.readouterr().out
+
+
+def test_a_run_reports_the_rows_its_export_recorded(q4_0):
+    from qaft.core.text import token_stream
+    from qaft.pipeline.evaluation import recorded_export_rows
+
+    cfg, out, m = q4_0
+    _, tok = load_gguf(out)
+    scheme, rows = recorded_export_rows(cfg, token_stream(cfg.eval.path, tok, key="eval.path"))
+    assert {n: r["ppl"] for n, r in rows.items()} == {
+        "export-base": m["evaluation"]["ppl"]["base"],
+        "export": m["evaluation"]["ppl"]["base+adapter"],
+        "llama.cpp": m["evaluation"]["ppl"]["llama.cpp"],
+        "llama.cpp+adapter": m["evaluation"]["ppl"]["llama.cpp+adapter"],
+    }
+
+
+@pytest.mark.parametrize("broken", ["model", "adapter"])
+def test_a_corrupted_file_is_one_line_from_llama_cpp_not_a_crash(q4_0, tmp_path, broken):
+    out = Path(shutil.copytree(q4_0[1], tmp_path / "export"))
+    model, adapter = out / "model-Q4_0.gguf", out / ADAPTER_FILE
+    victim = model if broken == "model" else adapter
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a truncated download
+    with pytest.raises(ExportError) as e:
+        llamacpp.run(model, adapter, llamacpp.Job(windows=[list(range(16))], prompts=[]))
+    assert "\n" not in str(e.value) and victim.name in str(e.value) and "cannot load" in str(e.value)
+    by_hand = subprocess.run(["node", str(llamacpp.SCRIPT), str(model), str(adapter), "--text", str(out / "README.md")], capture_output=True, text=True)
+    assert by_hand.returncode == 2 and by_hand.stdout == ""
+    assert len(by_hand.stderr.strip().splitlines()) == 1 and victim.name in by_hand.stderr
+
+
+def test_the_script_by_hand_prints_both_perplexities(q4_0, tmp_path):
+    """By hand, llama.cpp tokenizes the text itself: the same numbers as qaft's rows when its tokenizer agrees with ours."""
+    _, out, m = q4_0
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    cmd = ["node", str(llamacpp.SCRIPT), str(out / "model-Q4_0.gguf"), str(out / ADAPTER_FILE), "--text", str(text), "--seq-len", "64", "--windows", "4"]
+    lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    assert len(lines) == 2 and "model-Q4_0.gguf: perplexity" in lines[0] and f"+ {out / ADAPTER_FILE}: perplexity" in lines[1]
+    assert "4 windows x 64 tokens, 252 predicted" in lines[0]
+    for line, row in zip(lines, ("llama.cpp", "llama.cpp+adapter")):
+        assert f"perplexity {m['evaluation']['ppl'][row]:.4f} " in line
+
+
+def test_a_required_runtime_that_is_missing_fails_before_any_work_and_auto_records_the_skip(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(llamacpp, "missing", lambda: "node is not on PATH; install it with `make setup`")
+    with pytest.raises(PreflightError, match=r"^export\.runtime_check: required, but llama\.cpp cannot run here: node is not on PATH"):
+        exported(make_cfg, tmp_path, "Q4_0", "export.evaluate=false", "export.runtime_check=required")
+    assert not (tmp_path / "run" / "export").exists()
+    (tmp_path / "auto").mkdir()
+    _, out, m = exported(make_cfg, tmp_path / "auto", "Q4_0", "export.evaluate=false", f"training.output_dir={tmp_path / 'auto-run'}")
+    assert m["runtime_check"] == {"runtime": {"name": "llama.cpp"}, "skipped": "node is not on PATH; install it with `make setup`"}
+    assert "Not run in llama.cpp at export time: node is not on PATH" in (out / "README.md").read_text()
+
+
+def test_runtime_llama_cpp_needs_a_gguf_export(make_cfg, quantized_default, tmp_path):
+    from qaft.pipeline.commands import compare
+
+    cfg = make_cfg(f"export.dir={tmp_path / 'ct'}", f"eval.path={tmp_path / 'e.txt'}", f"training.output_dir={quantized_default.training.output_dir}")
+    (tmp_path / "e.txt").write_text(TEXT)
+    out, _ = export_run(cfg, overwrite=False, progress=False)
+    with pytest.raises(ConfigError, match=r"--runtime llama\.cpp: .* is a compressed-tensors export, which llama\.cpp does not read"):
+        compare(cfg, [], export=out, runtime="llama.cpp", progress=False)
+    with pytest.raises(ConfigError, match=r"--runtime llama\.cpp: runs an export's files; give the folder with --export DIR"):
+        compare(cfg, ["fp"], runtime="llama.cpp", progress=False)
