@@ -77,6 +77,8 @@ class Job:
     prompts: list[list[int]]
     new_tokens: int = 16
     speed_tokens: int = 512
+    perplexity: bool = True
+    """False: no perplexity (the windows only feed the speed measurement)."""
     token_nll: bool = False
     """Also return each window's per-token negative log-likelihoods (``token_nll``)."""
     threads: int | None = None
@@ -90,7 +92,14 @@ def run(model: Path, adapter: Path | None, job: Job, *, timeout: float | None = 
     threads = job.threads or len(os.sched_getaffinity(0))
     cmd = ["node", str(SCRIPT), str(model), *([str(adapter)] if adapter else []), "--job", "-", "--threads", str(threads)]
     payload = json.dumps(
-        {"windows": job.windows, "prompts": job.prompts, "new_tokens": job.new_tokens, "speed_tokens": job.speed_tokens, "token_nll": job.token_nll}
+        {
+            "windows": job.windows,
+            "prompts": job.prompts,
+            "new_tokens": job.new_tokens,
+            "speed_tokens": job.speed_tokens,
+            "perplexity": job.perplexity,
+            "token_nll": job.token_nll,
+        }
     )
     try:
         done = subprocess.run(cmd, input=payload, capture_output=True, text=True, timeout=timeout, cwd=HERE)

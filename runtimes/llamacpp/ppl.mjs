@@ -10,7 +10,8 @@
 // For qaft (`qaft eval --runtime llama.cpp`): `--job FILE` (or `--job -` for stdin) reads the token ids
 // from JSON, so llama.cpp sees exactly the ids the other rows of qaft's table see:
 //   {"windows": [[id, ...], ...], "prompts": [[id, ...], ...], "new_tokens": 16, "speed_tokens": 512, "token_nll": false}
-// ("token_nll": true adds each window's per-token negative log-likelihoods to the rows)
+// ("token_nll": true adds each window's per-token negative log-likelihoods to the rows; "perplexity": false
+// skips the perplexity, e.g. to time prompt processing alone)
 // and stdout gets one JSON object: {"rows": {"model": {...}, "model+adapter": {...}}, "runtime": {...}}.
 //
 // Any failure (a missing or corrupted file, a bad argument) is one line on stderr and exit status 2.
@@ -166,7 +167,7 @@ async function main() {
             }),
         );
         const sequence = context.getSequence();
-        const row = windows.length ? await nll(sequence, windows, !!job?.token_nll) : {};
+        const row = windows.length && job?.perplexity !== false ? await nll(sequence, windows, !!job?.token_nll) : {};
         if (job) {
             if (windows.length) row.prompt_tokens_per_s = await promptSpeed(sequence, windows[0].slice(0, job.speed_tokens ?? windows[0].length));
             if (job.prompts?.length) row.generations = await greedy(sequence, job.prompts, job.new_tokens ?? 16);
