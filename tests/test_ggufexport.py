@@ -270,3 +270,25 @@ def test_a_gguf_model_is_dequantized_once_then_loaded_from_the_cache(make_cfg, t
     assert torch.equal(first(ids).logits, second(ids).logits)
     (out / "model-Q8_0.gguf").touch()  # a changed file is converted again
     assert gguf_cache(out / "model-Q8_0.gguf") != cache
+
+
+def test_the_runtime_checks_greedy_decoding_and_agreement_measure_what_they_say():
+    """``export.llamacpp.greedy`` (KV-cached) gives the tokens of recomputing the whole sequence each step; ``agreement``
+    counts tokens before each prompt's first difference."""
+    from qaft.core.model import ModelConfig, load_model_and_tokenizer
+    from qaft.export.llamacpp import agreement, greedy
+
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    prompts = prompts_of(tok)
+    full = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = p[None]
+            for _ in range(8):
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+            full.append(ids[0, p.numel() :].tolist())
+    assert greedy(model, prompts, 8) == full
+    assert agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == 1.0
+    assert agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 9, 3, 4], [5, 6, 7, 8]]) == 5 / 8  # 3 and 4 after a difference do not count
+    assert agreement([[1, 2]], [[2, 1]]) == 0.0
