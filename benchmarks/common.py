@@ -11,6 +11,7 @@ import torch
 from qaft.eval.perplexity import perplexity
 from qaft.pipeline.commands import run_method
 from qaft.pipeline.config import load_config
+from qaft.trainer.loop import fit
 
 
 def train_rows(run: Path, event: str = "train") -> list[dict]:
@@ -36,3 +37,19 @@ def add_run_arguments(ap, root: Path, name: str) -> None:
     ap.add_argument("--out", default=str(root / "benchmarks" / "results" / f"{name}.json"))
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for both configs (e.g. data paths)")
     ap.add_argument("--train-set", nargs="*", default=[], metavar="key=value", help="overrides for the training config only")
+
+
+def fine_tune(config: Path, steps: int, overrides: list[str], callbacks: list[dict], out: Path) -> str:
+    """A training run of ``config`` (``steps`` steps, no checkpoints or trackers, ``callbacks``) into ``out``; its ``final/``."""
+    cfg = load_config(
+        config,
+        [
+            f"training.max_steps={steps}",
+            "training.save_steps=0",
+            "training.report_to=[]",
+            *overrides,
+            "callbacks=" + json.dumps(callbacks),
+            f"training.output_dir={out}",
+        ],
+    )
+    return str(fit(cfg, overwrite=True))

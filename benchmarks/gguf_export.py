@@ -29,7 +29,7 @@ import json
 import statistics
 from pathlib import Path
 
-from common import add_run_arguments, quantized_ppl
+from common import add_run_arguments, fine_tune, quantized_ppl
 
 from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.core.text import token_stream
@@ -39,7 +39,6 @@ from qaft.export.llamacpp import ROWS
 from qaft.pipeline.commands import calibration_of, export_run, quantize_and_save, tune_run
 from qaft.pipeline.config import load_config
 from qaft.runtimes import llamacpp
-from qaft.trainer.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "configs" / "smollm2-lora.yaml"
@@ -83,20 +82,7 @@ def main() -> None:
     work = Path(args.work)
     models = {"original": "smollm2-135m"}
     for name in args.runs:
-        cfg = load_config(
-            TRAIN,
-            [
-                f"training.max_steps={args.steps}",
-                "training.save_steps=0",
-                "training.report_to=[]",
-                *Q4_0,
-                *args.set,
-                *args.train_set,
-                "callbacks=" + json.dumps(RUNS[name]),
-                f"training.output_dir={work / name}",
-            ],
-        )
-        models[name] = str(fit(cfg, overwrite=True))
+        models[name] = fine_tune(TRAIN, args.steps, [*Q4_0, *args.set, *args.train_set], RUNS[name], work / name)
     if args.tune_steps:
         models["original+tune"] = models["original"]
     report = {"steps": args.steps, "tune_steps": args.tune_steps, "results": {}}

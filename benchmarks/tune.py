@@ -10,7 +10,14 @@ scales (and minima) and fp16 factors, as a deployment would store them. Protocol
 of WikiText-2 valid; tuning reads the same validation text (its last 5% is held out and gives
 ``valid_*``, the numbers defaults are chosen on). Writes ``benchmarks/results/tune.json`` (``--out``).
 
+``--train lora npft qat`` adds fine-tuned sources (the matrix of what users deploy): each a
+``configs/smollm2-lora.yaml`` run (``--train-steps``, same data and seed), NPFT with
+``noise: quant_step`` and QAT on the row's own grid (trained per scheme), plain LoRA once; every row
+is measured against its own source's float perplexity.
+
     .venv/bin/python benchmarks/tune.py --schemes w4 w4g64 q4_0 w4a8 w3g64 --steps 150
+    .venv/bin/python benchmarks/tune.py --train lora npft qat --train-steps 60 --schemes w4 --starts l2qer whiten \
+        --steps 100 --train-set training.per_device_train_batch_size=2 --out benchmarks/results/tune_sources.json
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_run_arguments, train_rows
+from common import add_run_arguments, fine_tune, train_rows
 
 from qaft.core.model import ModelConfig, load_model_and_tokenizer
 from qaft.core.text import token_stream
@@ -39,6 +46,8 @@ from qaft.quant.store import load_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "configs" / "smollm2-postpass.yaml"
+TRAIN = ROOT / "configs" / "smollm2-lora.yaml"
+FINE_TUNES = {"lora": [], "npft": [{"name": "npft", "noise": "quant_step", "hessian_probes": 0}], "qat": [{"name": "qat"}]}
 SCHEMES = {
     "w4": ["quant.weight.granularity=channel"],
     "w4g64": ["quant.weight.granularity=group", "quant.weight.group_size=64"],
@@ -68,77 +77,107 @@ def a8_float_ppl(source: str, ids: torch.Tensor, cfg) -> float:
     return perplexity(model, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
 
 
+def trained_source(method: str, scheme: str, args, work: Path) -> str:
+    """A training run's ``final/`` (plain LoRA ignores the grid, so it is trained once)."""
+    name = method if method == "lora" else f"{method}-{scheme}"
+    out = work / "train" / name
+    if (out / "final").is_dir():
+        return str(out / "final")
+    return fine_tune(TRAIN, args.train_steps, [*SCHEMES[scheme], *args.set, *args.train_set], FINE_TUNES[method], out)
+
+
+def tune_row(source: str, scheme: str, start: str, args, out: Path, ids: torch.Tensor, float_ppl: float) -> dict:
+    """Post-pass, closed-form perplexity, ``qaft tune``, tuned perplexity (and the export's for GGUF) of one cell."""
+    cfg = load_config(
+        EVAL,
+        [
+            f"model.name_or_path={source}",
+            "training.bf16=true",
+            "postpass.randomized_svd=true",
+            *SCHEMES[scheme],
+            *STARTS[start],
+            f"training.output_dir={out}",
+            f"tune.steps={args.steps}",
+            "tune.logging_steps=10",
+            f"tune.eval_steps={max(args.steps // 3, 1)}",
+            "tune.save_steps=0",
+            *args.set,
+        ],
+    )
+    row: dict = {"scheme": cfg.quant.label, "start": start, "rank": cfg.postpass.rank}
+    t0 = time.perf_counter()
+    quantize_and_save(cfg, overwrite=True, progress=False)
+    row["postpass_seconds"] = time.perf_counter() - t0
+    solved, _, _ = load_quantized(cfg.quantized_dir)
+    row["bits_per_weight"] = model_bpw(solved)
+    row["closed_form_ppl"] = perplexity(solved, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
+    del solved
+    t0 = time.perf_counter()
+    final = tune_run(cfg, overwrite=True)
+    row["tune_seconds"] = time.perf_counter() - t0
+    tuned, _, _ = load_quantized(final)
+    row["tuned_ppl"] = perplexity(tuned, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
+    row["bits_per_weight_tuned"] = model_bpw(tuned)
+    del tuned
+    evals = train_rows(cfg.tune_dir, "eval")
+    row["valid"] = [{k: r[k] for k in ("step", "eval_kl", "eval_ppl", "eval_teacher_ppl")} for r in evals]
+    steps = [r["s_per_step"] for r in train_rows(cfg.tune_dir) if "s_per_step" in r]
+    row["median_s_per_step"] = sorted(steps)[len(steps) // 2] if steps else None
+    if cfg.quant.activation.bits is not None:
+        row["a8_float_ppl"] = a8_float_ppl(source, ids, cfg)
+    if cfg.quant.weight.gguf_type is not None:
+        folder, _ = export_run(cfg, overwrite=True, progress=False)
+        exported, _, _ = load_export(folder)
+        row["export_ppl"] = perplexity(exported, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
+        del exported
+    bound = row.get("a8_float_ppl", float_ppl)
+    row["closed_form_ratio"], row["tuned_ratio"] = row["closed_form_ppl"] / bound, row["tuned_ppl"] / bound
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", nargs="+", default=["w4", "w4g64", "q4_0", "w4a8", "w3g64"], choices=list(SCHEMES))
     ap.add_argument("--starts", nargs="+", default=["whiten"], choices=list(STARTS))
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--model", default="smollm2-135m", help="the source model: the original, or a training run's final/")
+    ap.add_argument("--train", nargs="*", default=[], choices=list(FINE_TUNES), help="also fine-tuned sources (rows keyed source/scheme/start)")
+    ap.add_argument("--train-steps", type=int, default=60)
     add_run_arguments(ap, ROOT, "tune")
     args = ap.parse_args()
     work = Path(args.work)
     report = {"model": args.model, "steps": args.steps, "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "results": {}}
-    float_model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=args.model))
+    if args.train:
+        report |= {"train": args.train, "train_steps": args.train_steps, "source_float_ppl": {}}
+    _, tok = load_model_and_tokenizer(ModelConfig(name_or_path=args.model))
     base = load_config(EVAL, [f"model.name_or_path={args.model}", *args.set])
     ids = token_stream(base.eval.path, tok, key="eval.path")
-    report["float_ppl"] = perplexity(float_model, ids, base.eval.seq_len, base.eval.windows, progress=False).ppl
-    del float_model
+    floats: dict[str, float] = {}
+
+    def float_ppl(source: str) -> float:
+        if source not in floats:
+            model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=source))
+            floats[source] = perplexity(model, ids, base.eval.seq_len, base.eval.windows, progress=False).ppl
+        return floats[source]
+
+    report["float_ppl"] = float_ppl(args.model)
     for scheme in args.schemes:
-        for start in args.starts:
-            name = f"{scheme}/{start}"
-            out = work / scheme / start
-            cfg = load_config(
-                EVAL,
-                [
-                    f"model.name_or_path={args.model}",
-                    "training.bf16=true",
-                    "postpass.randomized_svd=true",
-                    *SCHEMES[scheme],
-                    *STARTS[start],
-                    f"training.output_dir={out}",
-                    f"tune.steps={args.steps}",
-                    "tune.logging_steps=10",
-                    f"tune.eval_steps={max(args.steps // 3, 1)}",
-                    "tune.save_steps=0",
-                    *args.set,
-                ],
-            )
-            row: dict = {"scheme": cfg.quant.label, "start": start, "rank": cfg.postpass.rank}
-            t0 = time.perf_counter()
-            quantize_and_save(cfg, overwrite=True, progress=False)
-            row["postpass_seconds"] = time.perf_counter() - t0
-            solved, _, _ = load_quantized(cfg.quantized_dir)
-            row["bits_per_weight"] = model_bpw(solved)
-            row["closed_form_ppl"] = perplexity(solved, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
-            del solved
-            t0 = time.perf_counter()
-            final = tune_run(cfg, overwrite=True)
-            row["tune_seconds"] = time.perf_counter() - t0
-            tuned, _, _ = load_quantized(final)
-            row["tuned_ppl"] = perplexity(tuned, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
-            row["bits_per_weight_tuned"] = model_bpw(tuned)
-            del tuned
-            evals = train_rows(cfg.tune_dir, "eval")
-            row["valid"] = [{k: r[k] for k in ("step", "eval_kl", "eval_ppl", "eval_teacher_ppl")} for r in evals]
-            steps = [r["s_per_step"] for r in train_rows(cfg.tune_dir) if "s_per_step" in r]
-            row["median_s_per_step"] = sorted(steps)[len(steps) // 2] if steps else None
-            if cfg.quant.activation.bits is not None:
-                row["a8_float_ppl"] = a8_float_ppl(args.model, ids, cfg)
-            if cfg.quant.weight.gguf_type is not None:
-                folder, _ = export_run(cfg, overwrite=True, progress=False)
-                exported, _, _ = load_export(folder)
-                row["export_ppl"] = perplexity(exported, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
-                del exported
-            bound = row.get("a8_float_ppl", report["float_ppl"])
-            row["closed_form_ratio"], row["tuned_ratio"] = row["closed_form_ppl"] / bound, row["tuned_ppl"] / bound
-            report["results"][name] = row
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2))
-            print(
-                f"{name:<18} {row['bits_per_weight']:.2f} bits  closed form {row['closed_form_ppl']:.2f} ({row['closed_form_ratio']:.3f}x)  "
-                f"tuned {row['tuned_ppl']:.2f} ({row['tuned_ratio']:.3f}x)  {row['tune_seconds'] / 60:.1f} min",
-                flush=True,
-            )
+        sources = {"original": args.model} | {m: trained_source(m, scheme, args, work) for m in args.train}
+        for label, source in sources.items():
+            for start in args.starts:
+                name = f"{scheme}/{start}" if not args.train else f"{label}/{scheme}/{start}"
+                row = tune_row(source, scheme, start, args, work / label / scheme / start, ids, float_ppl(source))
+                if args.train:
+                    row["source"] = label
+                    row["source_float_ppl"] = report["source_float_ppl"][f"{label}/{scheme}"] = float_ppl(source)
+                report["results"][name] = row
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(report, indent=2))
+                print(
+                    f"{name:<26} {row['bits_per_weight']:.2f} bits  closed form {row['closed_form_ppl']:.2f} ({row['closed_form_ratio']:.3f}x)  "
+                    f"tuned {row['tuned_ppl']:.2f} ({row['tuned_ratio']:.3f}x)  {row['tune_seconds'] / 60:.1f} min",
+                    flush=True,
+                )
     print(
         f"float {report['float_ppl']:.2f}; WikiText-2 test {base.eval.windows} x {base.eval.seq_len}; {args.steps} tuning steps of "
         f"{base.tune.batch_size} x {base.tune.seq_len} tokens; {report['threads']} threads, OMP_WAIT_POLICY={report['omp_wait_policy']}"

@@ -3,8 +3,8 @@ read from the kernel's rusage of that child (``os.wait4``), the steps' median se
 
 Cases: ``float model`` (load it and evaluate the protocol's 8 x 512 test windows: the reference the target
 is a multiple of); ``kd`` at the defaults; ``kd + gradient_checkpointing``; ``block``; and with
-``--baseline PKG`` the ``kd`` case once more with another checkout's qaft (its package dir on PYTHONPATH),
-so before/after come from one invocation. The post-pass result they all start from is made once (W4
+``--baseline PKG`` the ``kd`` and ``block`` cases once more with another checkout's qaft (its package dir on
+PYTHONPATH), so before/after come from one invocation. The post-pass result they all start from is made once (W4
 per-channel, whitening, rank 32, calibration 16 x 512 of WikiText-2 valid: ``configs/smollm2-postpass.yaml``).
 Tuning reads 2 x 256-token blocks of the calibration text (``tune.*`` defaults), bf16 where the CPU has it.
 
@@ -70,12 +70,14 @@ def main() -> None:
     qaft = [sys.executable, "-m", "qaft"]
     subprocess.run([*qaft, "quantize", str(CONFIG), *common, "--overwrite"], cwd=ROOT, check=True, capture_output=True)
     cases: dict[str, tuple[list[str], dict[str, str]]] = {}
+    block = ["tune.objective=block", f"tune.steps={max(args.steps, 30)}"]
     if args.baseline:
         cases["kd, baseline code"] = ([], {"PYTHONPATH": args.baseline})
+        cases["block, baseline code"] = (block, {"PYTHONPATH": args.baseline})
     cases |= {
         "kd": ([], {}),
         "kd + gradient_checkpointing": (["tune.gradient_checkpointing=true"], {}),
-        "block": (["tune.objective=block", f"tune.steps={max(args.steps, 30)}"], {}),
+        "block": (block, {}),
     }
     cases = {k: v for k, v in cases.items() if not args.cases or k in args.cases}
     gib, wall = peak_of([sys.executable, "-c", FLOAT_MODEL, str(CONFIG)])

@@ -104,7 +104,9 @@ def tune_job(cfg: Config) -> TuneJob:
     training = TrainingConfig(
         output_dir=str(cfg.tune_dir),
         per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        # one held-out block at a time: evaluation holds the student's and the teacher's full-vocabulary logits at
+        # once, which for block tuning (whose steps hold none) would be the run's peak memory
+        per_device_eval_batch_size=1,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         max_steps=max(t.steps, 1),

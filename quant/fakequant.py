@@ -7,7 +7,9 @@ dynamically per token when the scheme asks for it, and the low-rank correction r
 The factors and the scales are parameters that do not require grad: ``qaft tune`` switches them on
 (``trainable``) and trains them with the codes frozen. While the scales train, the weight is
 recomputed from codes and scales in every forward; the activation rounding passes gradients straight
-through (identity), so layers below still receive them.
+through (identity), so layers below still receive them. ``release_weight`` lets go of the de-quantized
+weight altogether (block-wise tuning: 1 byte per weight held instead of 4; the forward recomputes it,
+the same values).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class QuantLinear(torch.nn.Module):
         self.act_fn = fake_quant_activation
         """How activations are rounded: a server's convention; ``ctpack.reference_activation_quant`` swaps in compressed-tensors' for parity checks."""
         self.register_buffer("weight", weight.detach().clone())
+        self._released_dtype = weight.dtype
         self.register_buffer("codes", narrow_codes(q.codes.detach().clone()))
         self.scale = _frozen(q.scale)
         self.register_buffer("zero", None if q.zero is None else q.zero.detach().clone())
@@ -87,7 +90,8 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, xq = deployed_input(x, self.input_scale, self.act, self.act_fn)
-        y = F.linear(xq, self.dequantized() if self.scale.requires_grad else self.weight, self.bias)
+        w = self.dequantized() if self.weight is None or self.scale.requires_grad else self.weight
+        y = F.linear(xq, w, self.bias)
         if self.lora_A is not None:
             y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return y
@@ -105,14 +109,25 @@ class QuantLinear(torch.nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """``[out, in]`` the grid values of the codes under the current scales (differentiable in the scales)."""
-        return dequantize(self.codes, self.scale, self.zero, self.spec).to(self.weight.dtype)
+        return dequantize(self.codes, self.scale, self.zero, self.spec).to(self.weight_dtype)
 
     @torch.no_grad()
     def refresh_weight(self, dtype: torch.dtype | None = None) -> None:
         """Recompute ``weight`` from codes and scales (after the scales changed: ``weight`` is what evaluation and the
         exports read), optionally stored in ``dtype``: bf16 while tuning under bf16 autocast, where every matmul
         casts it to bf16 anyway and autograd would keep each cast for the backward (half the memory, same products)."""
-        self.weight = dequantize(self.codes, self.scale, self.zero, self.spec).to(dtype or self.weight.dtype)
+        self.weight = dequantize(self.codes, self.scale, self.zero, self.spec).to(dtype or self.weight_dtype)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The de-quantized weight's dtype, also while ``release_weight`` holds none."""
+        return self._released_dtype if self.weight is None else self.weight.dtype
+
+    def release_weight(self) -> None:
+        """Hold only the codes: every forward de-quantizes them (``refresh_weight`` stores the weight again). Worth it
+        where few layers keep their weight for the backward at once (a forward without grad keeps none)."""
+        self._released_dtype = self.weight_dtype
+        self.weight = None
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 
@@ -75,8 +76,21 @@ def read_codes(path: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
         return {name: f.get_tensor(f"{name}.codes") for name in names}
 
 
-def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """Rebuild the fake-quantized model from a folder written by ``save_quantized``: ``(model, tokenizer, meta)``."""
+def _open(path: Path) -> Any:
+    """The folder's safetensors, opened to be read tensor by tensor (one layer's codes at a time, never all at once)."""
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as e:  # SafetensorError (cut short, bad header), OSError
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path} is damaged ({why}); write it again with `qaft quantize --overwrite`") from None
+
+
+def load_quantized(path: str | Path, *, weights: bool = True) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Rebuild the fake-quantized model from a folder written by ``save_quantized``: ``(model, tokenizer, meta)``.
+
+    The architecture is built without storage (its tensors come from the file) and the quantized Linears one at a
+    time, so the peak is about the loaded model itself. ``weights=False`` leaves every ``QuantLinear`` holding its
+    codes only (``QuantLinear.release_weight``: for a caller that stores them otherwise, e.g. ``qaft tune``)."""
     p = Path(path)
     if not (p / META).is_file():
         raise CheckpointError(f"{p} is not a qaft quantized folder (no {META}); create one with `qaft quantize`")
@@ -84,25 +98,35 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Any, dict[str, An
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{p / META}: format_version {meta.get('format_version')!r}, this qaft reads {FORMAT_VERSION}")
     scheme = parse(QuantScheme, meta["scheme"], "scheme")
-    try:
-        tensors = load_file(str(p / "model.safetensors"))
-    except Exception as e:  # SafetensorError (cut short, bad header), OSError
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"{p / 'model.safetensors'} is damaged ({why}); write it again with `qaft quantize --overwrite`") from None
-    with no_init_weights():  # every tensor is loaded below: skip the random init (seconds for SmolLM2)
+    with no_init_weights(), init_empty_weights():  # parameters without storage: every one is assigned below
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
-    for name in meta["quantized"]:
-        codes, scale, zero, bias, lora_a, lora_b, input_scale = (tensors.pop(f"{name}.{k}", None) for k in STORED)
+    with _open(p / "model.safetensors") as f:
+        missing, unexpected = _assign(model, f, meta["quantized"], scheme, weights)
+    if missing or unexpected:
+        raise CheckpointError(f"{p}/model.safetensors does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), AutoTokenizer.from_pretrained(p), meta
+
+
+def _assign(model: torch.nn.Module, f: Any, quantized: list[str], scheme: QuantScheme, weights: bool) -> tuple[list[str], list[str]]:
+    """Put the file's tensors into ``model`` (a ``QuantLinear`` for each of ``quantized``, the rest by name); returns
+    the names the model lacks and the file's names it does not know."""
+    keys = set(f.keys())
+    for name in quantized:
+        codes, scale, zero, bias, lora_a, lora_b, input_scale = (f.get_tensor(k) if (k := f"{name}.{t}") in keys else None for t in STORED)
+        keys -= {f"{name}.{t}" for t in STORED}
         q = QuantizedWeight(codes, scale, zero, dequantize(codes, scale, zero, scheme.weight))
         parent, _, leaf = name.rpartition(".")
         corr = None if lora_a is None else Correction(A=lora_b, B=lora_a)  # PEFT names → our A [out, k], B [k, in]
-        setattr(model.get_submodule(parent), leaf, QuantLinear(q, bias, scheme.activation, corr, input_scale, spec=scheme.weight))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    built = set(meta["quantized"])  # their buffers were set above, from the popped tensors
+        lin = QuantLinear(q, bias, scheme.activation, corr, input_scale, spec=scheme.weight)
+        if not weights:
+            lin.release_weight()
+        setattr(model.get_submodule(parent), leaf, lin)
+    # copies: a tensor read from the file is a view of its memory map, and one of them would keep every page of the
+    # file that was read (all the codes) resident for as long as the model lives
+    missing, unexpected = model.load_state_dict({k: f.get_tensor(k).clone() for k in keys}, strict=False, assign=True)
+    built = set(quantized)  # their buffers were set above, from the file
     missing = [k for k in missing if k.rpartition(".")[0] not in built]
     if model.config.tie_word_embeddings:
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise CheckpointError(f"{p}/model.safetensors does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval(), AutoTokenizer.from_pretrained(p), meta
+    return missing, unexpected

@@ -40,6 +40,13 @@ def test_save_then_load_reproduces_the_logits_exactly(tmp_path, name, scheme):
     loaded, tok2, meta = load_quantized(out)
     ids = tok2("abc def", return_tensors="pt").input_ids
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])  # the skeleton was built without storage
+    codes_only, _, _ = load_quantized(out, weights=False)  # qaft tune's block objective: weights de-quantized per forward
+    layers = [m for m in codes_only.modules() if isinstance(m, QuantLinear)]
+    assert all(m.weight is None and m.weight_dtype == torch.float32 for m in layers)
+    assert torch.equal(codes_only(ids).logits, model(ids).logits)
+    layers[0].refresh_weight()
+    assert torch.equal(layers[0].weight, next(m for m in loaded.modules() if isinstance(m, QuantLinear)).weight)
     expected = {"tiny-llama": 2 * 7, "tiny-opt": 2 * 6}[name]  # Linears per decoder layer x layers
     assert meta["method"] == "rtn+l2qer" and len(meta["quantized"]) == expected
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == expected

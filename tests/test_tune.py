@@ -278,7 +278,7 @@ def test_block_refuses_fewer_steps_than_layers_and_ddp(make_cfg):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_lean_teacher_shares_what_the_student_has_and_computes_the_same_logits_under_bf16_autocast(make_cfg, name):
-    """``lean_teacher``: parameters equal to the student's become the student's own tensors (embeddings, head, norms),
+    """``lean_teacher``: parameters equal to the student's are held once, shared by both (embeddings, head, norms),
     the other Linears are stored in bf16, and under bf16 autocast the logits are bit for bit the float32 teacher's
     (autocast casts each float32 weight to bf16 for the matmul anyway); OPT covers Linears with biases."""
     from qaft.core.model import ModelConfig, load_model_and_tokenizer
@@ -302,6 +302,53 @@ def test_lean_teacher_shares_what_the_student_has_and_computes_the_same_logits_u
     assert all(torch.equal(p.float(), full[n].to(p.dtype).float()) for n, p in teacher.named_parameters())  # nothing else moved
     own = sum(p.numel() * p.element_size() for p in teacher.parameters() if id(p) not in mine)
     assert own < 0.5 * bytes_before, (own, bytes_before)
+
+
+def test_lean_teacher_in_float32_gives_the_student_the_teachers_tensors(make_cfg):
+    """Without bf16 the teacher keeps its (memory-mapped) float32 Linears, so the shared parameters are the teacher's
+    own objects and the student's copies go; both models compute what they computed before."""
+    from qaft.core.model import ModelConfig, load_model_and_tokenizer
+    from qaft.trainer.tune import lean_teacher
+
+    student, _, _ = load_quantized(quantized(make_cfg).quantized_dir)
+    teacher, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    own = {n: p for n, p in teacher.named_parameters()}
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = teacher(input_ids=ids).logits, student(input_ids=ids).logits
+    lean_teacher(teacher, student, bf16=False)
+    with torch.no_grad():
+        assert torch.equal(teacher(input_ids=ids).logits, before[0]) and torch.equal(student(input_ids=ids).logits, before[1])
+    assert all(p is own[n] for n, p in teacher.named_parameters())  # the teacher is untouched
+    shared = [n for n, p in student.named_parameters() if n in own and p is own[n]]
+    assert any("embed" in n for n in shared) and any("norm" in n for n in shared), shared
+
+
+def test_block_tuning_holds_codes_only_and_forgets_the_optimizer_state_of_finished_layers(make_cfg):
+    """``block`` keeps each quantized layer as int8 codes, the weight de-quantized per forward (1 byte per weight
+    instead of 4), and a step of layer i's phase drops AdamW's state of layers < i, never trained again (the
+    tuned results are covered by the block tests above, bit-exact resume mid-phase included)."""
+    import contextlib
+
+    cfg = quantized(make_cfg, "tune.steps=4", "tune.objective=block")
+    job = tune_job(cfg)
+    task = Distill(job)
+    model, _ = task.build(job)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(m.weight is None and m.codes.dtype == torch.int8 for m in layers)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained)
+    task.scheduler(opt, job.training, 4)
+    task.accelerator = SimpleNamespace(autocast=contextlib.nullcontext)
+    for p in trained:
+        opt.state[p]["exp_avg"] = torch.zeros_like(p)
+    first = {id(p) for p in task.layers[0][0].parameters()}
+    assert len(task.layers) == 2 and task.phase_starts(4) == [0, 2]
+    task.forward(model, {"input_ids": torch.randint(0, 256, (1, 8))}, 1)  # still layer 0's phase
+    assert len(opt.state) == len(trained)
+    task.forward(model, {"input_ids": torch.randint(0, 256, (1, 8))}, 2)  # layer 1's
+    held = {id(p) for p in opt.state}
+    assert held == {id(p) for p in trained} - first and held
 
 
 def test_tuning_holds_narrow_codes_or_none_and_writes_the_sources_int16_codes(make_cfg):

@@ -24,6 +24,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
 from qaft.callbacks import CallbackList, Context, TrainState, create
+from qaft.core import memory
 from qaft.core.errors import DivergedError, Preempted, PreflightError
 from qaft.core.hardware import precision, resolve_bf16
 
@@ -106,9 +107,11 @@ def evaluate_and_log(ctx: Context, callbacks: CallbackList, loader: Any, log: Me
 
     Under a forked CPU RNG: iterating a DataLoader draws a seed from the global generator, so without the fork an
     eval would change the dropout masks of every later step, and the trained adapter would depend on ``eval_steps``."""
+    memory.release()  # what training freed, before evaluation's logits
     with torch.random.fork_rng(devices=[]):
         metrics = evaluate(ctx, loader, task)
         extra = callbacks.on_evaluate(ctx, metrics)
+    memory.release()  # and what evaluation freed, before the next steps
     log.log("eval", ctx.state.step, metrics | extra)
 
 
@@ -254,6 +257,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool = False, task: Task | None = None
     task.check(cfg, acc)
     set_seed(t.seed)
     model, tokenizer = task.build(cfg)
+    memory.release()  # loading's temporaries
     blocks = build_blocks(cfg.data, tokenizer, documents)
     train_dl = train_loader(blocks.train, t.per_device_train_batch_size, t.seed)
     eval_dl = eval_loader(blocks.eval, t.per_device_eval_batch_size) if len(blocks.eval) else None

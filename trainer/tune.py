@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from qaft.callbacks import CALLBACKS
+from qaft.core import memory
 from qaft.core.errors import CheckpointError, ConfigError, PreflightError
 from qaft.core.hardware import resolve_bf16
 from qaft.core.io import sha256_file
@@ -134,17 +135,22 @@ def lean_teacher(teacher: torch.nn.Module, student: torch.nn.Module, *, bf16: bo
     """Hold the teacher in much less memory than a second float model, computing the same logits.
 
     Parameters equal to the student's (the embeddings and a tied or untied head, the norms: the post-pass
-    changes only the quantized Linears and, with smoothing, the norms it folds into) become the student's
-    own tensors. Under bf16 autocast (``bf16``) the teacher's other Linears are stored in bf16: autocast
-    casts a float32 weight to bf16 for every matmul anyway, so the products are bit for bit the same
-    (tested), at half the memory and without a cast per forward. The teacher is then only for forwards
-    under that autocast."""
-    mine = dict(student.named_parameters(remove_duplicate=False))
-    for name, p in list(teacher.named_parameters(remove_duplicate=False)):
-        s = mine.get(name)
-        if s is not None and s is not p and s.shape == p.shape and s.dtype == p.dtype and torch.equal(s, p):
+    changes only the quantized Linears and, with smoothing, the norms it folds into) are held once. Which
+    copy: a teacher loaded from safetensors holds a memory map of the checkpoint, resident as far as it
+    has been read, and the map lives as long as any of its tensors does. In float32 the teacher's Linears
+    keep it alive anyway, so both models use the teacher's tensors and the student's copies go; under bf16
+    the teacher's Linears become copies, so both use the student's and the map can go.
+
+    Under bf16 autocast (``bf16``) the teacher's other Linears are stored in bf16: autocast casts a float32
+    weight to bf16 for every matmul anyway, so the products are bit for bit the same (tested), at half the
+    memory and without a cast per forward. The teacher is then only for forwards under that autocast."""
+    theirs = dict(teacher.named_parameters(remove_duplicate=False))
+    for name, s in list(student.named_parameters(remove_duplicate=False)):
+        p = theirs.get(name)
+        if p is not None and s is not p and s.shape == p.shape and s.dtype == p.dtype and torch.equal(s, p):
             owner, _, leaf = name.rpartition(".")
-            setattr(teacher.get_submodule(owner), leaf, s)
+            holder, kept = (teacher, s) if bf16 else (student, p)
+            setattr(holder.get_submodule(owner), leaf, kept)
     if not bf16:
         return
     shared = {id(p) for p in student.parameters()}
@@ -194,7 +200,13 @@ class Distill(Task):
             )
 
     def build(self, cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
-        student, tokenizer, _ = load_quantized(self.job.source)
+        # What a quantized layer holds while tuning (all before the teacher loads). Only its codes, 1 byte per weight,
+        # where the forward de-quantizes anyway (trained scales) or where one layer at a time keeps its weight for
+        # the backward (block). Otherwise (kd: every layer's weight is kept for the backward) only the weight, in bf16
+        # under bf16 autocast (exact: QuantLinear.refresh_weight); the codes are frozen and not read until
+        # write_final, which takes them back from the source.
+        codes_only = self.job.tune.train_scales or self.job.tune.objective is Objective.BLOCK
+        student, tokenizer, _ = load_quantized(self.job.source, weights=not codes_only)
         if self.job.tune.init == "zero":
             fresh_factors(student, self.job.rank, cfg.training.seed)  # lora_B = 0: the model as solved
         else:
@@ -207,15 +219,14 @@ class Distill(Task):
                     p.requires_grad_(True)
         if not any(p.requires_grad for p in student.parameters()):
             raise ConfigError(f"tune: nothing to train in {self.job.source}: no low-rank factors (rank 0) and tune.train_scales is false")
-        self.weight_dtype = layers[0].weight.dtype if layers else torch.float32
+        self.weight_dtype = layers[0].weight_dtype if layers else torch.float32
         self.bf16 = resolve_bf16(cfg.training.bf16)[0]
-        if self.bf16 and not self.job.tune.train_scales:
-            for m in layers:  # exact under bf16 autocast (QuantLinear.refresh_weight); back to weight_dtype in write_final
-                m.refresh_weight(torch.bfloat16)  # before the teacher loads: not both at float32
         self.source_id = self.job.source_id
-        if not self.job.tune.train_scales:
-            for m in layers:  # frozen and not read until write_final, which takes them back from the source
-                m.codes = None
+        for m in layers if not codes_only else ():
+            if self.bf16:
+                m.refresh_weight(torch.bfloat16)
+            m.codes = None
+        memory.release()  # the load's temporaries, before the teacher's
         teacher, _ = load_model_and_tokenizer(self.job.model)
         self.teacher = teacher.eval().requires_grad_(False)
         self.layers = list(zip(decoder_layers(student)[1], decoder_layers(self.teacher)[1]))
@@ -247,6 +258,7 @@ class Distill(Task):
 
     def scheduler(self, opt: torch.optim.Optimizer, t: TrainingConfig, max_steps: int) -> Any:
         if self.job.tune.objective is Objective.BLOCK:
+            self.optimizer = opt  # forget_finished drops what it holds for layers that are done
             return phased_scheduler(opt, t, self.phase_starts(max_steps), max_steps)
         return super().scheduler(opt, t, max_steps)
 
@@ -255,8 +267,9 @@ class Distill(Task):
         produce it (quantized propagation, no graph), then that layer and the float layer on it."""
         if self.job.tune.objective is Objective.KD:
             return model(**batch)
-        starts = self.phase_starts(self.job.training.max_steps)
-        student, teacher = self.layers[bisect.bisect_right(starts, step) - 1]
+        phase = bisect.bisect_right(self.phase_starts(self.job.training.max_steps), step) - 1
+        self.forget_finished(phase)
+        student, teacher = self.layers[phase]
         with torch.no_grad():
             hidden, kw = layer_input(model, student, batch["input_ids"])
         with self.accelerator.autocast():
@@ -264,6 +277,14 @@ class Distill(Task):
             with torch.no_grad():
                 target = _first(teacher(hidden, **kw))
         return LayerOutputs(out, target)
+
+    def forget_finished(self, phase: int) -> None:
+        """``block``: a layer whose phase is over never trains again (no later step gives it a gradient), so the
+        optimizer's state for it (AdamW: two moments per factor entry) is dropped. Deterministic in the step, so
+        a checkpoint holds the same states a straight run would, and a resume stays exact."""
+        for student, _ in self.layers[:phase]:
+            for p in student.parameters():
+                self.optimizer.state.pop(p, None)
 
     def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
         if isinstance(outputs, LayerOutputs):
@@ -305,8 +326,8 @@ class Distill(Task):
     def write_final(self, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
         self.restore_codes(model)
         for m in model.modules():
-            if isinstance(m, QuantLinear):
-                m.refresh_weight(self.weight_dtype)  # trained scales, or bf16 storage while tuning
+            if isinstance(m, QuantLinear) and m.weight is not None:  # released weights are not stored either
+                m.refresh_weight(self.weight_dtype)  # bf16 storage while tuning
         record = {
             "config": to_plain(self.job.tune),
             "source": self.job.source,
