@@ -149,10 +149,11 @@ def main() -> None:
     report = {"model": args.model, "steps": args.steps, "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "results": {}}
     if args.train:
         report |= {"train": args.train, "train_steps": args.train_steps, "source_float_ppl": {}}
-    _, tok = load_model_and_tokenizer(ModelConfig(name_or_path=args.model))
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=args.model))
     base = load_config(EVAL, [f"model.name_or_path={args.model}", *args.set])
     ids = token_stream(base.eval.path, tok, key="eval.path")
-    floats: dict[str, float] = {}
+    floats = {args.model: perplexity(model, ids, base.eval.seq_len, base.eval.windows, progress=False).ppl}  # the fine-tuned ones on demand
+    del model
 
     def float_ppl(source: str) -> float:
         if source not in floats:
