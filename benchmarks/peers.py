@@ -4,7 +4,10 @@ Protocol: SmolLM2-135M-Instruct, WikiText-2 test 8 × 512 windows, calibration =
 from the start of WikiText-2 validation (``configs/smollm2-postpass.yaml``), 50 iterations of 2048 tokens
 each (AutoRound ``batch_size=4`` × 512; qaft ``batch: 4``), seed 42 for AutoRound. AutoRound runs its
 default algorithm (block-wise sign-gradient rounding + min/max tuning, quantized inputs) on its own grid
-(its "sym" int4 uses codes −8…7, qaft's −7…7), in bf16 where the CPU has it (its default ``amp``); the model
+(its "sym" int4 uses codes −8…7 with a signed scale: qaft's ``quant.weight.full_range: true``, which the int
+rows use, so both learn on the same grid; ``--no-full-range`` keeps qaft's ±7 default), in bf16 where the CPU
+has bf16 units and in float32 elsewhere (its ``amp`` set by qaft's own detection, ``bf16: auto``: AutoRound
+itself would run bf16 on any CPU, emulated and ~3× slower where the units are missing); the model
 it returns holds the de-quantized weights, evaluated in float32 like qaft's. Bits per weight: 4 + 16 / (channel or group width) for both (fp16 scales).
 
 Needs the ``peers`` extra (``pip install -e '.[peers]'``: ``auto-round``); installs nothing at run time.
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from qaft.core.hardware import resolve_bf16
 from qaft.core.model import load_model_and_tokenizer
 from qaft.core.text import token_stream
 from qaft.eval.perplexity import perplexity
@@ -40,6 +44,7 @@ SCHEMES = {  # name → (qaft overrides, AutoRound's scheme, bits per weight)
     "q4_0": (["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"], {"scheme": "gguf:q4_0"}, 4 + 16 / 32),
 }
 ITERS, BATCH = 50, 4
+AMP = resolve_bf16("auto")[0]
 
 
 def autoround(model: torch.nn.Module, tok, calib: torch.Tensor, scheme: dict) -> torch.nn.Module:
@@ -55,17 +60,19 @@ def autoround(model: torch.nn.Module, tok, calib: torch.Tensor, scheme: dict) ->
         seqlen=calib.shape[1],
         batch_size=BATCH,
         device_map="cpu",
+        amp=AMP,
         enable_torch_compile=False,
         seed=42,
     )
     quantized, _ = ar.quantize()
-    return quantized.float()  # its default amp casts the model to bf16 on a CPU with bf16 units; evaluate in float32 as qaft's
+    return quantized.float()  # under amp it returns a bf16 model; evaluate in float32 as qaft's
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     ap.add_argument("--objective", default="block", help="qaft signround objective")
+    ap.add_argument("--no-full-range", dest="full_range", action="store_false", help="int rows on qaft's ±7 grid instead of AutoRound's −8…7")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers.json"))
     args = ap.parse_args()
     try:
@@ -80,7 +87,8 @@ def main() -> None:
     report = {
         "protocol": (
             f"SmolLM2-135M | WikiText-2 test {cfg0.eval.windows} x {cfg0.eval.seq_len} | calibration {len(calib)} x {calib.shape[1]} "
-            f"from WikiText-2 valid | {ITERS} iterations of {BATCH} x {calib.shape[1]} tokens | torch threads {torch.get_num_threads()}"
+            f"from WikiText-2 valid | {ITERS} iterations of {BATCH} x {calib.shape[1]} tokens | torch threads {torch.get_num_threads()} | "
+            f"{'bf16' if AMP else 'float32'} for both"
         ),
         "auto_round_version": auto_round.__version__,
         "fp": {"ppl": ppl(model)},
@@ -94,7 +102,8 @@ def main() -> None:
         t0 = time.perf_counter()
         m = autoround(copy.deepcopy(model), tok, calib, theirs)
         rows["auto-round"] = {"seconds": time.perf_counter() - t0, "ppl": ppl(m)}
-        cfg = load_config(CONFIG, [*overrides, quantizer])
+        grid = ["quant.weight.full_range=true"] if args.full_range and theirs.get("sym") else []
+        cfg = load_config(CONFIG, [*overrides, *grid, quantizer])
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         run_method(m, calib, cfg, "signround", progress=False)

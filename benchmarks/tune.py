@@ -57,6 +57,7 @@ SCHEMES = {
     "w4r8": ["postpass.rank=8"],
     "q4_0r8": ["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "postpass.rank=8"],
     "w4g64r4": ["quant.weight.granularity=group", "quant.weight.group_size=64", "postpass.rank=4"],
+    "w4g64r7": ["quant.weight.granularity=group", "quant.weight.group_size=64", "postpass.rank=7"],  # the largest rank within 4.6 bits/weight
 }
 STARTS = {
     "l2qer": ["postpass.reconstructor=l2qer"],

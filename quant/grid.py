@@ -5,6 +5,9 @@ Pure functions on tensors, no model access. Weights are ``[out, in]``; a group o
 
 - int, symmetric: ``scale = max|w| / (2^(b-1) - 1)``, codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``
   (the grid is symmetric around 0, as in the protocol's "W4 symmetric": int4 uses -7..7).
+- int, symmetric, ``full_range``: ``scale = w_peak / −2^(b-1)`` with ``w_peak`` the signed weight of largest
+  magnitude, codes in ``[-2^(b-1), 2^(b-1)-1]`` (llama.cpp Q4_0's rule on any scope): the peak is exact, the
+  steps 7/8 of the ±7 grid's at 4 bits, and the scale may be negative (the opposite extreme can clip by one step).
 - int, asymmetric (min–max): ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``,
   codes in ``[0, 2^b - 1]``.
 - mxint (OCP microscaling, integer elements): each block shares ``X = 2^floor(log2 max|w|)``; elements
@@ -64,12 +67,32 @@ def grid_params(g: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch
         exp = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
         return torch.exp2(exp - (b - 2)), None
     if spec.symmetric:
-        amax = g.abs().amax(-1, keepdim=True)
-        return torch.where(amax > 0, amax / (2 ** (b - 1) - 1), torch.ones_like(amax)), None
+        return symmetric_scale(symmetric_peak(g, spec), spec), None
     lo = g.amin(-1, keepdim=True).clamp(max=0)
     hi = g.amax(-1, keepdim=True).clamp(min=0)  # keep 0 exactly representable
     scale = torch.where(hi > lo, (hi - lo) / (2**b - 1), torch.ones_like(hi))
     return scale, torch.round(-lo / scale)
+
+
+def symmetric_peak(g: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """What a symmetric int scale is made from, ``[..., 1]``: ``max|w|``, or with ``full_range`` the signed weight of largest magnitude."""
+    if spec.full_range:
+        return torch.gather(g, -1, g.abs().argmax(-1, keepdim=True))
+    return g.abs().amax(-1, keepdim=True)
+
+
+def symmetric_scale(peak: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """The symmetric int scale that puts ``peak`` (from ``symmetric_peak``, possibly clipped) on the extreme code; 1 where it is 0."""
+    top = -(2 ** (spec.bits - 1)) if spec.full_range else 2 ** (spec.bits - 1) - 1
+    return torch.where(peak != 0, peak / top, torch.ones_like(peak))
+
+
+def int_code_range(spec: WeightQuant) -> tuple[int, int]:
+    """Smallest and largest code of an int grid: ``±(2^(b-1)-1)``, ``[-2^(b-1), 2^(b-1)-1]`` (full range) or ``[0, 2^b-1]``."""
+    b = spec.bits
+    if not spec.symmetric:
+        return 0, 2**b - 1
+    return -(2 ** (b - 1)) if spec.full_range else -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
 
 
 def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,11 +103,11 @@ def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     if spec.format is WeightFormat.MXINT:
         codes = torch.clamp(torch.round(x / scale), -(2 ** (b - 1)), 2 ** (b - 1) - 1)
         return codes, codes * scale
+    lo, hi = int_code_range(spec)
     if zero is None:
-        qmax = 2 ** (b - 1) - 1
-        codes = torch.clamp(torch.round(x / scale), -qmax, qmax)
+        codes = torch.clamp(torch.round(x / scale), lo, hi)
         return codes, codes * scale
-    codes = torch.clamp(torch.round(x / scale) + zero, 0, 2**b - 1)
+    codes = torch.clamp(torch.round(x / scale) + zero, lo, hi)
     return codes, (codes - zero) * scale
 
 
@@ -130,7 +153,7 @@ def quant_step(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     scale = q.scale.reshape(g.shape[0], g.shape[1], 1)
     if spec.gguf_type is not None:
         return ggufgrid.step(g, scale, spec.gguf_type).reshape(w.shape).to(w.dtype)
-    return scale.expand_as(g).reshape(w.shape)
+    return scale.abs().expand_as(g).reshape(w.shape)  # a full-range scale carries a sign
 
 
 def fake_quant_activation(x: torch.Tensor, spec: ActQuant) -> torch.Tensor:

@@ -86,6 +86,10 @@ class WeightQuant:
     """Input channels per group (``granularity: group``) or per MX block (``format: mxint``)."""
     gguf_type: GGUFType | None = None
     """With ``format: gguf``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or MXFP4 (it fixes bits, offset and block 32)."""
+    full_range: bool = False
+    """Symmetric int on all ``2^b`` codes (−8…7 at 4 bits): each row/group's largest-magnitude weight is code
+    ``−2^(b−1)`` and its scale carries that weight's sign (llama.cpp Q4_0's and AutoRound's rule), so the steps are
+    ``(2^(b−1)−1)/2^(b−1)`` of the ±7 grid's (7/8 at 4 bits) at the same bits; false = codes ``±(2^(b−1)−1)``."""
 
     def __post_init__(self) -> None:
         if (self.format is WeightFormat.GGUF) != (self.gguf_type is not None):
@@ -94,6 +98,8 @@ class WeightQuant:
             self._fix_to_gguf(self.gguf_type)
         if self.format is WeightFormat.MXINT and not self.symmetric:
             raise ValueError("symmetric: got False, expected True for format 'mxint' (blocks share one exponent, no zero point)")
+        if self.full_range and not (self.format is WeightFormat.INT and self.symmetric):
+            raise ValueError("full_range: true needs format 'int' with symmetric: true (the other grids fix their own code range)")
         if self.format is WeightFormat.MXINT and self.granularity is not Granularity.GROUP:
             raise ValueError("granularity: format 'mxint' works on blocks of input channels; set granularity: group and group_size: 16 or 32")
 
@@ -114,7 +120,8 @@ class WeightQuant:
         if self.format is WeightFormat.MXINT:
             return f"MXINT{self.bits} b{self.group_size}"
         scope = {Granularity.TENSOR: "per-tensor", Granularity.CHANNEL: "per-channel", Granularity.GROUP: f"g{self.group_size}"}
-        return f"W{self.bits} {scope[self.granularity]} {'sym' if self.symmetric else 'asym'}"
+        kind = ("sym full-range" if self.full_range else "sym") if self.symmetric else "asym"
+        return f"W{self.bits} {scope[self.granularity]} {kind}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -99,6 +99,26 @@ def test_packed_codes_unpack_to_the_rtn_integers_and_factors_round_trip(make_cfg
     assert manifest["method"] == "rtn+l2qer" and type(model).__name__ == "PeftModelForCausalLM"
 
 
+def test_full_range_codes_and_signed_scales_pack_unchanged(make_cfg):
+    """compressed-tensors' signed int4 holds code −8 and a negative scale as they are: the packed checkpoint is ours."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    cfg = quantized(make_cfg, "quant.weight.full_range=true")
+    out, m = export(cfg, overwrite=False, progress=False)
+    store = load_file(cfg.training.output_dir + "/quantized/model.safetensors")
+    base = load_file(str(out / "base" / "model.safetensors"))
+    for name in m["quantized_modules"]:
+        unpacked = unpack_from_int32(base[f"{name}.weight_packed"], 4, torch.Size(base[f"{name}.weight_shape"].tolist()))
+        assert torch.equal(unpacked.to(torch.int16), store[f"{name}.codes"]), name
+        assert torch.equal(base[f"{name}.weight_scale"], store[f"{name}.scale"]), name
+    assert min(store[f"{n}.codes"].min().item() for n in m["quantized_modules"]) == -8
+    assert any((store[f"{n}.scale"] < 0).any() for n in m["quantized_modules"])
+    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    diff, top1 = compare_logits(ours, load_export(out)[0], prompts)
+    assert diff < 1e-4 and top1 == 1.0
+
+
 def test_a8_parity_is_exact_under_the_reference_rounding_and_the_server_gap_is_reported(make_cfg, monkeypatch):
     cfg = quantized(make_cfg, "quant.activation.bits=8")
     out, m = export(cfg, overwrite=False, progress=False)

@@ -20,6 +20,7 @@ from qaft.quant.scheme import GGUFType, Granularity, QuantScheme, WeightFormat, 
 SPECS = [
     WeightQuant(),
     WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16),
+    WeightQuant(full_range=True),
     WeightQuant(symmetric=False, granularity=Granularity.GROUP, group_size=16),
     WeightQuant(format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16),
     *(WeightQuant(format=WeightFormat.GGUF, gguf_type=t) for t in (GGUFType.Q4_0, GGUFType.Q4_1, GGUFType.MXFP4)),
@@ -65,7 +66,7 @@ def test_codes_and_scales_have_rtns_layout_and_respect_group_boundaries(spec, ac
     q, r = gptq(w, stats_of(correlated()), spec, GPTQOptions(act_order=act_order, block_size=24)), quantize_weight(w, spec)
     assert q.codes.shape == r.codes.shape and q.scale.shape == r.scale.shape and (q.zero is None) == (r.zero is None)
     assert torch.equal(dequantize(q.codes, q.scale, q.zero, spec), q.dequant)  # each code uses its own group's scale
-    lo, hi = {WeightFormat.MXINT: (-8, 7)}.get(spec.format, (-7, 7) if spec.symmetric else (0, 15))
+    lo, hi = {WeightFormat.MXINT: (-8, 7)}.get(spec.format, ((-8 if spec.full_range else -7), 7) if spec.symmetric else (0, 15))
     if spec.gguf_type is not None:
         lo, hi = CODE_RANGE[spec.gguf_type]
     if spec.bits == 3:

@@ -18,12 +18,14 @@ SPECS = [
     WeightQuant(bits=8, granularity=Granularity.TENSOR),
     WeightQuant(bits=4, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16),
     WeightQuant(bits=8, format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=32),
+    WeightQuant(bits=4, granularity=Granularity.CHANNEL, full_range=True),
+    WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16, full_range=True),
 ]
 
 
 def code_range(spec: WeightQuant) -> tuple[int, int]:
     b = spec.bits
-    if spec.format is WeightFormat.MXINT:
+    if spec.format is WeightFormat.MXINT or spec.full_range:
         return -(2 ** (b - 1)), 2 ** (b - 1) - 1
     return (-(2 ** (b - 1) - 1), 2 ** (b - 1) - 1) if spec.symmetric else (0, 2**b - 1)
 
@@ -40,7 +42,7 @@ def test_codes_in_range_and_error_within_half_a_step(spec, seed, scale, outlier)
     assert q.codes.min() >= lo and q.codes.max() <= hi
     delta = quant_step(w, spec)
     err = (w - q.dequant).abs()
-    if spec.format is WeightFormat.MXINT:  # the largest magnitude can clip at the top of the block's range
+    if spec.format is WeightFormat.MXINT or spec.full_range:  # the top of the range can clip (full range: the side opposite the peak)
         assert (err <= delta / 2 + 1e-6 * scale).float().mean() > 0.97
         assert (err <= delta).all()
     else:
@@ -56,6 +58,8 @@ def expected_step(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     b = spec.bits
     if spec.format is WeightFormat.MXINT:
         step = 2.0 ** torch.floor(torch.log2(g.abs().amax(-1, keepdim=True))) / 2 ** (b - 2)
+    elif spec.full_range:
+        step = g.abs().amax(-1, keepdim=True) / 2 ** (b - 1)
     elif spec.symmetric:
         step = g.abs().amax(-1, keepdim=True) / (2 ** (b - 1) - 1)
     else:
@@ -82,6 +86,33 @@ def test_symmetric_int4_uses_minus7_to_7_and_keeps_the_absmax():
     q = quantize_weight(w, WeightQuant(bits=4))
     assert q.scale.item() == pytest.approx(1 / 7)
     assert q.codes.tolist() == [[-7, -4, 0, 2, 7, 5]]
+
+
+def test_full_range_int4_puts_each_rows_peak_on_minus8_with_a_signed_scale():
+    w = torch.tensor([[0.8, -0.6, 0.0, 0.21, -0.33, 0.7], [-0.8, 0.75, 0.1, 0.0, 0.0, 0.0]])
+    q = quantize_weight(w, WeightQuant(bits=4, full_range=True))
+    assert q.scale.flatten().tolist() == pytest.approx([-0.1, 0.1])  # the peak's sign is the scale's, opposite
+    assert q.codes.tolist() == [[-8, 6, 0, -2, 3, -7], [-8, 7, 1, 0, 0, 0]]  # 0.75 / 0.1 = 7.5 clips to 7
+    assert q.dequant[0, 0] == pytest.approx(0.8) and q.dequant[1, 0] == pytest.approx(-0.8)  # the peaks are exact
+
+
+def test_full_range_refines_the_step_and_lowers_rtns_error():
+    """The property the grid is for: at the same bits, 2^(b-1) steps per side instead of 2^(b-1) - 1."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
+    for bits in (3, 4):
+        full, plain = (quantize_weight(w, WeightQuant(bits=bits, full_range=f)) for f in (True, False))
+        torch.testing.assert_close(
+            quant_step(w, WeightQuant(bits=bits, full_range=True)), quant_step(w, WeightQuant(bits=bits)) * (2 ** (bits - 1) - 1) / 2 ** (bits - 1)
+        )
+        assert ((w - full.dequant) ** 2).mean() < 0.85 * ((w - plain.dequant) ** 2).mean()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"symmetric": False}, {"format": WeightFormat.MXINT, "granularity": Granularity.GROUP, "group_size": 16}], ids=["asym", "mxint"]
+)
+def test_full_range_is_refused_where_the_grid_fixes_its_own_range(kwargs):
+    with pytest.raises(ValueError, match="full_range: true needs format 'int' with symmetric: true"):
+        WeightQuant(full_range=True, **kwargs)
 
 
 def test_asymmetric_represents_zero_exactly_and_uses_the_whole_range():

@@ -26,6 +26,8 @@ SPECS = [
     WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16),
     WeightQuant(symmetric=False, granularity=Granularity.GROUP, group_size=16),
     WeightQuant(granularity=Granularity.TENSOR),
+    WeightQuant(full_range=True),
+    WeightQuant(bits=3, granularity=Granularity.GROUP, group_size=16, full_range=True),
     WeightQuant(format=WeightFormat.MXINT, granularity=Granularity.GROUP, group_size=16),
     *(WeightQuant(format=WeightFormat.GGUF, gguf_type=t) for t in (GGUFType.Q4_0, GGUFType.Q4_1, GGUFType.Q5_0, GGUFType.Q8_0)),
 ]

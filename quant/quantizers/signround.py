@@ -54,7 +54,7 @@ from qaft.core.typed import Ge, Le
 from .. import ggufgrid
 from ..calibrate import LayerStats
 from ..fakequant import deployed_input
-from ..grid import QuantizedWeight, grid_params, group_view, pack, quantize_weight, round_to_grid
+from ..grid import QuantizedWeight, grid_params, group_view, int_code_range, pack, quantize_weight, round_to_grid, symmetric_peak, symmetric_scale
 from ..scheme import ActQuant, GGUFType, WeightFormat, WeightQuant
 from .base import QUANTIZERS, Block, QuantizationFailed, Refined, WeightQuantizer
 
@@ -104,15 +104,14 @@ class _Grid:
         else:
             self.step = self.scale.expand_as(g)
         if minmax:
-            self.hi = g.abs().amax(-1, keepdim=True) if spec.symmetric else g.amax(-1, keepdim=True).clamp(min=0)
+            self.hi = symmetric_peak(g, spec) if spec.symmetric else g.amax(-1, keepdim=True).clamp(min=0)
             self.lo = None if spec.symmetric else g.amin(-1, keepdim=True).clamp(max=0)
 
     def int_grid(self, alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``grid.grid_params``'s int rule on the clipped range; at ``α = β = 1`` exactly RTN's grid."""
         b = self.spec.bits
         if self.spec.symmetric:
-            amax = self.hi * alpha
-            return torch.where(self.hi > 0, amax / (2 ** (b - 1) - 1), torch.ones_like(amax)), None
+            return symmetric_scale(self.hi * alpha, self.spec), None
         hi, lo = self.hi * alpha, self.lo * beta
         scale = torch.where(self.hi > self.lo, (hi - lo) / (2**b - 1), torch.ones_like(hi))
         return scale, _ste_round(-lo / scale)
@@ -123,13 +122,12 @@ class _Grid:
             x = self.g + v * self.step
             codes, deq = round_to_grid(x.detach(), self.scale, self.zero, self.spec)
             return codes, _ste(x, deq), self.scale, self.zero
-        b = self.spec.bits
         scale, zero = self.int_grid(alpha, beta)
+        lo, hi = int_code_range(self.spec)
         if zero is None:
-            qmax = 2 ** (b - 1) - 1
-            codes = torch.clamp(_ste_round(self.g / scale + v), -qmax, qmax)
+            codes = torch.clamp(_ste_round(self.g / scale + v), lo, hi)
             return codes.detach(), codes * scale, scale, None
-        codes = torch.clamp(_ste_round(self.g / scale + v) + zero, 0, 2**b - 1)
+        codes = torch.clamp(_ste_round(self.g / scale + v) + zero, lo, hi)
         return codes.detach(), (codes - zero) * scale, scale, zero
 
 
