@@ -67,6 +67,8 @@ STARTS = {
     "signround+whiten": ["postpass.quantizer={name: signround, iters: 50, objective: linear}", "postpass.reconstructor=whiten"],
     "signround-block+whiten": ["postpass.quantizer={name: signround, iters: 50, objective: block}", "postpass.reconstructor=whiten"],
     "block": ["postpass.reconstructor=whiten", "tune.objective=block"],
+    # learned rounding alone (refined on the uncorrected stream), then factors trained from zero on its residual
+    "signround-block+zero": ["postpass.quantizer={name: signround, iters: 50, objective: block}", "postpass.reconstructor=none", "tune.init=zero"],
 }
 
 
