@@ -37,7 +37,7 @@ from .calibrate import LayerStats, collect
 from .config import BudgetWeighting, PostpassConfig, Propagation
 from .fakequant import QuantLinear
 from .grid import quantize_weight
-from .lowrank import LowRank, quantize_factors
+from .lowrank import Correction, LowRank, quantize_factors
 from .methods import Method, of_config
 from .quantizers import QUANTIZERS
 from .quantizers.base import Block, QuantizationFailed, WeightQuantizer
@@ -215,10 +215,19 @@ def _quantize_layer(
         except QuantizationFailed as e:
             raise ConfigError(f"postpass.quantizer: {solver.method.quantizer.name} on {where}.{name}: {e}") from None
         seconds[name] = time.perf_counter() - t0
-    block = None
+
+    def correction(name: str) -> Correction | None:
+        corr = recon.reconstruct(targets[name].weight.data - quantized[name].dequant, of(name), st.lowrank) if recon else None  # type: ignore[arg-type]
+        return quantize_factors(corr, st.postpass.factor_bits) if corr is not None and st.postpass.factor_bits is not None else corr
+
+    block, corrections = None, {}
     if refine is not None:
         t0 = time.perf_counter()
-        block = quantizer.refine_block(Block(layer, targets, gridded, refine[0], refine[1], st.scheme.weight, st.scheme.activation, prep.input_scales))
+        # the correction is solved on the start's residual and held while the rounding learns around it: the
+        # refinement then fits the layer as deployed, codes and factors together
+        corrections = {n: correction(n) for n in targets}
+        held = {n: c.matrix() for n, c in corrections.items() if c is not None}
+        block = quantizer.refine_block(Block(layer, targets, gridded, refine[0], refine[1], st.scheme.weight, st.scheme.activation, prep.input_scales, held))
         quantized = block.weights
         seconds = {n: s + (time.perf_counter() - t0) / len(targets) for n, s in seconds.items()}
     reports, xtx32s = [], {}
@@ -226,9 +235,7 @@ def _quantize_layer(
         t0 = time.perf_counter()
         w, q = lin.weight.data, quantized[name]
         err = w - q.dequant
-        corr = recon.reconstruct(err, of(name), st.lowrank) if recon else None  # type: ignore[arg-type]
-        if corr is not None and st.postpass.factor_bits is not None:
-            corr = quantize_factors(corr, st.postpass.factor_bits)
+        corr = corrections[name] if name in corrections else correction(name)
         after = err if corr is None else err - corr.matrix().to(err.dtype)
         set_submodule(layer, name, QuantLinear(q, lin.bias, st.scheme.activation, corr, prep.input_scales.get(name), spec=st.scheme.weight))
         errors: tuple[float | None, ...] = (None, None, None)

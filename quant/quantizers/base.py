@@ -14,7 +14,7 @@ layer inputs beside the quantized one, for the float targets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -48,15 +48,20 @@ class Block:
     act: ActQuant
     input_scales: dict[str, torch.Tensor]
     """A reconstructor's input smoothing the deployed Linear applies (``Preparation.input_scales``)."""
+    corrections: dict[str, torch.Tensor] = field(default_factory=dict)
+    """``[out, in]`` low-rank corrections the deployed Linear adds on its (unrounded) input, held fixed while the
+    rounding is refined around them (they carry any extracted columns whole)."""
 
 
 @dataclass(frozen=True)
 class Refined:
     weights: dict[str, QuantizedWeight]
     loss_start: float
-    """Relative block output error ``‖y − y_float‖² / ‖y_float‖²`` of the per-Linear results, on the calibration sequences."""
+    """Relative block output error ``‖y − y_float‖² / ‖y_float‖²`` of the per-Linear results on the first batch of
+    calibration sequences (the refinement's first step scores it anyway; a pass over all of them would cost ~5 % of
+    the refinement's time for telemetry)."""
     loss: float
-    """The same after the refinement."""
+    """The same, on the same tokens, after the refinement."""
 
 
 class WeightQuantizer:
