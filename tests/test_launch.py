@@ -70,7 +70,7 @@ def _train(cfg: Path, launch: str, out: Path, *extra: str) -> dict:
     return load_file(str(out / "final" / "adapter" / "adapter_model.safetensors"))
 
 
-DDP_STEPS = 6
+DDP_STEPS = 24  # steps take ~35 ms: enough of them that a SIGTERM sent at the second one lands mid-run on a loaded machine
 
 
 @pytest.fixture(scope="module")
