@@ -311,22 +311,22 @@ def refine(block: Block, options: SignRoundOptions) -> Refined:
     def share(chunks: list[_Chunk]) -> float:
         return sum(len(h) for h, _, _ in chunks) / len(block.inputs)  # scales a batch's loss to the whole calibration
 
-    scored: list[float] = []
+    start: list[float] = []  # the first step's score: the start's, on batch 0
 
     def evaluate(i: int, grad: bool) -> tuple[float, list[torch.Tensor] | None]:
         chunks = batches[i % len(batches)]
         if not grad:
-            value = scored_on(chunks)
-            scored.append(value)
-            return value, None
-        deq = [r.dequant() for r in roundings.values()]
-        leaves = [d.detach().requires_grad_() for d in deq]
-        for m, leaf in zip(modules.values(), leaves):
-            m.weight = leaf
-        value = error(chunks) / share(chunks)
-        scored.append(value)
-        grads = torch.autograd.grad(deq, params, grad_outputs=[leaf.grad for leaf in leaves])
-        return value, list(grads)
+            value, grads = scored_on(chunks), None
+        else:
+            deq = [r.dequant() for r in roundings.values()]
+            leaves = [d.detach().requires_grad_() for d in deq]
+            for m, leaf in zip(modules.values(), leaves):
+                m.weight = leaf
+            value = error(chunks) / share(chunks)
+            grads = list(torch.autograd.grad(deq, params, grad_outputs=[leaf.grad for leaf in leaves]))
+        if i == 0:
+            start.append(value)
+        return value, grads
 
     def scored_on(chunks: list[_Chunk]) -> float:
         with torch.no_grad():
@@ -342,7 +342,7 @@ def refine(block: Block, options: SignRoundOptions) -> Refined:
         descend(list(roundings.values()), evaluate, options)
         # the first step scored the start on batch 0; both relative to that batch's own energy
         energy = sum(t.float().pow(2).sum().item() for _, _, t in batches[0]) / (norm * share(batches[0]))
-        before, after = scored[0] / energy, scored_on(batches[0]) / energy
+        before, after = start[0] / energy, scored_on(batches[0]) / energy
     finally:
         for n, lin in block.linears.items():
             set_submodule(block.layer, n, lin)
