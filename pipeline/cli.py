@@ -12,12 +12,18 @@ Threads: with OpenMP's default (active) wait policy, a torch process on a 2-core
 down 16-25x as soon as any other CPU-bound process runs beside it (its threads spin waiting for a
 descheduled partner). The CLI therefore sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads,
 unless the user set it; the startup line prints the thread count and the policy in force.
+
+A run that seems stuck (a process group that never forms, a rank waiting on another): ``kill -USR1 PID`` prints
+every thread's Python stack of that process to stderr, and the run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -168,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see module docstring
+    _stacks_on_sigusr1()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated transformers API
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # lets flags sit between overrides (argparse's nargs='*' cannot)
@@ -192,6 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print("qaft: internal error (a bug in qaft): please report it with the traceback above", file=sys.stderr)
         return 1
+
+
+def _stacks_on_sigusr1() -> None:
+    """``kill -USR1`` prints where each thread is (see module docstring); to the process's own stderr, which an
+    in-process caller's replacement of ``sys.stderr`` (no file descriptor) cannot receive."""
+    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:
+        with contextlib.suppress(OSError, ValueError):  # a stderr without a file descriptor: no stacks, the run is unaffected
+            faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
 
 def _report(e: Any) -> int:

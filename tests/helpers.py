@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 SMALL_POSTPASS = ("postpass.calibration_samples=4", "postpass.calibration_seq_len=32", "postpass.rank=4", "export.evaluate=false")
@@ -89,3 +94,25 @@ def tiny_model_and_calibration():
 
     model, _ = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
     return model, torch.randint(0, 257, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+def run_launch(cmd: list[str], *, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for a multi-process launch: the launcher and its ranks in their own process group.
+
+    On timeout every process of the group first gets SIGUSR1 (the qaft CLI prints its threads' Python stacks: where
+    the ranks wait) and then SIGKILL, and the test fails with those stacks. ``subprocess.run`` would kill only the
+    launcher and leave its ranks running, holding the output folder's lock and whatever they were waiting for, so
+    that every later launch in the session failed in their shadow."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGUSR1)
+            time.sleep(3)
+            os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))}: no exit within {timeout:.0f} s; stdout tail:\n{out[-2000:]}\nstderr (stacks) tail:\n{err[-8000:]}"
+        ) from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)

@@ -115,3 +115,30 @@ def test_a_bug_exits_1_with_a_traceback(monkeypatch, capsys, tmp_path):
     rc = main(["train", str(ROOT / "configs" / "smoke.yaml"), f"training.output_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" in err and "RuntimeError: boom" in err and "internal error" in err
+
+
+def test_sigusr1_prints_where_every_thread_waits_and_the_run_goes_on():
+    """``kill -USR1`` on a run that seems stuck (a process group that never forms) shows each thread's Python stack on
+    stderr, and does not stop the run: the way to see where a hung rank waits."""
+    import signal
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys, time
+        from qaft.pipeline import cli
+        def waiting_for_a_peer(args):
+            print("ready", flush=True)
+            time.sleep(3)
+            print("finished", flush=True)
+            return 0
+        cli._doctor = waiting_for_a_peer
+        sys.exit(cli.main(["doctor", "any.yaml"]))
+        """
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "finished" in out, (p.returncode, err[-2000:])
+    assert "most recent call first" in err and "in waiting_for_a_peer" in err, err[-2000:]

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from helpers import run_launch
+
 if importlib.util.find_spec("deepspeed") is None:  # installed by the dev extra: a missing one must not turn these proofs into skips
     pytest.fail("deepspeed is not installed; `pip install -e '.[dev]'` (or '.[deepspeed]') installs it", pytrace=False)
 pytestmark = pytest.mark.multiprocess
@@ -72,11 +74,14 @@ def write_config(raw: dict, tmp: Path, name: str, per_device: int, callbacks: li
     return path
 
 
+def extensions_dir(config: Path) -> Path:
+    """Where torch would JIT-build C++ extensions for the runs of this module (a fresh folder, as on a new machine)."""
+    return config.parent / "torch_extensions"
+
+
 def train(config: Path, launch: str | Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        ["bash", str(ROOT / "launch" / "train.sh"), str(launch), str(config), *overrides], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
-    )
+    env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir(config))}
+    r = run_launch(["bash", str(ROOT / "launch" / "train.sh"), str(launch), str(config), *overrides], cwd=ROOT, env=env)
     assert r.returncode == expect, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 
@@ -122,6 +127,8 @@ def max_diff(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_training_equals_one_process_and_saves_whole_tensors(runs, stage):
     single, out = runs.trained("single", "single", per_device=4), runs.trained(f"zero{stage}", runs.launch(stage))
+    built = extensions_dir(runs.tmp / "x.yaml")
+    assert not built.exists() or not any(built.iterdir()), list(built.iterdir())  # no compiler at launch (DeepSpeed's shm all-reduce)
     ref, got = load_file(str(single / ADAPTER)), load_file(str(out / ADAPTER))
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref.items()} and len(ref) > 0
     assert all(v.dim() == 2 and v.numel() > 0 for v in got.values())  # never the empty shard
@@ -172,13 +179,10 @@ def test_a_callback_deepspeed_rules_out_stops_before_training(runs):
     r = train(cfg, runs.launch(2), expect=2)
     assert "callbacks: mat under DeepSpeed" in r.stdout
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    direct = subprocess.run(
+    direct = run_launch(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(runs.launch(2)), "-m", "qaft.pipeline.cli", "train", str(cfg)],
-        capture_output=True,
-        text=True,
         cwd=ROOT,
         env=env,
-        timeout=600,
     )
     assert direct.returncode != 0 and "callbacks: mat under DeepSpeed" in direct.stderr, direct.stderr[-3000:]
     assert "internal error" not in direct.stderr
@@ -194,8 +198,6 @@ def test_without_the_gather_a_zero3_save_is_refused_not_written_empty(runs, tmp_
     (hook / "sitecustomize.py").write_text("import contextlib\nimport qaft.trainer.checkpoint as c\nc.gathered = lambda *a, **k: contextlib.nullcontext()\n")
     cfg = runs.config("z3-ungathered", max_steps=2)
     env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook)}
-    r = subprocess.run(
-        ["bash", str(ROOT / "launch" / "train.sh"), str(runs.launch(3)), str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
-    )
+    r = run_launch(["bash", str(ROOT / "launch" / "train.sh"), str(runs.launch(3)), str(cfg)], cwd=ROOT, env=env)
     assert r.returncode != 0 and "is sharded across processes and was not gathered" in r.stderr, r.stderr[-3000:]
     assert not (run_dir(cfg) / "checkpoint-2").exists() and not (run_dir(cfg) / "final").exists()

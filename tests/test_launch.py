@@ -12,6 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from helpers import run_launch
 from qaft.pipeline.doctor import launch_from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,13 +57,10 @@ def test_train_sh_stops_on_a_blocking_doctor_finding(smoke_raw, tmp_path):
 
 def _train(cfg: Path, launch: str, out: Path, *extra: str) -> dict:
     env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
+    r = run_launch(
         ["bash", str(LAUNCH / "train.sh"), launch, str(cfg), f"training.output_dir={out}", *extra],
-        capture_output=True,
-        text=True,
         cwd=ROOT,
         env=env,
-        timeout=600,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     processes = {"single": 1, "ddp-cpu": 2}[launch]
@@ -109,15 +107,12 @@ def test_fsdp_stops_with_one_line_before_any_work(smoke_raw, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(smoke_raw | {"callbacks": []}))
     env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", str(LAUNCH / "train.sh"), "fsdp", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    r = run_launch(["bash", str(LAUNCH / "train.sh"), "fsdp", str(cfg)], cwd=ROOT, env=env)
     assert r.returncode == 2 and "FSDP is not supported by qaft train yet" in r.stdout, r.stdout[-3000:]
-    direct = subprocess.run(
+    direct = run_launch(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "fsdp.yaml"), "-m", "qaft.pipeline.cli", "train", str(cfg)],
-        capture_output=True,
-        text=True,
         cwd=ROOT,
         env=env,
-        timeout=600,
     )
     assert direct.returncode != 0 and "FSDP is not supported by qaft train yet" in direct.stderr and "internal error" not in direct.stderr, direct.stderr[
         -3000:

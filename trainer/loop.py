@@ -34,7 +34,7 @@ from .data import build_blocks, eval_loader, load_documents, train_loader
 from .kd import next_token_nll
 from .metrics import MetricsLogger, Throughput
 from .outputs import prepare_output_dir
-from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, zero_stage
+from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, skip_inference_comm_build, zero_stage
 from .preempt import StopRequests
 from .task import FineTune, Task
 
@@ -57,6 +57,8 @@ def build_accelerator(t: TrainingConfig) -> Any:
     # (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        skip_inference_comm_build()
     try:
         acc = Accelerator(
             gradient_accumulation_plugin=plugin,

@@ -110,6 +110,19 @@ def callback_problems(specs: Iterable[Spec], launch: Launch) -> list[tuple[str, 
     return found
 
 
+def skip_inference_comm_build() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce when the process group starts.
+
+    DeepSpeed's torch backend JIT-compiles ``deepspeed_shm_comm`` (C++, ~1-3 min with gcc and ninja, under a file lock
+    every rank waits on) on every fresh machine, for ``inference_all_reduce``, which only DeepSpeed-Inference's tensor
+    parallelism calls: ZeRO training reduces through the process group. Marking the op incompatible before the backend
+    starts (DeepSpeed then falls back as it does on a platform without the op) removes the compiler from the launch;
+    a compile that hung, or whose lock a killed run left behind, would otherwise stall every later launch."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def fill_deepspeed_config(accelerator: Any, max_grad_norm: float, accumulation: int) -> None:
     """DeepSpeed clips and accumulates by itself: hand it ``training.max_grad_norm`` and
     ``gradient_accumulation_steps`` where the launch file says ``auto`` (accelerate would fill 1.0
