@@ -88,21 +88,19 @@ def symmetric_scale(peak: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
 
 
 def int_code_range(spec: WeightQuant) -> tuple[int, int]:
-    """Smallest and largest code of an int grid: ``±(2^(b-1)-1)``, ``[-2^(b-1), 2^(b-1)-1]`` (full range) or ``[0, 2^b-1]``."""
+    """Smallest and largest code of an int or MXINT grid: ``±(2^(b-1)-1)``, ``[-2^(b-1), 2^(b-1)-1]`` (full range, and
+    MXINT's two's-complement elements) or ``[0, 2^b-1]``."""
     b = spec.bits
     if not spec.symmetric:
         return 0, 2**b - 1
-    return -(2 ** (b - 1)) if spec.full_range else -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
+    full = spec.full_range or spec.format is WeightFormat.MXINT
+    return -(2 ** (b - 1)) if full else -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
 
 
 def round_to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, dequantized)`` of ``x`` on a given grid (broadcasting ``scale``/``zero``): RTN's rounding rule, shared with GPTQ."""
-    b = spec.bits
     if spec.gguf_type is not None:
         return ggufgrid.round_block(x, scale, zero, spec.gguf_type)
-    if spec.format is WeightFormat.MXINT:
-        codes = torch.clamp(torch.round(x / scale), -(2 ** (b - 1)), 2 ** (b - 1) - 1)
-        return codes, codes * scale
     lo, hi = int_code_range(spec)
     if zero is None:
         codes = torch.clamp(torch.round(x / scale), lo, hi)

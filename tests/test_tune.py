@@ -101,6 +101,21 @@ def test_train_scales_moves_scales_and_factors_and_nothing_else(make_cfg):
         assert torch.equal(m.weight, m.dequantized())
 
 
+def test_a_step_moves_each_layers_scales_by_the_same_fraction_of_their_size(make_cfg):
+    """AdamW's first step moves every entry by its group's learning rate (m / sqrt(v) = +-1), so with the scales' rate
+    relative to each layer's mean |scale| every layer's scales move by ``scales_relative_lr`` of their own mean size."""
+    rel = 0.02
+    cfg = quantized(
+        make_cfg, "tune.train_scales=true", "tune.steps=1", "tune.warmup_ratio=0", "tune.lr_scheduler_type=constant", f"tune.scales_relative_lr={rel}"
+    )
+    before, after = tensors(cfg.quantized_dir), tensors(tune_run(cfg, overwrite=False))
+    for k in (k for k in before if k.endswith(".scale")):
+        s0, step = before[k].float(), (after[k].float() - before[k].float()).abs()
+        moved = step[step > 0]
+        assert moved.numel() > 0.9 * step.numel(), k
+        torch.testing.assert_close(moved, torch.full_like(moved, rel * s0.abs().mean().item()), rtol=0.05, atol=0)
+
+
 def straight_and_killed(cfg, tmp_path: Path, monkeypatch, kill_at: int):
     """``cfg`` tuned straight through (into ``a/``), and the same run killed right after checkpoint ``kill_at`` (``b/``):
     ``(straight final, the killed run's config)``; resuming the latter must reproduce the former."""

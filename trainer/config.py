@@ -149,6 +149,8 @@ class TuneConfig:
     """Start from the post-pass factors as saved (``closed_form``) or from fresh ones at ``postpass.rank`` (``zero``: lora_B = 0, lora_A random, as peft starts)."""
     train_scales: bool = False
     """Also train the per-channel / per-group weight scales (codes stay frozen); int schemes only."""
+    scales_relative_lr: Annotated[float, Gt(0.0)] = 1e-3
+    """With ``train_scales``: AdamW's peak learning rate for each layer's scales, as a fraction of the mean absolute value of its scales (about the share a step moves them); the factors' absolute rate would move 4-bit scales by percents per step."""
     data: str | None = None
     """Tuning text; null = the calibration text (``postpass.calibration_path``, else ``data.path``). Must not be the evaluation text."""
     seq_len: Annotated[int, Ge(8)] = 256

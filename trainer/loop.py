@@ -82,9 +82,8 @@ def process_group_kwargs() -> list:
     return []
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+def build_optimizer(groups: list[dict[str, Any]], t: TrainingConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
 def total_steps(t: TrainingConfig, micro_batches_per_epoch: int) -> int:
@@ -263,7 +262,7 @@ def setup(cfg: TrainConfig, *, overwrite: bool = False, task: Task | None = None
     blocks = build_blocks(cfg.data, tokenizer, documents)
     train_dl = train_loader(blocks.train, t.per_device_train_batch_size, t.seed)
     eval_dl = eval_loader(blocks.eval, t.per_device_eval_batch_size) if len(blocks.eval) else None
-    opt = build_optimizer(model, t)
+    opt = build_optimizer(task.param_groups(model, t), t)
     model, opt, train_dl = acc.prepare(model, opt, train_dl)
     eval_dl = acc.prepare(eval_dl) if eval_dl is not None else None
     task.ready(acc)

@@ -51,6 +51,10 @@ class Task:
     def ready(self, accelerator: Any) -> None:
         """Called once accelerate prepared the model: move what the task keeps beside it to its device."""
 
+    def param_groups(self, model: torch.nn.Module, t: TrainingConfig) -> list[dict[str, Any]]:
+        """AdamW's parameter groups: every trainable parameter at ``training.learning_rate``."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
     def scheduler(self, opt: torch.optim.Optimizer, t: TrainingConfig, max_steps: int) -> Any:
         """The learning-rate schedule (``training.lr_scheduler_type`` over the run)."""
         return build_scheduler(opt, t, max_steps)

@@ -241,6 +241,21 @@ class Distill(Task):
             enable_gradient_checkpointing(student, "tune.gradient_checkpointing")
         return student.train(), tokenizer
 
+    def param_groups(self, model: torch.nn.Module, t: TrainingConfig) -> list[dict[str, Any]]:
+        """The factors at ``tune.learning_rate``; each layer's scales in a group of their own, at
+        ``tune.scales_relative_lr`` × that layer's mean |scale| and without weight decay.
+
+        AdamW moves a parameter by about its learning rate per step, whatever the parameter's size: the factors' rate
+        (4e-4) is a few percent of a 4-bit group-64 scale (~0.01) per step, and tuning with it diverged on SmolLM2
+        (held-out KL 0.076 -> 0.130 in 50 steps). A rate proportional to the layer's scales moves every layer by the
+        same fraction. Fixed from the source's scales when the model is built, so a resumed run has the same rates."""
+        scales = [m.scale for m in model.modules() if isinstance(m, QuantLinear) and m.scale.requires_grad]
+        ids = {id(s) for s in scales}
+        groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids]}]
+        rel = self.job.tune.scales_relative_lr
+        groups += [{"params": [s], "lr": rel * s.detach().abs().mean().item(), "weight_decay": 0.0} for s in scales]
+        return [g for g in groups if g["params"]]
+
     def ready(self, accelerator: Any) -> None:
         self.teacher.to(accelerator.device)
         self.accelerator = accelerator
