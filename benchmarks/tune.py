@@ -15,7 +15,14 @@ of WikiText-2 valid; tuning reads the same validation text (its last 5% is held 
 ``noise: quant_step`` and QAT on the row's own grid (trained per scheme), plain LoRA once; every row
 is measured against its own source's float perplexity.
 
+``--reuse-postpass``: a cell whose ``--work`` folder already holds a post-pass result made by the same
+scheme, method, quantizer and reconstructor options, rank, source and calibration tokens tunes from it
+instead of solving it again (the SignRound starts take ~35 min on 2 cores); the row says so
+(``postpass_reused``) and keeps the original's ``postpass_seconds``.
+
     .venv/bin/python benchmarks/tune.py --schemes w4 w4g64 q4_0 w4a8 w3g64 --steps 150
+    .venv/bin/python benchmarks/tune.py --schemes w4g64r7 --starts signround-block+whiten --set quant.weight.full_range=true \
+        tune.train_scales=true --work runs/bench-tune-held --reuse-postpass --out benchmarks/results/tune_scales.json
     .venv/bin/python benchmarks/tune.py --train lora npft qat --train-steps 60 --schemes w4 --starts l2qer whiten \
         --steps 100 --train-set training.per_device_train_batch_size=2 --out benchmarks/results/tune_sources.json
 """
@@ -35,6 +42,7 @@ import torch
 from common import add_run_arguments, fine_tune, train_rows
 
 from qaft.core.model import ModelConfig, load_model_and_tokenizer
+from qaft.core.typed import to_plain
 from qaft.core.text import token_stream
 from qaft.eval.perplexity import perplexity
 from qaft.export.exporter import load_export
@@ -42,7 +50,8 @@ from qaft.pipeline.commands import export_run, quantize_and_save, tune_run
 from qaft.pipeline.config import load_config
 from qaft.quant.budget import model_bpw
 from qaft.quant.grid import fake_quant_activation
-from qaft.quant.store import load_quantized
+from qaft.quant.methods import of_config
+from qaft.quant.store import META, load_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "configs" / "smollm2-postpass.yaml"
@@ -89,6 +98,23 @@ def trained_source(method: str, scheme: str, args, work: Path) -> str:
     return fine_tune(TRAIN, args.train_steps, [*SCHEMES[scheme], *args.set, *args.train_set], FINE_TUNES[method], out)
 
 
+def reusable_postpass(cfg) -> dict | None:
+    """The record of the post-pass result in ``cfg.quantized_dir`` when this config would make the same one, else None."""
+    path = cfg.quantized_dir / META
+    if not path.is_file():
+        return None
+    meta, method, p = json.loads(path.read_text()), of_config(cfg.postpass), cfg.postpass
+    calib = meta["calibration"]
+    same = (
+        meta["scheme"] == {"version": meta["scheme"]["version"]} | to_plain(cfg.quant)
+        and (meta["method"], meta["rank"], meta["quantizer"], meta["reconstructor"], meta["source_model"])
+        == (method.label, p.rank if method.reconstructor else 0, to_plain(method.quantizer), to_plain(method.reconstructor), cfg.model.name_or_path)
+        and (calib["path"], calib["samples"], calib["seq_len"], meta["randomized_svd"])
+        == (str(cfg.calibration_path), p.calibration_samples, p.calibration_seq_len, p.randomized_svd)
+    )
+    return meta if same else None
+
+
 def tune_row(source: str, scheme: str, start: str, args, out: Path, ids: torch.Tensor, float_ppl: float) -> dict:
     """Post-pass, closed-form perplexity, ``qaft tune``, tuned perplexity (and the export's for GGUF) of one cell."""
     cfg = load_config(
@@ -108,9 +134,13 @@ def tune_row(source: str, scheme: str, start: str, args, out: Path, ids: torch.T
         ],
     )
     row: dict = {"scheme": cfg.quant.label, "start": start, "rank": cfg.postpass.rank}
-    t0 = time.perf_counter()
-    quantize_and_save(cfg, overwrite=True, progress=False)
-    row["postpass_seconds"] = time.perf_counter() - t0
+    reusable = reusable_postpass(cfg) if args.reuse_postpass else None
+    if reusable is not None:
+        row["postpass_reused"], row["postpass_seconds"] = str(cfg.quantized_dir), reusable["seconds"]
+    else:
+        t0 = time.perf_counter()
+        quantize_and_save(cfg, overwrite=True, progress=False)
+        row["postpass_seconds"] = time.perf_counter() - t0
     solved, _, _ = load_quantized(cfg.quantized_dir)
     row["bits_per_weight"] = model_bpw(solved)
     row["closed_form_ppl"] = perplexity(solved, ids, cfg.eval.seq_len, cfg.eval.windows, progress=False).ppl
@@ -146,6 +176,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="the source model: the original, or a training run's final/")
     ap.add_argument("--train", nargs="*", default=[], choices=list(FINE_TUNES), help="also fine-tuned sources (rows keyed source/scheme/start)")
     ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--reuse-postpass", action="store_true", help="tune from a matching post-pass result already in --work")
     add_run_arguments(ap, ROOT, "tune")
     args = ap.parse_args()
     work = Path(args.work)
