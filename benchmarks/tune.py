@@ -42,8 +42,8 @@ import torch
 from common import add_run_arguments, fine_tune, train_rows
 
 from qaft.core.model import ModelConfig, load_model_and_tokenizer
-from qaft.core.typed import to_plain
 from qaft.core.text import token_stream
+from qaft.core.typed import to_plain
 from qaft.eval.perplexity import perplexity
 from qaft.export.exporter import load_export
 from qaft.pipeline.commands import export_run, quantize_and_save, tune_run
