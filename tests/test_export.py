@@ -65,19 +65,28 @@ def test_export_reloads_with_transformers_and_peft_to_the_same_logits(make_cfg, 
         assert len(set(manifest["ranks"].values())) > 1
 
 
+def stored_and_packed(cfg, out: Path) -> tuple[dict, dict]:
+    """``(the post-pass result's tensors, the packed base checkpoint's tensors)``."""
+    return load_file(cfg.training.output_dir + "/quantized/model.safetensors"), load_file(str(out / "base" / "model.safetensors"))
+
+
+def unpacked_codes(base: dict, name: str) -> torch.Tensor:
+    """The int4 codes of ``name`` as compressed-tensors stores them (signed), unpacked."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    return unpack_from_int32(base[f"{name}.weight_packed"], 4, torch.Size(base[f"{name}.weight_shape"].tolist())).to(torch.int16)
+
+
 def test_packed_codes_unpack_to_the_rtn_integers_and_factors_round_trip(make_cfg):
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     cfg = quantized(make_cfg, "quant.weight.granularity=group", "quant.weight.group_size=32", "quant.weight.symmetric=false")
     out, m = export(cfg, overwrite=False, progress=False)
-    store = load_file(cfg.training.output_dir + "/quantized/model.safetensors")
-    base = load_file(str(out / "base" / "model.safetensors"))
+    store, base = stored_and_packed(cfg, out)
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert m["quantized_modules"]
     for name in m["quantized_modules"]:
-        codes = store[f"{name}.codes"]
-        unpacked = unpack_from_int32(base[f"{name}.weight_packed"], 4, torch.Size(base[f"{name}.weight_shape"].tolist()))
-        assert torch.equal(unpacked.to(torch.int16) + 8, codes), name  # signed storage, offset 2^(b-1)
+        assert torch.equal(unpacked_codes(base, name) + 8, store[f"{name}.codes"]), name  # signed storage, offset 2^(b-1)
         zp = unpack_from_int32(base[f"{name}.weight_zero_point"], 4, store[f"{name}.zero"].shape, packed_dim=0)
         assert torch.equal(zp.to(torch.int16) + 8, store[f"{name}.zero"])
         assert torch.equal(base[f"{name}.weight_scale"], store[f"{name}.scale"])
@@ -101,15 +110,11 @@ def test_packed_codes_unpack_to_the_rtn_integers_and_factors_round_trip(make_cfg
 
 def test_full_range_codes_and_signed_scales_pack_unchanged(make_cfg):
     """compressed-tensors' signed int4 holds code −8 and a negative scale as they are: the packed checkpoint is ours."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
     cfg = quantized(make_cfg, "quant.weight.full_range=true")
     out, m = export(cfg, overwrite=False, progress=False)
-    store = load_file(cfg.training.output_dir + "/quantized/model.safetensors")
-    base = load_file(str(out / "base" / "model.safetensors"))
+    store, base = stored_and_packed(cfg, out)
     for name in m["quantized_modules"]:
-        unpacked = unpack_from_int32(base[f"{name}.weight_packed"], 4, torch.Size(base[f"{name}.weight_shape"].tolist()))
-        assert torch.equal(unpacked.to(torch.int16), store[f"{name}.codes"]), name
+        assert torch.equal(unpacked_codes(base, name), store[f"{name}.codes"]), name
         assert torch.equal(base[f"{name}.weight_scale"], store[f"{name}.scale"]), name
     assert min(store[f"{n}.codes"].min().item() for n in m["quantized_modules"]) == -8
     assert any((store[f"{n}.scale"] < 0).any() for n in m["quantized_modules"])
