@@ -120,7 +120,9 @@ def skip_inference_comm_build() -> None:
     a compile that hung, or whose lock a killed run left behind, would otherwise stall every later launch."""
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)  # a dict in every DeepSpeed that has the op (0.14+)
+    if isinstance(table, dict):
+        table["deepspeed_shm_comm"] = False
 
 
 def fill_deepspeed_config(accelerator: Any, max_grad_norm: float, accumulation: int) -> None:
