@@ -190,14 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QaftError as e:
         return _report(e)
     except KeyboardInterrupt:
-        print("qaft: interrupted", file=sys.stderr)
+        _say("qaft: interrupted\n")
         return 130
     except Exception as e:
         problem = environment_problem(e, what=getattr(e, "filename", None) or "a file", doing="accessing")  # a write io.writing did not wrap
         if problem is not None:
             return _report(problem)
         traceback.print_exc()
-        print("qaft: internal error (a bug in qaft): please report it with the traceback above", file=sys.stderr)
+        _say("qaft: internal error (a bug in qaft): please report it with the traceback above\n")
         return 1
 
 
@@ -210,9 +210,15 @@ def _stacks_on_sigusr1() -> None:
 
 
 def _report(e: Any) -> int:
-    for line in str(e).splitlines() or [type(e).__name__]:
-        print(f"qaft: error: {line}", file=sys.stderr)
+    _say("".join(f"qaft: error: {line}\n" for line in str(e).splitlines() or [type(e).__name__]))
     return e.exit_code
+
+
+def _say(text: str) -> None:
+    """``text`` (whole lines) to stderr in one write: every rank of a launch reports on the same stream, and
+    ``print`` writes a line and its newline separately, so two ranks' lines ran into one."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -142,3 +142,15 @@ def test_sigusr1_prints_where_every_thread_waits_and_the_run_goes_on():
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and "finished" in out, (p.returncode, err[-2000:])
     assert "most recent call first" in err and "in waiting_for_a_peer" in err, err[-2000:]
+
+
+def test_an_error_reaches_stderr_in_one_write_of_whole_lines(monkeypatch):
+    """Every rank of a launch reports on one stream: a line written apart from its newline (``print``) lets another
+    rank's line run into it (seen: two ranks' "stopped by SIGTERM" lines on one line). One write, whole lines."""
+    from qaft.core.errors import QaftError
+    from qaft.pipeline import cli
+
+    writes: list[str] = []
+    monkeypatch.setattr(sys, "stderr", type("Recorder", (), {"write": lambda self, s: writes.append(s), "flush": lambda self: None})())
+    assert cli._report(QaftError("first problem\nsecond problem")) == QaftError.exit_code
+    assert writes == ["qaft: error: first problem\nqaft: error: second problem\n"]
