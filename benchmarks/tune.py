@@ -46,11 +46,10 @@ from qaft.core.text import token_stream
 from qaft.core.typed import to_plain
 from qaft.eval.perplexity import perplexity
 from qaft.export.exporter import load_export
-from qaft.pipeline.commands import export_run, quantize_and_save, tune_run
+from qaft.pipeline.commands import export_run, postpass_settings, quantize_and_save, tune_run
 from qaft.pipeline.config import load_config
 from qaft.quant.budget import model_bpw
 from qaft.quant.grid import fake_quant_activation
-from qaft.quant.methods import of_config
 from qaft.quant.store import META, load_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,14 +102,12 @@ def reusable_postpass(cfg) -> dict | None:
     path = cfg.quantized_dir / META
     if not path.is_file():
         return None
-    meta, method, p = json.loads(path.read_text()), of_config(cfg.postpass), cfg.postpass
+    meta, p = json.loads(path.read_text()), cfg.postpass
     calib = meta["calibration"]
     same = (
-        meta["scheme"] == {"version": meta["scheme"]["version"]} | to_plain(cfg.quant)
-        and (meta["method"], meta["rank"], meta["quantizer"], meta["reconstructor"], meta["source_model"])
-        == (method.label, p.rank if method.reconstructor else 0, to_plain(method.quantizer), to_plain(method.reconstructor), cfg.model.name_or_path)
-        and (calib["path"], calib["samples"], calib["seq_len"], meta["randomized_svd"])
-        == (str(cfg.calibration_path), p.calibration_samples, p.calibration_seq_len, p.randomized_svd)
+        meta["scheme"] == to_plain(cfg.quant)
+        and all(meta.get(k) == v for k, v in postpass_settings(cfg).items())
+        and (calib["path"], calib["samples"], calib["seq_len"]) == (str(cfg.calibration_path), p.calibration_samples, p.calibration_seq_len)
     )
     return meta if same else None
 

@@ -60,22 +60,29 @@ def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) ->
     ensure_writable(out, overwrite, key="postpass.output_dir")  # before the model load; save_quantized checks again
     model, tok = load_model_and_tokenizer(cfg.model)
     calib = calibration_of(cfg, tok)
-    method = of_config(p)
     t0 = time.perf_counter()
     reports, _ = quantize_model(model, calib, cfg.quant, p, progress=progress)
     meta = {
+        **postpass_settings(cfg),
+        "calibration": calibration_record(cfg.calibration_path, calib),
+        "seconds": time.perf_counter() - t0,
+        "layers": [asdict(r) for r in reports],
+    }
+    return save_quantized(model, tok, out, cfg.quant, meta, overwrite=overwrite)
+
+
+def postpass_settings(cfg: Config) -> dict[str, Any]:
+    """What a post-pass result records of the settings that made it, beside its scheme and calibration tokens."""
+    p, method = cfg.postpass, of_config(cfg.postpass)
+    return {
         "method": method.label,
         "rank": p.rank if method.reconstructor else 0,
         "factor_bits": p.factor_bits if method.reconstructor else None,
         "quantizer": to_plain(method.quantizer),
         "reconstructor": to_plain(method.reconstructor),
         "source_model": cfg.model.name_or_path,
-        "calibration": calibration_record(cfg.calibration_path, calib),
         "randomized_svd": p.randomized_svd,
-        "seconds": time.perf_counter() - t0,
-        "layers": [asdict(r) for r in reports],
     }
-    return save_quantized(model, tok, out, cfg.quant, meta, overwrite=overwrite)
 
 
 def check_export_destination(cfg: Config, overwrite: bool) -> None:

@@ -34,7 +34,7 @@ from .data import build_blocks, eval_loader, load_documents, train_loader
 from .kd import next_token_nll
 from .metrics import MetricsLogger, Throughput
 from .outputs import prepare_output_dir
-from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, skip_inference_comm_build, zero_stage
+from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, launched_with, skip_inference_comm_build, zero_stage
 from .preempt import StopRequests
 from .task import FineTune, Task
 
@@ -49,7 +49,7 @@ def build_accelerator(t: TrainingConfig) -> Any:
     for tracker in t.report_to:
         if tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise PreflightError("training.report_to: tensorboard is not installed; run `pip install 'qaft[tensorboard]'` or drop it from report_to")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    if launched_with("FSDP"):
         raise PreflightError(FSDP_REFUSED)
     plugin = GradientAccumulationPlugin(num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False)
     # One process may run several stages, each with its own precision (`qaft run`: train in float32, then tune in
@@ -57,7 +57,7 @@ def build_accelerator(t: TrainingConfig) -> Any:
     # (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if launched_with("DEEPSPEED"):
         skip_inference_comm_build()
     try:
         acc = Accelerator(
@@ -77,7 +77,7 @@ def build_accelerator(t: TrainingConfig) -> Any:
 def process_group_kwargs() -> list:
     """gloo for DeepSpeed on a machine without GPUs: accelerate picks no backend there, and every rank
     would believe it is alone while DeepSpeed's own world has them all (its batch check then fails)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
+    if launched_with("DEEPSPEED") and not torch.cuda.is_available():
         return [InitProcessGroupKwargs(backend="gloo")]
     return []
 

@@ -61,6 +61,12 @@ def _zero_stage_of(section: Mapping[str, Any], config_file: str) -> int:
         raise QaftError(f"--launch: {config_file}: cannot read deepspeed_config_file {str(path)!r}: {str(e).splitlines()[0]}") from None
 
 
+def launched_with(engine: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``accelerate launch`` started this process under ``engine`` (``DEEPSPEED``, ``FSDP``): the variable
+    ``ACCELERATE_USE_<engine>`` it exports to every rank."""
+    return (os.environ if environ is None else environ).get(f"ACCELERATE_USE_{engine}", "").lower() == "true"
+
+
 def launch_from(config_file: str | None, environ: Mapping[str, str] | None = None) -> Launch:
     """Read an accelerate config file, or the variables ``accelerate launch`` exports to the process."""
     env = os.environ if environ is None else environ
@@ -76,9 +82,9 @@ def launch_from(config_file: str | None, environ: Mapping[str, str] | None = Non
         if kind == "FSDP":
             return Launch(f"FSDP, {procs} process(es)", "FSDP")
         return Launch(f"{kind}, {procs} process(es)")
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if launched_with("DEEPSPEED", env):
         return _deepspeed(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?"), " (environment)")
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    if launched_with("FSDP", env):
         return Launch("FSDP (environment)", "FSDP")
     return Launch(f"single process or DDP ({env.get('WORLD_SIZE', '1')} process(es))")
 

@@ -251,7 +251,7 @@ class Distill(Task):
         same fraction. Fixed from the source's scales when the model is built, so a resumed run has the same rates."""
         scales = [m.scale for m in model.modules() if isinstance(m, QuantLinear) and m.scale.requires_grad]
         ids = {id(s) for s in scales}
-        groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids]}]
+        groups = [{"params": [p for g in super().param_groups(model, t) for p in g["params"] if id(p) not in ids]}]
         rel = self.job.tune.scales_relative_lr
         groups += [{"params": [s], "lr": rel * s.detach().abs().mean().item(), "weight_decay": 0.0} for s in scales]
         return [g for g in groups if g["params"]]
