@@ -77,25 +77,27 @@ def training_record(source_model: str) -> dict[str, Any] | None:
     }
 
 
-def evaluate(folder: Path, source: ModelConfig, protocol: EvalConfig, progress: bool) -> tuple[dict[str, Any], torch.Tensor]:
-    """Perplexity of the float source model, the packed base alone and base + adapter, reloaded from ``folder``;
-    and the protocol's windows (token ids of the folder's tokenizer), for the runtime check."""
-    loaded, tok, _ = load_export(folder, verify=False)
+def evaluate_export(reloaded: tuple[torch.nn.Module, Any], protocol: EvalConfig, progress: bool) -> tuple[dict[str, float], dict[str, Any], torch.Tensor]:
+    """Perplexity of the packed base alone and of base + adapter (``reloaded``: the format's reload of the
+    folder), the protocol record, and the protocol's windows (token ids of the folder's tokenizer) for the
+    runtime check."""
+    loaded, tok = reloaded
     ids = token_stream(protocol.path, tok, key="eval.path")
-    run = lambda m: perplexity(m, ids, protocol.seq_len, protocol.windows, progress=progress)  # noqa: E731
-    results = {}
+    run = lambda: perplexity(loaded, ids, protocol.seq_len, protocol.windows, progress=progress)  # noqa: E731
+    ppl = {}
     if hasattr(loaded, "disable_adapter"):
         with loaded.disable_adapter():
-            results["base"] = run(loaded).ppl
-        results["base+adapter"] = run(loaded).ppl
-    else:
-        results["base"] = run(loaded).ppl
-    del loaded
-    float_model, _ = load_model_and_tokenizer(source)
-    r = run(float_model)
-    results = {"float": r.ppl, **results}
-    record = {"protocol": {"eval_path": protocol.path, "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens}, "ppl": results}
-    return record, windows_of(ids, protocol.seq_len, protocol.windows)
+            ppl["base"] = run().ppl
+    r = run()
+    ppl["base+adapter" if "base" in ppl else "base"] = r.ppl
+    record = {"eval_path": protocol.path, "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens}
+    return ppl, record, windows_of(ids, protocol.seq_len, protocol.windows)
+
+
+def float_ppl(source: ModelConfig, protocol: EvalConfig, progress: bool) -> float:
+    """The float source model's perplexity on the protocol (the table's first row), with its own tokenizer."""
+    model, tok = load_model_and_tokenizer(source)
+    return perplexity(model, token_stream(protocol.path, tok, key="eval.path"), protocol.seq_len, protocol.windows, progress=progress).ppl
 
 
 def check_runtime(fmt: type[ExportFormat], settings: ExportConfig) -> None:
@@ -105,12 +107,12 @@ def check_runtime(fmt: type[ExportFormat], settings: ExportConfig) -> None:
         raise PreflightError(f"export.runtime_check: required, but {fmt.runtime} cannot run here: {why}; or set export.runtime_check=auto")
 
 
-def runtime_record(fmt: type[ExportFormat], folder: Path, settings: ExportConfig, windows: torch.Tensor | None) -> dict[str, Any] | None:
+def runtime_record(writer: ExportFormat, folder: Path, settings: ExportConfig, windows: torch.Tensor | None) -> dict[str, Any] | None:
     """The manifest's ``runtime_check``: what the format's runtime measured on the files, or why it did not run."""
-    if fmt.runtime is None or settings.runtime_check == "skip":
+    if writer.runtime is None or settings.runtime_check == "skip":
         return None
-    why = fmt.runtime_missing()
-    return {"runtime": {"name": fmt.runtime}, "skipped": why} if why else fmt.runtime_check(folder, windows)
+    why = writer.runtime_missing()
+    return {"runtime": {"name": writer.runtime}, "skipped": why} if why else writer.runtime_check(folder, windows, writer.reload(folder))
 
 
 def export(
@@ -127,14 +129,20 @@ def export(
     model, tok, meta = load_quantized(src)
     fmt.check_model(model, scheme)
     reference = copy.deepcopy(model)  # the writers may consume ``model``
+    writer = fmt()
     with staged(out) as tmp:
-        written = fmt().write(tmp, model, reference, tok, scheme, meta, settings)
+        written = writer.write(tmp, model, reference, tok, scheme, meta, settings)
         del model, reference
         training = training_record(meta["source_model"])
-        evaluation, windows = evaluate(tmp, source, protocol, progress) if settings.evaluate and protocol is not None and protocol.path else (None, None)
-        runtime = runtime_record(fmt, tmp, settings, windows)
-        if evaluation and runtime:
-            evaluation["ppl"] |= {name: row["ppl"] for name, row in runtime.get("rows", {}).items()}
+        evaluation, windows = None, None
+        if settings.evaluate and protocol is not None and protocol.path:
+            ppl, record, windows = evaluate_export(writer.reload(tmp), protocol, progress)
+            evaluation = {"protocol": record, "ppl": ppl}
+        runtime = runtime_record(writer, tmp, settings, windows)
+        writer.release()
+        if evaluation:  # the float source last: one model in memory at a time
+            evaluation["ppl"] = {"float": float_ppl(source, protocol, progress)} | evaluation["ppl"]
+            evaluation["ppl"] |= {name: row["ppl"] for name, row in (runtime or {}).get("rows", {}).items()}
         record = {
             **written,
             "scheme": meta["scheme"],

@@ -132,10 +132,11 @@ def stored_floats(reference: torch.nn.Module, float_type: str) -> torch.nn.Modul
     return rounded
 
 
-def check_parity(folder: Path, reference: torch.nn.Module, tok: Any, settings: ExportConfig) -> tuple[dict[str, Any], bool]:
-    """``({check: Parity}, tokenizer agrees)``; a difference above ``export.parity_atol`` is an error."""
+def check_parity(reloaded: tuple[torch.nn.Module, Any], reference: torch.nn.Module, tok: Any, settings: ExportConfig) -> tuple[dict[str, Any], bool]:
+    """``({check: Parity}, tokenizer agrees)`` of ``reloaded`` (``load_gguf`` of the files) against ``reference``;
+    a difference above ``export.parity_atol`` is an error."""
     prompts = prompt_ids(tok)
-    loaded, loaded_tok = load_gguf(folder)
+    loaded, loaded_tok = reloaded
     same_tokens = all(tok(p, add_special_tokens=False)["input_ids"] == loaded_tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS)
     ref = stored_floats(reference, settings.gguf_float_type)
     results = {}
@@ -207,7 +208,7 @@ class GGUF(ExportFormat):
         )
         ranks = write_adapter(model, tmp / ADAPTER_FILE)
         quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-        parity, same_tokens = check_parity(tmp, reference, tokenizer, settings)
+        parity, same_tokens = check_parity(self.reload(tmp), reference, tokenizer, settings)
         return {
             "format": {
                 "model": f"GGUF {t.value} ({model_file(t)})",
@@ -239,11 +240,10 @@ class GGUF(ExportFormat):
         return llamacpp_runtime.missing()
 
     @classmethod
-    def runtime_check(cls, folder: Path, windows: torch.Tensor | None) -> dict[str, Any]:
+    def runtime_check(cls, folder: Path, windows: torch.Tensor | None, reloaded: tuple[torch.nn.Module, Any]) -> dict[str, Any]:
         """llama.cpp on both files: its perplexity rows (``llama.cpp``, ``llama.cpp+adapter``) and greedy agreement."""
-        reloaded, tok = load_gguf(folder)
         adapter = folder / ADAPTER_FILE
-        return llamacpp.check(reloaded, tok, folder / model_file(gguf_type_of(folder)), adapter if adapter.is_file() else None, windows)
+        return llamacpp.check(*reloaded, folder / model_file(gguf_type_of(folder)), adapter if adapter.is_file() else None, windows)
 
     @classmethod
     def card(cls, m: dict[str, Any]) -> str:

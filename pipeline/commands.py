@@ -186,8 +186,7 @@ def export_rows(folder: str | Path, cfg: Config, progress: bool, runtime: str | 
         results[name] = {"ppl": r.ppl, "seconds": r.seconds, "eval_seconds": r.seconds, "manifest_verified": True, "layers": []}
     info = {"path": str(folder), "scheme": record["scheme_label"], "method": record["method"], "manifest_verified": True}
     if runtime is not None:
-        del exported
-        check = fmt.runtime_check(Path(folder), text.windows_of(ids, cfg.eval.seq_len, cfg.eval.windows))
+        check = fmt.runtime_check(Path(folder), text.windows_of(ids, cfg.eval.seq_len, cfg.eval.windows), (exported, tok))
         for name, row in check.pop("rows").items():
             results[name] = row | {"eval_seconds": row["seconds"], "manifest_verified": True, "layers": []}
         info["runtime_check"] = check

@@ -249,6 +249,39 @@ def test_qaft_eval_export_reads_gguf_exports_and_matches_the_manifest(make_cfg, 
     assert ADAPTER_FILE in capsys.readouterr().err
 
 
+def test_an_export_reads_its_files_once_and_lets_go_before_loading_the_float_model(make_cfg, tmp_path, monkeypatch):
+    """Parity, the perplexity rows and the llama.cpp check share one reload (a GGUF reload of SmolLM2 takes ~15 s);
+    it is dropped before the float source is loaded for the table's first row."""
+    import gc
+    import weakref
+
+    from qaft.export import exporter
+    from qaft.export.ggufformat import GGUF
+
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    cfg = gguf_result(make_cfg, "Q4_0", "export.evaluate=true", "export.runtime_check=auto", f"eval.path={text}", "eval.seq_len=32", "eval.windows=2")
+    reloads = []
+    real_load, real_float = GGUF.load.__func__, exporter.load_model_and_tokenizer
+
+    def counted(cls, folder, **options):
+        model, tok = real_load(cls, folder, **options)
+        reloads.append(weakref.ref(model))
+        return model, tok
+
+    def float_model(source):
+        gc.collect()
+        assert all(r() is None for r in reloads), "the reload is still alive while the float model loads"
+        return real_float(source)
+
+    monkeypatch.setattr(GGUF, "load", classmethod(counted))
+    monkeypatch.setattr(exporter, "load_model_and_tokenizer", float_model)
+    _, m = export(cfg, overwrite=False, progress=False)
+    assert len(reloads) == 1
+    assert list(m["evaluation"]["ppl"])[:3] == ["float", "base", "base+adapter"]
+    assert set(m["parity"]) == {"gguf model (transformers)", "gguf model+adapter (transformers)"}
+
+
 def test_a_gguf_model_is_dequantized_once_then_loaded_from_the_cache(make_cfg, tmp_path, monkeypatch):
     from qaft.core import model as model_mod
     from qaft.core.model import ModelConfig, gguf_cache, load_model_and_tokenizer
