@@ -38,7 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", type=float, nargs="+", default=[4.5, 5.0, 5.5])
     ap.add_argument("--methods", nargs="+", default=["whiten", "l2qer"])
-    ap.add_argument("--weightings", nargs="+", default=["relative", "absolute"], help="postpass.budget_weighting values to allocate with")
+    ap.add_argument("--weightings", nargs="+", default=["fisher", "absolute", "relative"], help="postpass.budget_weighting values to allocate with")
     ap.add_argument("--cap", type=int, default=128, help="largest rank the allocator may give one Linear")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "budget.json"))
     args = ap.parse_args()

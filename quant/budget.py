@@ -9,20 +9,23 @@ format) plus the factors. Choose ``k_ℓ`` minimising ``Σ e_ℓ(k_ℓ) / n_ℓ`
 
 Weighting ``n_ℓ`` (``postpass.budget_weighting``): ``absolute`` (n = 1, the default) sums the raw output errors, so
 the layers that write most into the residual stream count most; ``relative`` divides each by the layer's own
-output energy ``‖X Wᵀ‖²`` (the report's ``rel_output_error``, squared). Measured on SmolLM2 (W4 per-channel, whiten,
-benchmarks/budget.py): at 4.5 / 5.0 bits per weight absolute gives ppl 42.03 / 39.89, relative 43.63 / 40.72, the
-uniform rank at the same bits 42.35 / 39.61. Neither layer-local error predicts perplexity well: a sensitivity
-weighting (the distillation loss's gradient) is the next step.
+output energy ``‖X Wᵀ‖²`` (the report's ``rel_output_error``, squared); ``fisher`` multiplies each by the layer's
+sensitivity (``sensitivity.py``: the mean squared loss gradient at its output), the loss the error costs to
+second order. Measured on SmolLM2 (W4 per-channel, whiten, benchmarks/budget.py): at 4.5 / 5.0 bits per weight
+fisher gives ppl 41.94 / 38.91, absolute 41.99 / 39.89, relative 43.63 / 40.70, the uniform rank at the same bits
+42.36 / 39.54. Ranks alone move little; a choice of format per Linear is where the weighting decides.
 
 The curves are *measured* in the output space from the statistics (``output_error_curve``), for any
 reconstructor: for whitening SVD they equal the tail of the whitened singular values (tested), for L2QER and
 LQER they are the real output error their components leave, not a proxy.
 
-The problem is separable with one linear cost per layer, so the allocator is greedy over each curve's lower
-convex hull: hull segments (a jump from rank i to rank j) in order of error removed per bit, a layer's
-segments in its own order (their ratios decrease along the hull), a segment that does not fit skipped for the
-rest of that layer. This is optimal whenever the budget falls on a segment boundary (the fractional relaxation
-is then integral), and within one segment of optimal otherwise; tested against brute force.
+The problem is separable, so the allocator is greedy over each Linear's lower convex hull in (bits, error):
+its points are every (format, rank) of its menu (one format: the ranks), hull segments (a jump from one point
+to another, e.g. rank 1 → 3, or 4-bit rank 2 → 8-bit rank 0) taken in order of error removed per bit, a
+Linear's segments in its own order (their ratios decrease along the hull), a segment that does not fit
+skipped for the rest of that Linear. This solves the LP relaxation of the multiple-choice knapsack, so it is
+optimal whenever the budget falls on a segment boundary (the relaxation is then integral) and within one
+segment of optimal otherwise; tested against brute force, with formats and without.
 """
 
 from __future__ import annotations
@@ -92,61 +95,75 @@ def shape_bits(out: int, in_: int, spec: WeightQuant) -> tuple[int, int, int]:
     return _bits(q.codes.numel(), q.scale.numel(), 0 if q.zero is None else q.zero.numel(), spec.bits, out, in_)
 
 
-def _hull(errors: tuple[float, ...]) -> list[int]:
-    """Ranks on the lower convex hull of ``(k, errors[k])``, from 0 to the best rank."""
-    pts: list[int] = []
-    for k, y in enumerate(errors):
-        while len(pts) >= 2:
-            i, j = pts[-2], pts[-1]
-            if (errors[j] - errors[i]) * (k - i) >= (y - errors[i]) * (j - i):  # j is not below the chord i → k
-                pts.pop()
+def _hull(points: list[tuple[int, float]]) -> list[int]:
+    """Indices of ``points`` (``(bits, error)``) on their lower convex hull, from the cheapest point (the least error
+    among the cheapest) along strictly falling error: every option worth buying, in the order one buys them."""
+    order = sorted(range(len(points)), key=lambda i: points[i])
+    hull: list[int] = []
+    for i in order:
+        b, e = points[i]
+        if hull and (b == points[hull[-1]][0] or e >= points[hull[-1]][1]):
+            continue  # no cheaper than the last, or no better
+        while len(hull) >= 2:
+            (b1, e1), (b2, e2) = points[hull[-2]], points[hull[-1]]
+            if (e2 - e1) * (b - b1) >= (e - e1) * (b2 - b1):  # the last is not below the chord to this one
+                hull.pop()
             else:
                 break
-        pts.append(k)
-    best = min(range(len(errors)), key=lambda k: (errors[k], k))
-    return [k for k in pts if k <= best]
+        hull.append(i)
+    return hull
 
 
-def bounds(curves: list[Curve], cap: int | None = None) -> tuple[float, float]:
-    """``(min, max)`` bits per weight the budget can take: every layer at rank 0, every layer at the cap."""
-    weights = sum(c.weights for c in curves)
-    base = sum(c.base_bits for c in curves)
-    top = sum(c.base_bits + c.bits_per_rank * (len(c.errors) - 1 if cap is None else cap) for c in curves)
-    return base / weights, top / weights
+def _options(curves: list[Curve]) -> list[tuple[int, int]]:
+    """Every ``(curve, rank)`` of one Linear's menu."""
+    return [(f, k) for f, c in enumerate(curves) for k in range(len(c.errors))]
 
 
-def allocate(curves: list[Curve], budget_bpw: float) -> list[int]:
-    """The rank of each Linear (same order as ``curves``) within ``budget_bpw`` bits per quantized weight."""
-    low, high = bounds(curves)
+def bounds(layers: list[list[Curve]], cap: int | None = None) -> tuple[float, float]:
+    """``(min, max)`` bits per weight the budget can take: every Linear at its cheapest option at rank 0, every one at
+    its dearest at the cap (``cap`` None: each curve's last rank). ``layers``: each Linear's menu of curves."""
+    weights = sum(menu[0].weights for menu in layers)
+    low = sum(min(c.base_bits for c in menu) for menu in layers)
+    high = sum(max(c.base_bits + c.bits_per_rank * (len(c.errors) - 1 if cap is None else cap) for c in menu) for menu in layers)
+    return low / weights, high / weights
+
+
+def allocate(layers: list[list[Curve]], budget_bpw: float) -> list[tuple[int, int]]:
+    """``(index into its menu, rank)`` of each Linear within ``budget_bpw`` bits per quantized weight, minimising the
+    summed error. ``layers[i]``: Linear i's menu, one ``Curve`` per weight format it may take (one for a fixed format)."""
+    low, high = bounds(layers)
     if budget_bpw < low:
+        cap = max(len(c.errors) - 1 for menu in layers for c in menu)
         raise ConfigError(
             f"postpass.budget_bpw: {budget_bpw:g} bits per weight is below what the codes and scales alone take, {low:.3f}; "
-            f"use at least {low:.3f} (up to {high:.3f} buys every layer rank {len(curves[0].errors) - 1}), or a smaller weight format"
+            f"use at least {low:.3f} (up to {high:.3f} buys every layer rank {cap}), or a smaller weight format"
         )
-    left = budget_bpw * sum(c.weights for c in curves) - sum(c.base_bits for c in curves)
-    ranks = [0] * len(curves)
-    hulls = [_hull(c.errors) for c in curves]
+    options = [_options(menu) for menu in layers]
+    points = [[(menu[f].base_bits + menu[f].bits_per_rank * k, menu[f].errors[k]) for f, k in opts] for menu, opts in zip(layers, options)]
+    hulls = [_hull(p) for p in points]
+    left = budget_bpw * sum(menu[0].weights for menu in layers) - sum(p[h[0]][0] for p, h in zip(points, hulls))
+    at = [0] * len(layers)  # each Linear's position on its hull
     heap: list[tuple[float, int, int]] = []  # (-error removed per bit, layer, index of the segment's end on its hull)
 
     def push(layer: int, end: int) -> None:
         if end < len(hulls[layer]):
-            c, i, j = curves[layer], hulls[layer][end - 1], hulls[layer][end]
-            heapq.heappush(heap, (-(c.errors[i] - c.errors[j]) / (c.bits_per_rank * (j - i)), layer, end))
+            (b1, e1), (b2, e2) = (points[layer][hulls[layer][j]] for j in (end - 1, end))
+            heapq.heappush(heap, (-(e1 - e2) / (b2 - b1), layer, end))
 
-    for layer in range(len(curves)):
+    for layer in range(len(layers)):
         push(layer, 1)
     while heap:
         _, layer, end = heapq.heappop(heap)
-        c, i, j = curves[layer], hulls[layer][end - 1], hulls[layer][end]
-        cost = c.bits_per_rank * (j - i)
+        cost = points[layer][hulls[layer][end]][0] - points[layer][hulls[layer][end - 1]][0]
         if cost > left:
             continue  # this layer's later segments need this one: the layer stops here
         left -= cost
-        ranks[layer] = j
+        at[layer] = end
         push(layer, end + 1)
-    return ranks
+    return [options[i][hulls[i][at[i]]] for i in range(len(layers))]
 
 
-def spent_bpw(curves: list[Curve], ranks: list[int]) -> float:
-    """Bits per quantized weight of an allocation, counted as the budget counts them."""
-    return sum(c.base_bits + c.bits_per_rank * k for c, k in zip(curves, ranks)) / sum(c.weights for c in curves)
+def spent_bpw(layers: list[list[Curve]], choices: list[tuple[int, int]]) -> float:
+    """Bits per quantized weight of an allocation (``allocate``'s choices), counted as the budget counts them."""
+    bits = sum(menu[f].base_bits + menu[f].bits_per_rank * k for menu, (f, k) in zip(layers, choices))
+    return bits / sum(menu[0].weights for menu in layers)

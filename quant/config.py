@@ -20,6 +20,9 @@ class BudgetWeighting(str, enum.Enum):
     """Each Linear's ``‖X Eᵀ‖² / ‖X Wᵀ‖²``: every layer's output counts alike."""
     ABSOLUTE = "absolute"
     """``‖X Eᵀ‖²`` itself: layers with large outputs (the residual stream's big writers) count more."""
+    FISHER = "fisher"
+    """``s · ‖X Eᵀ‖²``, ``s`` the mean squared loss gradient at the Linear's output (``quant/sensitivity.py``): the loss
+    the error costs, to second order; one extra forward and backward per calibration sequence."""
 
 
 class Propagation(str, enum.Enum):
@@ -44,7 +47,7 @@ class PostpassConfig:
     budget_bpw: Annotated[float, Gt(0.0)] | None = None
     """Bits per quantized weight for everything stored (codes, scales, fp16 factors): each Linear's rank is chosen from 0 … ``rank`` to minimise the summed output error (``budget_weighting``) within it (``quant/budget.py``); null = ``rank`` everywhere."""
     budget_weighting: BudgetWeighting = BudgetWeighting.ABSOLUTE
-    """What the budget allocator minimises, summed over the Linears: ``absolute`` (the raw output error ``‖X Eᵀ‖²``) or ``relative`` (each over its output energy). Measured in docs/methods/postpass.md."""
+    """What the budget allocator minimises, summed over the Linears: ``absolute`` (the output error ``‖X Eᵀ‖²``), ``relative`` (over its output energy) or ``fisher`` (times the mean squared loss gradient there). Measured in docs/methods/postpass.md."""
     energy: Annotated[float, Gt(0.0), Le(1.0)] | None = None
     """Per-layer rank: the smallest k keeping this share of the error energy, at most ``rank``, so the total stays within rank × layers; null = ``rank`` everywhere."""
     randomized_svd: bool = False

@@ -44,6 +44,7 @@ from .quantizers.base import Block, QuantizationFailed, WeightQuantizer
 from .reconstructors import RECONSTRUCTORS, Preparation
 from .reconstructors.base import Reconstructor
 from .scheme import Granularity, QuantScheme, WeightFormat
+from .sensitivity import output_sensitivity
 
 
 class _Captured(Exception):
@@ -319,26 +320,37 @@ def quantize_models(
         return reports, None
     if inputs is None:
         inputs = capture_inputs(models[calibrated[0]], decoder_layers(models[calibrated[0]])[1][0], calibration)
+    sensitivity = None
+    if postpass.budget_bpw is not None and postpass.budget_weighting is BudgetWeighting.FISHER:  # on the float model, before the walk
+        sensitivity = output_sensitivity(models[calibrated[0]], scheme.linears(models[calibrated[0]]), calibration)
     groups = [calibrated] if propagate is Propagation.FLOAT else [[k] for k in calibrated]  # the models that share one stream
     kept: dict[str, LayerStats] | None = {} if propagate is Propagation.FLOAT and keep_statistics else None
     for group in groups:
         _walk([models[k] for k in group], [solvers[k] for k in group], [reports[k] for k in group], inputs, st, propagate, kept, progress)
     if postpass.budget_bpw is not None:
-        reports = [apply_budget(m, r, postpass.budget_bpw, postpass.budget_weighting) for m, r in zip(models, reports)]
+        reports = [apply_budget(m, r, postpass.budget_bpw, postpass.budget_weighting, sensitivity) for m, r in zip(models, reports)]
     return reports, kept
 
 
-def apply_budget(model: torch.nn.Module, reports: list[LayerReport], budget_bpw: float, weighting: BudgetWeighting) -> list[LayerReport]:
+def apply_budget(
+    model: torch.nn.Module, reports: list[LayerReport], budget_bpw: float, weighting: BudgetWeighting, sensitivity: dict[str, float] | None = None
+) -> list[LayerReport]:
     """Choose each Linear's rank within the budget from the curves the walk measured (``budget.allocate``) and
     truncate its factors to it; the reports then say the rank and the output error each Linear is left with.
+    ``sensitivity``: ``output_sensitivity`` of the float model, for ``fisher`` weighting.
 
     Under quantized propagation the later layers were calibrated on a stream whose earlier layers still had
     ``postpass.rank`` components: the allocation comes after the one walk, so the post-pass costs one extra
     ``E·XᵀX`` product per Linear, not a second walk."""
     lins = {r.name: model.get_submodule(r.name) for r in reports}
-    scale = {r.name: r.output_energy if weighting is BudgetWeighting.ABSOLUTE else 1.0 for r in reports}
+    weight = {
+        BudgetWeighting.RELATIVE: lambda r: 1.0,
+        BudgetWeighting.ABSOLUTE: lambda r: r.output_energy,
+        BudgetWeighting.FISHER: lambda r: r.output_energy * sensitivity[r.name.removeprefix("base_model.model.")],  # type: ignore[index]  # scheme.linears' plain names
+    }[weighting]
+    scale = {r.name: weight(r) for r in reports}
     curves = [Curve(r.name, tuple(e * scale[r.name] for e in r.curve), *stored_bits(lins[r.name])) for r in reports]  # type: ignore[union-attr, operator]
-    ranks = allocate(curves, budget_bpw)
+    ranks = [k for _, k in allocate([[c] for c in curves], budget_bpw)]
     out = []
     for r, k in zip(reports, ranks):
         lins[r.name].truncate(k)
