@@ -44,7 +44,10 @@ class LayerStats:
         """Add one calibration batch (``[..., in]``). The batch's own products run in float32 (as GPTQ's
         reference code does; a float64 matmul is several times slower on CPUs) and the sums across batches
         accumulate in float64, so the statistics do not lose precision as tokens add up."""
-        x = x.detach().reshape(-1, self.in_features).float()
+        with torch.autocast(x.device.type, enabled=False):  # the hooks fire inside the calibration's bf16 autocast,
+            self._add(x.detach().reshape(-1, self.in_features).float())  # which would run xᵀx in bf16: not PSD
+
+    def _add(self, x: torch.Tensor) -> None:
         if self.xtx.device != x.device:  # accumulate where the activations live (a GPU, when the model is on one)
             self.abs_mean_max, self.abs_max, self.xtx = (t.to(x.device) for t in (self.abs_mean_max, self.abs_max, self.xtx))
         a = x.abs()

@@ -46,20 +46,24 @@ def test_layer_sequential_and_whole_model_calibration_give_the_same_statistics(t
         assert torch.allclose(sequential[k].abs_mean_max, whole[k].abs_mean_max, rtol=1e-5, atol=1e-7), k
 
 
-def test_linears_fed_one_tensor_share_one_set_of_statistics_and_it_is_exact(tiny):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_linears_fed_one_tensor_share_one_set_of_statistics_and_it_is_exact(tiny, bf16):
     """q/k/v (and gate/up) read one tensor: one ``LayerStats`` for them, read from tensor identity; its ``XᵀX``
-    (float32 products per batch, float64 sums) equals the float64 sum over the inputs each Linear really saw, to 1e-6."""
+    (float32 products per batch, float64 sums) equals the float64 sum over the inputs each Linear really saw, to 1e-6 —
+    also when the forwards run under bf16 autocast (``postpass.bf16``), which must not reach the statistics' own products
+    (a bf16 ``XᵀX`` is off by ~1e-3 and not even positive semi-definite: GPTQ's Cholesky then fails)."""
     model, calib = tiny
     scheme = QuantScheme()
     prefix, layers = decoder_layers(model)
     targets = scheme.layer_linears(layers[0], f"{prefix}.0")
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen[n].append(args[0])) for n, m in targets.items()]
-    with torch.no_grad(), collect(targets) as stats:
+    with torch.no_grad(), collect(targets) as stats, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for seq in calib:
             model(input_ids=seq[None], use_cache=False)
     for h in handles:
         h.remove()
+    assert (torch.bfloat16 in {t.dtype for xs in seen.values() for t in xs}) == bf16  # autocast reached the Linears
     same_input = {n: frozenset(k for k in targets if all(a is b for a, b in zip(seen[k], seen[n]))) for n in targets}
     same_stats = {n: frozenset(k for k in targets if stats[k] is stats[n]) for n in targets}
     assert same_stats == same_input and max(map(len, same_input.values())) >= 2

@@ -343,8 +343,6 @@ def test_block_tuning_holds_codes_only_and_forgets_the_optimizer_state_of_finish
     """``block`` keeps each quantized layer as int8 codes, the weight de-quantized per forward (1 byte per weight
     instead of 4), and a step of layer i's phase drops AdamW's state of layers < i, never trained again (the
     tuned results are covered by the block tests above, bit-exact resume mid-phase included)."""
-    import contextlib
-
     cfg = quantized(make_cfg, "tune.steps=4", "tune.objective=block")
     job = tune_job(cfg)
     task = Distill(job)
@@ -354,7 +352,8 @@ def test_block_tuning_holds_codes_only_and_forgets_the_optimizer_state_of_finish
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained)
     task.scheduler(opt, job.training, 4)
-    task.accelerator = SimpleNamespace(autocast=contextlib.nullcontext)
+    # the loop's autocast, as the job resolved it (bf16 where the CPU has bf16 units: the teacher is then stored in bf16)
+    task.accelerator = SimpleNamespace(autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=task.bf16))
     for p in trained:
         opt.state[p]["exp_avg"] = torch.zeros_like(p)
     first = {id(p) for p in task.layers[0][0].parameters()}
