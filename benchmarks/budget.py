@@ -17,12 +17,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import collections
 import copy
 import json
 import time
 from pathlib import Path
 
+from common import format_fields
+
 from qaft.core import text
+from qaft.core.hardware import precision
 from qaft.core.model import load_model_and_tokenizer
 from qaft.eval.perplexity import perplexity
 from qaft.pipeline.commands import calibration_of
@@ -40,15 +44,18 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["whiten", "l2qer"])
     ap.add_argument("--weightings", nargs="+", default=["fisher", "absolute", "relative"], help="postpass.budget_weighting values to allocate with")
     ap.add_argument("--cap", type=int, default=128, help="largest rank the allocator may give one Linear")
+    ap.add_argument("--menu", nargs="*", default=[], help="with formats too: postpass.budget_formats as w<bits>[g<group>] labels (e.g. w3g64 w8)")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides for every row, e.g. quant.weight.format=gguf quant.weight.gguf_type=Q4_0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "budget.json"))
     args = ap.parse_args()
-    base_cfg = load_config(CONFIG, [])
+    base_cfg = load_config(CONFIG, args.set)
     model, tok = load_model_and_tokenizer(base_cfg.model)
     calib, ids = calibration_of(base_cfg, tok), text.token_stream(base_cfg.eval.path, tok, key="eval.path")
     fp = perplexity(model, ids, base_cfg.eval.seq_len, base_cfg.eval.windows, progress=False).ppl
     shapes = [(m.out_features, m.in_features) for m in base_cfg.quant.linears(model).values()]
     bits = [shape_bits(*s, base_cfg.quant.weight) for s in shapes]
     n, base, per = (sum(b[i] for b in bits) for i in (2, 0, 1))
+    menu = json.dumps([format_fields(label) for label in args.menu])
     rows = []
     print(f"{'budget':>7} {'method':<8} {'allocation':<16} {'bits/w':>7} {'ranks (min/median/max)':>24} {'ppl':>8} {'vs fp':>7} {'s':>6}")
     for budget in args.budgets:
@@ -57,8 +64,10 @@ def main() -> None:
             allocated = [
                 (f"alloc {w}", [f"postpass.rank={args.cap}", f"postpass.budget_bpw={budget}", f"postpass.budget_weighting={w}"]) for w in args.weightings
             ]
+            if args.menu:
+                allocated += [(f"{kind} + formats", [*o, f"postpass.budget_formats={menu}"]) for kind, o in list(allocated)]
             for kind, overrides in [("uniform", [f"postpass.rank={uniform}"]), *allocated]:
-                cfg = load_config(CONFIG, [f"postpass.reconstructor={method}", *overrides])
+                cfg = load_config(CONFIG, [*args.set, f"postpass.reconstructor={method}", *overrides])
                 m = copy.deepcopy(model)
                 t0 = time.perf_counter()
                 reports, _ = quantize_model(m, calib, cfg.quant, cfg.postpass, progress=False)
@@ -67,7 +76,7 @@ def main() -> None:
                 ranks = sorted(r.rank for r in reports)
                 row = {"budget_bpw": budget, "method": method, "allocation": kind, "bits_per_weight": model_bpw(m), "ppl": ppl, "ratio_to_fp": ppl / fp}
                 row |= {"ranks": [r.rank for r in reports], "rank_min": ranks[0], "rank_median": ranks[len(ranks) // 2], "rank_max": ranks[-1]}
-                row |= {"postpass_seconds": seconds}
+                row |= {"postpass_seconds": seconds, "formats": dict(collections.Counter(r.weight_format or cfg.quant.weight.label for r in reports))}
                 rows.append(row)
                 print(
                     f"{budget:>7.2f} {method:<8} {kind:<16} {row['bits_per_weight']:>7.3f} {f'{ranks[0]}/{ranks[len(ranks) // 2]}/{ranks[-1]}':>24} "
@@ -76,7 +85,13 @@ def main() -> None:
                 )
                 del m
     protocol = {"config": str(CONFIG.relative_to(ROOT)), "scheme": base_cfg.quant.label, "fp_ppl": fp, "cap": args.cap, "windows": base_cfg.eval.windows}
-    protocol |= {"seq_len": base_cfg.eval.seq_len, "calibration": [base_cfg.postpass.calibration_samples, base_cfg.postpass.calibration_seq_len]}
+    protocol |= {
+        "menu": args.menu,
+        "overrides": args.set,
+        "seq_len": base_cfg.eval.seq_len,
+        "calibration": [base_cfg.postpass.calibration_samples, base_cfg.postpass.calibration_seq_len],
+        "calibration_precision": precision(base_cfg.postpass.bf16),
+    }
     Path(args.out).write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 

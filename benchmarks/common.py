@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -12,6 +13,19 @@ from qaft.eval.perplexity import perplexity
 from qaft.pipeline.commands import run_method
 from qaft.pipeline.config import load_config
 from qaft.trainer.loop import fit
+
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
+
+
+def format_fields(label: str) -> dict:
+    """``w4`` (per channel), ``w4g64`` or a GGUF type (``Q4_0``) → the ``quant.weight`` fields it names (the
+    benchmarks' menus of formats)."""
+    if label in GGUF_TYPES:
+        return {"format": "gguf", "gguf_type": label}
+    m = re.fullmatch(r"w(\d+)(?:g(\d+))?", label)
+    if not m:
+        raise SystemExit(f"--menu: {label!r} is not w<bits>, w<bits>g<group> (e.g. w4g64) or a GGUF type ({', '.join(GGUF_TYPES)})")
+    return {"bits": int(m[1]), "granularity": "group", "group_size": int(m[2])} if m[2] else {"bits": int(m[1]), "granularity": "channel"}
 
 
 def train_rows(run: Path, event: str = "train") -> list[dict]:

@@ -23,11 +23,11 @@ import argparse
 import copy
 import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 
 import torch
+from common import format_fields
 
 from qaft.core import text
 from qaft.core.model import load_model_and_tokenizer
@@ -37,7 +37,7 @@ from qaft.pipeline.config import load_config
 from qaft.quant.budget import Curve, allocate, shape_bits, spent_bpw
 from qaft.quant.calibrate import collect
 from qaft.quant.grid import quantize_weight
-from qaft.quant.scheme import Granularity, WeightQuant
+from qaft.quant.scheme import GGUFType, Granularity, WeightFormat, WeightQuant
 from qaft.quant.sensitivity import output_sensitivity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +46,10 @@ CONFIG = ROOT / "configs" / "smollm2-postpass.yaml"
 
 def format_of(label: str, base: WeightQuant) -> WeightQuant:
     """``w4`` (per channel) or ``w4g64`` on ``base``'s other settings."""
-    m = re.fullmatch(r"w(\d+)(?:g(\d+))?", label)
-    if not m:
-        raise SystemExit(f"--menu: {label!r} is not w<bits> or w<bits>g<group>, e.g. w4g64")
-    group = int(m[2]) if m[2] else None
-    return dataclasses.replace(base, bits=int(m[1]), granularity=Granularity.GROUP if group else Granularity.CHANNEL, group_size=group or base.group_size)
+    fields = format_fields(label)
+    if "gguf_type" in fields:
+        return WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType(fields["gguf_type"]))
+    return dataclasses.replace(base, **fields | {"granularity": Granularity(fields["granularity"]), "group_size": fields.get("group_size", base.group_size)})
 
 
 @torch.no_grad()

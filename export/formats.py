@@ -10,6 +10,7 @@ too). New format = one file with a subclass and one ``FORMATS.register`` call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,7 +19,8 @@ import torch
 from qaft.core.errors import ExportError
 from qaft.core.registry import Registry
 from qaft.core.typed import suggest
-from qaft.quant.scheme import QuantScheme
+from qaft.quant.fakequant import QuantLinear
+from qaft.quant.scheme import QuantScheme, WeightQuant
 
 if TYPE_CHECKING:  # the section (config.py) validates its format name against this registry
     from .config import ExportConfig
@@ -64,7 +66,9 @@ class ExportFormat:
 
     @classmethod
     def check_model(cls, model: torch.nn.Module, scheme: QuantScheme) -> None:
-        """Raise ``ExportError`` when the loaded post-pass result has something the files cannot hold."""
+        """Raise ``ExportError`` when the loaded post-pass result has something the files cannot hold
+        (by default: Linears on another weight format than the scheme's, from ``postpass.budget_formats``)."""
+        refuse_other_formats(cls.name, model, scheme)
 
     def write(
         self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, meta: dict[str, Any], settings: ExportConfig
@@ -140,3 +144,21 @@ def check_name(name: str) -> str | None:
     if name == "auto" or name in FORMATS:
         return None
     return f"format: got {name!r}, expected auto or one of {', '.join(FORMATS.names())}{suggest(name, ['auto', *FORMATS.names()])}"
+
+
+def other_formats(model: torch.nn.Module, scheme: QuantScheme) -> dict[str, WeightQuant]:
+    """``{Linear: its format}`` for the quantized Linears not on ``scheme.weight`` (``postpass.budget_formats``)."""
+    return {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.spec != scheme.weight}
+
+
+def refuse_other_formats(name: str, model: torch.nn.Module, scheme: QuantScheme, allowed: Callable[[WeightQuant], bool] = lambda spec: False) -> None:
+    """One line when a Linear sits on a format the files of export format ``name`` cannot write beside ``scheme.weight``."""
+    bad = {n: spec for n, spec in other_formats(model, scheme).items() if not allowed(spec)}
+    if bad:
+        first = min(bad)
+        labels = ", ".join(sorted({spec.label for spec in bad.values()}))
+        raise ExportError(
+            f"export.format: {name} files hold one weight format per model, and {first} (and {len(bad) - 1} more Linears) is on {labels}, not "
+            f"{scheme.weight.label} (postpass.budget_formats); quantize without postpass.budget_formats"
+            + (", or with a menu of GGUF types only and export.format=gguf" if name != "gguf" else "")
+        )

@@ -219,8 +219,9 @@ def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Pat
         types[g] = "F32" if array.dtype == np.float32 else "F16"
     for hf_name, m in qlinears.items():
         g = gguf_name(tmap, f"{hf_name}.weight")
-        writer.add_tensor(g, quantized(hf_name, layout.permute(g, m.weight), t), raw_dtype=gguf.GGMLQuantizationType[t.value])
-        types[g] = t.value
+        own = m.spec.gguf_type  # per tensor: postpass.budget_formats may have chosen another GGUF type than the scheme's
+        writer.add_tensor(g, quantized(hf_name, layout.permute(g, m.weight), own), raw_dtype=gguf.GGMLQuantizationType[own.value])
+        types[g] = own.value
     _write(writer)
     return types
 

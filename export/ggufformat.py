@@ -38,7 +38,7 @@ from qaft.runtimes import llamacpp as llamacpp_runtime
 from . import llamacpp
 from .card import made_with, mb, perplexity_section, provenance_note
 from .config import ExportConfig
-from .formats import FORMATS, ExportFormat
+from .formats import FORMATS, ExportFormat, refuse_other_formats
 from .gguffile import ADAPTER_FILE, check_config, check_model, model_file, read_adapter, write_adapter, write_model
 from .parity import PROMPTS, Parity, compare_logits, enforce, prompt_ids
 from .sizes import size_record
@@ -153,14 +153,17 @@ def check_parity(reloaded: tuple[torch.nn.Module, Any], reference: torch.nn.Modu
 
 
 def sizes(folder: Path, reference: torch.nn.Module, t: GGUFType) -> dict[str, Any]:
-    """``size_record`` of the two files: packed bytes from the type's block size (``gguf.GGML_QUANT_SIZES``)."""
-    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.value]]
-    quantized = sum(m.weight.numel() for m in reference.modules() if isinstance(m, QuantLinear))
+    """``size_record`` of the two files: packed bytes from each tensor's type's block size (``gguf.GGML_QUANT_SIZES``)."""
+
+    def packed(m: QuantLinear) -> int:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[m.spec.gguf_type.value]]  # type: ignore[union-attr]
+        return m.weight.numel() // block * type_size
+
     adapter = folder / ADAPTER_FILE
     adapter_bytes = adapter.stat().st_size if adapter.is_file() else 0
     return size_record(
         reference,
-        packed_bytes=quantized // block * type_size,
+        packed_bytes=sum(packed(m) for m in reference.modules() if isinstance(m, QuantLinear)),
         base_bytes=(folder / model_file(t)).stat().st_size,
         adapter_bytes=adapter_bytes,
         factor_bytes=adapter_bytes,
@@ -190,6 +193,8 @@ class GGUF(ExportFormat):
 
     @classmethod
     def check_model(cls, model: torch.nn.Module, scheme: QuantScheme) -> None:
+        """GGUF types are per tensor: a budget's menu of GGUF types is written as chosen (llama.cpp's mixed files)."""
+        refuse_other_formats(cls.name, model, scheme, allowed=lambda spec: spec.format is WeightFormat.GGUF)
         check_model(model, scheme)
 
     def write(

@@ -36,7 +36,7 @@ from qaft.core.io import free_bytes, human
 from qaft.core.model import TINY_MODELS, byte_tokenizer, resolve
 from qaft.core.modules import decoder_layers
 from qaft.export import formats
-from qaft.quant.budget import shape_bits
+from qaft.quant.budget import Curve, bounds, shape_bits
 from qaft.quant.postpass import check_scheme
 from qaft.trainer.checkpoint import list_checkpoints
 from qaft.trainer.parallel import FSDP_REFUSED, Launch, callback_problems, launch_from
@@ -176,21 +176,24 @@ def quant_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Find
 
 
 def budget_range(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
-    """Bits per weight a ``postpass.budget_bpw`` can take on this model: every Linear at rank 0 … at ``postpass.rank``."""
+    """Bits per weight a ``postpass.budget_bpw`` can take on this model: every Linear at rank 0 on its cheapest format
+    (``quant.weight`` or one of ``postpass.budget_formats``) … at ``postpass.rank`` on its dearest, counted as the
+    allocator counts them (``budget.bounds``)."""
     p = cfg.postpass
     if p.reconstructor is None:
         return []
     shapes = [(m.out_features, m.in_features) for m in cfg.quant.linears(model).values()]
+    formats = (cfg.quant.weight, *p.budget_formats)
     try:
-        parts = {s: shape_bits(*s, cfg.quant.weight) for s in set(shapes)}
+        parts = {(s, f): shape_bits(*s, f) for s in set(shapes) for f in formats}
     except ValueError:  # a grid that does not fit the layers: the quant scheme row says why
         return []
     if not shapes:
         return []
-    weights = sum(parts[s][2] for s in shapes)
-    low = sum(parts[s][0] for s in shapes) / weights
-    high = low + sum(parts[s][1] * p.rank for s in shapes) / weights
-    span = f"{low:.3f} (codes and scales, rank 0) to {high:.3f} (rank {p.rank} everywhere) bits per weight"
+    flat = (0.0,) * (p.rank + 1)  # only the bits matter here
+    low, high = bounds([[Curve("", flat, *parts[s, f]) for f in formats] for s in shapes])
+    cheap, dear = ("the cheapest format, ", "the dearest format, ") if p.budget_formats else ("", "")
+    span = f"{low:.3f} (codes and scales, {cheap}rank 0) to {high:.3f} ({dear}rank {p.rank} everywhere) bits per weight"
     if p.budget_bpw is None:
         return [Finding("bits budget", Status.OK, f"postpass.budget_bpw can range from {span}")]
     if p.budget_bpw < low:

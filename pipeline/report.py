@@ -149,6 +149,25 @@ def layer_error_figure(fig: Figures, meta: dict[str, Any]) -> Path | None:
     return _save_error_plot(fig, f, ax, "Linear (model order)", "‖XEᵀ‖ / ‖XWᵀ‖ (calibration)", f"per-layer output error, {meta.get('method')}", "layer-error")
 
 
+def budget_figure(fig: Figures, meta: dict[str, Any]) -> Path | None:
+    """Under ``postpass.budget_bpw``: what the allocator gave each Linear, its rank and its stored bits per weight."""
+    layers = [r for r in meta.get("layers") or [] if r.get("stored_bpw") is not None]
+    if fig.plt is None or not layers:
+        return None
+    f, ax = fig.plt.subplots(figsize=(9, 3.2))
+    xs = range(len(layers))
+    ax.bar(xs, [r["rank"] for r in layers], width=1.0, color="0.7", label="rank")
+    ax.set_xlabel("Linear (model order)")
+    ax.set_ylabel("rank")
+    bits = ax.twinx()
+    bits.plot(xs, [r["stored_bpw"] for r in layers], lw=1, color="C3", marker=".", ms=3)
+    bits.set_ylabel("bits per weight (stored)", color="C3")
+    formats = sorted({r["weight_format"] for r in layers if r.get("weight_format")})
+    ax.set_title(f"bits budget: rank and bits per Linear{' (formats: ' + ', '.join(formats) + ')' if formats else ''}", fontsize=10)
+    f.tight_layout()
+    return fig.save(f, "budget")
+
+
 def block_error_figure(fig: Figures, tuned: dict[str, Any]) -> Path | None:
     """Per decoder block, the relative output error against the float model, as solved and as tuned (``qaft tune``)."""
     errors = (tuned.get("tune") or {}).get("block_errors")
@@ -291,6 +310,8 @@ def write_report(out: str | Path) -> Path:
                 figure("MAT λmax per head (layers × heads, per recomputation)", Path(shutil.copy(out / "mat_lambda.png", tmp / "mat_lambda.png")))
         if meta:
             figure("Per-layer quantization error", layer_error_figure(figs, meta))
+            if any(r.get("stored_bpw") is not None for r in meta.get("layers") or []):
+                figure("Ranks and bits per Linear under the bits budget", budget_figure(figs, meta))
         tuned = _read_json(out / "tune" / "final" / "qaft_quant.json")
         if tuned:
             figure("Per-block output error: closed form vs tuned", block_error_figure(figs, tuned))

@@ -73,14 +73,14 @@ def output_error_curve(error: torch.Tensor, a: torch.Tensor, b: torch.Tensor, xt
     return ((ec * e).sum() - 2 * lin + quad).clamp(min=0)
 
 
-def _bits(codes: int, scales: int, zeros: int, bits: int, out: int, in_: int) -> tuple[int, int, int]:
-    return codes * bits + 16 * scales + 16 * zeros, FACTOR_BITS * (out + in_), codes
+def _bits(codes: int, scales: int, zeros: int, spec: WeightQuant, out: int, in_: int) -> tuple[int, int, int]:
+    return codes * spec.bits + spec.scale_bits * scales + 16 * zeros, FACTOR_BITS * (out + in_), codes
 
 
 def stored_bits(m: QuantLinear) -> tuple[int, int, int]:
-    """``(base bits, bits per rank, weights)`` of a deployed Linear: codes at the grid's bits, fp16 scales (and
-    zeros), fp16 factors of ``out + in`` elements per component."""
-    return _bits(m.codes.numel(), m.scale.numel(), 0 if m.zero is None else m.zero.numel(), m.spec.bits, m.out_features, m.in_features)
+    """``(base bits, bits per rank, weights)`` of a deployed Linear: codes at the grid's bits, scales at their stored
+    width (fp16; E8M0 for MX blocks) and fp16 zeros, fp16 factors of ``out + in`` elements per component."""
+    return _bits(m.codes.numel(), m.scale.numel(), 0 if m.zero is None else m.zero.numel(), m.spec, m.out_features, m.in_features)
 
 
 def model_bpw(model: torch.nn.Module) -> float:
@@ -92,7 +92,7 @@ def model_bpw(model: torch.nn.Module) -> float:
 def shape_bits(out: int, in_: int, spec: WeightQuant) -> tuple[int, int, int]:
     """``stored_bits`` of an ``[out, in]`` Linear on ``spec``'s grid, before any quantization (the doctor's range)."""
     q = quantize_weight(torch.zeros(out, in_), spec)
-    return _bits(q.codes.numel(), q.scale.numel(), 0 if q.zero is None else q.zero.numel(), spec.bits, out, in_)
+    return _bits(q.codes.numel(), q.scale.numel(), 0 if q.zero is None else q.zero.numel(), spec, out, in_)
 
 
 def _hull(points: list[tuple[int, float]]) -> list[int]:

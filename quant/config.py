@@ -11,6 +11,7 @@ from qaft.core.typed import Ge, Gt, Le
 
 from .quantizers import QUANTIZERS
 from .reconstructors import RECONSTRUCTORS
+from .scheme import WeightQuant
 
 
 class BudgetWeighting(str, enum.Enum):
@@ -48,6 +49,8 @@ class PostpassConfig:
     """Bits per quantized weight for everything stored (codes, scales, fp16 factors): each Linear's rank is chosen from 0 … ``rank`` to minimise the summed output error (``budget_weighting``) within it (``quant/budget.py``); null = ``rank`` everywhere."""
     budget_weighting: BudgetWeighting = BudgetWeighting.ABSOLUTE
     """What the budget allocator minimises, summed over the Linears: ``absolute`` (the output error ``‖X Eᵀ‖²``), ``relative`` (over its output energy) or ``fisher`` (times the mean squared loss gradient there). Measured in docs/methods/postpass.md."""
+    budget_formats: tuple[WeightQuant, ...] = ()
+    """With ``budget_bpw``: more formats a Linear may take besides ``quant.weight``, each like ``quant.weight`` (e.g. ``[{bits: 3, granularity: group}, {bits: 8}]``); format and rank are chosen together; each adds about a post-pass of work."""
     energy: Annotated[float, Gt(0.0), Le(1.0)] | None = None
     """Per-layer rank: the smallest k keeping this share of the error energy, at most ``rank``, so the total stays within rank × layers; null = ``rank`` everywhere."""
     randomized_svd: bool = False
@@ -73,6 +76,12 @@ class PostpassConfig:
                 raise ValueError("budget_bpw: allocates the correction's ranks; name a reconstructor (e.g. whiten)")
             if self.energy is not None or self.factor_bits is not None:
                 raise ValueError("budget_bpw: cannot be combined with energy or factor_bits (yet); drop one of them")
+        if self.budget_formats and self.budget_bpw is None:
+            raise ValueError("budget_formats: chooses among formats within a bits budget; set budget_bpw too (e.g. budget_bpw: 4.5)")
+        if self.budget_formats and QUANTIZERS.create(self.quantizer).refines_blocks:
+            raise ValueError(
+                f"budget_formats: quantizer {self.quantizer.name} refines each decoder layer as a whole, on one format; use rtn or gptq with budget_formats"
+            )
         if self.reconstructor is not None:
             why = RECONSTRUCTORS.get(self.reconstructor.name).rank_problem(self.reconstructor.options, self.rank)
             if why:

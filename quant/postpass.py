@@ -36,7 +36,7 @@ from .budget import Curve, allocate, output_error_curve, stored_bits
 from .calibrate import LayerStats, collect
 from .config import BudgetWeighting, PostpassConfig, Propagation
 from .fakequant import QuantLinear
-from .grid import quantize_weight
+from .grid import QuantizedWeight, quantize_weight
 from .lowrank import Correction, LowRank, quantize_factors
 from .methods import Method, of_config
 from .quantizers import QUANTIZERS
@@ -75,11 +75,16 @@ class LayerReport:
     """With ``postpass.budget_bpw``: the relative squared output error at rank 0 … ``postpass.rank`` (what the allocator read)."""
     output_energy: float | None = None
     """``‖X Wᵀ‖²`` on the calibration inputs (with ``budget_bpw``: the scale of ``curve``)."""
+    weight_format: str | None = None
+    """With ``postpass.budget_formats``: the label of the format the budget chose for this Linear."""
+    stored_bpw: float | None = None
+    """With ``postpass.budget_bpw``: this Linear's bits per weight as stored (codes, scales, factors at its rank)."""
 
 
-def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None:
+def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int, key: str = "quant.weight") -> None:
     """Fail before any work if a layer cannot take the scheme or the rank: one line per kind of problem,
-    naming the first layer, how many more there are, and a value that would fit them all."""
+    naming the first layer, how many more there are, and a value that would fit them all. ``key``: where the
+    weight format was set (``postpass.budget_formats[i]`` for a budget's extra formats)."""
     prefix, layers = decoder_layers(model)
     needs_group = scheme.weight.format is WeightFormat.MXINT or scheme.weight.granularity is Granularity.GROUP
     g = scheme.weight.group_size
@@ -99,15 +104,15 @@ def check_scheme(model: torch.nn.Module, scheme: QuantScheme, rank: int) -> None
         if scheme.weight.gguf_type is not None:  # the block is the type's: the fix is to keep those layers in float
             names = sorted({n.rpartition(".")[2] for _, n in bad_group})
             problems.append(
-                f"quant.weight.gguf_type: {scheme.weight.gguf_type.value} blocks are 32 input channels wide, which does not divide the "
+                f"{key}.gguf_type: {scheme.weight.gguf_type.value} blocks are 32 input channels wide, which does not divide the "
                 f"input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); keep them in float with "
                 f"quant.ignore=[lm_head, {', '.join(names)}] (llama.cpp stores such tensors as F16)"
             )
         else:
             problems.append(
-                f"quant.weight.group_size: {g} does not divide the input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); "
+                f"{key}.group_size: {g} does not divide the input width {w} of {first}{_more(bad_group)} (widths {', '.join(map(str, widths))}); "
                 + (f"use a group size that divides them all, e.g. {fits}, " if fits else "")
-                + "or quant.weight.granularity=channel"
+                + f"or {key}.granularity=channel"
             )
     if bad_rank:
         (m, first) = min(bad_rank)
@@ -180,6 +185,9 @@ class _Settings:
     postpass: PostpassConfig
     lowrank: LowRank
     bf16: bool
+    alternatives: dict[QuantLinear, list[tuple[QuantLinear, tuple[float, ...]]]] | None = None
+    """With ``postpass.budget_formats``: each placed Linear's other formats (quantized and corrected on the same
+    statistics) with their curves, for ``apply_budget`` to choose among after the walk."""
 
     def run(self, layer: torch.nn.Module, stream: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[Any]:
         """The layer on each sequence of a stream; bf16 matmuls when ``postpass.bf16`` (the stream stays float32)."""
@@ -217,8 +225,10 @@ def _quantize_layer(
             raise ConfigError(f"postpass.quantizer: {solver.method.quantizer.name} on {where}.{name}: {e}") from None
         seconds[name] = time.perf_counter() - t0
 
-    def correction(name: str) -> Correction | None:
-        corr = recon.reconstruct(targets[name].weight.data - quantized[name].dequant, of(name), st.lowrank) if recon else None  # type: ignore[arg-type]
+    def correction(name: str, q: QuantizedWeight | None = None) -> Correction | None:
+        """The correction of ``q`` (default: the quantizer's result for ``name``)."""
+        err = targets[name].weight.data - (quantized[name] if q is None else q).dequant
+        corr = recon.reconstruct(err, of(name), st.lowrank) if recon else None  # type: ignore[arg-type]
         return quantize_factors(corr, st.postpass.factor_bits) if corr is not None and st.postpass.factor_bits is not None else corr
 
     block, corrections = None, {}
@@ -238,7 +248,8 @@ def _quantize_layer(
         err = w - q.dequant
         corr = corrections[name] if name in corrections else correction(name)
         after = err if corr is None else err - corr.matrix().to(err.dtype)
-        set_submodule(layer, name, QuantLinear(q, lin.bias, st.scheme.activation, corr, prep.input_scales.get(name), spec=st.scheme.weight))
+        placed = QuantLinear(q, lin.bias, st.scheme.activation, corr, prep.input_scales.get(name), spec=st.scheme.weight)
+        set_submodule(layer, name, placed)
         errors: tuple[float | None, ...] = (None, None, None)
         curve = None
         if stats is not None:
@@ -251,6 +262,14 @@ def _quantize_layer(
             errors = (before, before if corr is None else _out_norm(after, xtx32) / ref, nearest)
             if st.postpass.budget_bpw is not None and corr is not None:
                 curve = tuple((output_error_curve(err, corr.A, corr.B, stats[name].xtx) / ref**2).tolist())
+            if st.alternatives is not None:
+                st.alternatives[placed] = []
+                for spec in st.postpass.budget_formats:
+                    alt = quantizer.quantize(gridded[name], of(name), spec)
+                    alt_corr, alt_err = correction(name, alt), w - alt.dequant
+                    alt_curve = output_error_curve(alt_err, alt_corr.A, alt_corr.B, stats[name].xtx) / ref**2  # type: ignore[union-attr]
+                    module = QuantLinear(alt, lin.bias, st.scheme.activation, alt_corr, prep.input_scales.get(name), spec=spec)
+                    st.alternatives[placed].append((module, tuple(alt_curve.tolist())))
         reports.append(
             LayerReport(
                 f"{where}.{name}",
@@ -307,8 +326,11 @@ def quantize_models(
     solvers = [Solver.of(m) for m in methods]
     for model, solver in zip(models, solvers):
         check_scheme(model, scheme, postpass.rank if solver.recon else 0)
+        for i, spec in enumerate(postpass.budget_formats):
+            check_scheme(model, dataclasses.replace(scheme, weight=spec), 0, key=f"postpass.budget_formats[{i}]")
         model.eval()
     st = _Settings(scheme, postpass, LowRank(postpass.rank, randomized=postpass.randomized_svd, energy=postpass.energy), resolve_bf16(postpass.bf16)[0])
+    st.alternatives = {} if postpass.budget_formats else None
     reports: list[list[LayerReport]] = [[] for _ in models]
     blind = [k for k, s in enumerate(solvers) if not telemetry and not s.reads_statistics and postpass.budget_bpw is None]
     for k in blind:  # no calibration forward at all
@@ -328,33 +350,44 @@ def quantize_models(
     for group in groups:
         _walk([models[k] for k in group], [solvers[k] for k in group], [reports[k] for k in group], inputs, st, propagate, kept, progress)
     if postpass.budget_bpw is not None:
-        reports = [apply_budget(m, r, postpass.budget_bpw, postpass.budget_weighting, sensitivity) for m, r in zip(models, reports)]
+        reports = [apply_budget(m, r, postpass.budget_bpw, postpass.budget_weighting, sensitivity, st.alternatives) for m, r in zip(models, reports)]
     return reports, kept
 
 
 def apply_budget(
-    model: torch.nn.Module, reports: list[LayerReport], budget_bpw: float, weighting: BudgetWeighting, sensitivity: dict[str, float] | None = None
+    model: torch.nn.Module,
+    reports: list[LayerReport],
+    budget_bpw: float,
+    weighting: BudgetWeighting,
+    sensitivity: dict[str, float] | None = None,
+    alternatives: dict[QuantLinear, list[tuple[QuantLinear, tuple[float, ...]]]] | None = None,
 ) -> list[LayerReport]:
-    """Choose each Linear's rank within the budget from the curves the walk measured (``budget.allocate``) and
-    truncate its factors to it; the reports then say the rank and the output error each Linear is left with.
-    ``sensitivity``: ``output_sensitivity`` of the float model, for ``fisher`` weighting.
+    """Choose each Linear's rank (and, with ``alternatives``, its format) within the budget from the curves the walk
+    measured (``budget.allocate``), put the chosen format in place and truncate its factors; the reports then say
+    the rank, format and output error each Linear is left with. ``sensitivity``: ``output_sensitivity`` of the
+    float model, for ``fisher`` weighting.
 
-    Under quantized propagation the later layers were calibrated on a stream whose earlier layers still had
-    ``postpass.rank`` components: the allocation comes after the one walk, so the post-pass costs one extra
-    ``E·XᵀX`` product per Linear, not a second walk."""
-    lins = {r.name: model.get_submodule(r.name) for r in reports}
+    Under quantized propagation the later layers were calibrated on a stream whose earlier layers were on
+    ``quant.weight`` with ``postpass.rank`` components: the allocation comes after the one walk, so the post-pass
+    costs one extra ``E·XᵀX`` product per Linear and format, not a second walk."""
     weight = {
         BudgetWeighting.RELATIVE: lambda r: 1.0,
         BudgetWeighting.ABSOLUTE: lambda r: r.output_energy,
         BudgetWeighting.FISHER: lambda r: r.output_energy * sensitivity[r.name.removeprefix("base_model.model.")],  # type: ignore[index]  # scheme.linears' plain names
     }[weighting]
-    scale = {r.name: weight(r) for r in reports}
-    curves = [Curve(r.name, tuple(e * scale[r.name] for e in r.curve), *stored_bits(lins[r.name])) for r in reports]  # type: ignore[union-attr, operator]
-    ranks = [k for _, k in allocate([[c] for c in curves], budget_bpw)]
+    placed = {r.name: model.get_submodule(r.name) for r in reports}
+    options = {r.name: [(placed[r.name], r.curve), *(alternatives or {}).get(placed[r.name], [])] for r in reports}
+    menus = [[Curve(r.name, tuple(e * weight(r) for e in curve), *stored_bits(m)) for m, curve in options[r.name]] for r in reports]  # type: ignore[union-attr, arg-type]
     out = []
-    for r, k in zip(reports, ranks):
-        lins[r.name].truncate(k)
-        out.append(dataclasses.replace(r, rank=k, rel_output_error=r.curve[k] ** 0.5))  # type: ignore[index]
+    for r, (f, k) in zip(reports, allocate(menus, budget_bpw)):
+        chosen, curve = options[r.name][f]
+        if f:
+            set_submodule(model, r.name, chosen)
+        chosen.truncate(k)
+        label = chosen.spec.label if alternatives is not None else None
+        bits = menus[len(out)][f]
+        stored = (bits.base_bits + bits.bits_per_rank * k) / bits.weights
+        out.append(dataclasses.replace(r, rank=k, rel_output_error=curve[k] ** 0.5, weight_format=label, stored_bpw=stored))  # type: ignore[index]
     return out
 
 

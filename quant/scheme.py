@@ -114,6 +114,11 @@ class WeightQuant:
             object.__setattr__(self, name, value)
 
     @property
+    def scale_bits(self) -> int:
+        """Bits of one stored scale: an E8M0 power of two for MX blocks (MXINT, GGUF MXFP4), fp16 otherwise."""
+        return 8 if self.format is WeightFormat.MXINT or self.gguf_type is GGUFType.MXFP4 else 16
+
+    @property
     def label(self) -> str:
         if self.gguf_type is not None:
             return f"GGUF {self.gguf_type.value}"

@@ -7,7 +7,8 @@ Layout (written atomically: ``.tmp-<name>`` then renamed)::
                         [.lora_A ``[k, in]``, .lora_B ``[out, k]``: PEFT's names and orientation, scaling 1]
     config.json         the Hugging Face model config (rebuilds the architecture offline)
     tokenizer files
-    qaft_quant.json     format version, scheme, method, rank, calibration, per-layer telemetry, quantized names
+    qaft_quant.json     format version, scheme, method, rank, calibration, per-layer telemetry, quantized names,
+                        [layer_formats: the Linears on another format than the scheme's (postpass.budget_formats)]
 
 De-quantized weights are not stored: ``load_quantized`` rebuilds them from codes and scales
 (exactly, see ``grid.dequantize``). This folder is the input of ``qaft export`` (and ``qaft tune``)
@@ -34,7 +35,7 @@ from qaft.core.typed import parse, to_plain
 from .fakequant import STORED, QuantLinear
 from .grid import QuantizedWeight, dequantize
 from .lowrank import Correction
-from .scheme import QuantScheme
+from .scheme import QuantScheme, WeightQuant
 
 META = "qaft_quant.json"
 FORMAT_VERSION = 1
@@ -58,6 +59,9 @@ def write_quantized(model: torch.nn.Module, tokenizer: Any, folder: Path, scheme
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     record = {"format_version": FORMAT_VERSION, "scheme": to_plain(scheme), "quantized": names, **meta}
+    formats = {n: to_plain(m.spec) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.spec != scheme.weight}
+    if formats:  # postpass.budget_formats: Linears on another format than the scheme's
+        record["layer_formats"] = formats
     (folder / META).write_text(json.dumps(record, indent=2))
 
 
@@ -101,23 +105,27 @@ def load_quantized(path: str | Path, *, weights: bool = True) -> tuple[torch.nn.
     with no_init_weights(), init_empty_weights():  # parameters without storage: every one is assigned below
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
     with _open(p / "model.safetensors") as f:
-        missing, unexpected = _assign(model, f, meta["quantized"], scheme, weights)
+        formats = {n: parse(WeightQuant, spec, f"layer_formats.{n}") for n, spec in meta.get("layer_formats", {}).items()}
+        missing, unexpected = _assign(model, f, meta["quantized"], scheme, formats, weights)
     if missing or unexpected:
         raise CheckpointError(f"{p}/model.safetensors does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval(), AutoTokenizer.from_pretrained(p), meta
 
 
-def _assign(model: torch.nn.Module, f: Any, quantized: list[str], scheme: QuantScheme, weights: bool) -> tuple[list[str], list[str]]:
-    """Put the file's tensors into ``model`` (a ``QuantLinear`` for each of ``quantized``, the rest by name); returns
-    the names the model lacks and the file's names it does not know."""
+def _assign(
+    model: torch.nn.Module, f: Any, quantized: list[str], scheme: QuantScheme, formats: dict[str, WeightQuant], weights: bool
+) -> tuple[list[str], list[str]]:
+    """Put the file's tensors into ``model`` (a ``QuantLinear`` for each of ``quantized``, on its entry of ``formats``
+    or else the scheme's, the rest by name); returns the names the model lacks and the file's names it does not know."""
     keys = set(f.keys())
     for name in quantized:
         codes, scale, zero, bias, lora_a, lora_b, input_scale = (f.get_tensor(k) if (k := f"{name}.{t}") in keys else None for t in STORED)
         keys -= {f"{name}.{t}" for t in STORED}
-        q = QuantizedWeight(codes, scale, zero, dequantize(codes, scale, zero, scheme.weight))
+        spec = formats.get(name, scheme.weight)
+        q = QuantizedWeight(codes, scale, zero, dequantize(codes, scale, zero, spec))
         parent, _, leaf = name.rpartition(".")
         corr = None if lora_a is None else Correction(A=lora_b, B=lora_a)  # PEFT names → our A [out, k], B [k, in]
-        lin = QuantLinear(q, bias, scheme.activation, corr, input_scale, spec=scheme.weight)
+        lin = QuantLinear(q, bias, scheme.activation, corr, input_scale, spec=spec)
         if not weights:
             lin.release_weight()
         setattr(model.get_submodule(parent), leaf, lin)

@@ -183,6 +183,20 @@ def test_the_doctor_range_counts_bits_as_the_quantized_model_stores_them():
             assert shape_bits(lin.out_features, lin.in_features, spec) == stored_bits(lin)
 
 
+@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4"])
+def test_gguf_types_cost_the_bits_llama_cpp_stores_them_in(t):
+    """The budget counts a GGUF type as its block's bytes in ``gguf.GGML_QUANT_SIZES`` (what the export's size
+    report and llama.cpp count): MXFP4's shared scale is an 8-bit exponent, 4.25 bits per weight, not 4.5."""
+    import gguf
+
+    from qaft.quant.budget import shape_bits
+    from qaft.quant.scheme import GGUFType, WeightFormat, WeightQuant
+
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]]
+    base, _, weights = shape_bits(64, 128, WeightQuant(format=WeightFormat.GGUF, gguf_type=GGUFType(t)))
+    assert base / weights == 8 * type_size / block
+
+
 def test_budget_config_errors_are_one_line_each():
     with pytest.raises((ValueError, ConfigError), match="budget_bpw: allocates the correction's ranks; name a reconstructor"):
         postpass(None, 8, budget_bpw=5.0)
@@ -225,3 +239,87 @@ def test_fisher_weighting_spends_nothing_where_the_loss_cannot_see_the_error(tin
         assert model_bpw(m) <= 6.0 + 1e-9
     assert ranks["fisher"]["q_proj"] == ranks["fisher"]["k_proj"] == ranks["fisher"]["v_proj"] == 0
     assert ranks["absolute"]["v_proj"] > 0
+
+
+MENU = [{"bits": 2, "granularity": "group", "group_size": 32}, {"bits": 8}]
+
+
+def budgeted(tiny, formats: list[dict]) -> tuple[torch.nn.Module, list]:
+    """The tiny model after a post-pass at 5 bits per weight (whiten, cap 8), with ``formats`` as ``budget_formats``."""
+    model, calib = tiny
+    m = copy.deepcopy(model)
+    return m, quantize_model(m, calib, QuantScheme(), postpass("whiten", 8, bf16=False, budget_bpw=5.0, budget_formats=formats), progress=False)[0]
+
+
+def test_formats_chosen_with_the_ranks_hold_the_budget_mix_formats_and_lower_the_error(tiny):
+    """``budget_formats``: each Linear ends on one format of the menu (``quant.weight`` or another) at its rank, the
+    stored bits stay within the budget, and the summed output error is below the ranks-only allocation's."""
+    from qaft.quant.scheme import Granularity, WeightQuant
+
+    runs = {"ranks": budgeted(tiny, []), "formats": budgeted(tiny, MENU)}
+    m, got = runs["formats"]
+    lins = {r.name: m.get_submodule(r.name) for r in got}
+    assert model_bpw(m) <= 5.0 + 1e-9
+    specs = {lin.spec for lin in lins.values()}
+    assert specs <= {WeightQuant(), WeightQuant(bits=2, granularity=Granularity.GROUP, group_size=32), WeightQuant(bits=8)} and len(specs) > 1
+    for r in got:
+        assert r.weight_format == lins[r.name].spec.label and r.rank == (0 if lins[r.name].lora_A is None else lins[r.name].lora_A.shape[0])
+    error = {k: sum(r.rel_output_error**2 * r.output_energy for r in reports) for k, (_, reports) in runs.items()}
+    assert error["formats"] < error["ranks"]
+
+
+def test_a_result_with_formats_per_linear_saves_and_reloads_to_the_same_logits(tiny, tmp_path):
+    from qaft.quant.store import load_quantized, save_quantized
+
+    model, _ = budgeted(tiny, MENU)
+    _, tok = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    loaded, _, meta = load_quantized(save_quantized(model, tok, tmp_path / "q", QuantScheme(), {}, overwrite=False))
+    assert len(meta["layer_formats"]) == sum(m.spec != QuantScheme().weight for m in model.modules() if isinstance(m, QuantLinear)) > 0
+    specs = lambda m: {n: q.spec for n, q in m.named_modules() if isinstance(q, QuantLinear)}  # noqa: E731
+    assert specs(loaded) == specs(model) and model_bpw(loaded) == model_bpw(model)  # the bits as counted, not only the values
+    ids = tiny[1][:2]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_an_export_of_a_result_with_formats_per_linear_is_refused_in_one_line(tiny, tmp_path):
+    from qaft.core.errors import ExportError
+    from qaft.export.config import ExportConfig
+    from qaft.export.exporter import export
+    from qaft.quant.store import save_quantized
+
+    model, _ = budgeted(tiny, MENU)
+    _, tok = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    src = save_quantized(
+        model, tok, tmp_path / "q", QuantScheme(), {"method": "rtn+whiten", "rank": 8, "source_model": "tiny-llama", "calibration": {}}, overwrite=False
+    )
+    with pytest.raises(
+        ExportError,
+        match=r"^export\.format: compressed-tensors files hold one weight format per model, and model\.layers\.\S+ \(and \d+ more Linears\) is on "
+        r"(W2 g32 sym|W8 per-channel sym).* not W4 per-channel sym \(postpass\.budget_formats\); quantize without .* GGUF types only and export\.format=gguf$",
+    ):
+        export(src, tmp_path / "out", ExportConfig(), source=ModelConfig(name_or_path="tiny-llama"), protocol=None, overwrite=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_report_plots_each_linears_rank_and_stored_bits_and_they_add_up_to_the_model(tiny, tmp_path):
+    import dataclasses
+
+    from qaft.pipeline import report
+
+    model, got = budgeted(tiny, MENU)
+    weights = [r.shape[0] * r.shape[1] for r in got]
+    assert sum(r.stored_bpw * w for r, w in zip(got, weights)) / sum(weights) == pytest.approx(model_bpw(model), rel=1e-12)
+    layers = [dataclasses.asdict(r) for r in got]
+    assert report.budget_figure(report.Figures(tmp_path), {"layers": layers}).is_file()
+    assert report.budget_figure(report.Figures(tmp_path), {"layers": [r | {"stored_bpw": None} for r in layers]}) is None
+
+
+def test_a_menu_format_the_layers_cannot_take_is_one_line_naming_the_entry(tiny):
+    model, calib = tiny
+    cfg = postpass("whiten", 8, budget_bpw=5.0, budget_formats=[{"bits": 8}, {"bits": 3, "granularity": "group", "group_size": 48}])
+    with pytest.raises(
+        ConfigError,
+        match=r"^postpass\.budget_formats\[1\]\.group_size: 48 does not divide the input width 64 .* or postpass\.budget_formats\[1\]\.granularity=channel$",
+    ):
+        quantize_model(copy.deepcopy(model), calib, QuantScheme(), cfg, progress=False)

@@ -226,6 +226,18 @@ def test_the_budget_row_gives_the_feasible_range_and_blocks_a_budget_below_it(sm
         assert [r.status for r in found] == [status], found
 
 
+def test_the_budget_range_with_a_menu_of_formats_runs_from_the_cheapest_to_the_dearest(smoke_file):
+    import re
+
+    base = ["postpass.reconstructor=whiten", "postpass.rank=8", "postpass.budget_bpw=5.0"]
+    spans = {}
+    for name, extra in (("one", []), ("menu", ["postpass.budget_formats=[{bits: 2, granularity: group, group_size: 32}, {bits: 8}]"])):
+        (row,) = rows_of(diagnose(smoke_file, base + extra), "bits budget")
+        spans[name] = tuple(map(float, re.search(r"within ([\d.]+) \(codes and scales, .*rank 0\) to ([\d.]+) \(", row.detail).groups()))
+    assert "the cheapest format" in row.detail
+    assert spans["menu"][0] == pytest.approx(2.5) and spans["menu"][0] < spans["one"][0] and spans["menu"][1] > spans["one"][1] + 3.9
+
+
 def test_a_gguf_export_names_whether_llama_cpp_can_run_its_files(smoke_file, monkeypatch):
     from qaft.runtimes import llamacpp
 

@@ -325,3 +325,28 @@ def test_the_runtime_checks_greedy_decoding_and_agreement_measure_what_they_say(
     assert agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]]) == 1.0
     assert agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 9, 3, 4], [5, 6, 7, 8]]) == 5 / 8  # 3 and 4 after a difference do not count
     assert agreement([[1, 2]], [[2, 1]]) == 0.0
+
+
+def test_a_budget_over_a_menu_of_gguf_types_is_written_with_each_tensors_own_type(make_cfg):
+    """``postpass.budget_formats`` over GGUF types: every quantized tensor in the file has the type the budget chose
+    for it (llama.cpp's mixed files), decodes to qaft's weight bit for bit, and the size report counts each tensor at
+    its own type's bits; the whole export reloads with parity."""
+    menu = "postpass.budget_formats=[{format: gguf, gguf_type: Q8_0}, {format: gguf, gguf_type: MXFP4}]"
+    cfg = gguf_result(make_cfg, "Q4_0", "postpass.budget_bpw=4.4", "postpass.rank=8", "postpass.reconstructor=whiten", menu)
+    out, m = export(cfg, overwrite=False, progress=False)
+    assert all(p["max_abs_diff"] <= cfg.export.parity_atol and p["top1_agreement"] == 1.0 for p in m["parity"].values())
+    ours, _, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    layers = {n: q for n, q in ours.named_modules() if isinstance(q, QuantLinear)}
+    chosen = {n: q.spec.gguf_type.value for n, q in layers.items()}
+    assert len(set(chosen.values())) > 1
+    reader = gguf.GGUFReader(out / "model-Q4_0.gguf")
+    tensors = {r.name: r for r in reader.tensors}
+    layout, tmap = Layout.of(ours.config), gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, ours.config.num_hidden_layers)
+    for name, q in layers.items():
+        g = tmap.get_name(f"{name}.weight", try_suffixes=(".weight",))
+        r = tensors[g]
+        assert r.tensor_type.name == chosen[name] == m["tensor_types"][g], name
+        assert torch.equal(torch.from_numpy(gguf.quants.dequantize(r.data, r.tensor_type).copy()), layout.permute(g, q.weight)), name
+    bits = {"Q4_0": 4.5, "Q8_0": 8.5, "MXFP4": 4.25}
+    expected = sum(bits[chosen[n]] * q.weight.numel() for n, q in layers.items()) / sum(q.weight.numel() for q in layers.values())
+    assert m["sizes"]["bits_per_weight_base"] == pytest.approx(expected)
