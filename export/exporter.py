@@ -26,6 +26,7 @@ from qaft.core.text import token_stream, windows_of
 from qaft.core.typed import parse
 from qaft.eval.config import EvalConfig
 from qaft.eval.perplexity import perplexity
+from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import QuantScheme
 from qaft.quant.store import META, load_quantized
 
@@ -128,6 +129,9 @@ def export(
     check_runtime(fmt, settings)
     model, tok, meta = load_quantized(src)
     fmt.check_model(model, scheme)
+    for m in model.modules():  # fp16 factors already, unless the folder predates that: the reference is what the files hold
+        if isinstance(m, QuantLinear):
+            m.factors_to_fp16()
     reference = copy.deepcopy(model)  # the writers may consume ``model``
     writer = fmt()
     with staged(out) as tmp:

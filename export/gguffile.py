@@ -240,8 +240,8 @@ def write_adapter(model: torch.nn.Module, path: Path) -> dict[str, int]:
     for g, (a, b) in factors.items():
         rank = a.shape[0]
         b = layout.permute(g, b) * (rank / alpha)  # llama.cpp scales by alpha / rank: fold it back where a layer's rank is lower
-        writer.add_tensor(f"{g}.lora_a", a.detach().float().contiguous().numpy())
-        writer.add_tensor(f"{g}.lora_b", b.detach().float().contiguous().numpy())
+        writer.add_tensor(f"{g}.lora_a", a.detach().half().contiguous().numpy())  # F16, as the budget counts factors
+        writer.add_tensor(f"{g}.lora_b", b.detach().half().contiguous().numpy())  # (llama.cpp's own converter's default)
     _write(writer)
     return {g: a.shape[0] for g, (a, _) in factors.items()}
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import json
 import os
 import signal
 import sys
@@ -59,15 +60,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .commands import check_export_destination, held_folders, quantize_and_save
+    from qaft.quant.store import META
+
+    from .commands import check_export_destination, describe_result, held_folders, quantize_and_save
 
     cfg = _config(args)
     with held_folders(cfg, (cfg.quantized_dir, "postpass.output_dir"), *([(cfg.export_dir, "export.dir")] if args.export else [])):
         if args.export:  # fail before the post-pass, not after it
             check_export_destination(cfg, args.overwrite)
         out = quantize_and_save(cfg, overwrite=args.overwrite)
-        p = cfg.postpass
-        print(f"qaft quantize: {cfg.quant.label}, {p.quantizer.name} + {p.reconstructor.name if p.reconstructor else 'none'} (rank {p.rank}) written to {out}")
+        print(f"qaft quantize: {describe_result(cfg, json.loads((out / META).read_text())['layers'])} written to {out}")
         return _export(args) if args.export else 0
 
 

@@ -71,6 +71,24 @@ def quantize_and_save(cfg: Config, *, overwrite: bool, progress: bool = True) ->
     return save_quantized(model, tok, out, cfg.quant, meta, overwrite=overwrite)
 
 
+def describe_result(cfg: Config, layers: list[dict[str, Any]]) -> str:
+    """One line for ``qaft quantize``: the scheme and method, and what the bits budget chose (ranks, formats)."""
+    p = cfg.postpass
+    line = f"{cfg.quant.label}, {p.quantizer.name} + {p.reconstructor.name if p.reconstructor else 'none'}"
+    if p.budget_bpw is None:
+        return f"{line} (rank {p.rank if p.reconstructor else 0})"
+    weights = [r["shape"][0] * r["shape"][1] for r in layers]
+    spent = sum(r["stored_bpw"] * w for r, w in zip(layers, weights)) / sum(weights)
+    ranks = sorted(r["rank"] for r in layers)
+    line += f", {spent:.3f} bits/weight within the budget {p.budget_bpw:g}: ranks {ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]})"
+    if p.budget_formats:
+        counts: dict[str, int] = {}
+        for r in layers:
+            counts[r["weight_format"]] = counts.get(r["weight_format"], 0) + 1
+        line += ", formats " + ", ".join(f"{label} × {n}" for label, n in sorted(counts.items()))
+    return line
+
+
 def postpass_settings(cfg: Config) -> dict[str, Any]:
     """What a post-pass result records of the settings that made it, beside its scheme and calibration tokens."""
     p, method = cfg.postpass, of_config(cfg.postpass)

@@ -42,7 +42,7 @@ from .grid import quantize_weight
 from .scheme import WeightQuant
 
 FACTOR_BITS = 16
-"""Bits per stored factor element: fp16, as both exports write the adapter."""
+"""Bits per stored factor element: fp16, as qaft's folder and both exports store them (``QuantLinear.factors_to_fp16``)."""
 
 
 @dataclass(frozen=True)

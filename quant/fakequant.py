@@ -97,6 +97,14 @@ class QuantLinear(torch.nn.Module):
         return y
 
     @torch.no_grad()
+    def factors_to_fp16(self) -> None:
+        """Round the factors to fp16 values (kept in their dtype): how qaft's folder and both exports store them and
+        the bits budget counts them, so the model in memory is the one on disk."""
+        for p in (self.lora_A, self.lora_B):
+            if p is not None:
+                p.copy_(p.half().to(p.dtype))
+
+    @torch.no_grad()
     def truncate(self, rank: int) -> None:
         """Keep the first ``rank`` components of the correction (the reconstructors order them by importance); 0 drops it."""
         if self.lora_A is None or rank >= self.lora_A.shape[0]:

@@ -22,9 +22,11 @@ import contextlib
 import torch
 
 
-def output_sensitivity(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], sequences: torch.Tensor) -> dict[str, float]:
+def output_sensitivity(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], sequences: torch.Tensor, *, bf16: bool = False) -> dict[str, float]:
     """``{name: mean squared gradient of the loss with respect to the Linear's output}`` over ``sequences``
-    (``[n, seq_len]`` token ids, one at a time), the mean loss over each sequence's predicted tokens."""
+    (``[n, seq_len]`` token ids, one at a time), the mean loss over each sequence's predicted tokens. ``bf16``: the
+    forward and backward under bf16 autocast (``postpass.bf16``; ~2× faster where the device has bf16 units): the
+    sensitivities only weigh layers against each other, and bf16 moves them by a few percent (tested)."""
     sums = dict.fromkeys(linears, 0.0)
     counts = dict.fromkeys(linears, 0)
 
@@ -47,6 +49,7 @@ def output_sensitivity(model: torch.nn.Module, linears: dict[str, torch.nn.Linea
             stack.callback(lin.register_forward_hook(watch(name)).remove)
         stack.callback(lambda: [p.requires_grad_(r) for p, r in frozen.items()])
         stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
         model.requires_grad_(False)
         for seq in sequences:
             ids = seq[None].to(device)

@@ -49,12 +49,16 @@ def write_quantized(model: torch.nn.Module, tokenizer: Any, folder: Path, scheme
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     derived = {f"{n}.weight" for n in names}
-    codes = {f"{n}.codes" for n in names}
+    narrow = {f"{n}.codes": torch.int16 for n in names}  # held narrow (fakequant.narrow_codes)
+    narrow |= {f"{n}.{f}": torch.float16 for n in names for f in ("lora_A", "lora_B")}  # factors in fp16, as exported
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.factors_to_fp16()  # the caller's model becomes the one saved, bit for bit
     for key, t in model.state_dict().items():
         if key in derived or t.data_ptr() in seen:  # de-quantized weights are rebuilt; tied tensors stored once
             continue
         seen.add(t.data_ptr())
-        tensors[key] = (t.to(torch.int16) if key in codes else t).detach().contiguous()  # held narrow (fakequant.narrow_codes)
+        tensors[key] = t.to(narrow.get(key, t.dtype)).detach().contiguous()
     save_file(tensors, str(folder / "model.safetensors"))
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -124,7 +128,7 @@ def _assign(
         spec = formats.get(name, scheme.weight)
         q = QuantizedWeight(codes, scale, zero, dequantize(codes, scale, zero, spec))
         parent, _, leaf = name.rpartition(".")
-        corr = None if lora_a is None else Correction(A=lora_b, B=lora_a)  # PEFT names → our A [out, k], B [k, in]
+        corr = None if lora_a is None else Correction(A=lora_b.float(), B=lora_a.float())  # PEFT names → our A [out, k], B [k, in]
         lin = QuantLinear(q, bias, scheme.activation, corr, input_scale, spec=spec)
         if not weights:
             lin.release_weight()

@@ -224,6 +224,23 @@ def test_the_sensitivity_is_the_mean_squared_loss_gradient_at_each_output(tiny):
         assert got[name] == pytest.approx(total / count, rel=1e-6)
 
 
+def test_bf16_sensitivities_rank_the_layers_as_float32_ones_do(tiny):
+    """``postpass.bf16`` runs the sensitivity pass under bf16 autocast: each value moves by a few percent at most (they
+    only weigh layers against each other), the order of the layers is kept, and the switch is live."""
+    from qaft.quant.sensitivity import output_sensitivity
+
+    model, calib = tiny
+    model = copy.deepcopy(model).eval()
+    lins = QuantScheme().linears(model)
+    fp32, bf16 = (output_sensitivity(model, lins, calib[:3], bf16=b) for b in (False, True))
+    assert fp32 != bf16
+    for name in lins:
+        assert bf16[name] == pytest.approx(fp32[name], rel=0.05), name
+    assert sorted(lins, key=fp32.get) == sorted(lins, key=bf16.get)
+    spread = sorted(fp32.values())
+    assert spread[-1] > 10 * spread[0]  # the layers differ by far more than bf16 moves them
+
+
 def test_fisher_weighting_spends_nothing_where_the_loss_cannot_see_the_error(tiny):
     """With layer 0's attention output projection zeroed, its q/k/v outputs cannot reach the loss: ``fisher`` gives
     them rank 0 (their errors cost nothing), where ``absolute`` (blind to that) spends bits on them."""

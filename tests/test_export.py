@@ -84,7 +84,7 @@ def test_packed_codes_unpack_to_the_rtn_integers_and_factors_round_trip(make_cfg
     out, m = export(cfg, overwrite=False, progress=False)
     store, base = stored_and_packed(cfg, out)
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert m["quantized_modules"]
+    assert m["quantized_modules"] and {t.dtype for t in adapter.values()} == {torch.float16}  # the bits the budget counts
     for name in m["quantized_modules"]:
         assert torch.equal(unpacked_codes(base, name) + 8, store[f"{name}.codes"]), name  # signed storage, offset 2^(b-1)
         zp = unpack_from_int32(base[f"{name}.weight_zero_point"], 4, store[f"{name}.zero"].shape, packed_dim=0)

@@ -120,7 +120,7 @@ def test_per_layer_ranks_follow_llama_cpps_scale_rule_on_the_raw_tensors(make_cf
         rank = a.shape[0]
         ranks.add(rank)
         assert rank == layer.lora_A.shape[0] and torch.equal(a, layer.lora_A)
-        torch.testing.assert_close(b * (alpha / rank), layout.permute(g, layer.lora_B), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b * (alpha / rank), layout.permute(g, layer.lora_B), rtol=1e-3, atol=1e-7)  # fp16(B · rank / alpha)
     assert len(ranks) > 1 and alpha == max(ranks)  # the case the folding exists for
 
 
@@ -332,7 +332,7 @@ def test_a_budget_over_a_menu_of_gguf_types_is_written_with_each_tensors_own_typ
     for it (llama.cpp's mixed files), decodes to qaft's weight bit for bit, and the size report counts each tensor at
     its own type's bits; the whole export reloads with parity."""
     menu = "postpass.budget_formats=[{format: gguf, gguf_type: Q8_0}, {format: gguf, gguf_type: MXFP4}]"
-    cfg = gguf_result(make_cfg, "Q4_0", "postpass.budget_bpw=4.4", "postpass.rank=8", "postpass.reconstructor=whiten", menu)
+    cfg = gguf_result(make_cfg, "Q4_0", "postpass.budget_bpw=4.6", "postpass.rank=8", "postpass.reconstructor=whiten", menu)
     out, m = export(cfg, overwrite=False, progress=False)
     assert all(p["max_abs_diff"] <= cfg.export.parity_atol and p["top1_agreement"] == 1.0 for p in m["parity"].values())
     ours, _, _ = load_quantized(cfg.training.output_dir + "/quantized")
@@ -347,6 +347,8 @@ def test_a_budget_over_a_menu_of_gguf_types_is_written_with_each_tensors_own_typ
         r = tensors[g]
         assert r.tensor_type.name == chosen[name] == m["tensor_types"][g], name
         assert torch.equal(torch.from_numpy(gguf.quants.dequantize(r.data, r.tensor_type).copy()), layout.permute(g, q.weight)), name
+    adapter = gguf.GGUFReader(out / ADAPTER_FILE)
+    assert {r.tensor_type.name for r in adapter.tensors} == {"F16"}  # factors at the 16 bits the budget counts
     bits = {"Q4_0": 4.5, "Q8_0": 8.5, "MXFP4": 4.25}
     expected = sum(bits[chosen[n]] * q.weight.numel() for n, q in layers.items()) / sum(q.weight.numel() for q in layers.values())
     assert m["sizes"]["bits_per_weight_base"] == pytest.approx(expected)

@@ -176,3 +176,17 @@ def test_runtime_llama_cpp_needs_a_gguf_export(make_cfg, quantized_default, tmp_
         compare(cfg, [], export=out, runtime="llama.cpp", progress=False)
     with pytest.raises(ConfigError, match=r"--runtime llama\.cpp: runs an export's files; give the folder with --export DIR"):
         compare(cfg, ["fp"], runtime="llama.cpp", progress=False)
+
+
+def test_a_budget_over_gguf_types_runs_in_llama_cpp_from_a_relative_output_folder(make_cfg, tmp_path, monkeypatch):
+    """Mixed per-tensor types (``postpass.budget_formats`` over GGUF types) load and score in llama.cpp as in
+    transformers' reload; the run folder is relative to the working directory, as in every shipped config (node runs
+    in the runtime's own folder, so the files must reach it as absolute paths)."""
+    monkeypatch.chdir(tmp_path)
+    menu = "postpass.budget_formats=[{format: gguf, gguf_type: Q8_0}, {format: gguf, gguf_type: MXFP4}]"
+    overrides = ("training.output_dir=run", "postpass.reconstructor=whiten", "postpass.budget_bpw=4.6", menu, "export.runtime_check=required")
+    _, out, m = exported(make_cfg, tmp_path, "Q4_0", *overrides)
+    assert not out.is_absolute() and len({t for t in m["tensor_types"].values() if t.startswith(("Q", "MX"))}) > 1
+    ppl = m["evaluation"]["ppl"]
+    assert ppl["llama.cpp"] == pytest.approx(ppl["base"], rel=PPL_RTOL)
+    assert ppl["llama.cpp+adapter"] == pytest.approx(ppl["base+adapter"], rel=PPL_RTOL)

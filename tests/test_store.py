@@ -55,6 +55,9 @@ def test_save_then_load_reproduces_the_logits_exactly(tmp_path, name, scheme):
     stored = load_file(str(out / "model.safetensors"))
     assert not any(k.endswith("proj.weight") or k.endswith("fc1.weight") for k in stored)  # codes, not floats
     assert all(stored[k].dtype == torch.int16 for k in stored if k.endswith(".codes"))
+    factors = [k for k in stored if k.endswith((".lora_A", ".lora_B"))]  # fp16, as the exports write and the budget counts them;
+    assert factors and all(stored[k].dtype == torch.float16 for k in factors)  # loaded back as float32 (the logits above: exact)
+    assert all(m.lora_A.dtype == torch.float32 for m in loaded.modules() if isinstance(m, QuantLinear))
 
 
 def test_qaft_quantize_cli_writes_and_refuses_to_clobber(tmp_path, capsys):
@@ -116,3 +119,25 @@ def test_a_damaged_safetensors_in_a_quantized_folder_is_named_with_the_fix(tmp_p
     f.write_bytes(f.read_bytes()[:2000])
     with pytest.raises(CheckpointError, match=r"q/model\.safetensors is damaged \(.+\); write it again with `qaft quantize --overwrite`"):
         load_quantized(out)
+
+
+def test_qaft_quantize_says_what_the_bits_budget_chose(tmp_path, capsys):
+    """With ``postpass.budget_bpw`` (and a menu of formats) the CLI's line states the bits the result stores, the
+    ranks and how many Linears took each format, as the saved result has them, not the configured cap."""
+    import re
+    from collections import Counter
+
+    from qaft.quant.budget import model_bpw
+
+    out = tmp_path / "q"
+    menu = "postpass.budget_formats=[{bits: 8}, {bits: 2, granularity: group, group_size: 32}]"
+    argv = ["quantize", str(ROOT / "configs" / "smoke.yaml"), f"postpass.output_dir={out}", "postpass.calibration_samples=4"]
+    argv += ["postpass.calibration_seq_len=32", "postpass.reconstructor=whiten", "postpass.rank=8", "postpass.budget_bpw=6.0", menu]
+    assert main(argv) == 0
+    line = capsys.readouterr().out
+    model, _, _ = load_quantized(out)
+    lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    ranks = sorted(0 if m.lora_A is None else m.lora_A.shape[0] for m in lins)
+    assert f"{model_bpw(model):.3f} bits/weight within the budget 6: ranks {ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]})" in line
+    said = dict((label, int(n)) for label, n in re.findall(r"(W\d [\w-]+ \w+(?: full-range)?) × (\d+)", line))
+    assert said == dict(Counter(m.spec.label for m in lins)) and len(said) > 1

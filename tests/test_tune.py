@@ -152,6 +152,27 @@ def test_tuned_factors_export_with_parity_and_the_manifest_records_the_tuning(ma
     assert not torch.equal(a, b)  # the export shipped the tuned factors, not the solved ones
 
 
+def test_a_budget_result_tunes_on_each_linears_own_format_and_rank_and_exports_with_parity(make_cfg):
+    """``postpass.budget_formats`` (GGUF types) + ``budget_bpw``: tuning keeps every Linear's format, codes and rank as
+    the budget chose them, moves the factors, and the GGUF export of the tuned result holds each tensor's type."""
+    menu = "postpass.budget_formats=[{format: gguf, gguf_type: Q8_0}, {format: gguf, gguf_type: MXFP4}]"
+    gguf = ("quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "export.runtime_check=skip")
+    cfg = quantized(make_cfg, *gguf, "postpass.reconstructor=whiten", "postpass.rank=8", "postpass.budget_bpw=4.6", menu)
+    final = tune_run(cfg, overwrite=False)
+    solved, tuned = (load_quantized(p)[0] for p in (cfg.quantized_dir, final))
+    layout = lambda model: {
+        n: (m.spec, m.codes, None if m.lora_A is None else m.lora_A.shape[0]) for n, m in model.named_modules() if isinstance(m, QuantLinear)
+    }  # noqa: E731
+    before, after = layout(solved), layout(tuned)
+    assert len({spec for spec, _, _ in before.values()}) > 1 and len({k for _, _, k in before.values()}) > 1
+    assert before.keys() == after.keys()
+    for n in before:
+        assert before[n][0] == after[n][0] and torch.equal(before[n][1], after[n][1]) and before[n][2] == after[n][2], n
+    _, m = export_run(cfg, overwrite=False, progress=False)
+    assert all(p["max_abs_diff"] <= cfg.export.parity_atol for p in m["parity"].values())
+    assert sorted(set(m["tensor_types"].values()) - {"F16", "F32"}) == sorted({spec.gguf_type.value for spec, _, _ in before.values()})
+
+
 def test_activation_quantized_schemes_tune(make_cfg):
     cfg = quantized(make_cfg, "quant.activation.bits=8")
     tune_run(cfg, overwrite=False)
@@ -272,6 +293,7 @@ def test_block_tunes_each_layer_in_its_own_phase_against_the_float_layer(make_cf
     )  # noqa: E731
     assert all(moved(start, mid, n) for n in names if ".layers.0." in n), "phase 1 trains layer 0"
     assert not any(moved(start, mid, n) for n in names if ".layers.1." in n), "layer 1 waits for its phase"
+    mid = {k: v.half().float() if k.endswith((".lora_A", ".lora_B")) else v for k, v in mid.items()}  # as saved: fp16 factors
     assert not any(moved(mid, end, n) for n in names if ".layers.0." in n), "layer 0 is done after its phase"
     assert all(moved(mid, end, n) for n in names if ".layers.1." in n), "phase 2 trains layer 1"
     errors = json.loads((straight / "qaft_quant.json").read_text())["tune"]["block_errors"]

@@ -90,7 +90,8 @@ def run(model: Path, adapter: Path | None, job: Job, *, timeout: float | None = 
     ``ExportError`` naming it (the script's one line), not a crash."""
     require()
     threads = job.threads or len(os.sched_getaffinity(0))
-    cmd = ["node", str(SCRIPT), str(model), *([str(adapter)] if adapter else []), "--job", "-", "--threads", str(threads)]
+    files = [str(Path(f).resolve()) for f in (model, adapter) if f is not None]  # node runs in HERE: relative paths would miss
+    cmd = ["node", str(SCRIPT), *files, "--job", "-", "--threads", str(threads)]
     payload = json.dumps(
         {
             "windows": job.windows,
