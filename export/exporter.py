@@ -26,7 +26,7 @@ from qaft.core.text import token_stream, windows_of
 from qaft.core.typed import parse
 from qaft.eval.config import EvalConfig
 from qaft.eval.perplexity import perplexity
-from qaft.quant.fakequant import QuantLinear
+from qaft.quant.fakequant import factors_to_fp16
 from qaft.quant.scheme import QuantScheme
 from qaft.quant.store import META, load_quantized
 
@@ -129,9 +129,7 @@ def export(
     check_runtime(fmt, settings)
     model, tok, meta = load_quantized(src)
     fmt.check_model(model, scheme)
-    for m in model.modules():  # fp16 factors already, unless the folder predates that: the reference is what the files hold
-        if isinstance(m, QuantLinear):
-            m.factors_to_fp16()
+    factors_to_fp16(model)  # fp16 already, unless the folder predates that: the reference is what the files hold
     reference = copy.deepcopy(model)  # the writers may consume ``model``
     writer = fmt()
     with staged(out) as tmp:

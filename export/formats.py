@@ -19,7 +19,7 @@ import torch
 from qaft.core.errors import ExportError
 from qaft.core.registry import Registry
 from qaft.core.typed import suggest
-from qaft.quant.fakequant import QuantLinear
+from qaft.quant.fakequant import off_scheme_formats
 from qaft.quant.scheme import QuantScheme, WeightQuant
 
 if TYPE_CHECKING:  # the section (config.py) validates its format name against this registry
@@ -146,14 +146,9 @@ def check_name(name: str) -> str | None:
     return f"format: got {name!r}, expected auto or one of {', '.join(FORMATS.names())}{suggest(name, ['auto', *FORMATS.names()])}"
 
 
-def other_formats(model: torch.nn.Module, scheme: QuantScheme) -> dict[str, WeightQuant]:
-    """``{Linear: its format}`` for the quantized Linears not on ``scheme.weight`` (``postpass.budget_formats``)."""
-    return {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.spec != scheme.weight}
-
-
 def refuse_other_formats(name: str, model: torch.nn.Module, scheme: QuantScheme, allowed: Callable[[WeightQuant], bool] = lambda spec: False) -> None:
     """One line when a Linear sits on a format the files of export format ``name`` cannot write beside ``scheme.weight``."""
-    bad = {n: spec for n, spec in other_formats(model, scheme).items() if not allowed(spec)}
+    bad = {n: spec for n, spec in off_scheme_formats(model, scheme.weight).items() if not allowed(spec)}
     if bad:
         first = min(bad)
         labels = ", ".join(sorted({spec.label for spec in bad.values()}))

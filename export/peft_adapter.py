@@ -50,6 +50,6 @@ def write_adapter(model: torch.nn.Module, out: Path, base_name_or_path: str) -> 
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear) and mod.lora_A is not None:
             tensors[f"base_model.model.{name}.lora_A.weight"] = mod.lora_A.detach().half().contiguous()  # fp16, as the budget counts
-            tensors[f"base_model.model.{name}.lora_B.weight"] = mod.lora_B.detach().half().contiguous()  # them (exact: see factors_as_stored)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = mod.lora_B.detach().half().contiguous()  # them (exact: the folder holds fp16 values)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     return per_layer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,7 @@ def describe_result(cfg: Config, layers: list[dict[str, Any]]) -> str:
     ranks = sorted(r["rank"] for r in layers)
     line += f", {spent:.3f} bits/weight within the budget {p.budget_bpw:g}: ranks {ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]})"
     if p.budget_formats:
-        counts: dict[str, int] = {}
-        for r in layers:
-            counts[r["weight_format"]] = counts.get(r["weight_format"], 0) + 1
+        counts = Counter(r["weight_format"] for r in layers)
         line += ", formats " + ", ".join(f"{label} × {n}" for label, n in sorted(counts.items()))
     return line
 

@@ -140,3 +140,15 @@ class QuantLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]
         return f"in={self.in_features}, out={self.out_features}, act_bits={self.act.bits}, rank={rank}"
+
+
+def factors_to_fp16(model: torch.nn.Module) -> None:
+    """``QuantLinear.factors_to_fp16`` on every quantized Linear of ``model``."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.factors_to_fp16()
+
+
+def off_scheme_formats(model: torch.nn.Module, weight: WeightQuant) -> dict[str, WeightQuant]:
+    """``{name: format}`` of the quantized Linears not on ``weight`` (the ones ``postpass.budget_formats`` moved)."""
+    return {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.spec != weight}

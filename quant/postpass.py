@@ -153,6 +153,11 @@ def capture_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, sequenc
     return [layer_input(model, first_layer, seq[None].to(device)) for seq in sequences]
 
 
+def _curve(error: torch.Tensor, corr: Correction, xtx: torch.Tensor, ref: float) -> tuple[float, ...]:
+    """The relative squared output error left at rank 0 … ``corr.rank`` (what the budget allocator reads)."""
+    return tuple((output_error_curve(error, corr.A, corr.B, xtx) / ref**2).tolist())
+
+
 def _out_norm(m: torch.Tensor, xtx32: torch.Tensor) -> float:
     """``‖X mᵀ‖_F`` from the statistics alone: ``sqrt(tr(m XᵀX mᵀ))`` (float32: telemetry, not maths)."""
     m = m.float()
@@ -252,6 +257,7 @@ def _quantize_layer(
         set_submodule(layer, name, placed)
         errors: tuple[float | None, ...] = (None, None, None)
         curve = None
+
         if stats is not None:
             if id(stats[name]) not in xtx32s:  # one per distinct input (calibrate.collect shares them)
                 xtx32s[id(stats[name])] = stats[name].xtx.float()
@@ -261,15 +267,14 @@ def _quantize_layer(
             nearest = _out_norm(w - quantize_weight(gridded[name], st.scheme.weight).dequant, xtx32) / ref
             errors = (before, before if corr is None else _out_norm(after, xtx32) / ref, nearest)
             if st.postpass.budget_bpw is not None and corr is not None:
-                curve = tuple((output_error_curve(err, corr.A, corr.B, stats[name].xtx) / ref**2).tolist())
+                curve = _curve(err, corr, stats[name].xtx, ref)
             if st.alternatives is not None:
                 st.alternatives[placed] = []
                 for spec in st.postpass.budget_formats:
                     alt = quantizer.quantize(gridded[name], of(name), spec)
-                    alt_corr, alt_err = correction(name, alt), w - alt.dequant
-                    alt_curve = output_error_curve(alt_err, alt_corr.A, alt_corr.B, stats[name].xtx) / ref**2  # type: ignore[union-attr]
+                    alt_corr = correction(name, alt)
                     module = QuantLinear(alt, lin.bias, st.scheme.activation, alt_corr, prep.input_scales.get(name), spec=spec)
-                    st.alternatives[placed].append((module, tuple(alt_curve.tolist())))
+                    st.alternatives[placed].append((module, _curve(w - alt.dequant, alt_corr, stats[name].xtx, ref)))  # type: ignore[arg-type]
         reports.append(
             LayerReport(
                 f"{where}.{name}",

@@ -32,7 +32,7 @@ from qaft.core.errors import CheckpointError
 from qaft.core.io import ensure_writable, staged
 from qaft.core.typed import parse, to_plain
 
-from .fakequant import STORED, QuantLinear
+from .fakequant import STORED, QuantLinear, factors_to_fp16, off_scheme_formats
 from .grid import QuantizedWeight, dequantize
 from .lowrank import Correction
 from .scheme import QuantScheme, WeightQuant
@@ -51,9 +51,7 @@ def write_quantized(model: torch.nn.Module, tokenizer: Any, folder: Path, scheme
     derived = {f"{n}.weight" for n in names}
     narrow = {f"{n}.codes": torch.int16 for n in names}  # held narrow (fakequant.narrow_codes)
     narrow |= {f"{n}.{f}": torch.float16 for n in names for f in ("lora_A", "lora_B")}  # factors in fp16, as exported
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.factors_to_fp16()  # the caller's model becomes the one saved, bit for bit
+    factors_to_fp16(model)  # the caller's model becomes the one saved, bit for bit
     for key, t in model.state_dict().items():
         if key in derived or t.data_ptr() in seen:  # de-quantized weights are rebuilt; tied tensors stored once
             continue
@@ -63,7 +61,7 @@ def write_quantized(model: torch.nn.Module, tokenizer: Any, folder: Path, scheme
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     record = {"format_version": FORMAT_VERSION, "scheme": to_plain(scheme), "quantized": names, **meta}
-    formats = {n: to_plain(m.spec) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.spec != scheme.weight}
+    formats = {n: to_plain(spec) for n, spec in off_scheme_formats(model, scheme.weight).items()}
     if formats:  # postpass.budget_formats: Linears on another format than the scheme's
         record["layer_formats"] = formats
     (folder / META).write_text(json.dumps(record, indent=2))
