@@ -5,11 +5,22 @@ Each format's ``card`` (``ExportFormat.card``) adds its files, sizes, parity tab
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 
 def mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def weight_formats(m: dict[str, Any]) -> str:
+    """The scheme's format, or with a bits budget's menu (``layer_formats``) each format and how many Linears are on it."""
+    others = m.get("layer_formats") or {}
+    if not others:
+        return m["scheme_label"]
+    counts = Counter(others.values())
+    counts[m["scheme_label"]] = len(m["quantized_modules"]) - len(others)
+    return "per Linear, as the bits budget chose: " + ", ".join(f"{label} ({n})" for label, n in sorted(counts.items()) if n)
 
 
 def made_with(m: dict[str, Any], weights: str, factors: str) -> list[str]:
@@ -22,7 +33,7 @@ def made_with(m: dict[str, Any], weights: str, factors: str) -> list[str]:
         "",
         "| | |",
         "|---|---|",
-        f"| weights | {m['scheme_label']} ({weights}) |",
+        f"| weights | {weight_formats(m)} ({weights}) |",
         f"| method | `{m['method']}`, rank {rank_text} ({factors}) |",
         f"| calibration | {m['calibration']['samples']} × {m['calibration']['seq_len']} tokens of `{m['calibration']['path']}` |",
         f"| training | {'callbacks ' + ', '.join(m['training']['callbacks']) if m.get('training') and m['training']['callbacks'] else ('qaft LoRA run' if m.get('training') else 'none (post-training only)')} |",

@@ -14,7 +14,7 @@ compressed-tensors' own rounding, and the gap to a server's rounding reported bu
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -26,13 +26,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qaft.core.io import folder_size
-from qaft.quant.fakequant import QuantLinear
+from qaft.quant.fakequant import QuantLinear, off_scheme_formats
 from qaft.quant.grid import fake_quant_activation
-from qaft.quant.scheme import ActQuant, QuantScheme, WeightFormat
+from qaft.quant.scheme import ActQuant, QuantScheme, WeightFormat, WeightQuant
 
 from .card import made_with, mb, perplexity_section, provenance_note
 from .config import ExportConfig
-from .ctpack import FORMAT, check_expressible, load_packed, reference_activation_quant, write_packed
+from .ctpack import FORMAT, check_expressible, load_packed, loads_compressed, reference_activation_quant, write_packed
 from .formats import FORMATS, ExportFormat
 from .parity import Parity, compare_logits, enforce, prompt_ids
 from .peft_adapter import WEIGHTS, write_adapter
@@ -43,10 +43,11 @@ LOADERS = ("transformers", "compressed-tensors")
 library's own decompression), which also reads the one kind transformers cannot (``transformers_reads``)."""
 
 
-def transformers_reads(scheme: QuantScheme) -> bool:
-    """Whether ``from_pretrained`` reads the export: weight-only ones load de-compressed (``ctpack.dequantize_on_load``),
-    and the compressed route (kept for activation quantization) fails on asymmetric zero points (``ctpack.load_packed``)."""
-    return scheme.activation.bits is None or scheme.weight.symmetric
+def transformers_reads(scheme: QuantScheme, formats: Mapping[str, WeightQuant]) -> bool:
+    """Whether ``from_pretrained`` reads the export: the de-compressing route (``ctpack.dequantize_on_load``) reads
+    any one format; the compressed route (``ctpack.loads_compressed``: activation quantization, several formats)
+    fails on asymmetric zero points (``ctpack.load_packed``). ``formats``: the Linears off ``scheme.weight``."""
+    return not loads_compressed(scheme, bool(formats)) or all(spec.symmetric for spec in (scheme.weight, *formats.values()))
 
 
 @contextmanager
@@ -86,7 +87,7 @@ def check_parity(folder: Path, reference: torch.nn.Module, tokenizer: Any, schem
     """Compare the in-memory model with ``base/`` + ``adapter/`` read by every loader that can read them."""
     prompts = prompt_ids(tokenizer)
     results = {}
-    for loader in LOADERS if transformers_reads(scheme) else LOADERS[1:]:
+    for loader in LOADERS if transformers_reads(scheme, off_scheme_formats(reference, scheme.weight)) else LOADERS[1:]:
         loaded, _ = CompressedTensors.load(folder, loader=loader)
         with activations_float(reference), activations_float(loaded):
             diff, top1 = compare_logits(reference, loaded, prompts)
@@ -120,23 +121,29 @@ def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
     )
 
 
-def load_snippet(base: str, adapter: str, *, ranks: bool, activations: bool, transformers: bool = True) -> list[str]:
-    """The card's Python to load the export with transformers + peft (executed as written by the tests). Weight-only
-    exports load de-compressed (``ctpack.dequantize_on_load``); activation-quantized ones load compressed, keeping
-    the dynamic input quantization, and are de-compressed after loading for peft, which needs a ``.weight``; where
-    transformers cannot read the folder (``transformers_reads``), qaft's own loader."""
+def load_snippet(base: str, adapter: str, *, ranks: bool, activations: bool, mixed: bool = False, transformers: bool = True) -> list[str]:
+    """The card's Python to load the export with transformers + peft (executed as written by the tests). Exports of
+    one weight-only format load de-compressed (``ctpack.dequantize_on_load``); activation-quantized ones and ones
+    with several formats (``mixed``) load compressed (``ctpack.loads_compressed``: the dynamic input quantization
+    kept, each Linear on its own format) and are de-compressed after loading for peft, which needs a ``.weight``;
+    where transformers cannot read the folder (``transformers_reads``), qaft's own loader."""
     if not transformers:
         folder = str(Path(base).parent)
         return ["```python", "import qaft", "", f'model, tokenizer, manifest = qaft.load_quantized("{folder}")  # checks the manifest\'s hashes too', "```"]
+    load = f'base = AutoModelForCausalLM.from_pretrained("{base}")'
+    if activations:
+        load += "  # int4 packed; input activations quantized as recorded"
+    elif mixed:
+        load += "  # each Linear packed at the bits the budget chose for it"
+    else:
+        load += "  # int4 packed on disk, de-compressed to float on load"
     return [
         "```python",
         "from peft import PeftModel  # needs: pip install compressed-tensors peft",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")  # int4 packed on disk, de-compressed to float on load'
-        if not activations
-        else f'base = AutoModelForCausalLM.from_pretrained("{base}")  # int4 packed; input activations quantized as recorded',
-        *(["base.hf_quantizer.compressor.decompress_model(base)  # peft wraps a .weight: de-compress the packed Linears"] if activations else []),
+        load,
+        *(["base.hf_quantizer.compressor.decompress_model(base)  # peft wraps a .weight: de-compress the packed Linears"] if activations or mixed else []),
         f'model = PeftModel.from_pretrained(base, "{adapter}")  # the low-rank error correction' if ranks else "model = base",
         f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
         "```",
@@ -156,9 +163,17 @@ class CompressedTensors(ExportFormat):
     def check_scheme(cls, scheme: QuantScheme) -> None:
         check_expressible(scheme)
 
+    menu_fix = "give postpass.budget_formats int formats only (e.g. {bits: 8})"
+
+    @classmethod
+    def holds(cls, spec: WeightQuant) -> bool:
+        """Any int format: one config group per format (``ctpack``)."""
+        return spec.format is WeightFormat.INT
+
     def write(
         self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, meta: dict[str, Any], settings: ExportConfig
     ) -> dict[str, Any]:
+        formats = {n: spec.label for n, spec in off_scheme_formats(model, scheme.weight).items()}
         ranks = write_adapter(model, tmp / "adapter", base_name_or_path="base")
         quantized = write_packed(model, tokenizer, scheme, tmp / "base")
         parity = check_parity(tmp, reference, tokenizer, scheme, settings.parity_atol)
@@ -166,6 +181,7 @@ class CompressedTensors(ExportFormat):
             "format": {"base": f"compressed-tensors {FORMAT}", "adapter": "peft lora" if ranks else None},
             "ranks": ranks or {},
             "quantized_modules": quantized,
+            **({"layer_formats": formats} if formats else {}),
             "parity": {k: asdict(v) for k, v in parity.items()},
             "sizes": sizes(tmp, reference),
         }
@@ -241,7 +257,13 @@ class CompressedTensors(ExportFormat):
                 "library's own decompression.",
             ]
         acts = m["scheme"]["activation"]["bits"] is not None
-        lines += ["", "## Load", "", *load_snippet("base", "adapter", ranks=bool(m["ranks"]), activations=acts, transformers="transformers" in p), ""]
+        lines += [
+            "",
+            "## Load",
+            "",
+            *load_snippet("base", "adapter", ranks=bool(m["ranks"]), activations=acts, mixed=bool(m.get("layer_formats")), transformers="transformers" in p),
+            "",
+        ]
         lines += [
             "Activation quantization, when the scheme has it, is recorded as dynamic `input_activations` in `base/config.json`; "
             "servers that read compressed-tensors (vLLM) apply it at run time.",

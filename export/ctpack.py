@@ -12,6 +12,11 @@ Conventions that differ and how they map:
 - asymmetric int: ours is unsigned (codes and zero in ``[0, 2^b - 1]``); compressed-tensors' is
   signed, so both shift by ``2^(b-1)``; ``(code − zero) · scale`` is unchanged.
 - MXINT has no compressed-tensors integer format (its MX formats are floating point): refused.
+- several int formats (``postpass.budget_formats``): one config group per format, one targeting every ``Linear``
+  for ``quant.weight`` and each other one naming its Linears exactly (exact names take precedence over class
+  names when compressed-tensors matches targets); each Linear is packed at its own ``num_bits`` (1…8).
+  vLLM fuses q/k/v and gate/up into one layer and requires one scheme per fused layer; transformers and
+  compressed-tensors read any mix.
 - activations: ``input_activations`` = dynamic symmetric int, per token or tensor. A server
   (vLLM's ``scaled_int8_quant``) uses ``scale = max|x| / (2^(b-1) - 1)``, as qaft's simulation does;
   compressed-tensors' own Python fake quantization divides by ``2^(b-1) - 0.5`` instead
@@ -21,7 +26,9 @@ Conventions that differ and how they map:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +48,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from qaft.core.errors import ExportError
-from qaft.quant.fakequant import QuantLinear
-from qaft.quant.scheme import ActGranularity, ActQuant, Granularity, QuantScheme, WeightFormat
+from qaft.quant.fakequant import QuantLinear, off_scheme_formats
+from qaft.quant.scheme import ActGranularity, ActQuant, Granularity, QuantScheme, WeightFormat, WeightQuant
 
 FORMAT = "pack-quantized"
 
@@ -61,14 +68,18 @@ def check_expressible(scheme: QuantScheme) -> None:
         )
 
 
-def quantization_config(scheme: QuantScheme, ignore: list[str]) -> Any:
-    """The compressed-tensors ``QuantizationConfig`` equivalent to ``scheme`` (targets every Linear not in ``ignore``)."""
-    check_expressible(scheme)
-    w = scheme.weight
+def weight_args(w: WeightQuant) -> QuantizationArgs:
+    """compressed-tensors' description of one int weight format."""
     strategy = {Granularity.TENSOR: "tensor", Granularity.CHANNEL: "channel", Granularity.GROUP: "group"}[w.granularity]
-    weights = QuantizationArgs(
+    return QuantizationArgs(
         num_bits=w.bits, type="int", symmetric=w.symmetric, strategy=strategy, group_size=w.group_size if w.granularity is Granularity.GROUP else None
     )
+
+
+def quantization_config(scheme: QuantScheme, ignore: list[str], formats: Mapping[str, WeightQuant] | None = None) -> Any:
+    """The compressed-tensors ``QuantizationConfig`` equivalent to ``scheme`` (targets every Linear not in ``ignore``);
+    ``formats``: ``{name: format}`` of the Linears on another int format than ``scheme.weight`` (one group per format)."""
+    check_expressible(scheme)
     a = scheme.activation
     inputs = (
         None
@@ -81,8 +92,14 @@ def quantization_config(scheme: QuantScheme, ignore: list[str]) -> Any:
             strategy="token" if a.granularity is ActGranularity.TOKEN else "tensor",
         )
     )
-    group = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
-    return QuantizationConfig(config_groups={"group_0": group}, ignore=ignore, format=FORMAT, quantization_status="frozen")
+    by_format: dict[WeightQuant, list[str]] = {}
+    for name, spec in sorted((formats or {}).items()):
+        check_expressible(dataclasses.replace(scheme, weight=spec))
+        by_format.setdefault(spec, []).append(name)
+    # named groups first: compressed-tensors resolves exact names before classes either way, but warns of "unmatched" targets listed after a class one
+    groups = [(names, spec) for spec, names in sorted(by_format.items(), key=lambda kv: kv[0].label)] + [(["Linear"], scheme.weight)]
+    config_groups = {f"group_{i}": QuantizationScheme(targets=t, weights=weight_args(w), input_activations=inputs) for i, (t, w) in enumerate(groups)}
+    return QuantizationConfig(config_groups=config_groups, ignore=ignore, format=FORMAT, quantization_status="frozen")
 
 
 def reference_activation_quant(x: torch.Tensor, spec: ActQuant) -> torch.Tensor:
@@ -120,18 +137,19 @@ def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, ou
             "the post-pass smoothed inputs that no norm produces (explicit input scales), which compressed-tensors cannot carry; "
             "re-run `qaft quantize` with postpass.smoothing.fold_only=true, or use reconstructor whiten"
         )
+    formats = off_scheme_formats(model, scheme.weight)
     layers = to_float_linears(model)
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in layers)
-    apply_quantization_config(model, quantization_config(scheme, ignore), show_progress=False)
-    offset = 2 ** (scheme.weight.bits - 1)  # unsigned → signed zero points (see module docstring)
+    apply_quantization_config(model, quantization_config(scheme, ignore, formats), show_progress=False)
     with torch.no_grad():
         for name, q in layers.items():
             mod = model.get_submodule(name)
-            if getattr(mod, "quantization_scheme", None) is None:
-                raise ExportError(f"compressed-tensors did not select {name} for quantization; its ignore/targets rules disagree with quant.targets/ignore")
+            chosen = getattr(mod, "quantization_scheme", None)
+            if chosen is None or chosen.weights != weight_args(q.spec):
+                raise ExportError(f"compressed-tensors did not select {name} for {q.spec.label}; its ignore/targets rules disagree with quant.targets/ignore")
             mod.weight_scale.copy_(q.scale.reshape(mod.weight_scale.shape))
-            if q.zero is not None:
-                mod.weight_zero_point.copy_((q.zero.to(torch.int32) - offset).reshape(mod.weight_zero_point.shape))
+            if q.zero is not None:  # unsigned → signed zero points (see module docstring)
+                mod.weight_zero_point.copy_((q.zero.to(torch.int32) - 2 ** (q.spec.bits - 1)).reshape(mod.weight_zero_point.shape))
     logger.disable("compressed_tensors")  # it warns that W4A8 would infer int-quantized (8-bit storage): we want packed
     try:
         compressor = ModelCompressor.from_pretrained_model(model, quantization_format=FORMAT)
@@ -141,12 +159,19 @@ def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, ou
     compressor.remove_decompression_hook(model)  # the model is written, not run
     model.save_pretrained(out)
     compressor.update_config(str(out))
-    if scheme.activation.bits is None:
+    if not loads_compressed(scheme, bool(formats)):
         dequantize_on_load(out / "config.json")
     tokenizer.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     return sorted(layers)
+
+
+def loads_compressed(scheme: QuantScheme, mixed: bool) -> bool:
+    """Whether ``from_pretrained`` must take the compressed route (per-module schemes; de-compressed after loading):
+    with activation quantization (the de-compressing route drops it) or several weight formats (transformers 5.24's
+    de-compressing route unpacks every dense Linear with one config group's arguments, ``get_dense_scheme``)."""
+    return scheme.activation.bits is not None or mixed
 
 
 def dequantize_on_load(config: Path) -> None:

@@ -10,7 +10,7 @@ too). New format = one file with a subclass and one ``FORMATS.register`` call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -64,11 +64,26 @@ class ExportFormat:
     def check_model_config(cls, config: Any, scheme: QuantScheme, model_class: str) -> None:
         """Raise ``ExportError`` when the files cannot hold this architecture (the doctor calls it with a meta model's config)."""
 
+    menu_fix: ClassVar[str] = "quantize without postpass.budget_formats"
+    """The fix the refusal of a format ``holds`` rejects names."""
+
+    @classmethod
+    def holds(cls, spec: WeightQuant) -> bool:
+        """Whether the files can hold a Linear on ``spec`` beside the scheme's others (``postpass.budget_formats``)."""
+        return False
+
+    @classmethod
+    def check_menu(cls, scheme: QuantScheme, menu: Iterable[WeightQuant]) -> None:
+        """Raise ``ExportError`` when ``postpass.budget_formats`` offers a format the files cannot hold (the doctor, before the post-pass)."""
+        bad = sorted({spec.label for spec in menu if spec != scheme.weight and not cls.holds(spec)})
+        if bad:
+            raise ExportError(f"postpass.budget_formats: export.format {cls.name} cannot write {', '.join(bad)}; {cls.menu_fix}")
+
     @classmethod
     def check_model(cls, model: torch.nn.Module, scheme: QuantScheme) -> None:
         """Raise ``ExportError`` when the loaded post-pass result has something the files cannot hold
-        (by default: Linears on another weight format than the scheme's, from ``postpass.budget_formats``)."""
-        refuse_other_formats(cls.name, model, scheme)
+        (by default: Linears that ``postpass.budget_formats`` put on a format ``holds`` rejects)."""
+        refuse_other_formats(cls, model, scheme)
 
     def write(
         self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, meta: dict[str, Any], settings: ExportConfig
@@ -146,14 +161,13 @@ def check_name(name: str) -> str | None:
     return f"format: got {name!r}, expected auto or one of {', '.join(FORMATS.names())}{suggest(name, ['auto', *FORMATS.names()])}"
 
 
-def refuse_other_formats(name: str, model: torch.nn.Module, scheme: QuantScheme, allowed: Callable[[WeightQuant], bool] = lambda spec: False) -> None:
-    """One line when a Linear sits on a format the files of export format ``name`` cannot write beside ``scheme.weight``."""
-    bad = {n: spec for n, spec in off_scheme_formats(model, scheme.weight).items() if not allowed(spec)}
+def refuse_other_formats(fmt: type[ExportFormat], model: torch.nn.Module, scheme: QuantScheme) -> None:
+    """One line when ``postpass.budget_formats`` put a Linear on a format ``fmt``'s files cannot hold."""
+    bad = {n: spec for n, spec in off_scheme_formats(model, scheme.weight).items() if not fmt.holds(spec)}
     if bad:
         first = min(bad)
         labels = ", ".join(sorted({spec.label for spec in bad.values()}))
         raise ExportError(
-            f"export.format: {name} files hold one weight format per model, and {first} (and {len(bad) - 1} more Linears) is on {labels}, not "
-            f"{scheme.weight.label} (postpass.budget_formats); quantize without postpass.budget_formats"
-            + (", or with a menu of GGUF types only and export.format=gguf" if name != "gguf" else "")
+            f"export.format: {fmt.name} cannot write {labels}, where postpass.budget_formats put {first} (and {len(bad) - 1} more Linears) "
+            f"beside quant.weight {scheme.weight.label}; {fmt.menu_fix}"
         )

@@ -32,13 +32,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qaft.core.errors import ExportError, QaftError
 from qaft.core.model import ModelConfig, resolve
 from qaft.quant.fakequant import QuantLinear
-from qaft.quant.scheme import GGUFType, QuantScheme, WeightFormat
+from qaft.quant.scheme import GGUFType, QuantScheme, WeightFormat, WeightQuant
 from qaft.runtimes import llamacpp as llamacpp_runtime
 
 from . import llamacpp
 from .card import made_with, mb, perplexity_section, provenance_note
 from .config import ExportConfig
-from .formats import FORMATS, ExportFormat, refuse_other_formats
+from .formats import FORMATS, ExportFormat
 from .gguffile import ADAPTER_FILE, check_config, check_model, model_file, read_adapter, write_adapter, write_model
 from .parity import PROMPTS, Parity, compare_logits, enforce, prompt_ids
 from .sizes import size_record
@@ -191,10 +191,16 @@ class GGUF(ExportFormat):
     def check_model_config(cls, config: Any, scheme: QuantScheme, model_class: str) -> None:
         check_config(config, scheme, model_class)
 
+    menu_fix = "give postpass.budget_formats GGUF types only (e.g. {format: gguf, gguf_type: Q8_0})"
+
+    @classmethod
+    def holds(cls, spec: WeightQuant) -> bool:
+        """Any GGUF type: llama.cpp's types are per tensor (mixed files)."""
+        return spec.format is WeightFormat.GGUF
+
     @classmethod
     def check_model(cls, model: torch.nn.Module, scheme: QuantScheme) -> None:
-        """GGUF types are per tensor: a budget's menu of GGUF types is written as chosen (llama.cpp's mixed files)."""
-        refuse_other_formats(cls.name, model, scheme, allowed=lambda spec: spec.format is WeightFormat.GGUF)
+        super().check_model(model, scheme)
         check_model(model, scheme)
 
     def write(

@@ -231,6 +231,7 @@ def export_target(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Find
     try:
         fmt = formats.resolve(cfg.export.format, cfg.quant)
         fmt.check_model_config(model.config, cfg.quant, type(model).__name__)
+        fmt.check_menu(cfg.quant, cfg.postpass.budget_formats)
     except QaftError as e:
         return [Finding("export", Status.FAIL, str(e))]
     rows = [Finding("export", Status.OK, f"{fmt.name}: {fmt.summary}")]

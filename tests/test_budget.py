@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import itertools
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from test_export import python_blocks, run_snippet
 
 from helpers import postpass
 from qaft.core.errors import ConfigError
@@ -258,6 +260,21 @@ def test_fisher_weighting_spends_nothing_where_the_loss_cannot_see_the_error(tin
     assert ranks["absolute"]["v_proj"] > 0
 
 
+def test_fisher_measures_the_sensitivities_on_the_first_budget_sensitivity_samples_sequences(tiny, monkeypatch):
+    """The sensitivity pass costs one forward and backward per sequence it reads: ``budget_sensitivity_samples`` bounds
+    that (the first ones; all of them when there are fewer), and the allocation weighs by exactly those sequences'."""
+    import qaft.quant.postpass as pp
+    from qaft.quant.sensitivity import output_sensitivity
+
+    model, calib = tiny
+    seen = []
+    monkeypatch.setattr(pp, "output_sensitivity", lambda m, lins, seqs, **kw: seen.append(seqs.clone()) or output_sensitivity(m, lins, seqs, **kw))
+    for samples, expect in ((2, calib[:2]), (len(calib) + 5, calib)):
+        cfg = postpass("whiten", 8, bf16=False, budget_bpw=6.0, budget_weighting="fisher", budget_sensitivity_samples=samples)
+        quantize_model(copy.deepcopy(model), calib, QuantScheme(), cfg, progress=False)
+        assert torch.equal(seen.pop(), expect)
+
+
 MENU = [{"bits": 2, "granularity": "group", "group_size": 32}, {"bits": 8}]
 
 
@@ -299,21 +316,87 @@ def test_a_result_with_formats_per_linear_saves_and_reloads_to_the_same_logits(t
         assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
-def test_an_export_of_a_result_with_formats_per_linear_is_refused_in_one_line(tiny, tmp_path):
+def saved_budget_result(model: torch.nn.Module, tmp_path) -> Path:
+    """``model`` (a budgeted post-pass result) saved as ``qaft quantize`` saves it; returns the folder."""
+    from qaft.quant.store import save_quantized
+
+    _, tok = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
+    meta = {"method": "rtn+whiten", "rank": 8, "source_model": "tiny-llama", "calibration": {"samples": 6, "seq_len": 32, "path": "random tokens"}}
+    return save_quantized(model, tok, tmp_path / "q", QuantScheme(), meta, overwrite=False)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_compressed_tensors_export_holds_each_linears_own_int_format(tiny, tmp_path, symmetric, monkeypatch):
+    """A budget over int formats exports to compressed-tensors as chosen: one config group per format (the scheme's
+    targets ``Linear``, each other names its Linears), every Linear's codes packed at its own bits and unpacking to
+    qaft's codes (and zero points), the bits counted from the files equal to what the budget counted, and the reload
+    (parity enforced by the export: transformers + peft, and compressed-tensors' own decompression; transformers'
+    compressed route cannot read asymmetric zero points, so those take only the latter) computing qaft's function,
+    also through the card's snippet as written. Three formats in play: with layer 0's o_proj zeroed, ``fisher``
+    puts that layer's q/k/v on the cheap W3 and spends on W8 elsewhere."""
+    import json
+
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    from qaft.export.config import ExportConfig
+    from qaft.export.exporter import export
+
+    model, calib = tiny
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+    menu = [{"bits": 8}, {"bits": 3, "granularity": "group", "group_size": 32, "symmetric": symmetric}]
+    cfg = postpass("whiten", 8, bf16=False, budget_bpw=5.0, budget_formats=menu, budget_weighting="fisher")
+    quantize_model(model, calib, QuantScheme(), cfg, progress=False)
+    chosen = {n: q.spec for n, q in model.named_modules() if isinstance(q, QuantLinear)}
+    assert {spec.label for spec in chosen.values()} == {"W4 per-channel sym", "W8 per-channel sym", f"W3 g32 {'sym' if symmetric else 'asym'}"}
+    src = saved_budget_result(model, tmp_path)
+    out, m = export(src, tmp_path / "out", ExportConfig(evaluate=False), source=ModelConfig(name_or_path="tiny-llama"), protocol=None, overwrite=False)
+    assert set(m["parity"]) == ({"transformers", "compressed-tensors"} if symmetric else {"compressed-tensors"})
+    assert all(p["max_abs_diff"] <= ExportConfig().parity_atol and p["top1_agreement"] == 1.0 for p in m["parity"].values())
+    [code] = python_blocks((out / "README.md").read_text())
+    card_model = run_snippet(code, out, str(out / "README.md"), monkeypatch)["model"].eval()
+    ids = calib[:2]
+    with torch.no_grad():
+        assert (card_model(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() <= ExportConfig().parity_atol
+    groups = json.loads((out / "base" / "config.json").read_text())["quantization_config"]["config_groups"]
+    targets = {g["weights"]["num_bits"]: g["targets"] for g in groups.values()}
+    assert len(groups) == 3 and targets[4] == ["Linear"]  # the scheme's format: every Linear not named elsewhere
+    for bits in (3, 8):
+        assert targets[bits] == sorted(n for n, spec in chosen.items() if spec.bits == bits)
+    assert m["layer_formats"] == {n: spec.label for n, spec in chosen.items() if spec != QuantScheme().weight}
+    base, store = load_file(str(out / "base" / "model.safetensors")), load_file(str(src / "model.safetensors"))
+    for name, spec in chosen.items():
+        offset = 0 if spec.symmetric else 2 ** (spec.bits - 1)  # asymmetric codes are stored signed (ctpack)
+        codes = unpack_from_int32(base[f"{name}.weight_packed"], spec.bits, torch.Size(base[f"{name}.weight_shape"].tolist())).to(torch.int16)
+        assert torch.equal(codes + offset, store[f"{name}.codes"].to(torch.int16)), name
+        assert base[f"{name}.weight_packed"].numel() * 32 == spec.bits * codes.numel(), name  # packed at its own width
+        if not spec.symmetric:
+            zp = unpack_from_int32(base[f"{name}.weight_zero_point"], spec.bits, store[f"{name}.zero"].shape, packed_dim=0)
+            assert torch.equal(zp.to(torch.int16) + offset, store[f"{name}.zero"].to(torch.int16)), name
+    # the files hold what the budget counted, but float32 scales (the model's dtype) where it counts fp16 ones, plus
+    # each Linear's int64 [2] weight_shape: exactly that surplus (symmetric: no zero points, which are packed otherwise)
+    layers = [q for q in model.modules() if isinstance(q, QuantLinear)]
+    if symmetric:
+        surplus = sum((32 - q.spec.scale_bits) * q.scale.numel() + 2 * 64 for q in layers) / sum(q.weight.numel() for q in layers)
+        assert m["sizes"]["bits_per_weight_with_adapter"] == pytest.approx(model_bpw(model) + surplus, rel=1e-12)
+
+
+def test_an_export_that_cannot_write_a_chosen_format_is_refused_in_one_line(tiny, tmp_path):
+    """compressed-tensors has no MX integer format: a menu that put Linears on MXINT is refused before anything is
+    written, naming a Linear, the format and the fix."""
     from qaft.core.errors import ExportError
     from qaft.export.config import ExportConfig
     from qaft.export.exporter import export
-    from qaft.quant.store import save_quantized
 
-    model, _ = budgeted(tiny, MENU)
-    _, tok = load_model_and_tokenizer(ModelConfig(name_or_path="tiny-llama"))
-    src = save_quantized(
-        model, tok, tmp_path / "q", QuantScheme(), {"method": "rtn+whiten", "rank": 8, "source_model": "tiny-llama", "calibration": {}}, overwrite=False
-    )
+    model, _ = budgeted(tiny, [{"format": "mxint", "bits": 8, "granularity": "group", "group_size": 32}])
+    assert any(q.spec.label == "MXINT8 b32" for q in model.modules() if isinstance(q, QuantLinear))
+    src = saved_budget_result(model, tmp_path)
     with pytest.raises(
         ExportError,
-        match=r"^export\.format: compressed-tensors files hold one weight format per model, and model\.layers\.\S+ \(and \d+ more Linears\) is on "
-        r"(W2 g32 sym|W8 per-channel sym).* not W4 per-channel sym \(postpass\.budget_formats\); quantize without .* GGUF types only and export\.format=gguf$",
+        match=r"^export\.format: compressed-tensors cannot write MXINT8 b32, where postpass\.budget_formats put model\.layers\.\S+ \(and \d+ more Linears\) "
+        r"beside quant\.weight W4 per-channel sym; give postpass\.budget_formats int formats only \(e\.g\. \{bits: 8\}\)$",
     ):
         export(src, tmp_path / "out", ExportConfig(), source=ModelConfig(name_or_path="tiny-llama"), protocol=None, overwrite=False)
     assert not (tmp_path / "out").exists()
