@@ -45,7 +45,9 @@ def main() -> None:
     ap.add_argument("--weightings", nargs="+", default=["fisher", "absolute", "relative"], help="postpass.budget_weighting values to allocate with")
     ap.add_argument("--cap", type=int, default=128, help="largest rank the allocator may give one Linear")
     ap.add_argument("--menu", nargs="*", default=[], help="with formats too: postpass.budget_formats as w<bits>[g<group>] labels (e.g. w3g64 w8)")
-    ap.add_argument("--kinds", nargs="+", default=["uniform", "ranks", "formats"], choices=["uniform", "ranks", "formats"], help="which rows to run per budget and method")
+    ap.add_argument(
+        "--kinds", nargs="+", default=["uniform", "ranks", "formats"], choices=["uniform", "ranks", "formats"], help="which rows to run per budget and method"
+    )
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for every row, e.g. quant.weight.format=gguf quant.weight.gguf_type=Q4_0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "budget.json"))
     args = ap.parse_args()
@@ -62,7 +64,9 @@ def main() -> None:
     for budget in args.budgets:
         uniform = int((budget * n - base) // per)
         for method in args.methods:
-            allocated = {f"alloc {w}": [f"postpass.rank={args.cap}", f"postpass.budget_bpw={budget}", f"postpass.budget_weighting={w}"] for w in args.weightings}
+            allocated = {
+                f"alloc {w}": [f"postpass.rank={args.cap}", f"postpass.budget_bpw={budget}", f"postpass.budget_weighting={w}"] for w in args.weightings
+            }
             runs = {"uniform": [f"postpass.rank={uniform}"]} if "uniform" in args.kinds else {}
             runs |= allocated if "ranks" in args.kinds else {}
             runs |= {f"{k} + formats": [*o, f"postpass.budget_formats={menu}"] for k, o in allocated.items()} if args.menu and "formats" in args.kinds else {}
