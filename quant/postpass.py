@@ -349,7 +349,9 @@ def quantize_models(
         inputs = capture_inputs(models[calibrated[0]], decoder_layers(models[calibrated[0]])[1][0], calibration)
     sensitivity = None
     if postpass.budget_bpw is not None and postpass.budget_weighting is BudgetWeighting.FISHER:  # on the float model, before the walk
-        sensitivity = output_sensitivity(models[calibrated[0]], scheme.linears(models[calibrated[0]]), calibration[: postpass.budget_sensitivity_samples], bf16=st.bf16)
+        sensitivity = output_sensitivity(
+            models[calibrated[0]], scheme.linears(models[calibrated[0]]), calibration[: postpass.budget_sensitivity_samples], bf16=st.bf16
+        )
     groups = [calibrated] if propagate is Propagation.FLOAT else [[k] for k in calibrated]  # the models that share one stream
     kept: dict[str, LayerStats] | None = {} if propagate is Propagation.FLOAT and keep_statistics else None
     for group in groups:

@@ -64,7 +64,11 @@ def test_a_sound_config_passes_and_names_what_it_checked(smoke_file, capsys):
         (["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.activation.bits=8"], "export", "llama.cpp picks activation precision"),
         (["export.format=gguf"], "export", "gguf files hold llama.cpp's block grids"),
         (
-            ["postpass.reconstructor=whiten", "postpass.budget_bpw=6", "postpass.budget_formats=[{bits: 8}, {format: mxint, bits: 8, granularity: group, group_size: 32}]"],
+            [
+                "postpass.reconstructor=whiten",
+                "postpass.budget_bpw=6",
+                "postpass.budget_formats=[{bits: 8}, {format: mxint, bits: 8, granularity: group, group_size: 32}]",
+            ],
             "export",
             "postpass.budget_formats: export.format compressed-tensors cannot write MXINT8 b32; give postpass.budget_formats int formats only",
         ),
