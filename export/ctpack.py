@@ -175,7 +175,7 @@ def loads_compressed(scheme: QuantScheme, mixed: bool) -> bool:
 
 
 def dequantize_on_load(config: Path) -> None:
-    """``quantization_config.dequantize: true`` (weight-only schemes): transformers' ``from_pretrained`` then
+    """``quantization_config.dequantize: true`` (weight-only, one format: ``loads_compressed``): transformers' ``from_pretrained`` then
     de-compresses the packed Linears while loading, so ``PeftModel.from_pretrained(base, "adapter")`` finds the
     ``.weight`` it wraps and the card's two lines work as written (without it the packed modules have no
     ``weight`` and peft stops); it also reads asymmetric schemes, which the compressed route cannot (see

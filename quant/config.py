@@ -49,8 +49,8 @@ class PostpassConfig:
     """Bits per quantized weight for everything stored (codes, scales, fp16 factors): each Linear's rank is chosen from 0 … ``rank`` to minimise the summed output error (``budget_weighting``) within it (``quant/budget.py``); null = ``rank`` everywhere."""
     budget_weighting: BudgetWeighting = BudgetWeighting.ABSOLUTE
     """What the budget allocator minimises, summed over the Linears: ``absolute`` (the output error ``‖X Eᵀ‖²``), ``relative`` (over its output energy) or ``fisher`` (times the mean squared loss gradient there). Measured in docs/methods/postpass.md."""
-    budget_sensitivity_samples: Annotated[int, Ge(1)] = 4
-    """With ``budget_weighting: fisher``: calibration sequences (the first; all when fewer) the sensitivities are measured on, one forward and backward each; 4 rank the Linears as all 16 do (Spearman 0.996, SmolLM2)."""
+    budget_sensitivity_samples: Annotated[int, Ge(1)] | None = None
+    """With ``budget_weighting: fisher``: measure the sensitivities on the first this many calibration sequences (one forward and backward each); null = all. Measured in docs/methods/postpass.md."""
     budget_formats: tuple[WeightQuant, ...] = ()
     """With ``budget_bpw``: more formats a Linear may take besides ``quant.weight``, each like ``quant.weight`` (e.g. ``[{bits: 3, granularity: group}, {bits: 8}]``); format and rank are chosen together; each adds about a post-pass of work."""
     energy: Annotated[float, Gt(0.0), Le(1.0)] | None = None

@@ -262,14 +262,15 @@ def test_fisher_weighting_spends_nothing_where_the_loss_cannot_see_the_error(tin
 
 def test_fisher_measures_the_sensitivities_on_the_first_budget_sensitivity_samples_sequences(tiny, monkeypatch):
     """The sensitivity pass costs one forward and backward per sequence it reads: ``budget_sensitivity_samples`` bounds
-    that (the first ones; all of them when there are fewer), and the allocation weighs by exactly those sequences'."""
+    that (the first ones; all of them when there are fewer, or by default), and the allocation weighs by exactly those
+    sequences'."""
     import qaft.quant.postpass as pp
     from qaft.quant.sensitivity import output_sensitivity
 
     model, calib = tiny
     seen = []
     monkeypatch.setattr(pp, "output_sensitivity", lambda m, lins, seqs, **kw: seen.append(seqs.clone()) or output_sensitivity(m, lins, seqs, **kw))
-    for samples, expect in ((2, calib[:2]), (len(calib) + 5, calib)):
+    for samples, expect in ((2, calib[:2]), (len(calib) + 5, calib), (None, calib)):
         cfg = postpass("whiten", 8, bf16=False, budget_bpw=6.0, budget_weighting="fisher", budget_sensitivity_samples=samples)
         quantize_model(copy.deepcopy(model), calib, QuantScheme(), cfg, progress=False)
         assert torch.equal(seen.pop(), expect)
