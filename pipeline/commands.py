@@ -15,7 +15,7 @@ import torch
 
 from qaft.core import text
 from qaft.core.errors import CheckpointError, ConfigError, DataError, PreflightError
-from qaft.core.hardware import precision, resolve_bf16
+from qaft.core.hardware import precision
 from qaft.core.io import ensure_writable
 from qaft.core.lock import output_locks
 from qaft.core.model import load_model_and_tokenizer
@@ -143,7 +143,7 @@ def tune_job(cfg: Config) -> TuneJob:
         save_steps=t.save_steps,
         save_total_limit=1,
         seed=cfg.training.seed,
-        bf16=resolve_bf16(t.bf16)[0],
+        bf16=t.bf16,  # resolved by the loop, which says why in its header
         gradient_checkpointing=t.gradient_checkpointing,
         resume_from_checkpoint=cfg.training.resume_from_checkpoint,
     )
