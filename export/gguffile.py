@@ -17,12 +17,17 @@ The tokenizer is copied field by field from the source GGUF when the model came 
 built from a byte-level BPE Hugging Face tokenizer otherwise (``tokenizer.ggml.model = gpt2``).
 
 LoRA adapter: ``<tensor>.lora_a`` ``[rank, in]`` and ``<tensor>.lora_b`` ``[out, rank]`` (q/k rows
-permuted like their weight), ``adapter.lora.alpha = rank`` so llama.cpp's ``alpha / rank`` scale is 1.
+permuted like their weight). The file holds one ``adapter.lora.alpha`` and llama.cpp scales each tensor by
+``alpha / rank``, so with per-layer ranks (a bits budget) each ``lora_b`` carries ``rank / alpha`` folded in.
+``alpha`` is the *smallest* rank, so that factor is ≥ 1 (1 wherever the ranks are equal: exact): folded the other
+way, a rank-1 layer's ``lora_b`` would shrink by up to the largest rank and land in F16's subnormals. The folded
+``lora_b`` is rounded to F16 once more than the factors were (``stored_factors`` gives the values the file holds).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,13 +231,32 @@ def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Pat
     return types
 
 
+def adapter_alpha(ranks: Iterable[int]) -> int:
+    """The file's one ``adapter.lora.alpha``: the smallest rank (module docstring)."""
+    return min(ranks)
+
+
+def stored_factors(model: torch.nn.Module) -> None:
+    """Round every factor pair of ``model`` in place to what ``write_adapter``'s file holds and ``read_adapter`` gives
+    back: ``lora_b · rank / alpha`` in F16, times ``alpha / rank`` (the export's parity reference)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.lora_A is not None]
+    if not layers:
+        return
+    alpha = adapter_alpha(m.lora_A.shape[0] for m in layers)
+    with torch.no_grad():
+        for m in layers:
+            rank = m.lora_A.shape[0]
+            m.lora_A.copy_(m.lora_A.half().float())
+            m.lora_B.copy_((m.lora_B * (rank / alpha)).half().float() * (alpha / rank))
+
+
 def write_adapter(model: torch.nn.Module, path: Path) -> dict[str, int]:
     """The LoRA adapter GGUF of every quantized Linear with factors; returns ``{gguf tensor name: rank}`` (empty: no file)."""
     tmap, layout = _name_map(model), Layout.of(model.config)
     factors = {gguf_name(tmap, f"{n}.weight"): (m.lora_A, m.lora_B) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.lora_A is not None}
     if not factors:
         return {}
-    alpha = max(a.shape[0] for a, _ in factors.values())
+    alpha = adapter_alpha(a.shape[0] for a, _ in factors.values())
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

@@ -39,7 +39,7 @@ from . import llamacpp
 from .card import made_with, mb, perplexity_section, provenance_note
 from .config import ExportConfig
 from .formats import FORMATS, ExportFormat
-from .gguffile import ADAPTER_FILE, check_config, check_model, model_file, read_adapter, write_adapter, write_model
+from .gguffile import ADAPTER_FILE, check_config, check_model, model_file, read_adapter, stored_factors, write_adapter, write_model
 from .parity import PROMPTS, Parity, compare_logits, enforce, prompt_ids
 from .sizes import size_record
 
@@ -118,10 +118,11 @@ def factors_off(model: torch.nn.Module) -> Iterator[None]:
 
 
 def stored_floats(reference: torch.nn.Module, float_type: str) -> torch.nn.Module:
-    """``reference`` with its float 2-D tensors rounded as the file stores them (a copy; itself for F32)."""
-    if float_type == "F32":
-        return reference
+    """A copy of ``reference`` with its float 2-D tensors (unless F32) and its factors rounded as the files store them."""
     rounded = copy.deepcopy(reference)
+    stored_factors(rounded)
+    if float_type == "F32":
+        return rounded
     with torch.no_grad():
         for module in rounded.modules():
             if isinstance(module, QuantLinear):
