@@ -83,11 +83,14 @@ def reference_rounding(model: torch.nn.Module) -> Iterator[None]:
             m.act_fn = fake_quant_activation
 
 
-def check_parity(folder: Path, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, tolerance: float) -> dict[str, Parity]:
-    """Compare the in-memory model with ``base/`` + ``adapter/`` read by every loader that can read them."""
+def check_parity(
+    folder: Path, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, formats: Mapping[str, WeightQuant], tolerance: float
+) -> dict[str, Parity]:
+    """Compare the in-memory model with ``base/`` + ``adapter/`` read by every loader that can read them
+    (``formats``: the Linears off ``scheme.weight``, ``transformers_reads``)."""
     prompts = prompt_ids(tokenizer)
     results = {}
-    for loader in LOADERS if transformers_reads(scheme, off_scheme_formats(reference, scheme.weight)) else LOADERS[1:]:
+    for loader in LOADERS if transformers_reads(scheme, formats) else LOADERS[1:]:
         loaded, _ = CompressedTensors.load(folder, loader=loader)
         with activations_float(reference), activations_float(loaded):
             diff, top1 = compare_logits(reference, loaded, prompts)
@@ -178,15 +181,15 @@ class CompressedTensors(ExportFormat):
     def write(
         self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, meta: dict[str, Any], settings: ExportConfig
     ) -> dict[str, Any]:
-        formats = {n: spec.label for n, spec in off_scheme_formats(model, scheme.weight).items()}
+        formats = off_scheme_formats(model, scheme.weight)  # read before write_packed consumes the QuantLinears
         ranks = write_adapter(model, tmp / "adapter", base_name_or_path="base")
-        quantized = write_packed(model, tokenizer, scheme, tmp / "base")
-        parity = check_parity(tmp, reference, tokenizer, scheme, settings.parity_atol)
+        quantized = write_packed(model, tokenizer, scheme, formats, tmp / "base")
+        parity = check_parity(tmp, reference, tokenizer, scheme, formats, settings.parity_atol)
         return {
             "format": {"base": f"compressed-tensors {FORMAT}", "adapter": "peft lora" if ranks else None},
             "ranks": ranks or {},
             "quantized_modules": quantized,
-            **({"layer_formats": formats} if formats else {}),
+            **({"layer_formats": {n: spec.label for n, spec in formats.items()}} if formats else {}),
             "parity": {k: asdict(v) for k, v in parity.items()},
             "sizes": sizes(tmp, reference),
         }

@@ -48,7 +48,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from qaft.core.errors import ExportError
-from qaft.quant.fakequant import QuantLinear, off_scheme_formats
+from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import ActGranularity, ActQuant, Granularity, QuantScheme, WeightFormat, WeightQuant
 
 FORMAT = "pack-quantized"
@@ -127,17 +127,17 @@ def to_float_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
     return removed
 
 
-def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, out: Path) -> list[str]:
+def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, formats: Mapping[str, WeightQuant], out: Path) -> list[str]:
     """Turn ``model`` (with ``QuantLinear`` layers) into a packed compressed-tensors folder at ``out``.
 
-    Consumes ``model`` (its Linears are replaced and compressed in place). Returns the quantized names."""
+    ``formats``: the Linears off ``scheme.weight`` (``fakequant.off_scheme_formats``, read before this call). Consumes
+    ``model`` (its Linears are replaced and compressed in place). Returns the quantized names."""
     check_expressible(scheme)
     if any(q.input_scale is not None for q in model.modules() if isinstance(q, QuantLinear)):
         raise ExportError(
             "the post-pass smoothed inputs that no norm produces (explicit input scales), which compressed-tensors cannot carry; "
             "re-run `qaft quantize` with postpass.smoothing.fold_only=true, or use reconstructor whiten"
         )
-    formats = off_scheme_formats(model, scheme.weight)
     layers = to_float_linears(model)
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in layers)
     apply_quantization_config(model, quantization_config(scheme, ignore, formats), show_progress=False)

@@ -246,7 +246,7 @@ def stored_factors(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for m in layers:
             rank = m.lora_A.shape[0]
-            m.lora_A.copy_(m.lora_A.half().float())
+            m.factors_to_fp16()
             m.lora_B.copy_((m.lora_B * (rank / alpha)).half().float() * (alpha / rank))
 
 
