@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qaft.core.io import folder_size
 from qaft.quant.fakequant import QuantLinear, off_scheme_formats
 from qaft.quant.grid import fake_quant_activation
-from qaft.quant.scheme import ActQuant, Granularity, QuantScheme, WeightFormat, WeightQuant
+from qaft.quant.scheme import ActQuant, QuantScheme, WeightFormat, WeightQuant
 
 from .card import made_with, mb, perplexity_section, provenance_note
 from .config import ExportConfig
@@ -172,11 +172,6 @@ class CompressedTensors(ExportFormat):
     def holds(cls, spec: WeightQuant) -> bool:
         """Any int format: one config group per format (``ctpack``)."""
         return spec.format is WeightFormat.INT
-
-    @classmethod
-    def scale_surplus(cls, spec: WeightQuant) -> float:
-        """float32 scales (the model's dtype) where the budget counts fp16: 16 bits per group (per row: negligible)."""
-        return (32 - spec.scale_bits) / spec.group_size if spec.granularity is Granularity.GROUP else 0.0
 
     def write(
         self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, meta: dict[str, Any], settings: ExportConfig

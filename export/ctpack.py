@@ -49,9 +49,13 @@ from transformers.initialization import no_init_weights
 
 from qaft.core.errors import ExportError
 from qaft.quant.fakequant import QuantLinear
+from qaft.quant.grid import stored_scale
 from qaft.quant.scheme import ActGranularity, ActQuant, Granularity, QuantScheme, WeightFormat, WeightQuant
 
 FORMAT = "pack-quantized"
+SCALE_DTYPE = torch.float16
+"""The scales' dtype in the files: qaft's int grids are fp16 values (``grid.stored_scale``) and the bits budget counts
+16 bits each; the library would write them in the model's dtype (float32 on CPU: 16 bits more per group)."""
 
 
 def check_expressible(scheme: QuantScheme) -> None:
@@ -147,7 +151,8 @@ def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, fo
             chosen = getattr(mod, "quantization_scheme", None)
             if chosen is None or chosen.weights != weight_args(q.spec):
                 raise ExportError(f"compressed-tensors did not select {name} for {q.spec.label}; its ignore/targets rules disagree with quant.targets/ignore")
-            mod.weight_scale.copy_(q.scale.reshape(mod.weight_scale.shape))
+            scale = stored_scale(q.scale, q.spec).reshape(mod.weight_scale.shape).to(SCALE_DTYPE)
+            mod.weight_scale = torch.nn.Parameter(scale, requires_grad=False)  # the library made it in the model's dtype
             if q.zero is not None:  # unsigned → signed zero points (see module docstring)
                 mod.weight_zero_point.copy_((q.zero.to(torch.int32) - 2 ** (q.spec.bits - 1)).reshape(mod.weight_zero_point.shape))
     logger.disable("compressed_tensors")  # it warns that W4A8 would infer int-quantized (8-bit storage): we want packed

@@ -73,11 +73,6 @@ class ExportFormat:
         return False
 
     @classmethod
-    def scale_surplus(cls, spec: WeightQuant) -> float:
-        """Bits per weight the files store beyond what ``quant/budget.py`` counts for a Linear on ``spec`` (0: as counted)."""
-        return 0.0
-
-    @classmethod
     def check_menu(cls, scheme: QuantScheme, menu: Iterable[WeightQuant]) -> None:
         """Raise ``ExportError`` when ``postpass.budget_formats`` offers a format the files cannot hold (the doctor, before the post-pass)."""
         bad = sorted({spec.label for spec in menu if spec != scheme.weight and not cls.holds(spec)})

@@ -235,16 +235,6 @@ def export_target(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Find
     except QaftError as e:
         return [Finding("export", Status.FAIL, str(e))]
     rows = [Finding("export", Status.OK, f"{fmt.name}: {fmt.summary}")]
-    surplus = max(fmt.scale_surplus(spec) for spec in (cfg.quant.weight, *cfg.postpass.budget_formats)) if cfg.postpass.budget_bpw is not None else 0.0
-    if surplus > 0:
-        rows.append(
-            Finding(
-                "export size",
-                Status.WARN,
-                f"{fmt.name} files store float32 scales where postpass.budget_bpw counts fp16 ones: up to {surplus:.2f} bits per weight "
-                f"above the budget; set postpass.budget_bpw that much lower to hold it in the files",
-            )
-        )
     if fmt.runtime and cfg.export.runtime_check != "skip":  # the export runs its files there (export.runtime_check)
         why = fmt.runtime_missing()
         if why is None:

@@ -10,6 +10,14 @@ Pure functions on tensors, no model access. Weights are ``[out, in]``; a group o
   steps 7/8 of the ±7 grid's at 4 bits, and the scale may be negative (the opposite extreme can clip by one step).
 - int, asymmetric (min–max): ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``,
   codes in ``[0, 2^b - 1]``.
+- int scales are stored in fp16 (the bits budget counts 16 bits each), and so that every loader rebuilds the same
+  weights, each is rounded to an fp16 value short enough that every ``(code − zero) · scale`` is exact in fp16
+  (``stored_scale``): compressed-tensors de-quantizes in the scales' dtype when it reads its files (fp16 products)
+  and in float32 once transformers has upcast them (its compressed route); exact products make both equal, bit for
+  bit, to qaft's. At 4 bits a scale keeps 8 of fp16's 11 significant bits (it moves by < 0.4 %), at 8 bits 4. It
+  is rounded to the nearest such value, or up where the nearest would push the extreme weight past the last code
+  (so every weight stays within half a step; measured against rounding up always and float32 scales:
+  ``benchmarks/scale_rounding.py``).
 - mxint (OCP microscaling, integer elements): each block shares ``X = 2^floor(log2 max|w|)``; elements
   are b-bit two's complement fixed point with ``b-2`` fractional bits, so
   ``w ≈ X · code / 2^(b-2)``, codes in ``[-2^(b-1), 2^(b-1) - 1]``.
@@ -70,8 +78,43 @@ def grid_params(g: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch
         return symmetric_scale(symmetric_peak(g, spec), spec), None
     lo = g.amin(-1, keepdim=True).clamp(max=0)
     hi = g.amax(-1, keepdim=True).clamp(min=0)  # keep 0 exactly representable
-    scale = torch.where(hi > lo, (hi - lo) / (2**b - 1), torch.ones_like(hi))
+    scale = stored_scale(torch.where(hi > lo, (hi - lo) / (2**b - 1), torch.ones_like(hi)), spec)
     return scale, torch.round(-lo / scale)
+
+
+FP16_BITS = 11
+"""Significant bits of an fp16 value (10 stored + the implicit one)."""
+FP16_TINY_EXP = -24
+"""log2 of fp16's smallest positive (subnormal) value: every fp16 value is a multiple of it."""
+
+
+def significant_bits(spec: WeightQuant) -> int:
+    """Significant bits an int grid's stored scale keeps: fp16's 11 less those of the largest ``|code − zero|``
+    (``2^b − 1`` asymmetric: b bits; ``2^(b-1) − 1`` or ``2^(b-1)`` symmetric: b − 1), so every product is exact."""
+    return FP16_BITS - (spec.bits if not spec.symmetric else spec.bits - 1)
+
+
+def extreme_code(spec: WeightQuant) -> int:
+    """The ``|code − zero|`` a raw int scale puts the range's extreme on: ``2^(b-1) − 1``, ``2^(b-1)`` (full range),
+    ``2^b − 1`` (asymmetric: the whole range)."""
+    if not spec.symmetric:
+        return 2**spec.bits - 1
+    return 2 ** (spec.bits - 1) if spec.full_range else 2 ** (spec.bits - 1) - 1
+
+
+def stored_scale(scale: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """An int grid's scale as stored (see the module docstring): its magnitude rounded to ``significant_bits(spec)``
+    significant bits on fp16's grid (a multiple of 2^-24, at least that) — to the nearest, or up where the nearest
+    is so much smaller that the extreme weight would round past the last code (asymmetric grids: any smaller, as
+    their zero point's rounding can already use the last half step) — sign kept, in ``scale``'s dtype.
+    The gradient passes straight through (learned rounding and ``qaft tune`` train the scale the files hold)."""
+    mag = scale.detach().abs().clamp(min=2.0**FP16_TINY_EXP)
+    top = torch.frexp(mag).exponent - 1  # mag in [2^top, 2^(top+1)), exactly (log2 can round up near a power of two)
+    ulp = torch.exp2((top - (significant_bits(spec) - 1)).clamp(min=FP16_TINY_EXP).to(mag.dtype))  # the last kept bit
+    near, up = torch.round(mag / ulp) * ulp, torch.ceil(mag / ulp) * ulp
+    k, slack = extreme_code(spec), 0.5 if spec.symmetric else 0.0  # asymmetric: the zero point's rounding may take the half step
+    rounded = torch.where(near * (k + slack) >= mag * k, near, up).copysign(scale)  # extreme / near ≤ k + slack: no clipping
+    return scale + (rounded - scale).detach()
 
 
 def symmetric_peak(g: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
@@ -84,7 +127,7 @@ def symmetric_peak(g: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
 def symmetric_scale(peak: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     """The symmetric int scale that puts ``peak`` (from ``symmetric_peak``, possibly clipped) on the extreme code; 1 where it is 0."""
     top = -(2 ** (spec.bits - 1)) if spec.full_range else 2 ** (spec.bits - 1) - 1
-    return torch.where(peak != 0, peak / top, torch.ones_like(peak))
+    return stored_scale(torch.where(peak != 0, peak / top, torch.ones_like(peak)), spec)
 
 
 def int_code_range(spec: WeightQuant) -> tuple[int, int]:
@@ -141,6 +184,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     if spec.gguf_type is not None:
         return ggufgrid.dequantize(g, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)).reshape(out, inp)
     z = 0 if zero is None else zero.to(scale.dtype).unsqueeze(-1)
+    if spec.format is WeightFormat.INT:  # a scale being trained (``qaft tune``) moves off the stored grid between steps
+        scale = stored_scale(scale, spec)
     return ((g - z) * scale.unsqueeze(-1)).reshape(out, inp)
 
 

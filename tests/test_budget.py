@@ -376,11 +376,14 @@ def test_a_compressed_tensors_export_holds_each_linears_own_int_format(tiny, tmp
         if not spec.symmetric:
             zp = unpack_from_int32(base[f"{name}.weight_zero_point"], spec.bits, store[f"{name}.zero"].shape, packed_dim=0)
             assert torch.equal(zp.to(torch.int16) + offset, store[f"{name}.zero"].to(torch.int16)), name
-    # the files hold what the budget counted, but float32 scales (the model's dtype) where it counts fp16 ones, plus
-    # each Linear's int64 [2] weight_shape: exactly that surplus (symmetric: no zero points, which are packed otherwise)
+        assert base[f"{name}.weight_scale"].dtype == torch.float16 and torch.equal(
+            base[f"{name}.weight_scale"].float().flatten(), store[f"{name}.scale"].flatten()
+        ), name
+    # the files hold what the budget counted (fp16 scales), plus each Linear's int64 [2] weight_shape, exactly
+    # (symmetric: no zero points, which are packed otherwise)
     layers = [q for q in model.modules() if isinstance(q, QuantLinear)]
     if symmetric:
-        surplus = sum((32 - q.spec.scale_bits) * q.scale.numel() + 2 * 64 for q in layers) / sum(q.weight.numel() for q in layers)
+        surplus = sum(2 * 64 for q in layers) / sum(q.weight.numel() for q in layers)
         assert m["sizes"]["bits_per_weight_with_adapter"] == pytest.approx(model_bpw(model) + surplus, rel=1e-12)
 
 

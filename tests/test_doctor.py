@@ -259,13 +259,3 @@ def test_a_gguf_export_names_whether_llama_cpp_can_run_its_files(smoke_file, mon
     assert "export runtime" not in {r.check for r in diagnose(smoke_file, [*gguf, "export.runtime_check=skip"], Launch("test"))}
     monkeypatch.setattr(llamacpp, "missing", lambda: None)
     assert {r.check: r for r in diagnose(smoke_file, gguf, Launch("test"))}["export runtime"].status is Status.OK
-
-
-def test_a_budget_for_compressed_tensors_warns_of_its_float32_scales(smoke_file):
-    """compressed-tensors files keep float32 scales where the budget counts fp16: the doctor says by how much the
-    files will exceed the budget (16 bits per group of 32 = 0.5), and nothing when every format is per channel (negligible)."""
-    budget = ["postpass.reconstructor=whiten", "postpass.budget_bpw=6", "postpass.budget_formats=[{bits: 8}, {bits: 4, granularity: group, group_size: 32}]"]
-    rows = diagnose(smoke_file, budget, Launch("test"))
-    [warn] = [r for r in rows if r.check == "export size"]
-    assert warn.status is Status.WARN and "up to 0.50 bits per weight above the budget" in warn.detail
-    assert not [r for r in diagnose(smoke_file, budget[:2], Launch("test")) if r.check == "export size"]  # per-channel only: negligible

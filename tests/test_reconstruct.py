@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -149,11 +151,20 @@ def _low_rank_with_decay(seed: int = 0, out: int = 40, inp: int = 56, k: int = 1
     return Correction(u * s, v.T)
 
 
+def _stored_step(amax: float, codes: int, bits: int) -> float:
+    """``amax / codes`` rounded to ``bits`` significant bits: to the nearest, or up where the nearest would put
+    ``amax`` past the last code (``grid.stored_scale``, written out here)."""
+    raw = amax / codes
+    mantissa, exp = math.frexp(raw)  # raw = mantissa · 2^exp, mantissa in [0.5, 1)
+    near, up = (f(mantissa * 2**bits) * 2.0 ** (exp - bits) for f in (round, math.ceil))
+    return near if amax / near < codes + 0.5 else up
+
+
 def test_int8_factors_sit_on_a_per_row_grid_and_keep_the_product():
     c = _low_rank_with_decay()
     q = quantize_factors(c, 8)
-    for m in (q.A, q.B):
-        step = m.abs().amax(dim=1, keepdim=True) / 127
+    for m in (q.A, q.B):  # the step: max|row| / 127 rounded to fp16's 11 significant bits less the codes' 7
+        step = torch.tensor([[_stored_step(row.abs().max().item(), 127, 4)] for row in m])
         codes = m / step
         assert torch.allclose(codes, codes.round(), atol=1e-6) and codes.abs().max() <= 127 + 1e-6
     rel = lambda x: ((c.matrix() - x.matrix()).norm() / c.matrix().norm()).item()  # noqa: E731

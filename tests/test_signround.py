@@ -95,7 +95,8 @@ def test_clipping_is_learned_on_int_grids_within_its_bounds():
     rtn = quantize_weight(w, spec)
     q = signround(w, st, spec, SignRoundOptions(iters=100, min_clip=0.7))
     ratio = q.scale / rtn.scale
-    assert ratio.min() >= 0.7 - 1e-6 and ratio.max() <= 1 + 1e-6 and ratio.min() < 1  # some rows clipped, none widened
+    # some rows clipped, none widened (the RTN scale rounded up to the stored grid by < 2^-8 at 3 bits: grid.stored_scale)
+    assert ratio.min() >= 0.7 * (1 - 2**-8) and ratio.max() <= 1 and ratio.min() < 1
 
 
 def test_grids_it_cannot_express_are_refused_naming_those_that_work():

@@ -61,7 +61,7 @@ from qaft.core.typed import Ge, Le
 from .. import ggufgrid
 from ..calibrate import LayerStats
 from ..fakequant import deployed_input
-from ..grid import QuantizedWeight, grid_params, group_view, int_code_range, pack, quantize_weight, round_to_grid, symmetric_peak, symmetric_scale
+from ..grid import QuantizedWeight, grid_params, group_view, int_code_range, pack, quantize_weight, round_to_grid, stored_scale, symmetric_peak, symmetric_scale
 from ..scheme import ActQuant, GGUFType, WeightFormat, WeightQuant
 from .base import QUANTIZERS, Block, QuantizationFailed, Refined, WeightQuantizer
 
@@ -120,7 +120,7 @@ class _Grid:
         if self.spec.symmetric:
             return symmetric_scale(self.hi * alpha, self.spec), None
         hi, lo = self.hi * alpha, self.lo * beta
-        scale = torch.where(self.hi > self.lo, (hi - lo) / (2**b - 1), torch.ones_like(hi))
+        scale = stored_scale(torch.where(self.hi > self.lo, (hi - lo) / (2**b - 1), torch.ones_like(hi)), self.spec)
         return scale, _ste_round(-lo / scale)
 
     def __call__(self, v: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
