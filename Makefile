@@ -33,13 +33,18 @@ setup: $(VENV)/.installed $(LLAMACPP)/node_modules/.package-lock.json
 demo: setup
 	$(VENV)/bin/qaft run configs/demo.yaml --overwrite
 
+# One pytest worker per core, one torch thread each (tests/conftest.py): the tiny-model tests are Python-bound, so two
+# workers nearly halve the wall time. The multi-process tests start two ranks of their own: they run after, alone.
+WORKERS ?= 2
+
 # Everything: lint, then every test tier (SmolLM2, multi-process launches, llama.cpp, the browser check).
 test: lint
-	$(PY) -m pytest --durations=15
+	$(PY) -m pytest -n $(WORKERS) -m "not multiprocess" --durations=10
+	$(PY) -m pytest -m multiprocess --durations=5
 
 # Seconds-scale tiny-model tests only (< 3 min on 2 cores).
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not multiprocess and not browser and not llamacpp"
+	$(PY) -m pytest -n $(WORKERS) -m "not slow and not multiprocess and not browser and not llamacpp"
 
 lint: setup
 	$(VENV)/bin/ruff check .

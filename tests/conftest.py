@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # same as the CLI: see qaft.pipeline.cli (before torch loads)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test-fast` runs one worker per core: one thread each, not two apiece
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import copy
 from pathlib import Path
