@@ -47,8 +47,7 @@ SHIPPED = grid.stored_scale
 
 def round_up(scale: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     mag = scale.abs().clamp(min=2.0**grid.FP16_TINY_EXP)
-    top = torch.frexp(mag).exponent - 1
-    ulp = torch.exp2((top - (grid.significant_bits(spec) - 1)).clamp(min=grid.FP16_TINY_EXP).to(mag.dtype))
+    ulp = grid.kept_ulp(mag, spec)
     return (torch.ceil(mag / ulp) * ulp).copysign(scale)
 
 

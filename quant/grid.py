@@ -78,7 +78,7 @@ def grid_params(g: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch
         return symmetric_scale(symmetric_peak(g, spec), spec), None
     lo = g.amin(-1, keepdim=True).clamp(max=0)
     hi = g.amax(-1, keepdim=True).clamp(min=0)  # keep 0 exactly representable
-    scale = stored_scale(torch.where(hi > lo, (hi - lo) / (2**b - 1), torch.ones_like(hi)), spec)
+    scale = asymmetric_scale(hi - lo, hi > lo, spec)
     return scale, torch.round(-lo / scale)
 
 
@@ -102,6 +102,13 @@ def extreme_code(spec: WeightQuant) -> int:
     return 2 ** (spec.bits - 1) if spec.full_range else 2 ** (spec.bits - 1) - 1
 
 
+def kept_ulp(mag: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """The value of the last bit a stored scale of magnitude ``mag`` (> 0) keeps: ``significant_bits(spec)`` below
+    its leading bit, never below fp16's smallest step 2^-24."""
+    top = torch.frexp(mag).exponent - 1  # mag in [2^top, 2^(top+1)), exactly (log2 can round up near a power of two)
+    return torch.exp2((top - (significant_bits(spec) - 1)).clamp(min=FP16_TINY_EXP).to(mag.dtype))
+
+
 def stored_scale(scale: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     """An int grid's scale as stored (see the module docstring): its magnitude rounded to ``significant_bits(spec)``
     significant bits on fp16's grid (a multiple of 2^-24, at least that) — to the nearest, or up where the nearest
@@ -109,8 +116,7 @@ def stored_scale(scale: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     their zero point's rounding can already use the last half step) — sign kept, in ``scale``'s dtype.
     The gradient passes straight through (learned rounding and ``qaft tune`` train the scale the files hold)."""
     mag = scale.detach().abs().clamp(min=2.0**FP16_TINY_EXP)
-    top = torch.frexp(mag).exponent - 1  # mag in [2^top, 2^(top+1)), exactly (log2 can round up near a power of two)
-    ulp = torch.exp2((top - (significant_bits(spec) - 1)).clamp(min=FP16_TINY_EXP).to(mag.dtype))  # the last kept bit
+    ulp = kept_ulp(mag, spec)
     near, up = torch.round(mag / ulp) * ulp, torch.ceil(mag / ulp) * ulp
     k, slack = extreme_code(spec), 0.5 if spec.symmetric else 0.0  # asymmetric: the zero point's rounding may take the half step
     rounded = torch.where(near * (k + slack) >= mag * k, near, up).copysign(scale)  # extreme / near ≤ k + slack: no clipping
@@ -128,6 +134,12 @@ def symmetric_scale(peak: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     """The symmetric int scale that puts ``peak`` (from ``symmetric_peak``, possibly clipped) on the extreme code; 1 where it is 0."""
     top = -(2 ** (spec.bits - 1)) if spec.full_range else 2 ** (spec.bits - 1) - 1
     return stored_scale(torch.where(peak != 0, peak / top, torch.ones_like(peak)), spec)
+
+
+def asymmetric_scale(span: torch.Tensor, nonempty: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """The min–max int scale that spreads ``span`` (max − min, possibly clipped) over the ``2^b − 1`` steps, stored;
+    1 where ``nonempty`` is false (a group with no range)."""
+    return stored_scale(torch.where(nonempty, span / (2**spec.bits - 1), torch.ones_like(span)), spec)
 
 
 def int_code_range(spec: WeightQuant) -> tuple[int, int]:

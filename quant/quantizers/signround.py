@@ -61,7 +61,18 @@ from qaft.core.typed import Ge, Le
 from .. import ggufgrid
 from ..calibrate import LayerStats
 from ..fakequant import deployed_input
-from ..grid import QuantizedWeight, grid_params, group_view, int_code_range, pack, quantize_weight, round_to_grid, stored_scale, symmetric_peak, symmetric_scale
+from ..grid import (
+    QuantizedWeight,
+    asymmetric_scale,
+    grid_params,
+    group_view,
+    int_code_range,
+    pack,
+    quantize_weight,
+    round_to_grid,
+    symmetric_peak,
+    symmetric_scale,
+)
 from ..scheme import ActQuant, GGUFType, WeightFormat, WeightQuant
 from .base import QUANTIZERS, Block, QuantizationFailed, Refined, WeightQuantizer
 
@@ -116,11 +127,10 @@ class _Grid:
 
     def int_grid(self, alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``grid.grid_params``'s int rule on the clipped range; at ``α = β = 1`` exactly RTN's grid."""
-        b = self.spec.bits
         if self.spec.symmetric:
             return symmetric_scale(self.hi * alpha, self.spec), None
-        hi, lo = self.hi * alpha, self.lo * beta
-        scale = stored_scale(torch.where(self.hi > self.lo, (hi - lo) / (2**b - 1), torch.ones_like(hi)), self.spec)
+        lo = self.lo * beta
+        scale = asymmetric_scale(self.hi * alpha - lo, self.hi > self.lo, self.spec)
         return scale, _ste_round(-lo / scale)
 
     def __call__(self, v: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
