@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # 16-25x slower as soon as something else runs beside it. The qaft CLI sets this too.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test test-fast lint docs clean
+.PHONY: setup demo test test-fast test-other-path lint docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,14 +37,26 @@ demo: setup
 # workers nearly halve the wall time. The multi-process tests start two ranks of their own: they run after, alone.
 WORKERS ?= 2
 
-# Everything: lint, then every test tier (SmolLM2, multi-process launches, llama.cpp, the browser check).
+FAST := not slow and not multiprocess and not browser and not llamacpp
+
+# Everything: lint, then every test tier (SmolLM2, multi-process launches, llama.cpp, the browser check), then the
+# tiny-model tier again on the other numeric path. With CI=true a tier that would skip fails instead (tests/conftest.py).
 test: lint
 	$(PY) -m pytest -n $(WORKERS) -m "not multiprocess" --durations=10
 	$(PY) -m pytest -m multiprocess --durations=5
+	$(MAKE) --no-print-directory test-other-path
 
 # Seconds-scale tiny-model tests only (< 3 min on 2 cores).
 test-fast: setup
-	$(PY) -m pytest -n $(WORKERS) -m "not slow and not multiprocess and not browser and not llamacpp"
+	$(PY) -m pytest -n $(WORKERS) -m "$(FAST)"
+
+# The tiny-model tier on the numeric path this host does not take by itself, so that no host is the first to see a
+# tolerance fail: where the CPU has bf16 units, float32 on AVX2 kernels (what an AVX2-only host computes: torch's,
+# MKL's and oneDNN's dispatch capped at AVX2); elsewhere bf16 autocast (emulated: slower, same numerics).
+# QAFT_BF16 decides `bf16: auto` (core/hardware.py).
+OTHER_PATH = $(shell $(PY) -c 'from qaft.core.hardware import bf16_is_fast; print("QAFT_BF16=off ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2" if bf16_is_fast()[0] else "QAFT_BF16=on")')
+test-other-path: setup
+	env $(OTHER_PATH) $(PY) -m pytest -n $(WORKERS) -m "$(FAST)" -q
 
 lint: setup
 	$(VENV)/bin/ruff check .

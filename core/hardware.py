@@ -3,16 +3,25 @@
 On a CPU with ``avx512_bf16`` or ``amx_bf16`` (recent Xeon / EPYC) a bf16 matmul runs ~2-3x faster than
 fp32; on AVX2-only CPUs torch emulates it and bf16 is ~5x *slower*. So ``auto`` settings read the flags
 (``/proc/cpuinfo`` on Linux) and never assume; on CUDA they ask torch.
+
+``QAFT_BF16=on|off`` in the environment decides ``auto`` instead of the hardware (an explicit ``true`` / ``false``
+in a config still wins): the test suite runs its tiny-model tier both ways on every host, so a tolerance that
+holds on one numeric path only is caught where it is written, not on the first host of the other kind.
 """
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from qaft.core.errors import ConfigError
+
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+OVERRIDE = "QAFT_BF16"
+_SWITCH = {"on": True, "off": False}
 
 
 @cache
@@ -26,7 +35,12 @@ def cpu_flags() -> frozenset[str]:
 
 
 def bf16_is_fast() -> tuple[bool, str]:
-    """``(use bf16 autocast, why)`` for this machine's training device."""
+    """``(use bf16 autocast, why)`` for this machine's training device, unless ``QAFT_BF16`` decides."""
+    forced = os.environ.get(OVERRIDE, "").strip().lower()
+    if forced:
+        if forced not in _SWITCH:
+            raise ConfigError(f"{OVERRIDE}={forced!r} in the environment: expected on or off (or unset it to let the hardware decide)")
+        return _SWITCH[forced], f"{OVERRIDE}={forced} in the environment"
     if torch.cuda.is_available():
         ok = torch.cuda.is_bf16_supported()
         return ok, f"CUDA {'with' if ok else 'without'} bf16 support"

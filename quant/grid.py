@@ -179,9 +179,15 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, de
     )
 
 
+def working(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision quantization works in: float32, or float64 when it already is (gradients flow). A float64
+    model is how tests compare two computations of one quantity without float32's kernel-dependent last bits."""
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
 def quantize_weight(w: torch.Tensor, spec: WeightQuant) -> QuantizedWeight:
     """RTN-quantize ``w`` (``[out, in]``) under ``spec``; computed in float32 or wider, returned in ``w``'s dtype."""
-    work = w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    work = working(w.detach())
     g = group_view(work, spec)
     scale, zero = grid_params(g, spec)
     codes, deq = round_to_grid(g, scale, zero, spec)

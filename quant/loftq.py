@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import quantize_weight
+from .grid import quantize_weight, working
 from .scheme import WeightQuant
 
 
@@ -46,13 +46,9 @@ class LoftQResult:
 @torch.no_grad()
 def loftq_base(w: torch.Tensor, spec: WeightQuant, shift: tuple[torch.Tensor, torch.Tensor] | None, scaling: float) -> torch.Tensor:
     """``Q(W − s·BA)`` for ``shift = (B, A)`` (``Q(W)`` for ``None``), computed exactly as ``loftq`` computes its base."""
-    work = _work(w)
+    work = working(w.detach())
     target = work if shift is None else work - scaling * (shift[0].to(work.dtype) @ shift[1].to(work.dtype))
     return quantize_weight(target, spec).dequant
-
-
-def _work(w: torch.Tensor) -> torch.Tensor:
-    return w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
 
 
 @torch.no_grad()
@@ -62,7 +58,7 @@ def loftq(w: torch.Tensor, spec: WeightQuant, rank: int, scaling: float, iters: 
         raise ValueError(f"iters: got {iters}, expected ≥ 1")
     if scaling <= 0:
         raise ValueError(f"scaling: got {scaling}, expected > 0 (lora_alpha / r)")
-    work = _work(w)
+    work = working(w.detach())
     rank = min(rank, *work.shape)
     rtn = float(torch.linalg.matrix_norm(work - quantize_weight(work, spec).dequant))
     residuals: list[float] = []

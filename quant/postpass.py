@@ -36,7 +36,7 @@ from .budget import Curve, allocate, output_error_curve, stored_bits
 from .calibrate import LayerStats, collect
 from .config import BudgetWeighting, PostpassConfig, Propagation
 from .fakequant import QuantLinear
-from .grid import QuantizedWeight, quantize_weight
+from .grid import QuantizedWeight, quantize_weight, working
 from .lowrank import Correction, LowRank, quantize_factors
 from .methods import Method, of_config
 from .quantizers import QUANTIZERS
@@ -480,8 +480,8 @@ def block_errors(model: torch.nn.Module, reference: torch.nn.Module, calibration
         num = den = 0.0
         for (h, kw), y in zip(inputs, outputs):
             y, y_ref = hidden_states(y), hidden_states(ref(h, **kw))
-            num += (y - y_ref).float().pow(2).sum().item()
-            den += y_ref.float().pow(2).sum().item()
+            num += working(y - y_ref).pow(2).sum().item()
+            den += working(y_ref).pow(2).sum().item()
         errors.append((num / max(den, 1e-30)) ** 0.5)
         inputs = [(hidden_states(y), kw) for y, (_, kw) in zip(outputs, inputs)]
     return errors

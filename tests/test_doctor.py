@@ -197,6 +197,7 @@ def test_the_precision_row_says_what_auto_chose_and_why(smoke_file, monkeypatch,
     from qaft.core import hardware
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(hardware.OVERRIDE, raising=False)  # the suite runs under QAFT_BF16=on and =off
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     (row,) = rows_of(diagnose(smoke_file, overrides), "precision")
     assert row.status is Status.OK and row.detail.startswith(expected)

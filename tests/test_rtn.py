@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qaft.quant.grid import dequantize, fake_quant_activation, quant_step, quantize_weight
@@ -32,6 +32,7 @@ def code_range(spec: WeightQuant) -> tuple[int, int]:
 
 @settings(max_examples=60, deadline=None)
 @given(spec=st.sampled_from(SPECS), seed=st.integers(0, 2**16), scale=st.floats(1e-4, 1e3), outlier=st.booleans())
+@example(spec=SPECS[7], seed=2852, scale=793.0, outlier=False)  # the opposite side clips just past one stored step
 def test_codes_in_range_and_error_within_half_a_step(spec, seed, scale, outlier):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(8, 64, generator=g) * scale
@@ -42,12 +43,16 @@ def test_codes_in_range_and_error_within_half_a_step(spec, seed, scale, outlier)
     assert q.codes.min() >= lo and q.codes.max() <= hi
     delta = quant_step(w, spec)
     err = (w - q.dequant).abs()
+    raw = expected_step(w, spec)  # the smallest grid that covers the range
     if spec.format is WeightFormat.MXINT or spec.full_range:  # the top of the range can clip (full range: the side opposite the peak)
         assert (err <= delta / 2 + 1e-6 * scale).float().mean() > 0.95  # worst of 3000 seeds: 0.961 (3-bit groups of 16)
-        assert (err <= delta).all()
+        # A weight opposite the peak is at most |peak| = 2^(b-1)·raw and clips to code 2^(b-1) − 1 times the stored step,
+        # which the fp16 rounding may have made a little smaller than raw: just over one step (seed 2852, scale 793: 1.0014)
+        top = 2 ** (spec.bits - 1)
+        clip = delta if spec.format is WeightFormat.MXINT else torch.maximum(delta / 2, top * raw - (top - 1) * delta)
+        assert (err <= clip * (1 + 1e-5) + 1e-6 * scale).all()
     else:
         assert (err <= delta / 2 * (1 + 1e-5) + 1e-12).all()
-    raw = expected_step(w, spec)  # the smallest grid that covers the range
     if spec.format is WeightFormat.MXINT:
         torch.testing.assert_close(delta, raw, rtol=1e-6, atol=0)
     else:  # rounded to the stored fp16 scale: within one unit of its last kept bit, and never so small that it clips

@@ -226,6 +226,7 @@ def test_bf16_auto_follows_the_cpu_and_an_explicit_setting_wins(make_cfg, monkey
     from qaft.trainer.loop import build_accelerator
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(hardware.OVERRIDE, raising=False)  # the suite runs under QAFT_BF16=on and =off
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     assert build_accelerator(make_cfg(f"training.bf16={setting}").training).mixed_precision == expected
 

@@ -245,12 +245,31 @@ def test_bf16_auto_follows_the_hardware(monkeypatch):
     from qaft.core import hardware
 
     monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(hardware.OVERRIDE, raising=False)  # the suite runs under QAFT_BF16=on and =off
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert hardware.resolve_bf16("auto") == (True, "auto: CPU has avx512_bf16")
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
     use, why = hardware.resolve_bf16("auto")
     assert not use and "no bf16 units" in why
     assert hardware.resolve_bf16(True) == (True, "set in the config") and hardware.resolve_bf16(False)[0] is False
+
+
+def test_qaft_bf16_in_the_environment_decides_auto_and_an_explicit_setting_still_wins(monkeypatch):
+    """The switch the suite uses to run both numeric paths on every host; a typo in it is a config error, not a guess."""
+    from qaft.core import hardware
+    from qaft.core.errors import ConfigError
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.setenv(hardware.OVERRIDE, "off")
+    assert hardware.resolve_bf16("auto") == (False, "auto: QAFT_BF16=off in the environment")
+    assert hardware.resolve_bf16(True)[0] is True
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setenv(hardware.OVERRIDE, "ON")
+    assert hardware.resolve_bf16("auto") == (True, "auto: QAFT_BF16=on in the environment")
+    assert hardware.resolve_bf16(False)[0] is False
+    monkeypatch.setenv(hardware.OVERRIDE, "fp32")
+    with pytest.raises(ConfigError, match="QAFT_BF16='fp32' in the environment: expected on or off"):
+        hardware.resolve_bf16("auto")
 
 
 def test_bf16_weight_storage_is_exact_under_bf16_autocast(make_cfg):

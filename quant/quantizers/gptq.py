@@ -27,7 +27,7 @@ import torch
 from qaft.core.typed import Ge
 
 from ..calibrate import LayerStats
-from ..grid import QuantizedWeight, grid_params, group_view, pack, round_to_grid
+from ..grid import QuantizedWeight, grid_params, group_view, pack, round_to_grid, working
 from ..scheme import Granularity, WeightFormat, WeightQuant
 from .base import QUANTIZERS, QuantizationFailed, WeightQuantizer
 
@@ -57,8 +57,7 @@ def gptq(w: torch.Tensor, stats: LayerStats, spec: WeightQuant, settings: GPTQOp
     if stats.n_tokens == 0:
         raise SingularHessian("no calibration tokens reached this layer; calibrate on more tokens")
     out, cols = w.shape
-    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # RTN's working precision: H = I gives RTN bit for bit
-    W = w.detach().to(dtype).clone()
+    W = working(w.detach()).clone()  # RTN's working precision: H = I gives RTN bit for bit
     H = stats.covariance.to(device=W.device, dtype=torch.float64).clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
@@ -90,7 +89,7 @@ def gptq(w: torch.Tensor, stats: LayerStats, spec: WeightQuant, settings: GPTQOp
         raise SingularHessian(
             f"H + {settings.damp:g}·mean(diag)·I is not positive definite; raise postpass.quantizer.damp (e.g. 0.1) or calibrate on more tokens"
         )
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(dtype)  # factorised in float64, applied in W's precision
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(W.dtype)  # factorised in float64, applied in W's precision
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)

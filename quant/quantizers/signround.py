@@ -72,6 +72,7 @@ from ..grid import (
     round_to_grid,
     symmetric_peak,
     symmetric_scale,
+    working,
 )
 from ..scheme import ActQuant, GGUFType, WeightFormat, WeightQuant
 from .base import QUANTIZERS, Block, QuantizationFailed, Refined, WeightQuantizer
@@ -152,14 +153,13 @@ class _Rounding:
     """One weight's learnable rounding: ``V`` (and ``α``, ``β``), starting at RTN."""
 
     def __init__(self, w: torch.Tensor, spec: WeightQuant, minmax: bool):
-        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # RTN's working precision
         self.like, self.spec = w, spec
-        self.W = w.detach().to(dtype)
+        self.W = working(w.detach())  # RTN's working precision
         self.grid = _Grid(group_view(self.W, spec), spec, minmax)
         self.v = torch.zeros_like(self.grid.g, requires_grad=True)
         shape = self.grid.scale.shape
-        self.alpha = torch.ones(shape, dtype=dtype, device=w.device, requires_grad=minmax)
-        self.beta = torch.ones(shape, dtype=dtype, device=w.device, requires_grad=minmax and not spec.symmetric)
+        self.alpha = torch.ones(shape, dtype=self.W.dtype, device=w.device, requires_grad=minmax)
+        self.beta = torch.ones(shape, dtype=self.W.dtype, device=w.device, requires_grad=minmax and not spec.symmetric)
 
     def params(self) -> list[torch.Tensor]:
         return [p for p in (self.v, self.alpha, self.beta) if p.requires_grad]
@@ -302,7 +302,7 @@ def refine(block: Block, options: SignRoundOptions) -> Refined:
     use_bf16, _ = resolve_bf16(options.bf16)
     device = block.inputs[0][0].device
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
-    norm = sum(t.float().pow(2).sum().item() for t in block.targets)
+    norm = sum(working(t).pow(2).sum().item() for t in block.targets)
     params = [p for r in roundings.values() for p in r.params()]
     batches = _batches(block, options.batch)
 
@@ -312,7 +312,7 @@ def refine(block: Block, options: SignRoundOptions) -> Refined:
         for h, kw, target in chunks:
             with autocast():
                 y = hidden_states(block.layer(h, **kw))
-            e = (y.float() - target.float()).pow(2).sum() / norm
+            e = (working(y) - working(target)).pow(2).sum() / norm
             if torch.is_grad_enabled():
                 e.backward()
             total += e.item()
@@ -351,7 +351,7 @@ def refine(block: Block, options: SignRoundOptions) -> Refined:
     try:
         descend(list(roundings.values()), evaluate, options)
         # the first step scored the start on batch 0; both relative to that batch's own energy
-        energy = sum(t.float().pow(2).sum().item() for _, _, t in batches[0]) / (norm * share(batches[0]))
+        energy = sum(working(t).pow(2).sum().item() for _, _, t in batches[0]) / (norm * share(batches[0]))
         before, after = start[0] / energy, scored_on(batches[0]) / energy
     finally:
         for n, lin in block.linears.items():
