@@ -45,6 +45,20 @@ def one_format(curves: list[Curve]) -> list[list[Curve]]:
     return [[c] for c in curves]
 
 
+def assert_no_affordable_segment_is_left(layers: list[list[Curve]], budget: float, choices: list[tuple[int, int]]) -> None:
+    """Maximality: each Linear's next segment on its lower hull, from the point it got, costs more than the bits left.
+    The next hull point is found here from its definition (the option of steepest error drop per extra bit, the
+    farthest of equally steep ones), not with the allocator's own hull."""
+    left = budget * sum(menu[0].weights for menu in layers) - sum(menu[f].base_bits + menu[f].bits_per_rank * k for menu, (f, k) in zip(layers, choices))
+    for menu, (f, k) in zip(layers, choices):
+        b0, e0 = menu[f].base_bits + menu[f].bits_per_rank * k, menu[f].errors[k]
+        dearer = [(c.base_bits + c.bits_per_rank * j, c.errors[j]) for c in menu for j in range(len(c.errors))]
+        steps = [((e0 - e) / (b - b0), b - b0) for b, e in dearer if b > b0 and e < e0]
+        if steps:
+            steepest = max(steps)
+            assert steepest[1] > left + 1e-9, f"{menu[0].name}: a segment of {steepest[1]} bits is left unbought with {left} bits unspent"
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_the_allocation_is_optimal_on_small_instances_and_within_the_budget(seed):
     """Layers of one shape (equal cost per component) with convex curves: greedy over the hull is the brute-force optimum."""
@@ -55,6 +69,7 @@ def test_the_allocation_is_optimal_on_small_instances_and_within_the_budget(seed
         choices = allocate(layers, budget)
         assert spent_bpw(layers, choices) <= budget + 1e-12
         assert error_of(layers, choices) == pytest.approx(brute_force(layers, budget), rel=1e-12), (budget, choices)
+        assert_no_affordable_segment_is_left(layers, budget, choices)
 
 
 def test_unequal_costs_stay_within_one_segment_of_the_optimum_and_the_budget():
@@ -66,6 +81,21 @@ def test_unequal_costs_stay_within_one_segment_of_the_optimum_and_the_budget():
         choices = allocate(layers, budget)
         worst_step = max(menu[0].errors[0] - menu[0].errors[1] for menu in layers)
         assert spent_bpw(layers, choices) <= budget + 1e-12 and error_of(layers, choices) <= brute_force(layers, budget) + worst_step
+        assert_no_affordable_segment_is_left(layers, budget, choices)
+
+
+def test_a_segment_that_does_not_fit_stops_only_its_own_linear_and_segments_are_bought_by_gain_per_bit():
+    """Hand cases (budget 1000 bits above rank 0): ``c``'s one segment is the steepest but costs 2000 bits, so it is
+    skipped and ``b`` buys all five of its ranks (a ``break`` there would leave the budget unspent); ``a`` gains more
+    than any of ``b``'s steps but per bit less than all of them (buying by gain would take ``a``, error 2 instead of 1)."""
+    b = Curve("b", (2.0, 1.5, 1.05, 0.65, 0.3, 0.0), 0, 200, 500)
+    c = Curve("c", (10.0, 0.0), 0, 2000, 500)
+    a = Curve("a", (1.0, 0.0), 0, 1000, 500)
+    for first in (c, a):
+        layers = [[first], [b]]
+        assert allocate(layers, 1.0) == [(0, 0), (0, 5)]
+        assert error_of(layers, [(0, 0), (0, 5)]) == brute_force(layers, 1.0)
+        assert_no_affordable_segment_is_left(layers, 1.0, [(0, 0), (0, 5)])
 
 
 def test_equal_curves_give_every_layer_the_same_rank():
@@ -95,6 +125,7 @@ def test_formats_and_ranks_chosen_together_stay_within_the_budget_and_one_segmen
         worst_step = max(e1 - e2 for (b1, e1) in points for (b2, e2) in points if b2 > b1)
         assert spent_bpw(layers, choices) <= budget + 1e-12
         assert error_of(layers, choices) <= brute_force(layers, budget) + worst_step
+        assert_no_affordable_segment_is_left(layers, budget, choices)
 
 
 def test_a_format_that_costs_more_and_errs_more_is_never_chosen_and_a_dominant_one_always():
