@@ -116,6 +116,19 @@ def runtime_record(writer: ExportFormat, folder: Path, settings: ExportConfig, w
     return {"runtime": {"name": writer.runtime}, "skipped": why} if why else writer.runtime_check(folder, windows, writer.reload(folder))
 
 
+def enforce_runtime(program: str | None, runtime: dict[str, Any] | None, ppl: dict[str, float] | None, rtol: float) -> None:
+    """The runtime gate: each perplexity the runtime measured on the files against the reload's own on the same
+    windows; beyond ``export.runtime_ppl_rtol`` the export fails and nothing is published."""
+    for name, row in ((runtime or {}).get("rows") or {}).items():
+        ref = (ppl or {}).get(row["reload"])
+        if ref is not None and not abs(row["ppl"] - ref) <= rtol * ref:
+            raise ExportError(
+                f"runtime check failed: {name} perplexity {row['ppl']:.4f} vs transformers' reload {ref:.4f} ({row['reload']}) of the same files, "
+                f"{abs(row['ppl'] / ref - 1):.2%} apart > export.runtime_ppl_rtol {rtol:g}; {program} reads the files differently "
+                "(nothing was published): this is a bug in qaft or in the installed runtime, please report it"
+            )
+
+
 def export(
     src: Path, out: Path, settings: ExportConfig, *, source: ModelConfig, protocol: EvalConfig | None, overwrite: bool, progress: bool = True
 ) -> tuple[Path, dict[str, Any]]:
@@ -142,6 +155,7 @@ def export(
             evaluation = {"protocol": record, "ppl": ppl}
         runtime = runtime_record(writer, tmp, settings, windows)
         writer.release()
+        enforce_runtime(writer.runtime, runtime, (evaluation or {}).get("ppl"), settings.runtime_ppl_rtol)
         if evaluation:  # the float source last: one model in memory at a time
             evaluation["ppl"] = {"float": float_ppl(source, protocol, progress)} | evaluation["ppl"]
             evaluation["ppl"] |= {name: row["ppl"] for name, row in (runtime or {}).get("rows", {}).items()}

@@ -113,9 +113,10 @@ class ExportFormat:
 
     @classmethod
     def runtime_check(cls, folder: Path, windows: torch.Tensor | None, reloaded: tuple[torch.nn.Module, Any]) -> dict[str, Any]:
-        """Run the files in ``runtime``: ``{"rows": {row name: {ppl, seconds, ...}}, ...}`` (perplexity over
-        ``windows``, token ids from the folder's own tokenizer; no rows without them) plus what else it checked,
-        against ``reloaded``, the caller's ``load(folder)``."""
+        """Run the files in ``runtime``: ``{"rows": {row name: {ppl, seconds, reload, ...}}, ...}`` (perplexity over
+        ``windows``, token ids from the folder's own tokenizer; no rows without them; ``reload``: the row of
+        ``reloaded``'s perplexity it must match, ``export.runtime_ppl_rtol``) plus what else it checked, against
+        ``reloaded``, the caller's ``load(folder)``."""
         raise NotImplementedError
 
     @classmethod

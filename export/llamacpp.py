@@ -26,6 +26,8 @@ from .parity import prompt_ids
 NEW_TOKENS = 16
 ROWS = {"model": "llama.cpp", "model+adapter": "llama.cpp+adapter"}
 """The script's row names → the names of the rows in qaft's tables (beside ``export-base`` / ``export``)."""
+RELOAD = {"model": "base", "model+adapter": "base+adapter"}
+"""The script's row names → transformers' reload row of the same files (``exporter.evaluate_export``) each must match."""
 
 
 @torch.no_grad()
@@ -83,7 +85,7 @@ def check(
         with reloaded.disable_adapter() if adapter and key == "model" else contextlib.nullcontext():
             agree[name] = agreement(greedy(reloaded, prompts, new_tokens), r["generations"])
         if "ppl" in r:
-            rows[name] = {"ppl": r["ppl"], "seconds": r["seconds"], "prompt_tokens_per_s": r["prompt_tokens_per_s"]}
+            rows[name] = {"ppl": r["ppl"], "seconds": r["seconds"], "prompt_tokens_per_s": r["prompt_tokens_per_s"], "reload": RELOAD[key]}
     runtime = answer["runtime"] | {"binding": f"{llamacpp.PACKAGE} {binding_version()}"}
     return {
         "rows": rows,

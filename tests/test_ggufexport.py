@@ -355,3 +355,43 @@ def test_a_budget_over_a_menu_of_gguf_types_is_written_with_each_tensors_own_typ
     bits = {"Q4_0": 4.5, "Q8_0": 8.5, "MXFP4": 4.25}
     expected = sum(bits[chosen[n]] * q.weight.numel() for n, q in layers.items()) / sum(q.weight.numel() for q in layers.values())
     assert m["sizes"]["bits_per_weight_base"] == pytest.approx(expected)
+
+
+def test_a_runtime_that_reads_the_files_differently_fails_the_export_and_publishes_nothing(make_cfg, tmp_path, monkeypatch):
+    """The runtime gate, without the runtime: a stand-in llama.cpp whose perplexity is 3 % off the reload's on the same
+    windows stops the export (nothing published); at 1 % off it is within ``export.runtime_ppl_rtol`` (2 %) and recorded.
+    With real llama.cpp: ``test_llamacpp.py::test_a_runtime_check_beyond_its_tolerance_fails_the_export``."""
+    from qaft.export.ggufformat import GGUF
+
+    (tmp_path / "e.txt").write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    evaluate = ("export.evaluate=true", f"eval.path={tmp_path / 'e.txt'}", "eval.seq_len=32", "eval.windows=2", "export.runtime_check=required")
+    cfg = gguf_result(make_cfg, "Q4_0", *evaluate)
+    monkeypatch.setattr(GGUF, "runtime_missing", classmethod(lambda cls: None))
+    off = {}
+
+    def runtime_check(cls, folder, windows, reloaded):
+        model, _ = reloaded
+        from qaft.eval.perplexity import perplexity
+
+        with model.disable_adapter():
+            base = perplexity(model, windows.flatten(), windows.shape[1], len(windows), progress=False).ppl
+        both = perplexity(model, windows.flatten(), windows.shape[1], len(windows), progress=False).ppl
+        rows = {"llama.cpp": (base, "base"), "llama.cpp+adapter": (both * off["by"], "base+adapter")}
+        return {
+            "rows": {n: {"ppl": p, "seconds": 0.0, "prompt_tokens_per_s": 0.0, "reload": r} for n, (p, r) in rows.items()},
+            "generation": {"prompts": 0, "new_tokens": 0, "agreement": {}},
+            "runtime": {"binding": "a stand-in", "release": "none", "threads": 1},
+        }
+
+    monkeypatch.setattr(GGUF, "runtime_check", classmethod(runtime_check))
+    off["by"] = 1.03
+    line = r"^runtime check failed: llama\.cpp\+adapter perplexity [\d.]+ vs transformers' reload [\d.]+ \(base\+adapter\) of the same files, 3\.00% apart"
+    with pytest.raises(ExportError, match=line + r" > export\.runtime_ppl_rtol 0\.02; llama\.cpp reads the files differently \(nothing was published\)"):
+        export(make_cfg(*SMALL, *evaluate, f"training.output_dir={cfg.training.output_dir}", f"export.dir={tmp_path / 'x'}"), overwrite=False, progress=False)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".tmp-*"))
+    off["by"] = 1.01
+    _, m = export(
+        make_cfg(*SMALL, *evaluate, f"training.output_dir={cfg.training.output_dir}", f"export.dir={tmp_path / 'y'}"), overwrite=False, progress=False
+    )
+    ppl = m["evaluation"]["ppl"]
+    assert ppl["llama.cpp"] == pytest.approx(ppl["base"], rel=1e-6) and ppl["llama.cpp+adapter"] == pytest.approx(1.01 * ppl["base+adapter"], rel=1e-6)
