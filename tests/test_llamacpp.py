@@ -5,8 +5,10 @@ llama.cpp's predictions as it moves transformers', and a broken file is one line
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,12 @@ from qaft.export.ggufformat import load_gguf
 from qaft.pipeline.commands import export_run, quantize_and_save
 from qaft.runtimes import llamacpp
 
-pytestmark = [
-    pytest.mark.llamacpp,
-    pytest.mark.skipif(llamacpp.missing() is not None, reason=f"llama.cpp runtime not installed: {llamacpp.missing()}"),
-]
+
+def runs_llamacpp(test):
+    """The llama.cpp tier: marked (``make test-fast`` leaves it out) and skipped where the runtime is missing, which
+    ``CI=true`` turns into a failure (conftest.py). The tests below without it need no runtime and run everywhere."""
+    return pytest.mark.llamacpp(pytest.mark.skipif(llamacpp.missing() is not None, reason=f"llama.cpp runtime not installed: {llamacpp.missing()}")(test))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog; then the dog sleeps in the sun, and the fox runs into the woods. " * 40
@@ -63,6 +67,7 @@ def q4_0(corpus, tmp_path_factory):
     return exported(lambda *o: config_from_dict(raw, list(o)), root, "Q4_0", "export.runtime_check=required")
 
 
+@runs_llamacpp
 @pytest.mark.parametrize("t", ["Q4_0", "Q8_0", "Q4_1", "MXFP4"])
 def test_llama_cpp_loads_each_type_and_matches_the_transformers_reload(make_cfg, tmp_path, t):
     _, out, m = exported(make_cfg, tmp_path, t, "export.runtime_check=required")
@@ -70,11 +75,13 @@ def test_llama_cpp_loads_each_type_and_matches_the_transformers_reload(make_cfg,
     assert ppl["llama.cpp"] == pytest.approx(ppl["base"], rel=PPL_RTOL)
     assert ppl["llama.cpp+adapter"] == pytest.approx(ppl["base+adapter"], rel=PPL_RTOL)
     assert rc["rows"]["llama.cpp"]["prompt_tokens_per_s"] > 0 and rc["generation"]["new_tokens"] == 16
+    assert {n: r["reload"] for n, r in rc["rows"].items()} == {"llama.cpp": "base", "llama.cpp+adapter": "base+adapter"}  # what the gate compares
     assert rc["runtime"]["binding"] == "node-llama-cpp 3.21.1"  # the pinned package, as installed
     card = (out / "README.md").read_text()
     assert "## llama.cpp" in card and f"| llama.cpp+adapter | {ppl['llama.cpp+adapter']:.2f} |" in card
 
 
+@runs_llamacpp
 def test_the_adapter_moves_llama_cpps_predictions_as_it_moves_transformers(q4_0):
     """Per token, (NLL with adapter − without) in llama.cpp vs in transformers: the same direction and size (a wrong
     LoRA scale or a factor llama.cpp does not attach shows up as a slope away from 1 or a low correlation)."""
@@ -96,6 +103,7 @@ def test_the_adapter_moves_llama_cpps_predictions_as_it_moves_transformers(q4_0)
     assert 0.85 < slope < 1.15
 
 
+@runs_llamacpp
 def test_qaft_eval_runtime_llama_cpp_reports_the_rows_and_agreement(q4_0, smoke_raw, tmp_path, capsys):
     from qaft.pipeline.cli import main
 
@@ -113,6 +121,7 @@ def test_qaft_eval_runtime_llama_cpp_reports_the_rows_and_agreement(q4_0, smoke_
     assert "llama.cpp rows: the same token ids" in capsys.readouterr().out
 
 
+@runs_llamacpp
 def test_a_run_reports_the_rows_its_export_recorded(q4_0):
     from qaft.core.text import token_stream
     from qaft.pipeline.evaluation import recorded_export_rows
@@ -128,6 +137,7 @@ def test_a_run_reports_the_rows_its_export_recorded(q4_0):
     }
 
 
+@runs_llamacpp
 @pytest.mark.parametrize("broken", ["model", "adapter"])
 def test_a_corrupted_file_is_one_line_from_llama_cpp_not_a_crash(q4_0, tmp_path, broken):
     out = Path(shutil.copytree(q4_0[1], tmp_path / "export"))
@@ -142,6 +152,7 @@ def test_a_corrupted_file_is_one_line_from_llama_cpp_not_a_crash(q4_0, tmp_path,
     assert len(by_hand.stderr.strip().splitlines()) == 1 and victim.name in by_hand.stderr
 
 
+@runs_llamacpp
 def test_the_script_by_hand_prints_both_perplexities(q4_0, tmp_path):
     """By hand, llama.cpp tokenizes the text itself: the same numbers as qaft's rows when its tokenizer agrees with ours."""
     _, out, m = q4_0
@@ -178,6 +189,7 @@ def test_runtime_llama_cpp_needs_a_gguf_export(make_cfg, quantized_default, tmp_
         compare(cfg, ["fp"], runtime="llama.cpp", progress=False)
 
 
+@runs_llamacpp
 def test_a_budget_over_gguf_types_runs_in_llama_cpp_from_a_relative_output_folder(make_cfg, tmp_path, monkeypatch):
     """Mixed per-tensor types (``postpass.budget_formats`` over GGUF types) load and score in llama.cpp as in
     transformers' reload; the run folder is relative to the working directory, as in every shipped config (node runs
@@ -190,3 +202,27 @@ def test_a_budget_over_gguf_types_runs_in_llama_cpp_from_a_relative_output_folde
     ppl = m["evaluation"]["ppl"]
     assert ppl["llama.cpp"] == pytest.approx(ppl["base"], rel=PPL_RTOL)
     assert ppl["llama.cpp+adapter"] == pytest.approx(ppl["base+adapter"], rel=PPL_RTOL)
+
+
+@runs_llamacpp
+def test_a_runtime_check_beyond_its_tolerance_fails_the_export(make_cfg, tmp_path):
+    """Real llama.cpp, a tolerance below what its 8-bit activations move perplexity by (0.02-0.3 % here): the export
+    stops with the runtime's line and nothing is published."""
+    with pytest.raises(ExportError, match=r"^runtime check failed: llama\.cpp(\+adapter)? perplexity .* > export\.runtime_ppl_rtol 1e-09; llama\.cpp reads"):
+        exported(make_cfg, tmp_path, "Q4_0", "export.runtime_check=required", "export.runtime_ppl_rtol=1e-9")
+    assert not (tmp_path / "run" / "export").exists() and not list((tmp_path / "run").glob(".tmp-*"))
+
+
+def test_under_ci_a_missing_runtime_fails_the_tier_by_name_and_the_runtime_free_tests_still_pass(tmp_path):
+    """Debian 12's node 18 (a stand-in on PATH): with CI=true the llama.cpp tier cannot skip quietly (conftest.py)."""
+    (tmp_path / "node").write_text("#!/bin/sh\necho v18.19.0\n")
+    (tmp_path / "node").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QAFT_REQUIRE"))} | {"CI": "true", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    tests = [f"tests/test_llamacpp.py::{name}" for name in ("test_the_script_by_hand_prints_both_perplexities", "test_runtime_llama_cpp_needs_a_gguf_export")]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert "1 passed" in r.stdout and "1 error" in r.stdout, r.stdout[-3000:]
+    assert (
+        "test_the_script_by_hand_prints_both_perplexities: skipped, which CI=true / QAFT_REQUIRE_TIERS=1 does not allow: llama.cpp runtime not installed: node 18 is too old"
+        in r.stdout
+    )
