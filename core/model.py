@@ -176,14 +176,27 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     return model, tok
 
 
+@contextlib.contextmanager
+def reading_gguf(location: str, gguf_file: str | None) -> Iterator[None]:
+    """Around a library's read of a local GGUF: whatever it raises on a damaged file (a reshape ``ValueError``,
+    ``struct.error`` when the metadata itself is cut short, ...) becomes ``check_gguf``'s one line naming the cause;
+    an error on a whole file passes through unchanged."""
+    try:
+        yield
+    except Exception:
+        local = Path(location) / gguf_file if gguf_file else Path(location)
+        if local.is_file() and local.suffix == ".gguf":
+            check_gguf(local)
+        raise
+
+
 def _from_pretrained(location: str, cfg: ModelConfig, kw: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
-        tok = AutoTokenizer.from_pretrained(location, **kw)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[cfg.dtype], **kw)
+        with reading_gguf(location, kw.get("gguf_file")):
+            tok = AutoTokenizer.from_pretrained(location, **kw)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[cfg.dtype], **kw)
     except (OSError, ValueError, SafetensorError) as e:
         local = Path(location) / kw["gguf_file"] if kw.get("gguf_file") else Path(location)
-        if local.is_file() and local.suffix == ".gguf":
-            check_gguf(local)  # the cause (not GGUF, cut short) rather than the reader's reshape error
         if local.is_dir() and (bad := damaged_safetensors(local)):
             f, why = bad[0]
             raise ModelError(f"model.name_or_path: {f} is damaged ({why}); re-create it (e.g. run the command that wrote it again with --overwrite)") from None

@@ -33,7 +33,7 @@ from qaft.core import text
 from qaft.core.errors import ConfigError, QaftError
 from qaft.core.hardware import precision, resolve_bf16
 from qaft.core.io import free_bytes, human
-from qaft.core.model import TINY_MODELS, byte_tokenizer, resolve
+from qaft.core.model import TINY_MODELS, byte_tokenizer, reading_gguf, resolve
 from qaft.core.modules import decoder_layers
 from qaft.export import formats
 from qaft.quant.budget import Curve, bounds, shape_bits
@@ -93,7 +93,8 @@ def skeleton(cfg: Config) -> Any:
         mcfg = TINY_MODELS[cfg.model.name_or_path](len(byte_tokenizer()))
     else:
         src = resolve(cfg.model)
-        mcfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+        with reading_gguf(src.location, src.gguf_file):
+            mcfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
 

@@ -260,3 +260,15 @@ def test_a_gguf_export_names_whether_llama_cpp_can_run_its_files(smoke_file, mon
     assert "export runtime" not in {r.check for r in diagnose(smoke_file, [*gguf, "export.runtime_check=skip"], Launch("test"))}
     monkeypatch.setattr(llamacpp, "missing", lambda: None)
     assert {r.check: r for r in diagnose(smoke_file, gguf, Launch("test"))}["export runtime"].status is Status.OK
+
+
+def test_a_gguf_cut_inside_its_metadata_is_a_fail_row_naming_the_file_not_a_crash(smoke_file, tmp_path):
+    """transformers' GGUF reader raises ``struct.error`` on metadata cut off mid-vocabulary (the first megabytes of an
+    interrupted download): the doctor names the file and the fix, as ``train`` does (tests/reliability's matrix)."""
+    from reliability.test_bad_input import gguf_cut_in_its_metadata
+
+    gguf_cut_in_its_metadata(tmp_path / "meta.gguf")
+    (row,) = rows_of(diagnose(smoke_file, [f"model.name_or_path={tmp_path / 'meta.gguf'}"]), "model")
+    assert row.status is Status.FAIL and row.detail.startswith(
+        f"model.name_or_path: {tmp_path / 'meta.gguf'} has a damaged or cut-short GGUF header (100000 bytes"
+    )

@@ -56,8 +56,25 @@ def _latin1_corpus(cfg, out, tmp):
     (tmp / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode() * 50 + "na\u00efve\n".encode("latin-1"))
 
 
+def gguf_cut_in_its_metadata(path: Path) -> None:
+    """A GGUF whose vocabulary metadata (20,000 tokens, as a real tokenizer's) is cut off in the middle, as the first
+    megabytes of an interrupted download of a large-vocabulary model are."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_token_list([f"token-{i}" for i in range(20_000)])
+    w.add_tensor("token_embd.weight", np.ones((64, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path.write_bytes(path.read_bytes()[:100_000])
+
+
 def _gguf(cfg, out, tmp):
-    """A small, valid GGUF (one 64 x 64 float32 tensor), then the same cut short and a text file named .gguf."""
+    """A small, valid GGUF (one 64 x 64 float32 tensor), then the same cut short, one cut inside its metadata, and a
+    text file named .gguf."""
     import gguf
     import numpy as np
 
@@ -69,6 +86,7 @@ def _gguf(cfg, out, tmp):
     w.close()
     data = (tmp / "whole.gguf").read_bytes()
     (tmp / "cut.gguf").write_bytes(data[: len(data) - 5000])
+    gguf_cut_in_its_metadata(tmp / "meta.gguf")
     (tmp / "text.gguf").write_text("<html>not found</html>")
 
 
@@ -117,6 +135,12 @@ MATRIX: list[Case] = [
         "GGUF cut short",
         ("train", "CFG", "model.name_or_path=TMP/cut.gguf", "training.output_dir=TMP/new"),
         r"model\.name_or_path: .*cut\.gguf is truncated: \d+ bytes, but its header lists tensor data up to byte \d+; download or copy it again",
+        _gguf,
+    ),
+    Case(
+        "GGUF cut inside its metadata",
+        ("train", "CFG", "model.name_or_path=TMP/meta.gguf", "training.output_dir=TMP/new"),
+        r"model\.name_or_path: .*meta\.gguf has a damaged or cut-short GGUF header \(100000 bytes; .*\); download or copy it again",
         _gguf,
     ),
     Case(
