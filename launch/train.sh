@@ -34,6 +34,7 @@ if [ "$kind" = "MULTI_CPU" ]; then
   # accelerate 1.x starts ONE process for MULTI_CPU unless given an mpirun hostfile; torchrun starts them all,
   # and accelerate inside each picks up the gloo process group from torchrun's environment.
   export ACCELERATE_USE_CPU=true  # without it accelerate ignores the process group on CPU and each rank trains alone
-  exec "$py" -m torch.distributed.run --standalone --nproc_per_node "$procs" -m qaft.pipeline.cli train "$config" "$@"
+  # torchrun through qaft's wrapper: a SIGTERM'd launch exits 143 as a single process does, not 1 (pipeline/launcher.py)
+  exec "$py" -m qaft.pipeline.launcher --standalone --nproc_per_node "$procs" -m qaft.pipeline.cli train "$config" "$@"
 fi
 exec "$py" -m accelerate.commands.launch --config_file "$launch" -m qaft.pipeline.cli train "$config" "$@"

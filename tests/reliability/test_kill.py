@@ -194,3 +194,74 @@ def test_a_second_writer_is_refused_and_a_killed_holders_lock_is_taken_over(refe
     p.wait()
     assert main(["train", str(cfg), "training.resume_from_checkpoint=true"]) == 0  # the dead holder's lock is free
     assert_same_tensors(straight, load_file(str(out / "final" / "adapter" / "adapter_model.safetensors")))
+
+
+def test_a_second_sigint_stops_at_once_and_the_resume_is_still_exact(reference, tmp_path):
+    """Ctrl-C while the run is saving the step the first Ctrl-C asked for: the default action at once (a user at a
+    terminal can always force a stop), the save under way left as a temp folder; the resume clears it and is exact."""
+    raw, straight = reference
+    cfg, out = config(raw, tmp_path, "forced")
+    p = start(cfg, pause="publish:6", pause_s=60.0)
+    wait_for(p, lambda: (tmp_path / "forced.paused").exists())
+    p.send_signal(signal.SIGINT)  # noted: the save in flight would finish, then stop with 130
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGINT and time.monotonic() - t0 < 20  # killed by the signal, not after the 60 s pause
+    assert (out / ".tmp-checkpoint-6").exists() and [c.name for c in list_checkpoints(out)] == ["checkpoint-3"]
+    assert_every_checkpoint_complete(out, cfg)
+    p = start(cfg, "training.resume_from_checkpoint=true")
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    assert not list(out.glob(".tmp-*"))
+    assert_same_tensors(straight, load_file(str(out / "final" / "adapter" / "adapter_model.safetensors")))
+
+
+def test_without_save_on_signal_sigterm_kills_at_once_and_only_the_last_checkpoint_remains(reference, tmp_path):
+    """``training.save_on_signal: false``: no handler, SIGTERM's default action mid-step (exit by the signal, no
+    checkpoint of the step in flight, no ``preempted`` event); the newest periodic checkpoint resumes exactly."""
+    raw, straight = reference
+    cfg, out = config(raw, tmp_path, "unsaved", save_on_signal=False)
+    p = start(cfg)
+    wait_for(p, lambda: logged_steps(out) >= SAVE_EVERY + 1)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGTERM
+    done = logged_steps(out)
+    saved = [int(c.name.split("-")[1]) for c in list_checkpoints(out)]
+    assert saved and all(s % SAVE_EVERY == 0 for s in saved) and max(saved) <= done and not events(out, "preempted")  # periodic ones only
+    assert_every_checkpoint_complete(out, cfg)
+    p = start(cfg, "training.resume_from_checkpoint=true")
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    assert_same_tensors(straight, load_file(str(out / "final" / "adapter" / "adapter_model.safetensors")))
+
+
+@pytest.mark.parametrize("command", ["quantize", "tune", "export", "run"])
+def test_every_writing_command_is_refused_while_another_process_holds_the_run_folder(reference, tmp_path, capsys, command):
+    """The lock is not train's alone: ``quantize``, ``tune``, ``export`` and ``run`` on a run folder another process
+    holds exit 3 with one line naming the holder, and write nothing."""
+    from qaft.pipeline.cli import main
+
+    raw, _ = reference
+    cfg, out = config(raw, tmp_path, "held")
+    out.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from qaft.core.lock import output_lock\nwith output_lock(sys.argv[1], 'x'):\n print('held', flush=True); time.sleep(120)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        assert main([command, str(cfg), "tune.steps=2"]) == 3
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qaft:")]
+        assert len(err) == 1 and f"training.output_dir: {out} is in use by another qaft process, pid {holder.pid} (" in err[0], err
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    finally:
+        holder.kill()
+        holder.wait()
