@@ -144,7 +144,7 @@ def test_a_corrupted_file_is_one_line_from_llama_cpp_not_a_crash(q4_0, tmp_path,
     model, adapter = out / "model-Q4_0.gguf", out / ADAPTER_FILE
     victim = model if broken == "model" else adapter
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a truncated download
-    with pytest.raises(ExportError) as e:
+    with pytest.raises(ExportError, match=rf"{victim.name}.*cannot load") as e:
         llamacpp.run(model, adapter, llamacpp.Job(windows=[list(range(16))], prompts=[]))
     assert "\n" not in str(e.value) and victim.name in str(e.value) and "cannot load" in str(e.value)
     by_hand = subprocess.run(["node", str(llamacpp.SCRIPT), str(model), str(adapter), "--text", str(out / "README.md")], capture_output=True, text=True)

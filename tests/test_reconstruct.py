@@ -98,6 +98,11 @@ def test_whitening_survives_a_singular_covariance():
     e = torch.randn(8, 48, generator=G(7), dtype=torch.float64)
     c = R["whiten"].reconstruct(e, stats_for(x), LowRank(4))
     assert torch.isfinite(c.A).all() and torch.isfinite(c.B).all()
+    # and still the best rank 4 in the output space: ‖(E − AB) Xᵀ‖² is the tail of E Xᵀ's singular values (Eckart–Young;
+    # X's dead channel takes nothing away, since every M Xᵀ lies in E Xᵀ's row space); zero factors leave all of it
+    s = torch.linalg.svdvals(e @ x.T)
+    achieved = torch.linalg.matrix_norm((e - c.matrix()) @ x.T) ** 2
+    assert achieved.item() == pytest.approx((s[4:] ** 2).sum().item(), rel=1e-6)
 
 
 def test_hook_statistics_match_a_direct_computation():

@@ -148,3 +148,22 @@ def test_every_callback_together_trains_and_logs(make_cfg, tmp_path):
     fit(cfg.__class__(**{**cfg.__dict__, "callbacks": tuple(CALLBACKS.convert(x, "callbacks", []) for x in specs)}))
     keys = set().union(*events(tmp_path, "train"))
     assert {"npft/hessian_trace_end", "mat/active_fraction", "loss/temporal_kd/mse", "telemetry/update_ratio"} <= keys
+
+
+def test_the_forecast_loss_falls_as_the_conv_lstm_and_the_student_learn_the_gap(make_cfg, tmp_path):
+    """Not only logged: over the review steps of a short run (every phase a review, one step per phase) the forecast
+    term ``mse`` falls to under half its start, the Conv-LSTM and the student fitting the gap together."""
+    cfg = with_tkd(
+        make_cfg,
+        "training.max_steps=16",
+        "training.save_steps=0",
+        f"training.output_dir={tmp_path / 'on'}",
+        phase_steps=1,
+        review_every=1,
+        history=2,
+        lr=1e-2,
+        kl_weight=0.0,
+    )
+    fit(cfg)
+    mse = [r["loss/temporal_kd/mse"] for r in events(tmp_path / "on", "train") if "loss/temporal_kd/mse" in r]
+    assert len(mse) >= 12 and sum(mse[-4:]) < 0.5 * sum(mse[:4]), mse
