@@ -25,7 +25,9 @@ to another, e.g. rank 1 → 3, or 4-bit rank 2 → 8-bit rank 0) taken in order 
 Linear's segments in its own order (their ratios decrease along the hull), a segment that does not fit
 skipped for the rest of that Linear. This solves the LP relaxation of the multiple-choice knapsack, so it is
 optimal whenever the budget falls on a segment boundary (the relaxation is then integral) and within one
-segment of optimal otherwise; tested against brute force, with formats and without.
+segment of optimal otherwise; tested against brute force, with formats and without, on hand cases (a segment too dear
+for the bits left skips only its own Linear; segments bought by gain per bit, not by gain), and for maximality: no
+Linear's next hull segment fits in the bits left unspent.
 """
 
 from __future__ import annotations
