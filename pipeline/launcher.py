@@ -18,7 +18,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         torchrun(argv)
     except SignalException as e:
-        print(f"qaft: launch stopped by {e.sigval.name}; every rank saved its step (see above)", file=sys.stderr)
+        print(f"qaft: the launch was stopped by {e.sigval.name}; each rank said above what it saved", file=sys.stderr)
         return 128 + int(e.sigval)
     return 0
 

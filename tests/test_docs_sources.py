@@ -1,7 +1,7 @@
 """Every figure in README.md names its source, and the test compares exactly that value.
 
-``docs/figures.yaml`` lists, page by page, each decimal figure of the page in reading order (tables and prose; fenced
-code left out) with where it comes from:
+``docs/figures.yaml`` lists, page by page, each decimal figure and measured time (``5 min 19 s``, ``86 s``) of the
+page in reading order (tables and prose; fenced code left out) with where it comes from:
 
 - ``["33.16", tune.json, results, w4/whiten, tuned_ppl]``: the value at that path of ``benchmarks/results/tune.json``;
   a mapping as a path step picks the one list element whose keys hold those values (``{model: original, method: fp}``);
@@ -28,14 +28,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURE = r"(?<![\w.])\d+\.\d+(?!\w|\.\d)"
+DURATION = r"\b\d+ min \d+ s\b|(?<![\w.])\d+ s\b"
+"""Measured times as the pages print them (``5 min 19 s``, ``86 s``), in seconds in the results."""
 LISTED = yaml.safe_load((ROOT / "docs" / "figures.yaml").read_text())
 
 
 def figures(text: str) -> list[str]:
-    """Decimal figures of a markdown page in reading order, fenced code blocks and inline code left out."""
+    """Decimal figures and durations of a markdown page in reading order, fenced code blocks and inline code left out."""
     text = re.sub(r"```.*?```", "", text, flags=re.S)
     text = re.sub(r"`[^`\n]*`", "", text)
-    return re.findall(FIGURE, text)
+    return re.findall(f"{DURATION}|{FIGURE}", text)
 
 
 @cache
@@ -61,9 +63,12 @@ def value_at(source: list[Any]) -> float:
 def shown(entry: list[Any]) -> str | None:
     """What the entry's source prints as at the figure's digits, or None for a stated non-measurement."""
     figure, kind = str(entry[0]), entry[1]
-    digits = len(figure.split(".")[1])
     if kind == "=":
         return None
+    if re.fullmatch(DURATION, figure):
+        seconds = round(value_at(entry[1:]))
+        return f"{seconds // 60} min {seconds % 60} s" if "min" in figure else f"{seconds} s"
+    digits = len(figure.split(".")[1])
     if kind == "ratio":
         x = value_at(entry[2]) / value_at(entry[3])
     elif kind == "gain%":
@@ -90,7 +95,8 @@ def test_a_typo_or_a_moved_figure_fails():
     assert shown(entry) == "13.36"
     assert shown(["13.37", *entry[1:]]) != "13.37"  # a one-digit typo
     assert shown(["13.36", "demo.json", "rows", {"model": "fine-tuned", "method": "rtn+whiten r16"}, "ppl"]) != "13.36"  # another row's figure
-    assert figures("a 1.5 b `2.5` c\n```\n3.5\n```\n| 4.50 |") == ["1.5", "4.50"]
+    assert figures("a 1.5 b `2.5` c\n```\n3.5\n```\n| 4.50 | in 5 min 19 s (train 86 s), 20 steps, v0.16.1.") == ["1.5", "4.50", "5 min 19 s", "86 s"]
+    assert shown(["5 min 19 s", "demo.json", "wall_seconds"]) == "5 min 19 s" and shown(["86 s", "demo.json", "stage_seconds", "train"]) == "86 s"
 
 
 # -- the weaker check, for the pages not listed yet
