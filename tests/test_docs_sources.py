@@ -5,7 +5,8 @@ page in reading order (tables and prose; fenced code left out) with where it com
 
 - ``["33.16", tune.json, results, w4/whiten, tuned_ppl]``: the value at that path of ``benchmarks/results/tune.json``;
   a mapping as a path step picks the one list element whose keys hold those values (``{model: original, method: fp}``);
-- ``["0.87", ratio, [A...], [B...]]``: A / B, each a source as above; ``["2.7", gain%, [A...], [B...]]``: 100 (B − A) / B;
+- ``["0.87", ratio, [A...], [B...]]``: A / B, each a source as above or itself derived; ``gain%``: 100 (B − A) / B;
+  ``diff``: A − B; ``["31.53", mean, [A...], [B...], ...]`` and ``range``: the mean, and max − min, of several draws;
 - ``["1.06", "=", why]``: not a measurement (a goal, a setting), said so.
 
 A figure matches when its source, printed to the digits the page shows, is that figure: a one-digit typo, a figure
@@ -60,23 +61,32 @@ def value_at(source: list[Any]) -> float:
     return float(node)
 
 
+KINDS = {
+    "ratio": lambda a, b: a / b,
+    "gain%": lambda a, b: 100 * (b - a) / b,
+    "diff": lambda a, b: a - b,
+    "mean": lambda *draws: sum(draws) / len(draws),
+    "range": lambda *draws: max(draws) - min(draws),
+}
+"""Figures derived from sources: each argument is itself a source (a path, or another derived figure)."""
+
+
+def value_of(source: list[Any]) -> float:
+    if source[0] in KINDS:
+        return KINDS[source[0]](*(value_of(arg) for arg in source[1:]))
+    return value_at(source)
+
+
 def shown(entry: list[Any]) -> str | None:
     """What the entry's source prints as at the figure's digits, or None for a stated non-measurement."""
-    figure, kind = str(entry[0]), entry[1]
-    if kind == "=":
+    figure = str(entry[0])
+    if entry[1] == "=":
         return None
+    x = value_of(entry[1:])
     if re.fullmatch(DURATION, figure):
-        seconds = round(value_at(entry[1:]))
+        seconds = round(x)
         return f"{seconds // 60} min {seconds % 60} s" if "min" in figure else f"{seconds} s"
-    digits = len(figure.split(".")[1])
-    if kind == "ratio":
-        x = value_at(entry[2]) / value_at(entry[3])
-    elif kind == "gain%":
-        a, b = value_at(entry[2]), value_at(entry[3])
-        x = 100 * (b - a) / b
-    else:
-        x = value_at(entry[1:])
-    return f"{x:.{digits}f}"
+    return f"{x:.{len(figure.split('.')[1])}f}"
 
 
 @pytest.mark.parametrize("page", sorted(LISTED))
