@@ -36,7 +36,12 @@ def main() -> None:
     out = ROOT / "runs" / "demo"
     stages = {s: json.loads((out / "stages" / f"{s}.json").read_text())["seconds"] for s in ("train", "quantize", "tune", "export", "eval", "report")}
     ev = json.loads((out / "eval.json").read_text())
-    result = {"command": "time .venv/bin/qaft " + " ".join(command), "seed": args.seed, "wall_seconds": round(wall, 1), "stage_seconds": {k: round(v) for k, v in stages.items()}}
+    result = {
+        "command": "time .venv/bin/qaft " + " ".join(command),
+        "seed": args.seed,
+        "wall_seconds": round(wall, 1),
+        "stage_seconds": {k: round(v) for k, v in stages.items()},
+    }
     result |= {"protocol": ev["protocol"], "rows": ev["rows"]}
     path = Path(args.out)
     path.write_text(json.dumps(result, indent=2))
