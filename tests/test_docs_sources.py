@@ -6,7 +6,7 @@ page in reading order (tables and prose; fenced code left out) with where it com
 - ``["33.16", tune.json, results, w4/whiten, tuned_ppl]``: the value at that path of ``benchmarks/results/tune.json``;
   a mapping as a path step picks the one list element whose keys hold those values (``{model: original, method: fp}``);
 - ``["0.87", ratio, [A...], [B...]]``: A / B, each a source as above or itself derived; ``gain%``: 100 (B − A) / B;
-  ``diff``: A − B; ``percent``: 100 A / B (B may be a plain number, a constant the sentence states); ``["31.53", mean, [A...], [B...], ...]`` and ``range``: the mean, and max − min, of several draws;
+  ``diff``: A − B; ``percent``: 100 A / B; ``times``: A · B (a unit: seconds → ms); B may be a plain number; ``["31.53", mean, [A...], [B...], ...]`` and ``range``: the mean, and max − min, of several draws;
 - ``["1.06", "=", why]``: not a measurement (a goal, a setting), said so.
 
 A figure matches when its source, printed to the digits the page shows, is that figure: a one-digit typo, a figure
@@ -66,6 +66,7 @@ KINDS = {
     "gain%": lambda a, b: 100 * (b - a) / b,
     "diff": lambda a, b: a - b,
     "percent": lambda a, b: 100 * a / b,
+    "times": lambda a, b: a * b,
     "mean": lambda *draws: sum(draws) / len(draws),
     "range": lambda *draws: max(draws) - min(draws),
 }
