@@ -184,10 +184,15 @@ def reading_gguf(location: str, gguf_file: str | None) -> Iterator[None]:
     try:
         yield
     except Exception:
-        local = Path(location) / gguf_file if gguf_file else Path(location)
+        local = _local(location, gguf_file)
         if local.is_file() and local.suffix == ".gguf":
             check_gguf(local)
         raise
+
+
+def _local(location: str, gguf_file: str | None) -> Path:
+    """The file or folder a load reads, where it is on this machine."""
+    return Path(location) / gguf_file if gguf_file else Path(location)
 
 
 def _from_pretrained(location: str, cfg: ModelConfig, kw: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -196,7 +201,7 @@ def _from_pretrained(location: str, cfg: ModelConfig, kw: dict) -> tuple[PreTrai
             tok = AutoTokenizer.from_pretrained(location, **kw)
             model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[cfg.dtype], **kw)
     except (OSError, ValueError, SafetensorError) as e:
-        local = Path(location) / kw["gguf_file"] if kw.get("gguf_file") else Path(location)
+        local = _local(location, kw.get("gguf_file"))
         if local.is_dir() and (bad := damaged_safetensors(local)):
             f, why = bad[0]
             raise ModelError(f"model.name_or_path: {f} is damaged ({why}); re-create it (e.g. run the command that wrote it again with --overwrite)") from None

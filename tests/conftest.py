@@ -18,7 +18,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-REQUIRE_TIERS = os.environ.get("QAFT_REQUIRE_TIERS", os.environ.get("CI", "")).strip().lower() in ("1", "true", "yes")
+TRUE = ("1", "true", "yes")
+IN_CI = os.environ.get("CI", "").strip().lower() in TRUE
+REQUIRE_TIERS = os.environ["QAFT_REQUIRE_TIERS"].strip().lower() in TRUE if "QAFT_REQUIRE_TIERS" in os.environ else IN_CI
 """``CI=true`` (or ``QAFT_REQUIRE_TIERS=1``): a test skipped because this machine lacks something (llama.cpp, chromium,
 mount rights, the SmolLM2 package) fails instead, so CI cannot be green with a tier that never ran."""
 
@@ -34,7 +36,7 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_configure(config):
-    if os.environ.get("CI"):  # CI replays the same examples; locally hypothesis explores new ones each run
+    if IN_CI:  # CI replays the same examples; locally hypothesis explores new ones each run
         from hypothesis import settings
 
         settings.register_profile("ci", derandomize=True, print_blob=True)

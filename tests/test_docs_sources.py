@@ -1,4 +1,5 @@
-"""Every figure in README.md names its source, and the test compares exactly that value.
+"""Every figure of README.md and of the docs pages listed in docs/figures.yaml names its source, and the test compares
+exactly that value.
 
 ``docs/figures.yaml`` lists, page by page, each decimal figure and measured time (``5 min 19 s``, ``86 s``) of the
 page in reading order (tables and prose; fenced code left out) with where it comes from:
@@ -130,7 +131,7 @@ def recorded() -> list[float]:
             found.append(float(x))
 
     for f in sorted(RESULTS.glob("*.json")):
-        walk(json.loads(f.read_text()))
+        walk(results(f.name))
     return sorted(set(found))
 
 
