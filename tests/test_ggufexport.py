@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from qaft.core.errors import ConfigError, ExportError  # noqa: E402
-from qaft.export.gguffile import ADAPTER_FILE, Layout, quantized, read_adapter  # noqa: E402
+from qaft.export.ggufarch import architecture  # noqa: E402
+from qaft.export.gguffile import ADAPTER_FILE, quantized, read_adapter  # noqa: E402
 from qaft.export.ggufformat import factors_off, load_gguf, stored_floats  # noqa: E402
 from qaft.export.parity import PROMPTS, compare_logits  # noqa: E402
 from qaft.pipeline.commands import export_run as export  # noqa: E402
@@ -69,7 +70,7 @@ def test_the_model_file_holds_our_codes_in_llama_cpps_names_order_and_types(make
     kinds = {n: r.tensor_type.name for n, r in tensors.items()}
     assert {kinds[f"blk.0.{n}.weight"] for n in per_block if "norm" not in n} == {"Q4_0"}
     assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["token_embd.weight"] == kinds["output.weight"] == "F16"
-    layout = Layout.of(ours.config)
+    layout = architecture(ours.config)
     for hf, g in (
         ("model.layers.1.self_attn.q_proj", "blk.1.attn_q.weight"),
         ("model.layers.0.self_attn.k_proj", "blk.0.attn_k.weight"),
@@ -113,7 +114,8 @@ def test_per_layer_ranks_follow_llama_cpps_scale_rule_on_the_raw_tensors(make_cf
     reader = gguf.GGUFReader(out / ADAPTER_FILE)
     alpha = float(reader.fields["adapter.lora.alpha"].contents())
     raw = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in reader.tensors}
-    layout, tmap = Layout.of(ours.config), gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, ours.config.num_hidden_layers)
+    layout = architecture(ours.config)
+    tmap = layout.name_map()
     ranks = set()
     for name, layer in ((n, x) for n, x in ours.named_modules() if isinstance(x, QuantLinear)):
         g = tmap.get_name(f"{name}.weight", try_suffixes=(".weight",))
@@ -152,7 +154,8 @@ def test_off_grid_values_are_refused_not_re_rounded():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (("model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"), r"Llama-family models .*'opt' \(OPTForCausalLM\)"),
+        (("model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"), r"llama\.cpp has no architecture for model_type 'opt'; the GGUF export writes gemma2, gemma3, gemma3_text, llama, mistral, phi3, "
+            r"qwen2, qwen3; export\.format=compressed-tensors writes any model"),
         (
             ("model.name_or_path=tiny-llama", "export.format=gguf"),
             r"^export\.format: gguf files hold llama\.cpp's block grids, and this result is W4 per-channel sym",
@@ -344,7 +347,8 @@ def test_a_budget_over_a_menu_of_gguf_types_is_written_with_each_tensors_own_typ
     assert len(set(chosen.values())) > 1
     reader = gguf.GGUFReader(out / "model-Q4_0.gguf")
     tensors = {r.name: r for r in reader.tensors}
-    layout, tmap = Layout.of(ours.config), gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, ours.config.num_hidden_layers)
+    layout = architecture(ours.config)
+    tmap = layout.name_map()
     for name, q in layers.items():
         g = tmap.get_name(f"{name}.weight", try_suffixes=(".weight",))
         r = tensors[g]

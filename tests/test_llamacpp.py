@@ -81,11 +81,20 @@ def test_llama_cpp_loads_each_type_and_matches_the_transformers_reload(make_cfg,
     assert "## llama.cpp" in card and f"| llama.cpp+adapter | {ppl['llama.cpp+adapter']:.2f} |" in card
 
 
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+"""Every architecture the GGUF export writes (``export.ggufarch``), as a tiny random model (``core.model.TINY_MODELS``)."""
+
+
 @runs_llamacpp
-def test_the_adapter_moves_llama_cpps_predictions_as_it_moves_transformers(q4_0):
-    """Per token, (NLL with adapter − without) in llama.cpp vs in transformers: the same direction and size (a wrong
-    LoRA scale or a factor llama.cpp does not attach shows up as a slope away from 1 or a low correlation)."""
-    _, out, _ = q4_0
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_architecture_runs_in_llama_cpp_token_for_token_as_in_transformers(make_cfg, tmp_path, arch):
+    """Per token, llama.cpp's NLL on the files vs transformers' reload of them, without and with the adapter: the same
+    values (a wrong norm offset, rotary layout, bias, soft-cap or window moves them), and the adapter moves llama.cpp's
+    predictions as it moves transformers' (a wrong LoRA scale or a factor llama.cpp does not attach shows up as a
+    slope away from 1 or a low correlation). Windows of 64 tokens cross the tiny Gemmas' 32-token sliding window."""
+    _, out, m = exported(make_cfg, tmp_path, "Q4_0", f"model.name_or_path=tiny-{arch}", "export.runtime_check=required")
+    ppl = m["evaluation"]["ppl"]
+    assert ppl["llama.cpp"] == pytest.approx(ppl["base"], rel=PPL_RTOL) and ppl["llama.cpp+adapter"] == pytest.approx(ppl["base+adapter"], rel=PPL_RTOL)
     reloaded, tok = load_gguf(out)
     ids = torch.tensor(tok(TEXT, add_special_tokens=False)["input_ids"][:256]).view(4, 64)
     job = llamacpp.Job(windows=ids.tolist(), prompts=[], token_nll=True)
@@ -96,6 +105,8 @@ def test_the_adapter_moves_llama_cpps_predictions_as_it_moves_transformers(q4_0)
         with reloaded.disable_adapter():
             base = nll(reloaded)
         adapted = nll(reloaded)
+    for ours, key in ((base, "model"), (adapted, "model+adapter")):
+        assert torch.corrcoef(torch.stack([ours, theirs[key]]))[0, 1] > 0.99, key
     ours_effect, theirs_effect = adapted - base, theirs["model+adapter"] - theirs["model"]
     assert ours_effect.abs().mean() > 5 * (theirs["model"] - base).abs().mean()  # the adapter matters more than llama.cpp's rounding
     slope = (theirs_effect * ours_effect).sum() / (ours_effect * ours_effect).sum()
