@@ -46,7 +46,7 @@ from typing import Annotated, Any
 import torch
 from torch.func import functional_call, grad, vmap
 
-from qaft.core.errors import PreflightError
+from qaft.core.errors import ModelError, PreflightError
 from qaft.core.modules import decoder_layers
 from qaft.core.typed import Ge, Gt
 
@@ -128,7 +128,7 @@ def head_modules(model: torch.nn.Module) -> list[HeadModule]:
     d = getattr(config, "head_dim", None) or config.hidden_size // heads
     try:
         _, layers = decoder_layers(model)
-    except ValueError:
+    except ModelError:
         attn = next((m for m in model.modules() if "attention" in type(m).__name__.lower()), model)
         raise PreflightError(
             f"callbacks.mat: cannot slice {type(attn).__name__} into heads (no decoder layer list with q_proj, k_proj, "

@@ -30,7 +30,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qaft.core import text
-from qaft.core.errors import ConfigError, QaftError
+from qaft.core.errors import ConfigError, ModelError, QaftError
 from qaft.core.hardware import precision, resolve_bf16
 from qaft.core.io import free_bytes, human
 from qaft.core.model import TINY_MODELS, byte_tokenizer, reading_gguf, resolve
@@ -109,6 +109,10 @@ def model_checks(cfg: Config) -> list[Finding]:
         return [Finding("model", Status.FAIL, f"model.name_or_path: cannot read the config of {cfg.model.name_or_path!r}: {first}")]
     n = sum(p.numel() for p in model.parameters())
     rows = [Finding("model", Status.OK, f"{type(model).__name__}, {n / 1e6:.1f}M parameters ({cfg.model.dtype})")]
+    try:
+        decoder_layers(model)
+    except ModelError as e:  # every later check reads the blocks
+        return [*rows, Finding("architecture", Status.FAIL, str(e))]
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for check in (lora_targets, quant_targets, budget_range, tied_embeddings, export_target):
         rows += check(cfg, model, linears)
@@ -150,10 +154,7 @@ def lora_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Findi
 
 
 def quant_targets(cfg: Config, model: Any, linears: dict[str, Any]) -> list[Finding]:
-    try:
-        prefix, layers = decoder_layers(model)
-    except ValueError as e:
-        return [Finding("quant targets", Status.FAIL, f"{type(model).__name__}: {e}")]
+    prefix, layers = decoder_layers(model)
     selected = list(cfg.quant.linears(model))
     if not selected:
         return [Finding("quant targets", Status.FAIL, "quant.targets/quant.ignore select no decoder Linear; nothing would be quantized")]

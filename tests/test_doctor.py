@@ -60,7 +60,7 @@ def test_a_sound_config_passes_and_names_what_it_checked(smoke_file, capsys):
         (["lora.target_modules=[q_proj, qproj]"], "lora targets", "['qproj'] match no Linear"),
         (["lora.r=65"], "lora rank", "lora.r: 65 exceeds min(out, in)"),
         (["quant.targets=[nothing_here]"], "quant targets", "select no decoder Linear"),
-        (["model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"], "export", "gguf is written for Llama-family models"),
+        (["model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"], "export", "llama.cpp has no architecture for model_type 'opt'; the GGUF export writes gemma2"),
         (["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.activation.bits=8"], "export", "llama.cpp picks activation precision"),
         (["export.format=gguf"], "export", "gguf files hold llama.cpp's block grids"),
         (
@@ -78,6 +78,49 @@ def test_model_layout_problems_block(smoke_file, overrides, check, needle):
     rows = diagnose(smoke_file, overrides, Launch("test"))
     bad = [r for r in rows if r.status is Status.FAIL]
     assert [r.check for r in bad] == [check] and needle in bad[0].detail, bad
+
+
+def saved(tmp_path: Path, config) -> str:
+    """A random model of ``config`` with the tiny byte tokenizer, saved as a Hugging Face folder (what users point at)."""
+    from transformers import AutoModelForCausalLM
+
+    from qaft.core.model import byte_tokenizer
+
+    folder, tok = tmp_path / config.model_type, byte_tokenizer()
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_gpt2_style_model_is_one_architecture_row_and_one_line_for_every_command(smoke_file, tmp_path, capsys):
+    from transformers import GPT2Config
+
+    folder = saved(tmp_path, GPT2Config(vocab_size=261, n_embd=32, n_layer=2, n_head=2, n_positions=128, bos_token_id=0, eos_token_id=0))
+    rows = diagnose(smoke_file, [f"model.name_or_path={folder}"], Launch("test"))
+    bad = [r for r in rows if r.status is Status.FAIL]
+    assert [r.check for r in bad] == ["architecture"]
+    assert "its blocks are `transformer.h`, with Conv1D (transposed) weights" in bad[0].detail and "Qwen2/3, Gemma 2/3, Phi-3" in bad[0].detail
+    assert main(["quantize", str(smoke_file), f"model.name_or_path={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert "transformer.h" in err and "Traceback" not in err and "internal error" not in err
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_each_written_architecture_passes_the_doctor_with_a_gguf_scheme(smoke_file, arch):
+    rows = diagnose(smoke_file, [f"model.name_or_path=tiny-{arch}", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"], Launch("test"))
+    assert [r for r in rows if r.status is Status.FAIL] == []
+    assert any(r.check == "export" and "gguf" in r.detail for r in rows)
+
+
+def test_a_llama_cpp_architecture_qaft_does_not_write_is_refused_before_any_compute(smoke_file, tmp_path):
+    from transformers import Starcoder2Config
+
+    config = Starcoder2Config(vocab_size=261, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    folder = saved(tmp_path, config)
+    rows = diagnose(smoke_file, [f"model.name_or_path={folder}", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"], Launch("test"))
+    bad = [r for r in rows if r.status is Status.FAIL]
+    assert [r.check for r in bad] == ["export"]
+    assert "llama.cpp's 'starcoder2' architecture is not written by qaft yet; the GGUF export writes gemma2, gemma3" in bad[0].detail
 
 
 def test_incompatible_callbacks_are_a_config_failure(smoke_file, capsys):
