@@ -55,7 +55,7 @@ def speed(report_path: Path, rounds: int) -> None:
     for name, r in report["results"].items():
         out = Path(r["export"])
         _, tok = load_gguf(out)
-        ids = token_stream(load_config(EVAL).eval.path, tok, key="eval.path")[:512].tolist()
+        ids = token_stream(load_config(EVAL).eval.path, tok, key="eval.path").ids[:512].tolist()
         samples: dict[str, list[float]] = {}
         for _ in range(rounds):
             rows = llamacpp.run(out / "model-Q4_0.gguf", out / ADAPTER_FILE, llamacpp.Job(windows=[ids], prompts=[], perplexity=False))["rows"]

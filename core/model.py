@@ -24,11 +24,11 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -38,11 +38,11 @@ from transformers import (
     MistralConfig,
     OPTConfig,
     Phi3Config,
-    Qwen2Config,
-    Qwen3Config,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
 )
 
 from .errors import EnvironmentProblem, ModelError
@@ -101,7 +101,15 @@ def _tiny_opt(vocab: int):
     )
 
 
-_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.1,
+)
 
 
 def _tiny_qwen2(vocab: int):
@@ -126,7 +134,9 @@ def _tiny_gemma3(vocab: int):  # five sliding layers then a global one (Gemma 3'
 
 
 def _tiny_phi3(vocab: int):  # fused qkv_proj and gate_up_proj
-    return Phi3Config(vocab_size=vocab, **_SHAPE, original_max_position_embeddings=1024, bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    return Phi3Config(
+        vocab_size=vocab, **_SHAPE, original_max_position_embeddings=1024, bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False
+    )
 
 
 def _tiny_mistral(vocab: int):
@@ -151,13 +161,17 @@ ALIASES = ("smollm2-135m", *TINY_MODELS)
 TINY_MERGES = (("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġ", "a"))
 
 
-TINY_SPECIAL_TOKENS = {"tiny-phi3": ("<unk>", "<s>", "</s>")}
-"""Special tokens a family's real tokenizer has and llama.cpp relies on (it sets attributes on Phi-3's by name)."""
+TINY_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "tiny-phi3": {"special": ("<unk>", "<s>", "</s>")},  # llama.cpp sets attributes on these by name for Phi-3
+    "tiny-gemma2": {"bos": "<bos>"},  # Gemma's tokenizer starts every encoding with BOS
+    "tiny-gemma3": {"bos": "<bos>"},
+}
+"""What a family's real tokenizer has that its tiny model's needs too."""
 
 
-def byte_tokenizer(special: tuple[str, ...] = ()) -> PreTrainedTokenizerBase:
+def byte_tokenizer(special: tuple[str, ...] = (), bos: str | None = None) -> PreTrainedTokenizerBase:
     """A 261-token byte-level BPE tokenizer (256 bytes, 4 merges, ``<|endoftext|>``) built offline, for tiny models,
-    plus ``special`` tokens."""
+    plus ``special`` tokens, and a ``bos`` token it puts first in every encoding (as Gemma's does) when given."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     for a, b in TINY_MERGES:
@@ -169,6 +183,11 @@ def byte_tokenizer(special: tuple[str, ...] = ()) -> PreTrainedTokenizerBase:
     fast.add_special_tokens({"eos_token": "<|endoftext|>"})
     if special:
         fast.add_special_tokens({"additional_special_tokens": list(special)})
+    if bos:
+        fast.add_special_tokens({"bos_token": bos})
+        fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, fast.bos_token_id)]
+        )
     return fast
 
 
@@ -214,7 +233,7 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     whatever the launch (``built_whole``): like a real checkpoint, ``tiny-llama`` is the same model in
     ``train``, ``quantize``, ``export`` and ``eval``, on one process or under ZeRO-3."""
     if cfg.name_or_path in TINY_MODELS:
-        tok = byte_tokenizer(TINY_SPECIAL_TOKENS.get(cfg.name_or_path, ()))
+        tok = byte_tokenizer(**TINY_TOKENIZERS.get(cfg.name_or_path, {}))
         with torch.random.fork_rng(devices=[]), built_whole():
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(TINY_MODELS[cfg.name_or_path](len(tok)), dtype=DTYPES[cfg.dtype])

@@ -22,6 +22,7 @@ per topic in sorted key order:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -124,16 +125,46 @@ def read_text(path: str, *, key: str, text_column: str = "text") -> str:
     return "\n\n".join(t for t in docs[text_column] if isinstance(t, str))
 
 
-def token_stream(path: str, tokenizer: Any, *, key: str, text_column: str = "text") -> torch.Tensor:
-    """The source as one id sequence, tokenized once, no special tokens added (the perplexity protocol)."""
-    return torch.tensor(tokenizer(read_text(str(path), key=key, text_column=text_column), add_special_tokens=False)["input_ids"], dtype=torch.long)
+def bos_of(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer starts every encoding with one (its ``add_bos_token``: Gemma, Llama 2, Mistral, Phi-3),
+    else None (SmolLM2, Qwen). Read from what the tokenizer does, not from a flag only some tokenizer classes have."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
 
 
-def windows_of(ids: torch.Tensor, seq_len: int, windows: int | None) -> torch.Tensor:
-    """The first ``windows`` (all when None) non-overlapping ``seq_len`` windows of ``ids``: ``[n, seq_len]``."""
-    n = ids.numel() // seq_len
+@dataclass(frozen=True)
+class Stream:
+    """A text as one id sequence (tokenized once, no special tokens), and the BOS id each window starts with."""
+
+    ids: torch.Tensor
+    bos: int | None = None
+
+
+def bos_first(ids: Stream | torch.Tensor) -> bool:
+    """Whether the windows cut from ``ids`` start with BOS (recorded in every protocol)."""
+    return isinstance(ids, Stream) and ids.bos is not None
+
+
+def token_stream(path: str, tokenizer: Any, *, key: str, text_column: str = "text") -> Stream:
+    """The source as one id sequence, tokenized once without special tokens (the perplexity protocol), with the
+    tokenizer's BOS when it adds one (``bos_of``): every window cut from it then starts with BOS."""
+    ids = tokenizer(read_text(str(path), key=key, text_column=text_column), add_special_tokens=False)["input_ids"]
+    return Stream(torch.tensor(ids, dtype=torch.long), bos_of(tokenizer))
+
+
+def windows_of(ids: Stream | torch.Tensor, seq_len: int, windows: int | None) -> torch.Tensor:
+    """The first ``windows`` (all when None) non-overlapping ``seq_len`` windows of ``ids``: ``[n, seq_len]``. With a
+    BOS, each window is BOS + the next ``seq_len - 1`` tokens of the text (as llama.cpp's perplexity tool starts each
+    window), so a model that was trained to see BOS first is read as it runs; a plain tensor has no BOS."""
+    stream = ids if isinstance(ids, Stream) else Stream(ids)
+    body = seq_len - (stream.bos is not None)
+    n = stream.ids.numel() // body
     if windows is not None:
         n = min(n, windows)
     if n == 0:
-        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
+        raise DataError(f"text has {stream.ids.numel()} tokens, fewer than one window of {seq_len}")
+    cut = stream.ids[: n * body].view(n, body)
+    return cut if stream.bos is None else torch.cat([torch.full((n, 1), stream.bos, dtype=cut.dtype), cut], dim=1)

@@ -2,7 +2,9 @@
 
 Read the text whole, tokenize once without special tokens (``core.text.token_stream``), cut the ids
 into non-overlapping ``seq_len`` windows, take the first ``windows`` of them (all when None), average
-the next-token NLL over every predicted token (``seq_len - 1`` per window), exponentiate. Papers use
+the next-token NLL over every predicted token (``seq_len - 1`` per window), exponentiate. Where the
+tokenizer adds BOS (Gemma, Llama 2, Phi-3) each window is BOS + ``seq_len - 1`` text tokens, as in
+llama.cpp's perplexity tool, and every text token of the window is predicted. Papers use
 ``seq_len`` 2048 and the whole split; on two CPU cores the defaults are 8 windows × 512, and every
 result records its windows and ``seq_len``.
 """
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qaft.core.text import windows_of
+from qaft.core.text import Stream, windows_of
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Perplexity:
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, windows: int | None, *, progress: bool = True) -> Perplexity:
+def perplexity(model: torch.nn.Module, ids: Stream | torch.Tensor, seq_len: int, windows: int | None, *, progress: bool = True) -> Perplexity:
     model.eval()
     t0 = time.perf_counter()
     wins = windows_of(ids, seq_len, windows)

@@ -47,7 +47,8 @@ def perplexity_section(m: dict[str, Any]) -> list[str]:
         return []
     pr = ev["protocol"]
     return [
-        f"## Perplexity ({pr['windows']} windows × {pr['seq_len']} tokens of `{pr['eval_path']}`, reloaded from these files)",
+        f"## Perplexity ({pr['windows']} windows × {pr['seq_len']} tokens of `{pr['eval_path']}`"
+        f"{', each starting with BOS' if pr.get('bos') else ''}, reloaded from these files)",
         "",
         "| model | ppl |",
         "|---|---|",

@@ -22,7 +22,7 @@ import yaml
 from qaft.core.errors import ExportError, PreflightError
 from qaft.core.io import ensure_writable, staged
 from qaft.core.model import ModelConfig, load_model_and_tokenizer
-from qaft.core.text import token_stream, windows_of
+from qaft.core.text import bos_first, token_stream, windows_of
 from qaft.core.typed import parse
 from qaft.eval.config import EvalConfig
 from qaft.eval.perplexity import perplexity
@@ -91,7 +91,7 @@ def evaluate_export(reloaded: tuple[torch.nn.Module, Any], protocol: EvalConfig,
             ppl["base"] = run().ppl
     r = run()
     ppl["base+adapter" if "base" in ppl else "base"] = r.ppl
-    record = {"eval_path": protocol.path, "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens}
+    record = {"eval_path": protocol.path, "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens, "bos": bos_first(ids)}
     return ppl, record, windows_of(ids, protocol.seq_len, protocol.windows)
 
 

@@ -139,7 +139,9 @@ class Architecture:
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         kind = tmap.get_type(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None or kind not in gguf.MODEL_TENSORS[self.arch]:
-            raise ExportError(f"{hf_name}: llama.cpp's {self.name} architecture has no tensor for it (gguf.TensorNameMap); export.format=compressed-tensors writes this model")
+            raise ExportError(
+                f"{hf_name}: llama.cpp's {self.name} architecture has no tensor for it (gguf.TensorNameMap); export.format=compressed-tensors writes this model"
+            )
         return name
 
     def _heads(self, name: str) -> int | None:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from qaft.core.errors import ExportError
+from qaft.core.text import bos_of
 from qaft.quant.fakequant import QuantLinear
 from qaft.quant.scheme import GGUFType, QuantScheme
 
@@ -135,6 +136,7 @@ def _build_tokenizer(writer: Any, tok: Any) -> None:
     for key, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
         if tid is not None:
             getattr(writer, f"add_{key}_token_id")(tid)
+    writer.add_add_bos_token(bos_of(tok) is not None)  # llama.cpp's tools start their input with BOS only when this is set
 
 
 def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Path, *, source_gguf: Path | None, float_type: str, name: str) -> dict[str, str]:

@@ -238,6 +238,7 @@ def protocol_of(cfg: Config, eval_path: str, ids: torch.Tensor) -> dict[str, Any
         "windows": r.shape[0],
         "seq_len": r.shape[1],
         "tokens": r.shape[0] * (r.shape[1] - 1),
+        "bos": text.bos_first(ids),
         "scheme": cfg.quant.label,
         "rank": p.rank,
         "energy": p.energy,

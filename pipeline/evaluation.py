@@ -75,7 +75,8 @@ def recorded_export_rows(cfg: Config, ids: Any) -> tuple[str, dict[str, dict[str
     record = manifest.verify(cfg.export_dir)
     ev = record.get("evaluation")
     want = text.windows_of(ids, cfg.eval.seq_len, cfg.eval.windows).shape
-    if not ev or ev["protocol"]["eval_path"] != cfg.eval.path or (ev["protocol"]["windows"], ev["protocol"]["seq_len"]) != tuple(want):
+    same = ev and ev["protocol"]["eval_path"] == cfg.eval.path and (ev["protocol"]["windows"], ev["protocol"]["seq_len"]) == tuple(want)
+    if not same or ev["protocol"].get("bos", False) != text.bos_first(ids):
         return None
     ppl = ev["ppl"]
     measured = {"export-base": ppl["base"], "export": ppl["base+adapter"]} if "base+adapter" in ppl else {"export": ppl["base"]}

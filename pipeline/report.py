@@ -293,7 +293,8 @@ def write_report(out: str | Path) -> Path:
         if ev:
             p = ev["protocol"]
             proto = (
-                f"{p['eval_path']}: {p['windows']} windows × {p['seq_len']} tokens; calibration {p['calibration']['samples']} × "
+                f"{p['eval_path']}: {p['windows']} windows × {p['seq_len']} tokens{', each starting with BOS' if p.get('bos') else ''}; "
+                f"calibration {p['calibration']['samples']} × "
                 f"{p['calibration']['seq_len']} from {p['calibration']['path']}; rank {p['rank']}"
             )
             head, body = ppl_table(ev)

@@ -124,10 +124,10 @@ def input_sources(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]):
 
 def calibration_ids(path: str, tokenizer: Any, samples: int, seq_len: int, *, key: str = "postpass.calibration_path") -> torch.Tensor:
     """``[samples, seq_len]`` ids from the start of the calibration text (any source ``core.text`` reads)."""
-    ids = text.token_stream(path, tokenizer, key=key)
-    if ids.numel() < samples * seq_len:
-        raise DataError(f"{key}: {path!r} has {ids.numel()} tokens, fewer than {samples} x {seq_len}")
-    return text.windows_of(ids, seq_len, samples)
+    stream = text.token_stream(path, tokenizer, key=key)
+    if stream.ids.numel() < samples * (seq_len - (stream.bos is not None)):
+        raise DataError(f"{key}: {path!r} has {stream.ids.numel()} tokens, fewer than {samples} x {seq_len}")
+    return text.windows_of(stream, seq_len, samples)
 
 
 def calibration_record(path: str, ids: torch.Tensor) -> dict[str, Any]:

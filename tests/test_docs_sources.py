@@ -7,7 +7,9 @@ page in reading order (tables and prose; fenced code left out) with where it com
 - ``["33.16", tune.json, results, w4/whiten, tuned_ppl]``: the value at that path of ``benchmarks/results/tune.json``;
   a mapping as a path step picks the one list element whose keys hold those values (``{model: original, method: fp}``);
 - ``["0.87", ratio, [A...], [B...]]``: A / B, each a source as above or itself derived; ``gain%``: 100 (B − A) / B;
-  ``diff``: A − B; ``percent``: 100 A / B; ``times``: A · B (a unit: seconds → ms); B may be a plain number; ``["31.53", mean, [A...], [B...], ...]`` and ``range``: the mean, and max − min, of several draws (``min``, ``max``: the bounds of a range the page gives);
+  ``diff``: A − B; ``percent``: 100 A / B; ``times``: A · B (a unit: seconds → ms); B may be a plain number;
+  ``["31.53", mean, [A...], [B...], ...]`` and ``range``: the mean, and max − min, of several draws (``min``,
+  ``max``: the bounds of a range the page gives);
 - ``["1.06", "=", why]``: not a measurement (a goal, a setting), said so.
 
 A figure matches when its source, printed to the digits the page shows, is that figure: a one-digit typo, a figure

@@ -60,7 +60,11 @@ def test_a_sound_config_passes_and_names_what_it_checked(smoke_file, capsys):
         (["lora.target_modules=[q_proj, qproj]"], "lora targets", "['qproj'] match no Linear"),
         (["lora.r=65"], "lora rank", "lora.r: 65 exceeds min(out, in)"),
         (["quant.targets=[nothing_here]"], "quant targets", "select no decoder Linear"),
-        (["model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"], "export", "llama.cpp has no architecture for model_type 'opt'; the GGUF export writes gemma2"),
+        (
+            ["model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"],
+            "export",
+            "llama.cpp has no architecture for model_type 'opt'; the GGUF export writes gemma2",
+        ),
         (["quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0", "quant.activation.bits=8"], "export", "llama.cpp picks activation precision"),
         (["export.format=gguf"], "export", "gguf files hold llama.cpp's block grids"),
         (

@@ -44,7 +44,10 @@ ARCHS = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
     [
         ("model.name_or_path=tiny-llama",),
         ("model.name_or_path=tiny-opt", "postpass.reconstructor=whiten"),
-        *[(f"model.name_or_path=tiny-{arch}", "quant.weight.granularity=group", "quant.weight.group_size=32", "postpass.reconstructor=whiten") for arch in ARCHS],
+        *[
+            (f"model.name_or_path=tiny-{arch}", "quant.weight.granularity=group", "quant.weight.group_size=32", "postpass.reconstructor=whiten")
+            for arch in ARCHS
+        ],
         ("quant.weight.granularity=group", "quant.weight.group_size=32", "quant.weight.symmetric=false"),
         ("quant.weight.bits=3", "quant.weight.granularity=group", "quant.weight.group_size=16", "postpass.energy=0.5", "postpass.rank=8"),
     ],

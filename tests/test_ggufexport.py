@@ -154,8 +154,11 @@ def test_off_grid_values_are_refused_not_re_rounded():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (("model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"), r"llama\.cpp has no architecture for model_type 'opt'; the GGUF export writes gemma2, gemma3, gemma3_text, llama, mistral, phi3, "
-            r"qwen2, qwen3; export\.format=compressed-tensors writes any model"),
+        (
+            ("model.name_or_path=tiny-opt", "quant.weight.format=gguf", "quant.weight.gguf_type=Q4_0"),
+            r"llama\.cpp has no architecture for model_type 'opt'; the GGUF export writes gemma2, gemma3, gemma3_text, llama, mistral, phi3, "
+            r"qwen2, qwen3; export\.format=compressed-tensors writes any model",
+        ),
         (
             ("model.name_or_path=tiny-llama", "export.format=gguf"),
             r"^export\.format: gguf files hold llama\.cpp's block grids, and this result is W4 per-channel sym",

@@ -44,12 +44,15 @@ def _texts(ds: Any, cfg: DataConfig, tokenizer: Any) -> list[str]:
 
 
 def tokenize_and_pack(texts: list[str], tokenizer: Any, block_size: int, add_eos: bool) -> torch.Tensor:
-    """``[n_blocks, block_size]`` int64: documents (each + EOS) concatenated and cut, ragged tail dropped."""
+    """``[n_blocks, block_size]`` int64: documents (each + EOS) concatenated and cut, ragged tail dropped; each block
+    starts with BOS when the tokenizer adds one (``core.text.windows_of``: the windows the model is evaluated on)."""
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    stream = np.fromiter((t for doc in ids for t in (*doc, *eos)), dtype=np.int64)
-    n = len(stream) // block_size
-    return torch.from_numpy(stream[: n * block_size].reshape(n, block_size).copy())
+    stream = torch.from_numpy(np.fromiter((t for doc in ids for t in (*doc, *eos)), dtype=np.int64))
+    bos = text.bos_of(tokenizer)
+    if stream.numel() < block_size - (bos is not None):
+        return torch.empty(0, block_size, dtype=torch.int64)
+    return text.windows_of(text.Stream(stream, bos), block_size, None)
 
 
 @dataclass(frozen=True)
