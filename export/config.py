@@ -15,6 +15,8 @@ class ExportConfig:
 
     format: str = "auto"
     """``compressed-tensors`` (packed checkpoint + PEFT adapter) or ``gguf`` (llama.cpp model + LoRA adapter files); ``auto`` = ``gguf`` for ``quant.weight.format: gguf`` schemes, else ``compressed-tensors``."""
+    float_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """compressed-tensors only: how every tensor that stays float (embeddings, norms, an untied head, biases, ignored Linears) is stored; float32 doubles a large vocabulary's share of the files (the model card says what each part takes)."""
     gguf_float_type: Literal["F16", "F32"] = "F16"
     """GGUF only: how 2-D tensors that stay float (embeddings, untied ``output``, ignored Linears) are stored; norms are always F32."""
     dir: str | None = None

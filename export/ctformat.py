@@ -13,6 +13,7 @@ compressed-tensors' own rounding, and the gap to a server's rounding reported bu
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -105,15 +106,32 @@ def check_parity(
     return results
 
 
+def stored_floats(reference: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``reference`` whose float tensors (all but the quantized Linears' grid weights, scales and factors) are
+    rounded to ``dtype`` as the files store them: the parity check then measures the export, not the storage type
+    (whose effect shows in the perplexity rows)."""
+    rounded = copy.deepcopy(reference)
+    with torch.no_grad():
+        for module in rounded.modules():
+            quantized = isinstance(module, QuantLinear)
+            for name, t in module.named_parameters(recurse=False):  # saved tensors only: rope's inv_freq is recomputed on load
+                if t.is_floating_point() and (not quantized or name == "bias"):
+                    t.copy_(t.to(dtype).to(t.dtype))
+    return rounded
+
+
 def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
-    """``size_record`` of ``base/`` + ``adapter/``: packed bytes read from the compressed-tensors tensors."""
-    packed_bytes = 0
+    """``size_record`` of ``base/`` + ``adapter/``: packed bytes read from the compressed-tensors tensors, and the bytes
+    of the tensors that stay float (``float_bytes``)."""
+    packed_bytes = float_bytes = 0
     for f in (folder / "base").glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             for key in st.keys():
+                t = st.get_tensor(key)
                 if key.rpartition(".")[2] in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"):
-                    t = st.get_tensor(key)
                     packed_bytes += t.numel() * t.element_size()
+                else:
+                    float_bytes += t.numel() * t.element_size()
     adapter_file = folder / "adapter" / WEIGHTS
     return size_record(
         reference,
@@ -121,7 +139,7 @@ def sizes(folder: Path, reference: torch.nn.Module) -> dict[str, Any]:
         base_bytes=folder_size(folder / "base"),
         adapter_bytes=folder_size(folder / "adapter"),
         factor_bytes=adapter_file.stat().st_size if adapter_file.is_file() else 0,
-    )
+    ) | {"packed_bytes": packed_bytes, "float_bytes": float_bytes}
 
 
 def load_snippet(base: str, adapter: str, *, ranks: bool, activations: bool, mixed: bool = False, transformers: bool = True) -> list[str]:
@@ -133,7 +151,7 @@ def load_snippet(base: str, adapter: str, *, ranks: bool, activations: bool, mix
     if not transformers:
         folder = str(Path(base).parent)
         return ["```python", "import qaft", "", f'model, tokenizer, manifest = qaft.load_quantized("{folder}")  # checks the manifest\'s hashes too', "```"]
-    load = f'base = AutoModelForCausalLM.from_pretrained("{base}")'
+    load = f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype=torch.float32)'
     if activations:
         load += "  # int4 packed; input activations quantized as recorded"
     elif mixed:
@@ -142,8 +160,11 @@ def load_snippet(base: str, adapter: str, *, ranks: bool, activations: bool, mix
         load += "  # int4 packed on disk, de-compressed to float on load"
     return [
         "```python",
+        "import torch",
         "from peft import PeftModel  # needs: pip install compressed-tensors peft",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        "# float32 compute, as qaft measured the files (dtype='auto' keeps the float tensors in their stored export.float_dtype)",
         "",
         load,
         *(["base.hf_quantizer.compressor.decompress_model(base)  # peft wraps a .weight: de-compress the packed Linears"] if activations or mixed else []),
@@ -178,15 +199,16 @@ class CompressedTensors(ExportFormat):
     ) -> dict[str, Any]:
         formats = off_scheme_formats(model, scheme.weight)  # read before write_packed consumes the QuantLinears
         ranks = write_adapter(model, tmp / "adapter", base_name_or_path="base")
-        quantized = write_packed(model, tokenizer, scheme, formats, tmp / "base")
-        parity = check_parity(tmp, reference, tokenizer, scheme, formats, settings.parity_atol)
+        dtype = getattr(torch, settings.float_dtype)
+        quantized = write_packed(model, tokenizer, scheme, formats, tmp / "base", dtype)
+        parity = check_parity(tmp, stored_floats(reference, dtype), tokenizer, scheme, formats, settings.parity_atol)
         return {
             "format": {"base": f"compressed-tensors {FORMAT}", "adapter": "peft lora" if ranks else None},
             "ranks": ranks or {},
             "quantized_modules": quantized,
             **({"layer_formats": {n: spec.label for n, spec in formats.items()}} if formats else {}),
             "parity": {k: asdict(v) for k, v in parity.items()},
-            "sizes": sizes(tmp, reference),
+            "sizes": sizes(tmp, reference) | {"float_dtype": settings.float_dtype},
         }
 
     @classmethod
@@ -206,7 +228,7 @@ class CompressedTensors(ExportFormat):
             readable = q.get("dequantize") or all(g["weights"]["symmetric"] for g in q["config_groups"].values())
             loader = "transformers" if readable else "compressed-tensors"
         if loader == "transformers":
-            base = AutoModelForCausalLM.from_pretrained(folder / "base")
+            base = AutoModelForCausalLM.from_pretrained(folder / "base", dtype=torch.float32)  # float32 compute whatever the files store
             quantizer = getattr(base, "hf_quantizer", None)
             if quantizer is not None and hasattr(quantizer, "compressor"):
                 quantizer.compressor.decompress_model(base)
@@ -233,7 +255,12 @@ class CompressedTensors(ExportFormat):
             "",
             f"float32 {mb(s['float32_bytes'])}, bfloat16 {mb(s['bfloat16_bytes'])} → `base/` {mb(s['base_bytes'])} + `adapter/` {mb(s['adapter_bytes'])} on disk. "
             f"Quantized Linears: {s['bits_per_weight_base']:.2f} bits per weight (codes + scales), {s['bits_per_weight_with_adapter']:.2f} with the adapter. "
-            "Embeddings, norms and ignored layers are stored in float.",
+            + (
+                f"`base/` holds {mb(s['packed_bytes'])} of packed Linears (codes, fp16 scales) and {mb(s['float_bytes'])} of tensors that stay float "
+                f"(embeddings, norms, biases, an untied head, ignored Linears) in {s.get('float_dtype', 'float32')} (`export.float_dtype`)."
+                if "float_bytes" in s
+                else "Embeddings, norms and ignored layers are stored in float."
+            ),
             "",
             "## Reload parity",
             "",

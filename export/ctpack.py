@@ -58,6 +58,10 @@ SCALE_DTYPE = torch.float16
 16 bits each; the library would write them in the model's dtype (float32 on CPU: 16 bits more per group)."""
 
 
+FLOATS = (torch.float32, torch.float64, torch.bfloat16)
+"""Tensor dtypes ``write_packed`` stores as ``export.float_dtype`` (the fp16 scales keep their own)."""
+
+
 def check_expressible(scheme: QuantScheme) -> None:
     """Fail with what would work when the scheme has no compressed-tensors form."""
     if scheme.weight.format is WeightFormat.MXINT:
@@ -131,8 +135,11 @@ def to_float_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
     return removed
 
 
-def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, formats: Mapping[str, WeightQuant], out: Path) -> list[str]:
-    """Turn ``model`` (with ``QuantLinear`` layers) into a packed compressed-tensors folder at ``out``.
+def write_packed(
+    model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, formats: Mapping[str, WeightQuant], out: Path, float_dtype: torch.dtype
+) -> list[str]:
+    """Turn ``model`` (with ``QuantLinear`` layers) into a packed compressed-tensors folder at ``out``, every tensor
+    that stays float in ``float_dtype`` (``export.float_dtype``; the fp16 scales stay fp16).
 
     ``formats``: the Linears off ``scheme.weight`` (``fakequant.off_scheme_formats``, read before this call). Consumes
     ``model`` (its Linears are replaced and compressed in place). Returns the quantized names."""
@@ -162,6 +169,11 @@ def write_packed(model: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, fo
     finally:
         logger.enable("compressed_tensors")
     compressor.remove_decompression_hook(model)  # the model is written, not run
+    with torch.no_grad():
+        for name, t in model.named_parameters():  # what the files hold (buffers such as rope's inv_freq are recomputed)
+            if t.dtype in FLOATS and not name.endswith("weight_scale"):
+                t.data = t.data.to(float_dtype)
+    model.config.dtype = float_dtype  # what `from_pretrained(..., dtype="auto")` loads it as
     model.save_pretrained(out)
     compressor.update_config(str(out))
     if not loads_compressed(scheme, bool(formats)):
@@ -211,7 +223,7 @@ def load_packed(folder: Path) -> torch.nn.Module:
     qconfig = QuantizationConfig.model_validate({k: v for k, v in qdict.items() if k in QuantizationConfig.model_fields})
     qconfig.quantization_status = QuantizationStatus.FROZEN
     with no_init_weights():  # every tensor is loaded below
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # float32 compute whatever the files store
     apply_quantization_config(model, qconfig, show_progress=False)
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from helpers import SMALL_POSTPASS as SMALL
 from qaft.core.errors import ExportError
-from qaft.export.ctformat import activations_float, reference_rounding
+from qaft.export.ctformat import activations_float, reference_rounding, stored_floats
 from qaft.export.exporter import load_export
 from qaft.export.parity import PROMPTS, compare_logits
 from qaft.pipeline.cli import main
@@ -60,7 +60,7 @@ def test_export_reloads_with_transformers_and_peft_to_the_same_logits(make_cfg, 
     assert set(m["parity"]) == {"transformers", "compressed-tensors"}  # weight-only: from_pretrained reads asymmetric ones too
     assert all(p["max_abs_diff"] <= cfg.export.parity_atol and p["top1_agreement"] == 1.0 for p in m["parity"].values())
     # independently of the export's own check: reload and compare with the saved post-pass
-    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    ours, tok = stored(cfg)
     theirs, _, manifest = load_export(out)
     prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
     diff, top1 = compare_logits(ours, theirs, prompts)
@@ -71,6 +71,12 @@ def test_export_reloads_with_transformers_and_peft_to_the_same_logits(make_cfg, 
     assert set(manifest["ranks"]) == set(manifest["quantized_modules"])
     if "postpass.energy=0.5" in overrides:  # per-layer ranks went through rank_pattern / alpha_pattern
         assert len(set(manifest["ranks"].values())) > 1
+
+
+def stored(cfg) -> tuple[torch.nn.Module, object]:
+    """The saved post-pass result with its float tensors rounded as the export stores them (``export.float_dtype``)."""
+    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    return stored_floats(ours, getattr(torch, cfg.export.float_dtype)), tok
 
 
 def stored_and_packed(cfg, out: Path) -> tuple[dict, dict]:
@@ -107,7 +113,7 @@ def test_packed_codes_unpack_to_the_rtn_integers_and_factors_round_trip(make_cfg
     assert cfg_a["r"] == cfg_a["lora_alpha"] == 4
     # weight-only exports load de-compressed (quantization_config.dequantize), the route that reads asymmetric zero points
     assert config["dequantize"] is True
-    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    ours, tok = stored(cfg)
     prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
     assert compare_logits(ours, load_export(out, loader="transformers")[0], prompts) == (0.0, 1.0)
     import qaft
@@ -126,7 +132,7 @@ def test_full_range_codes_and_signed_scales_pack_unchanged(make_cfg):
         assert torch.equal(base[f"{name}.weight_scale"], store[f"{name}.scale"]), name
     assert min(store[f"{n}.codes"].min().item() for n in m["quantized_modules"]) == -8
     assert any((store[f"{n}.scale"] < 0).any() for n in m["quantized_modules"])
-    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    ours, tok = stored(cfg)
     prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
     diff, top1 = compare_logits(ours, load_export(out)[0], prompts)
     assert diff < 1e-4 and top1 == 1.0
@@ -324,7 +330,7 @@ def assert_card_snippet_loads_the_model(cfg, out: Path, monkeypatch) -> None:
     [code] = python_blocks((out / "README.md").read_text())
     model = run_snippet(code, out, str(out / "README.md"), monkeypatch)["model"]
     assert type(model).__name__ == "PeftModelForCausalLM"
-    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    ours, tok = stored(cfg)
     prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
     with reference_rounding(ours):
         diff, top1 = compare_logits(ours, model.eval(), prompts)
@@ -348,6 +354,26 @@ def test_the_export_docs_load_snippet_runs_as_written(quantized_default, tmp_pat
     export(cfg, overwrite=False, progress=False)
     [code] = python_blocks((Path(__file__).parents[1] / "docs" / "export.md").read_text())
     model = run_snippet(code, tmp_path, "docs/export.md", monkeypatch)["model"]
-    ours, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
+    ours, tok = stored(cfg)
     prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
     assert compare_logits(ours, model.eval(), prompts) == (0.0, 1.0)
+
+
+def test_tensors_that_stay_float_are_stored_in_export_float_dtype_and_the_card_says_what_each_part_takes(make_cfg, tmp_path):
+    """A large vocabulary must not make the "4-bit" files mostly float32 embedding: by default every tensor that stays
+    float is bfloat16 (half the bytes of float32), the packed Linears unchanged, and the card states both parts."""
+    from safetensors import safe_open
+
+    records = {}
+    for dtype in ("bfloat16", "float32"):
+        cfg = quantized(make_cfg, "model.name_or_path=tiny-gemma3", f"export.float_dtype={dtype}", f"training.output_dir={tmp_path / dtype}")
+        out, m = export(cfg, overwrite=False, progress=False)
+        with safe_open(str(out / "base" / "model.safetensors"), "pt") as st:
+            assert st.get_tensor("model.embed_tokens.weight").dtype == getattr(torch, dtype)
+            assert st.get_tensor("model.norm.weight").dtype == getattr(torch, dtype)
+            assert {st.get_tensor(k).dtype for k in st.keys() if k.endswith("weight_scale")} == {torch.float16}
+        records[dtype] = m["sizes"]
+        assert f"of tensors that stay float (embeddings, norms, biases, an untied head, ignored Linears) in {dtype}" in (out / "README.md").read_text()
+    half, full = records["bfloat16"], records["float32"]
+    assert half["packed_bytes"] == full["packed_bytes"] and full["float_bytes"] == 2 * half["float_bytes"]
+    assert half["base_bytes"] < full["base_bytes"] and half["float_dtype"] == "bfloat16"
