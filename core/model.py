@@ -269,6 +269,25 @@ def _local(location: str, gguf_file: str | None) -> Path:
     return Path(location) / gguf_file if gguf_file else Path(location)
 
 
+REMOTE_CODE = "contains custom code which must be executed"
+"""transformers' words when a model needs its own code (a hub repo's, or a folder's ``auto_map``)."""
+
+
+def remote_code(folder: Path) -> bool:
+    """Whether a local model folder's config points at model code of its own (``auto_map``)."""
+    import json
+
+    config = folder / "config.json"
+    return folder.is_dir() and config.is_file() and bool(json.loads(config.read_text()).get("auto_map"))
+
+
+def remote_code_line(name: str) -> str:
+    return (
+        f"model.name_or_path: {name!r} ships its own model code (config.json auto_map), which qaft runs only with "
+        "model.trust_remote_code=true: read that code first, it runs on this machine with your permissions"
+    )
+
+
 def _from_pretrained(location: str, cfg: ModelConfig, kw: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         with reading_gguf(location, kw.get("gguf_file")):
@@ -276,6 +295,8 @@ def _from_pretrained(location: str, cfg: ModelConfig, kw: dict) -> tuple[PreTrai
             model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[cfg.dtype], **kw)
     except (OSError, ValueError, SafetensorError) as e:
         local = _local(location, kw.get("gguf_file"))
+        if REMOTE_CODE in str(e) or not kw.get("trust_remote_code") and remote_code(local):
+            raise ModelError(remote_code_line(cfg.name_or_path)) from None
         if local.is_dir() and (bad := damaged_safetensors(local)):
             f, why = bad[0]
             raise ModelError(f"model.name_or_path: {f} is damaged ({why}); re-create it (e.g. run the command that wrote it again with --overwrite)") from None

@@ -33,7 +33,7 @@ from qaft.core import text
 from qaft.core.errors import ConfigError, ModelError, QaftError
 from qaft.core.hardware import precision, resolve_bf16
 from qaft.core.io import free_bytes, human
-from qaft.core.model import TINY_MODELS, TINY_TOKENIZERS, byte_tokenizer, reading_gguf, resolve
+from qaft.core.model import REMOTE_CODE, TINY_MODELS, TINY_TOKENIZERS, byte_tokenizer, reading_gguf, remote_code, remote_code_line, resolve
 from qaft.core.modules import decoder_layers
 from qaft.export import formats
 from qaft.quant.budget import Curve, bounds, shape_bits
@@ -93,6 +93,8 @@ def skeleton(cfg: Config) -> Any:
         mcfg = TINY_MODELS[cfg.model.name_or_path](len(byte_tokenizer(**TINY_TOKENIZERS.get(cfg.model.name_or_path, {}))))
     else:
         src = resolve(cfg.model)
+        if not cfg.model.trust_remote_code and remote_code(Path(src.location)):
+            raise ModelError(remote_code_line(cfg.model.name_or_path))
         with reading_gguf(src.location, src.gguf_file):
             mcfg = AutoConfig.from_pretrained(src.location, gguf_file=src.gguf_file, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
@@ -105,6 +107,8 @@ def model_checks(cfg: Config) -> list[Finding]:
     except QaftError as e:
         return [Finding("model", Status.FAIL, str(e))]
     except (OSError, ValueError, KeyError) as e:
+        if REMOTE_CODE in str(e):  # a hub repo with its own code
+            return [Finding("model", Status.FAIL, remote_code_line(cfg.model.name_or_path))]
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return [Finding("model", Status.FAIL, f"model.name_or_path: cannot read the config of {cfg.model.name_or_path!r}: {first}")]
     n = sum(p.numel() for p in model.parameters())

@@ -319,3 +319,16 @@ def test_a_gguf_cut_inside_its_metadata_is_a_fail_row_naming_the_file_not_a_cras
     assert row.status is Status.FAIL and row.detail.startswith(
         f"model.name_or_path: {tmp_path / 'meta.gguf'} has a damaged or cut-short GGUF header (100000 bytes"
     )
+
+
+def test_a_folder_with_its_own_model_code_is_one_line_saying_how_to_allow_it(smoke_file, tmp_path, capsys):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mycustom", "auto_map": {"AutoModelForCausalLM": "modeling_my.MyModel"}}))
+    (folder / "modeling_my.py").write_text("raise SystemExit('never run without trust_remote_code')\n")
+    rows = diagnose(smoke_file, [f"model.name_or_path={folder}"], Launch("test"))
+    [bad] = [r for r in rows if r.status is Status.FAIL]
+    assert bad.check == "model" and "ships its own model code" in bad.detail and "model.trust_remote_code=true" in bad.detail
+    assert main(["quantize", str(smoke_file), f"model.name_or_path={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.trust_remote_code=true" in err and "Traceback" not in err
