@@ -1,0 +1,93 @@
+"""Real non-Llama models read right: transformers' float perplexity vs llama.cpp's on the same windows, with and without BOS.
+
+For each model of ``real_models.MODELS`` (fetched on demand): the protocol of ``configs/smollm2-postpass.yaml``
+(WikiText-2 test, 8 × 512 tokens) read by transformers from the de-quantized GGUF (qaft's loader, float32), with the
+windows qaft cuts today (BOS + 511 text tokens where the tokenizer adds BOS, ``core.text.windows_of``) and with the
+windows it cut before (512 text tokens, no BOS); then llama.cpp itself on the GGUF file as published (Q4_K_M) on
+the same BOS windows. The load is right when the two BOS rows agree within 1 % (llama.cpp rounds activations to 8
+bits in its quantized products). Writes ``benchmarks/results/user_models.json``.
+
+    .venv/bin/python benchmarks/user_models.py --models gemma3-270m qwen2.5-coder-1.5b
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from real_models import MODELS, fetch
+
+from qaft.core.model import ModelConfig, load_model_and_tokenizer
+from qaft.core.text import Stream, token_stream, windows_of
+from qaft.eval.perplexity import perplexity
+from qaft.pipeline.config import load_config
+from qaft.runtimes import llamacpp
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT / "configs" / "smollm2-postpass.yaml"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure(name: str, windows: int, seq_len: int) -> dict:
+    path = fetch(name)
+    eval_path = load_config(EVAL).eval.path
+    t0 = time.perf_counter()
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(path)))
+    load_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in model.parameters())
+    stream = token_stream(eval_path, tok, key="eval.path")
+    with_bos = perplexity(model, stream, seq_len, windows, progress=False)
+    without = perplexity(model, Stream(stream.ids), seq_len, windows, progress=False)
+    rss = peak_rss_gib()
+    del model
+    ids = windows_of(stream, seq_len, windows)
+    lc = llamacpp.run(path, None, llamacpp.Job(windows=ids.tolist(), prompts=[], new_tokens=0))["rows"]["model"]
+    return {
+        "label": MODELS[name].label,
+        "file": path.name,
+        "model_type_parameters": params,
+        "bos": stream.bos,
+        "windows": windows,
+        "seq_len": seq_len,
+        "transformers_ppl": with_bos.ppl,
+        "transformers_ppl_without_bos": without.ppl,
+        "llamacpp_ppl": lc["ppl"],
+        "llamacpp_over_transformers": lc["ppl"] / with_bos.ppl,
+        "seconds": {"load": load_s, "transformers_window": with_bos.seconds / windows, "llamacpp": lc["seconds"]},
+        "peak_rss_gib": rss,
+        "float32_gib": 4 * params / 2**30,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "user_models.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for name in args.models:
+        results[name] = r = measure(name, args.windows, args.seq_len)
+        out.write_text(json.dumps(results, indent=1))
+        print(
+            f"{name}: BOS {r['bos']}; transformers {r['transformers_ppl']:.2f} (without BOS {r['transformers_ppl_without_bos']:.2f}), "
+            f"llama.cpp {r['llamacpp_ppl']:.2f} ({r['llamacpp_over_transformers']:.4f}x); peak RSS {r['peak_rss_gib']:.2f} GiB, float32 {r['float32_gib']:.2f} GiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
