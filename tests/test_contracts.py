@@ -128,8 +128,8 @@ def _corrupt_compressed_tensors(monkeypatch):
 
     real = ctformat.write_packed
 
-    def write_then_flip(model, tok, scheme, formats, out):
-        names = real(model, tok, scheme, formats, out)
+    def write_then_flip(model, tok, scheme, formats, out, float_dtype):
+        names = real(model, tok, scheme, formats, out, float_dtype)
         f = next(out.glob("*.safetensors"))
         t = load_file(str(f))
         key = sorted(k for k in t if k.endswith("weight_packed"))[0]
