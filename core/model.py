@@ -71,18 +71,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Init scale 0.1 (not HF's 0.02): with a frozen random lm_head at 0.02 the logits cannot leave
 # near-uniform, so LoRA could barely lower the loss and "training reduces loss" would be untestable.
+_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.1,
+)
+
+
 def _tiny_llama(vocab: int):
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-    )
+    return LlamaConfig(vocab_size=vocab, **_SHAPE, tie_word_embeddings=False)
 
 
 def _tiny_opt(vocab: int):
@@ -99,17 +100,6 @@ def _tiny_opt(vocab: int):
         dropout=0.0,
         init_std=0.1,
     )
-
-
-_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    initializer_range=0.1,
-)
 
 
 def _tiny_qwen2(vocab: int):
