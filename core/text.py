@@ -142,6 +142,10 @@ class Stream:
     ids: torch.Tensor
     bos: int | None = None
 
+    def fits(self, seq_len: int) -> int:
+        """How many whole windows of ``seq_len`` the text fills (BOS takes one place in each)."""
+        return self.ids.numel() // (seq_len - (self.bos is not None))
+
 
 def bos_first(ids: Stream | torch.Tensor) -> bool:
     """Whether the windows cut from ``ids`` start with BOS (recorded in every protocol)."""
@@ -160,8 +164,7 @@ def windows_of(ids: Stream | torch.Tensor, seq_len: int, windows: int | None) ->
     BOS, each window is BOS + the next ``seq_len - 1`` tokens of the text (as llama.cpp's perplexity tool starts each
     window), so a model that was trained to see BOS first is read as it runs; a plain tensor has no BOS."""
     stream = ids if isinstance(ids, Stream) else Stream(ids)
-    body = seq_len - (stream.bos is not None)
-    n = stream.ids.numel() // body
+    n, body = stream.fits(seq_len), seq_len - (stream.bos is not None)
     if windows is not None:
         n = min(n, windows)
     if n == 0:

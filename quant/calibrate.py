@@ -125,7 +125,7 @@ def input_sources(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]):
 def calibration_ids(path: str, tokenizer: Any, samples: int, seq_len: int, *, key: str = "postpass.calibration_path") -> torch.Tensor:
     """``[samples, seq_len]`` ids from the start of the calibration text (any source ``core.text`` reads)."""
     stream = text.token_stream(path, tokenizer, key=key)
-    if stream.ids.numel() < samples * (seq_len - (stream.bos is not None)):
+    if stream.fits(seq_len) < samples:
         raise DataError(f"{key}: {path!r} has {stream.ids.numel()} tokens, fewer than {samples} x {seq_len}")
     return text.windows_of(stream, seq_len, samples)
 

@@ -48,11 +48,8 @@ def tokenize_and_pack(texts: list[str], tokenizer: Any, block_size: int, add_eos
     starts with BOS when the tokenizer adds one (``core.text.windows_of``: the windows the model is evaluated on)."""
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    stream = torch.from_numpy(np.fromiter((t for doc in ids for t in (*doc, *eos)), dtype=np.int64))
-    bos = text.bos_of(tokenizer)
-    if stream.numel() < block_size - (bos is not None):
-        return torch.empty(0, block_size, dtype=torch.int64)
-    return text.windows_of(text.Stream(stream, bos), block_size, None)
+    stream = text.Stream(torch.from_numpy(np.fromiter((t for doc in ids for t in (*doc, *eos)), dtype=np.int64)), text.bos_of(tokenizer))
+    return text.windows_of(stream, block_size, None) if stream.fits(block_size) else torch.empty(0, block_size, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
