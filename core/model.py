@@ -24,11 +24,11 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -151,14 +151,6 @@ ALIASES = ("smollm2-135m", *TINY_MODELS)
 TINY_MERGES = (("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġ", "a"))
 
 
-TINY_TOKENIZERS: dict[str, dict[str, Any]] = {
-    "tiny-phi3": {"special": ("<unk>", "<s>", "</s>")},  # llama.cpp sets attributes on these by name for Phi-3
-    "tiny-gemma2": {"bos": "<bos>"},  # Gemma's tokenizer starts every encoding with BOS
-    "tiny-gemma3": {"bos": "<bos>"},
-}
-"""What a family's real tokenizer has that its tiny model's needs too."""
-
-
 def byte_tokenizer(special: tuple[str, ...] = (), bos: str | None = None) -> PreTrainedTokenizerBase:
     """A 261-token byte-level BPE tokenizer (256 bytes, 4 merges, ``<|endoftext|>``) built offline, for tiny models,
     plus ``special`` tokens, and a ``bos`` token it puts first in every encoding (as Gemma's does) when given."""
@@ -179,6 +171,36 @@ def byte_tokenizer(special: tuple[str, ...] = (), bos: str | None = None) -> Pre
             single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, fast.bos_token_id)]
         )
     return fast
+
+
+def sentencepiece_tokenizer() -> PreTrainedTokenizerBase:
+    """A SentencePiece-style tokenizer as Llama 2 / Mistral ship it in ``tokenizer.json`` (BPE with byte fallback,
+    ``▁`` for spaces, ``<s>`` first in every encoding): ``<unk> <s> </s>``, the 256 byte tokens, ``▁``, a–z and a few
+    merges, built offline, for the tiny models of families whose real tokenizer is one."""
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁", *"abcdefghijklmnopqrstuvwxyz"]
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n")]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    return fast
+
+
+TINY_TOKENIZERS: dict[str, Callable[[], PreTrainedTokenizerBase]] = {
+    "tiny-phi3": lambda: byte_tokenizer(special=("<unk>", "<s>", "</s>")),  # llama.cpp sets attributes on these by name for Phi-3
+    "tiny-gemma2": lambda: byte_tokenizer(bos="<bos>"),  # Gemma's tokenizer starts every encoding with BOS
+    "tiny-gemma3": lambda: byte_tokenizer(bos="<bos>"),
+    "tiny-mistral": sentencepiece_tokenizer,  # Mistral's is SentencePiece-style, and adds BOS
+}
+"""Tiny models whose family's real tokenizer differs from the byte-level one in a way llama.cpp or the protocol sees."""
+
+
+def tiny_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return TINY_TOKENIZERS.get(name, byte_tokenizer)()
 
 
 def smollm2_gguf() -> Path:
@@ -223,7 +245,7 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     whatever the launch (``built_whole``): like a real checkpoint, ``tiny-llama`` is the same model in
     ``train``, ``quantize``, ``export`` and ``eval``, on one process or under ZeRO-3."""
     if cfg.name_or_path in TINY_MODELS:
-        tok = byte_tokenizer(**TINY_TOKENIZERS.get(cfg.name_or_path, {}))
+        tok = tiny_tokenizer(cfg.name_or_path)
         with torch.random.fork_rng(devices=[]), built_whole():
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(TINY_MODELS[cfg.name_or_path](len(tok)), dtype=DTYPES[cfg.dtype])

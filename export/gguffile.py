@@ -14,7 +14,8 @@ values on the type's grid, and ``quantize`` of a grid value reproduces it exactl
 blocks can be when their extreme did not get the extreme code).
 
 The tokenizer is copied field by field from the source GGUF when the model came from one, and
-built from a byte-level BPE Hugging Face tokenizer otherwise (``tokenizer.ggml.model = gpt2``).
+built from the Hugging Face tokenizer otherwise: byte-level BPE as ``tokenizer.ggml.model = gpt2``,
+SentencePiece-style (BPE with byte fallback) as ``llama`` (``_build_tokenizer``).
 
 LoRA adapter: ``<tensor>.lora_a`` ``[rank, in]`` and ``<tensor>.lora_b`` ``[out, rank]`` (q/k rows
 permuted like their weight). The file holds one ``adapter.lora.alpha`` and llama.cpp scales each tensor by
@@ -27,6 +28,7 @@ way, a rank-1 layer's ``lora_b`` would shrink by up to the largest rank and land
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -115,14 +117,28 @@ def _copy_tokenizer(writer: Any, source: Path) -> None:
 
 
 def _build_tokenizer(writer: Any, tok: Any) -> None:
-    """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` model: tokens by id, control tokens, merges, special ids."""
+    """The Hugging Face tokenizer as llama.cpp's: a byte-level BPE one as its ``gpt2`` model (tokens, merges), a
+    SentencePiece-style one (BPE with byte fallback: Llama 2, Mistral, Gemma, Phi-3) as its ``llama`` model (tokens
+    with scores and types from gguf-py's ``LlamaHfVocab``, as llama.cpp's converter reads ``tokenizer.json``); then
+    the special ids and whether BOS starts the input."""
     backend = json.loads(tok.backend_tokenizer.to_str())
     model, pre = backend.get("model", {}), json.dumps(backend.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+    if model.get("type") == "BPE" and "ByteLevel" in pre:
+        _byte_level_vocab(writer, tok, model)
+    elif model.get("type") == "BPE" and model.get("byte_fallback"):
+        _sentencepiece_vocab(writer, tok)
+    else:
         raise ExportError(
-            f"tokenizer: {type(tok).__name__} is not a byte-level BPE tokenizer, and the model did not come from a GGUF to copy one from; "
-            "GGUF export needs one of the two"
+            f"tokenizer: {type(tok).__name__} is neither a byte-level BPE nor a SentencePiece-style (byte-fallback BPE) tokenizer, "
+            "and the model did not come from a GGUF to copy one from; GGUF export needs one of the three"
         )
+    for key, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
+        if tid is not None:
+            getattr(writer, f"add_{key}_token_id")(tid)
+    writer.add_add_bos_token(bos_of(tok) is not None)  # llama.cpp's tools start their input with BOS only when this is set
+
+
+def _byte_level_vocab(writer: Any, tok: Any, model: dict[str, Any]) -> None:
     n = len(tok)
     special = set(tok.all_special_ids)
     writer.add_tokenizer_model("gpt2")
@@ -133,10 +149,17 @@ def _build_tokenizer(writer: Any, tok: Any) -> None:
     if not merges:  # GGUF has no empty arrays, and llama.cpp refuses a gpt2 vocabulary without this key
         raise ExportError(f"tokenizer: {type(tok).__name__} has no BPE merges; llama.cpp cannot load a byte-level vocabulary without them")
     writer.add_token_merges(merges)
-    for key, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
-        if tid is not None:
-            getattr(writer, f"add_{key}_token_id")(tid)
-    writer.add_add_bos_token(bos_of(tok) is not None)  # llama.cpp's tools start their input with BOS only when this is set
+
+
+def _sentencepiece_vocab(writer: Any, tok: Any) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        tokens = list(gguf.LlamaHfVocab(Path(tmp)).all_tokens())
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([text for text, _, _ in tokens])
+    writer.add_token_scores([score for _, score, _ in tokens])
+    writer.add_token_types([int(kind) for _, _, kind in tokens])
 
 
 def write_model(model: torch.nn.Module, tok: Any, scheme: QuantScheme, path: Path, *, source_gguf: Path | None, float_type: str, name: str) -> dict[str, str]:

@@ -33,7 +33,7 @@ from qaft.core import text
 from qaft.core.errors import ConfigError, ModelError, QaftError
 from qaft.core.hardware import precision, resolve_bf16
 from qaft.core.io import free_bytes, human
-from qaft.core.model import REMOTE_CODE, TINY_MODELS, TINY_TOKENIZERS, byte_tokenizer, reading_gguf, remote_code, remote_code_line, resolve
+from qaft.core.model import REMOTE_CODE, TINY_MODELS, reading_gguf, remote_code, remote_code_line, resolve, tiny_tokenizer
 from qaft.core.modules import decoder_layers
 from qaft.export import formats
 from qaft.quant.budget import Curve, bounds, shape_bits
@@ -90,7 +90,7 @@ def versions() -> list[Finding]:
 def skeleton(cfg: Config) -> Any:
     """The model built on the meta device from its config: names, shapes and tying, no weights read."""
     if cfg.model.name_or_path in TINY_MODELS:
-        mcfg = TINY_MODELS[cfg.model.name_or_path](len(byte_tokenizer(**TINY_TOKENIZERS.get(cfg.model.name_or_path, {}))))
+        mcfg = TINY_MODELS[cfg.model.name_or_path](len(tiny_tokenizer(cfg.model.name_or_path)))
     else:
         src = resolve(cfg.model)
         if not cfg.model.trust_remote_code and remote_code(Path(src.location)):

@@ -64,7 +64,12 @@ def test_training_blocks_and_calibration_samples_start_with_bos_only_where_the_t
 
 @pytest.mark.slow
 def test_smollm2s_tokenizer_adds_no_bos_so_its_protocol_is_unchanged():
-    _, tok = load_model_and_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+    from transformers import AutoTokenizer
+
+    from qaft.core.model import resolve
+
+    src = resolve(ModelConfig(name_or_path="smollm2-135m"))
+    tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)  # the tokenizer alone, as qaft loads it
     assert bos_of(tok) is None and tok("The")["input_ids"] == tok("The", add_special_tokens=False)["input_ids"]
 
 

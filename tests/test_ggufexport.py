@@ -129,14 +129,21 @@ def test_per_layer_ranks_follow_llama_cpps_scale_rule_on_the_raw_tensors(make_cf
     assert m["parity"]["gguf model+adapter (transformers)"]["max_abs_diff"] <= 1e-5  # the reference holds the folded F16 values too
 
 
-def test_the_tokenizer_round_trips(make_cfg):
-    cfg = gguf_result(make_cfg, "Q4_0", "postpass.rank=0")
+@pytest.mark.parametrize("model, kind, bos", [("tiny-llama", "gpt2", False), ("tiny-mistral", "llama", True)])
+def test_the_tokenizer_round_trips(make_cfg, model, kind, bos):
+    """A byte-level BPE tokenizer is written as llama.cpp's ``gpt2`` vocabulary (tokens + merges), a SentencePiece-style
+    one (byte-fallback BPE, as Mistral's, Llama 2's, Gemma's) as its ``llama`` vocabulary (tokens + scores + types),
+    each with whether BOS starts the input; transformers' reader of the file tokenizes as the source tokenizer does."""
+    cfg = gguf_result(make_cfg, "Q4_0", "postpass.rank=0", f"model.name_or_path={model}")
     out, m = export(cfg, overwrite=False, progress=False)
     assert not (out / ADAPTER_FILE).exists() and m["format"]["adapter"] is None
+    fields = gguf.GGUFReader(out / "model-Q4_0.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == kind and fields["tokenizer.ggml.add_bos_token"].contents() is bos
     _, tok, _ = load_quantized(cfg.training.output_dir + "/quantized")
     _, reloaded = load_gguf(out)
     text = "Quantization maps 3.14 to a grid — naïvely, at least.\n\tdef f(x): return x"
     assert reloaded(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert reloaded(text)["input_ids"] == tok(text)["input_ids"]  # BOS or not, as the source
     assert reloaded.eos_token_id == tok.eos_token_id
 
 
