@@ -35,7 +35,7 @@ from .card import made_with, mb, perplexity_section, provenance_note
 from .config import ExportConfig
 from .ctpack import FORMAT, check_expressible, load_packed, loads_compressed, reference_activation_quant, write_packed
 from .formats import FORMATS, ExportFormat
-from .parity import Parity, compare_logits, enforce, prompt_ids
+from .parity import Parity, compare_logits, enforce, prompt_ids, round_as_stored
 from .peft_adapter import WEIGHTS, write_adapter
 from .sizes import size_record
 
@@ -107,16 +107,10 @@ def check_parity(
 
 
 def stored_floats(reference: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of ``reference`` whose float tensors (all but the quantized Linears' grid weights, scales and factors) are
-    rounded to ``dtype`` as the files store them: the parity check then measures the export, not the storage type
-    (whose effect shows in the perplexity rows)."""
+    """A copy of ``reference`` with the tensors that stay float (all but the quantized Linears' grid weights, scales and
+    factors) rounded to ``dtype``, as ``write_packed`` stores them."""
     rounded = copy.deepcopy(reference)
-    with torch.no_grad():
-        for module in rounded.modules():
-            quantized = isinstance(module, QuantLinear)
-            for name, t in module.named_parameters(recurse=False):  # saved tensors only: rope's inv_freq is recomputed on load
-                if t.is_floating_point() and (not quantized or name == "bias"):
-                    t.copy_(t.to(dtype).to(t.dtype))
+    round_as_stored(rounded, dtype, lambda name, t, quantized: not quantized or name == "bias")
     return rounded
 
 

@@ -33,17 +33,6 @@ import torch
 from qaft.core.errors import ExportError
 
 
-def _gemma_attention_scale(n_layers_27b: int) -> Callable[[Any], str | None]:
-    def check(config: Any) -> str | None:
-        head_dim = config.head_dim
-        ours = config.hidden_size / config.num_attention_heads if config.num_hidden_layers == n_layers_27b else head_dim
-        if not math.isclose(config.query_pre_attn_scalar, ours):
-            return f"query_pre_attn_scalar {config.query_pre_attn_scalar}, where llama.cpp scales attention by 1/sqrt({ours:g})"
-        return None
-
-    return check
-
-
 def _swa_period(config: Any) -> int | None:
     """``p`` when every ``p``-th layer attends fully and the others slide (the only pattern llama.cpp's Gemma files hold);
     None without sliding layers; 0 for any other pattern."""
@@ -56,12 +45,16 @@ def _swa_period(config: Any) -> int | None:
 
 
 def _gemma(n_layers_27b: int) -> Callable[[Any], str | None]:
-    scale = _gemma_attention_scale(n_layers_27b)
+    """Gemma's check: the window pattern llama.cpp holds, and its attention scale (1/sqrt(head_dim); 27B, told apart by
+    its layer count: 1/sqrt(d/heads)) equal to the config's ``query_pre_attn_scalar``."""
 
     def check(config: Any) -> str | None:
         if _swa_period(config) == 0:
             return f"layer_types {list(config.layer_types)} is not one full-attention layer every p layers, the pattern llama.cpp holds"
-        return scale(config)
+        ours = config.hidden_size / config.num_attention_heads if config.num_hidden_layers == n_layers_27b else config.head_dim
+        if not math.isclose(config.query_pre_attn_scalar, ours):
+            return f"query_pre_attn_scalar {config.query_pre_attn_scalar}, where llama.cpp scales attention by 1/sqrt({ours:g})"
+        return None
 
     return check
 

@@ -40,7 +40,7 @@ from .card import made_with, mb, perplexity_section, provenance_note
 from .config import ExportConfig
 from .formats import FORMATS, ExportFormat
 from .gguffile import ADAPTER_FILE, check_config, check_model, model_file, read_adapter, stored_factors, write_adapter, write_model
-from .parity import PROMPTS, Parity, compare_logits, enforce, prompt_ids
+from .parity import PROMPTS, Parity, compare_logits, enforce, prompt_ids, round_as_stored
 from .sizes import size_record
 
 
@@ -121,15 +121,8 @@ def stored_floats(reference: torch.nn.Module, float_type: str) -> torch.nn.Modul
     """A copy of ``reference`` with its float 2-D tensors (unless F32) and its factors rounded as the files store them."""
     rounded = copy.deepcopy(reference)
     stored_factors(rounded)
-    if float_type == "F32":
-        return rounded
-    with torch.no_grad():
-        for module in rounded.modules():
-            if isinstance(module, QuantLinear):
-                continue
-            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-                if t.dim() >= 2 and t.is_floating_point():
-                    t.copy_(t.half().float())
+    if float_type != "F32":
+        round_as_stored(rounded, torch.float16, lambda name, t, quantized: not quantized and t.dim() >= 2)
     return rounded
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from qaft.core.errors import ExportError
+from qaft.quant.fakequant import QuantLinear
 
 PROMPTS = (
     "The tower is 324 metres tall, about the same height as an 81-storey building.",
@@ -54,3 +56,16 @@ def enforce(check: str, diff: float, top1: float, tolerance: float, runtime: str
             f"reload parity failed ({check}): max |logit diff| {diff:.3g} > export.parity_atol {tolerance:g} "
             f"(top-1 agreement {top1:.1%}); this is a bug in qaft or in the installed {runtime}, please report it"
         )
+
+
+def round_as_stored(model: torch.nn.Module, dtype: torch.dtype, stored: Callable[[str, torch.Tensor, bool], bool]) -> None:
+    """Round in place, to ``dtype`` and back, every float parameter that ``stored(name, tensor, in_a_quantized_linear)``
+    says the files hold in ``dtype``: a parity reference then differs from the reloaded files by the export alone, not by
+    the storage type (whose effect shows in the perplexity rows). Parameters only: buffers such as rope's ``inv_freq``
+    are recomputed on load."""
+    with torch.no_grad():
+        for module in model.modules():
+            quantized = isinstance(module, QuantLinear)
+            for name, t in module.named_parameters(recurse=False):
+                if t.is_floating_point() and stored(name, t, quantized):
+                    t.copy_(t.to(dtype).to(t.dtype))
