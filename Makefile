@@ -34,7 +34,8 @@ demo: setup
 	$(VENV)/bin/qaft run configs/demo.yaml --overwrite
 
 # One pytest worker per core, one torch thread each (tests/conftest.py): the tiny-model tests are Python-bound, so two
-# workers nearly halve the wall time. The multi-process tests start two ranks of their own: they run after, alone.
+# workers nearly halve the wall time. The multi-process tests start ranks of their own and spend much of their time
+# starting them: they run after, two at a time too (a test module per worker, as their runs are shared per module).
 WORKERS ?= 2
 
 FAST := not slow and not multiprocess and not browser and not llamacpp
@@ -43,7 +44,7 @@ FAST := not slow and not multiprocess and not browser and not llamacpp
 # tiny-model tier again on the other numeric path. With CI=true a tier that would skip fails instead (tests/conftest.py).
 test: lint
 	$(PY) -m pytest -n $(WORKERS) -m "not multiprocess" --durations=10
-	$(PY) -m pytest -m multiprocess --durations=5
+	$(PY) -m pytest -n $(WORKERS) --dist loadscope -m multiprocess --durations=5
 	$(MAKE) --no-print-directory test-other-path
 
 # Seconds-scale tiny-model tests only (< 3 min on 2 cores).

@@ -43,6 +43,7 @@ def launch_file(tmp: Path, stage: int) -> Path:
         "distributed_type": "DEEPSPEED",
         "num_machines": 1,
         "num_processes": 2,
+        "main_process_port": 0,  # as the shipped files
         "deepspeed_config": {"deepspeed_config_file": str(tmp / "ds3.json"), "zero3_init_flag": False},
     }
     (tmp / "launch-zero3.yaml").write_text(yaml.safe_dump(raw))
