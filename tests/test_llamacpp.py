@@ -29,6 +29,7 @@ def runs_llamacpp(test):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+BY_HAND = [sys.executable, "-m", "qaft.runtimes.llamacpp.worker"]
 TEXT = "The quick brown fox jumps over the lazy dog; then the dog sleeps in the sun, and the fox runs into the woods. " * 40
 PPL_RTOL = 0.01
 """llama.cpp vs transformers' reload on the same ids: llama.cpp rounds activations to 8 bits in its quantized dot
@@ -158,23 +159,44 @@ def test_a_corrupted_file_is_one_line_from_llama_cpp_not_a_crash(q4_0, tmp_path,
     with pytest.raises(ExportError, match=rf"{victim.name}.*cannot load") as e:
         llamacpp.run(model, adapter, llamacpp.Job(windows=[list(range(16))], prompts=[]))
     assert "\n" not in str(e.value) and victim.name in str(e.value) and "cannot load" in str(e.value)
-    by_hand = subprocess.run(["node", str(llamacpp.SCRIPT), str(model), str(adapter), "--text", str(out / "README.md")], capture_output=True, text=True)
+    by_hand = subprocess.run([*BY_HAND, str(model), str(adapter), "--text", str(out / "README.md")], capture_output=True, text=True)
     assert by_hand.returncode == 2 and by_hand.stdout == ""
     assert len(by_hand.stderr.strip().splitlines()) == 1 and victim.name in by_hand.stderr
 
 
 @runs_llamacpp
-def test_the_script_by_hand_prints_both_perplexities(q4_0, tmp_path):
+def test_the_runtime_by_hand_prints_both_perplexities(q4_0, tmp_path):
     """By hand, llama.cpp tokenizes the text itself: the same numbers as qaft's rows when its tokenizer agrees with ours."""
     _, out, m = q4_0
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
-    cmd = ["node", str(llamacpp.SCRIPT), str(out / "model-Q4_0.gguf"), str(out / ADAPTER_FILE), "--text", str(text), "--seq-len", "64", "--windows", "4"]
+    cmd = [*BY_HAND, str(out / "model-Q4_0.gguf"), str(out / ADAPTER_FILE), "--text", str(text), "--seq-len", "64", "--windows", "4"]
     lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
     assert len(lines) == 2 and "model-Q4_0.gguf: perplexity" in lines[0] and f"+ {out / ADAPTER_FILE}: perplexity" in lines[1]
     assert "4 windows x 64 tokens, 252 predicted" in lines[0]
     for line, row in zip(lines, ("llama.cpp", "llama.cpp+adapter")):
         assert f"perplexity {m['evaluation']['ppl'][row]:.4f} " in line
+
+
+@runs_llamacpp
+def test_the_bindings_read_the_pinned_librarys_defaults_as_its_header_states_them():
+    """``native.py`` restates ``llama.h``'s structures: a field added, dropped or moved in the pinned release would shift
+    every field after it, and these defaults (``llama_context_default_params`` / ``llama_model_default_params``,
+    src/llama-context.cpp and src/llama-model.cpp of that release) would no longer read back."""
+    from qaft.runtimes.llamacpp import native
+
+    lib = native.library()
+    c = lib.llama_context_default_params()
+    assert (c.n_ctx, c.n_batch, c.n_ubatch, c.n_seq_max, c.n_rs_seq, c.n_outputs_max, c.n_outputs_max_per_seq) == (512, 2048, 512, 1, 0, 0, 1)
+    assert (c.n_threads, c.n_threads_batch, c.flash_attn_type) == (4, 4, -1)  # GGML_DEFAULT_N_THREADS, LLAMA_FLASH_ATTN_TYPE_AUTO
+    floats = (c.rope_freq_base, c.rope_freq_scale, c.yarn_ext_factor, c.yarn_attn_factor, c.yarn_beta_fast, c.yarn_beta_slow, c.defrag_thold)
+    assert floats == (0.0, 0.0, -1.0, -1.0, -1.0, -1.0, -1.0) and c.yarn_orig_ctx == 0
+    assert (c.type_k, c.type_v, c.cb_eval, c.abort_callback) == (1, 1, None, None)  # GGML_TYPE_F16
+    assert (c.embeddings, c.offload_kqv, c.no_perf, c.op_offload, c.swa_full, c.kv_unified) == (False, True, True, True, True, False)
+    assert (c.samplers, c.n_samplers, c.ctx_other) == (None, 0, None)
+    m = lib.llama_model_default_params()
+    assert (m.devices, m.n_gpu_layers, m.split_mode, m.main_gpu, m.kv_overrides) == (None, -1, 1, 0, None)
+    assert (m.vocab_only, m.check_tensors, m.use_extra_bufts, m.no_host, m.no_alloc, m.load_mtp) == (False, False, True, False, False, False)
 
 
 def test_a_required_runtime_that_is_missing_fails_before_any_work_and_auto_records_the_skip(make_cfg, tmp_path, monkeypatch):
@@ -225,15 +247,19 @@ def test_a_runtime_check_beyond_its_tolerance_fails_the_export(make_cfg, tmp_pat
 
 
 def test_under_ci_a_missing_runtime_fails_the_tier_by_name_and_the_runtime_free_tests_still_pass(tmp_path):
-    """Debian 12's node 18 (a stand-in on PATH): with CI=true the llama.cpp tier cannot skip quietly (conftest.py)."""
+    """The npm package not installed (``npm ci`` never ran: Debian 12's node 18, a stand-in on PATH, is too old for it):
+    with CI=true the llama.cpp tier cannot skip quietly (conftest.py)."""
     (tmp_path / "node").write_text("#!/bin/sh\necho v18.19.0\n")
     (tmp_path / "node").chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QAFT_REQUIRE"))} | {"CI": "true", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
-    tests = [f"tests/test_llamacpp.py::{name}" for name in ("test_the_script_by_hand_prints_both_perplexities", "test_runtime_llama_cpp_needs_a_gguf_export")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QAFT_REQUIRE"))}
+    env |= {"CI": "true", "PATH": f"{tmp_path}:{os.environ['PATH']}", "QAFT_LLAMACPP_MODULES": str(tmp_path / "node_modules")}
+    tests = [f"tests/test_llamacpp.py::{name}" for name in ("test_the_runtime_by_hand_prints_both_perplexities", "test_runtime_llama_cpp_needs_a_gguf_export")]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout[-3000:]
     assert "1 passed" in r.stdout and "1 error" in r.stdout, r.stdout[-3000:]
     assert (
-        "test_the_script_by_hand_prints_both_perplexities: skipped, which CI=true / QAFT_REQUIRE_TIERS=1 does not allow: llama.cpp runtime not installed: node 18 is too old"
-        in r.stdout
+        "test_the_runtime_by_hand_prints_both_perplexities: skipped, which CI=true / QAFT_REQUIRE_TIERS=1 does not allow: llama.cpp runtime not installed: "
+        "the npm package node-llama-cpp is not installed in" in r.stdout
     )
+    assert "and node 18 is too old to install it" in r.stdout
+

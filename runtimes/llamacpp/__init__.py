@@ -1,10 +1,11 @@
 """llama.cpp itself on GGUF files: perplexity on token ids qaft hands over, prompt speed, greedy generation.
 
 llama.cpp comes prebuilt inside the npm package ``node-llama-cpp`` (pinned exactly in this folder's
-``package.json`` / ``package-lock.json``; ``make setup`` runs ``npm ci`` here when node and npm exist), so
-nothing is compiled and nothing is downloaded at run time. ``ppl.mjs`` does the work in one node
-process and answers one JSON object; the same script is usable by hand
-(``node runtimes/llamacpp/ppl.mjs MODEL.gguf [ADAPTER.gguf] --text FILE``).
+``package.json`` / ``package-lock.json``; ``make setup`` runs ``npm ci`` here when node >= 20 and npm exist), so
+nothing is compiled and nothing is downloaded at run time. qaft calls that package's ``libllama`` directly
+(``native.py``, ctypes) in a child process (``worker.py``), which answers one JSON object; node is needed to
+install the package, not to run it. By hand:
+``python -m qaft.runtimes.llamacpp.worker MODEL.gguf [ADAPTER.gguf] --text FILE [--seq-len 512] [--windows 8]``.
 
 Token ids, not text: qaft tokenizes the protocol windows exactly as for its other rows, so llama.cpp's
 perplexity differs from transformers' only by what llama.cpp computes differently (it rounds
@@ -18,23 +19,23 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qaft.core.errors import ExportError, PreflightError
 
+from . import native
+
 HERE = Path(__file__).resolve().parent
-SCRIPT = HERE / "ppl.mjs"
 PACKAGE = "node-llama-cpp"
+NODE_MAJOR = 20
+"""node-llama-cpp 3.21 installs with node >= 20."""
 
 
 def install_hint() -> str:
-    return f"install it with `make setup` (needs node >= 20 and npm), or `npm ci --prefix {HERE}`"
-
-
-NODE_MAJOR = 20
-"""node-llama-cpp 3.21 needs node >= 20."""
+    return f"install it with `make setup` (needs node >= {NODE_MAJOR} and npm), or `npm ci --prefix {HERE}`"
 
 
 @functools.cache
@@ -50,15 +51,18 @@ def node_major() -> int | None:
 
 
 def missing() -> str | None:
-    """Why llama.cpp cannot run here (no node >= 20, or the npm package not installed), or None when it can."""
+    """Why llama.cpp cannot run here (the package's prebuilt library is absent), or None when it can."""
+    folder = native.bins()
+    if folder is None:
+        return f"{PACKAGE} ships no prebuilt llama.cpp for this platform ({native.platform_name()})"
+    if (folder / native.LIBRARY).is_file():
+        return None
     major = node_major()
     if major is None:
-        return f"node is not on PATH; {install_hint()}"
+        return f"the npm package {PACKAGE} is not installed in {native.modules()} and node is not on PATH to install it; {install_hint()}"
     if major < NODE_MAJOR:
-        return f"node {major} is too old (node-llama-cpp needs >= {NODE_MAJOR}); {install_hint()}"
-    if not (HERE / "node_modules" / PACKAGE / "package.json").is_file():
-        return f"the npm package {PACKAGE} is not installed in {HERE}; {install_hint()}"
-    return None
+        return f"the npm package {PACKAGE} is not installed in {native.modules()}, and node {major} is too old to install it; {install_hint()}"
+    return f"the npm package {PACKAGE} is not installed in {native.modules()}; {install_hint()}"
 
 
 def require() -> None:
@@ -69,7 +73,7 @@ def require() -> None:
 
 @dataclass(frozen=True)
 class Job:
-    """What one node process computes: perplexity over ``windows`` (lists of token ids; every next token
+    """What one llama.cpp process computes: perplexity over ``windows`` (lists of token ids; every next token
     counted), prompt-processing speed on the first ``speed_tokens`` of the first window, and ``new_tokens``
     greedy tokens after each of ``prompts``; for the model alone and, with an adapter, model + adapter."""
 
@@ -84,14 +88,23 @@ class Job:
     threads: int | None = None
 
 
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` where set (the threads this process may use: pytest-xdist workers get 1 each), else every core
+    this process may run on. llama.cpp's threads spin while they wait: more of them than free cores costs ~20x."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0))
+
+
 def run(model: Path, adapter: Path | None, job: Job, *, timeout: float | None = None) -> dict[str, Any]:
     """``{"rows": {"model": row, "model+adapter": row}, "runtime": {...}}``; a row holds ``ppl``, ``nll``, ``tokens``,
     ``windows``, ``seconds``, ``prompt_tokens_per_s`` and ``generations``. A file llama.cpp cannot load is an
     ``ExportError`` naming it (the script's one line), not a crash."""
     require()
-    threads = job.threads or len(os.sched_getaffinity(0))
-    files = [str(Path(f).resolve()) for f in (model, adapter) if f is not None]  # node runs in HERE: relative paths would miss
-    cmd = ["node", str(SCRIPT), *files, "--job", "-", "--threads", str(threads)]
+    threads = job.threads or default_threads()
+    files = [str(Path(f).resolve()) for f in (model, adapter) if f is not None]
+    cmd = [sys.executable, "-m", "qaft.runtimes.llamacpp.worker", *files, "--threads", str(threads)]
     payload = json.dumps(
         {
             "windows": job.windows,
@@ -103,13 +116,14 @@ def run(model: Path, adapter: Path | None, job: Job, *, timeout: float | None = 
         }
     )
     try:
-        done = subprocess.run(cmd, input=payload, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+        done = subprocess.run(cmd, input=payload, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise ExportError(f"llama.cpp on {model}: no answer within {timeout:.0f} s") from None
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
-        ours = [ln.removeprefix("ppl.mjs: ") for ln in lines if ln.startswith("ppl.mjs: ")]  # the script's own one-line account
-        crash = [ln.strip() for ln in lines if "Error" in ln]  # else node's: its first error line, not the stack below it
-        why = (ours or crash or lines[-1:] or [f"exit status {done.returncode}"])[0]
+        ours = [ln.removeprefix("worker: ") for ln in lines if ln.startswith("worker: ")]  # the worker's own one-line account
+        why = (ours or [f"llama.cpp ended with exit status {done.returncode} (signal {-done.returncode})" if done.returncode < 0 else ""])[0] or (
+            lines[-1] if lines else f"exit status {done.returncode}"
+        )
         raise ExportError(f"llama.cpp: {why}")
     return json.loads(done.stdout)
