@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qaft.core.logits import token_nll
 from qaft.core.text import Stream, windows_of
 
 
@@ -40,9 +40,7 @@ def perplexity(model: torch.nn.Module, ids: Stream | torch.Tensor, seq_len: int,
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for w in tqdm(wins, desc="perplexity (windows)", disable=not progress, leave=False):
-        w = w.to(device)
-        logits = model(input_ids=w[None], use_cache=False).logits[0, :-1].float()
-        total += F.cross_entropy(logits, w[1:], reduction="sum").item()
+        total += token_nll(model, w[None].to(device)).sum().item()  # in chunks of positions: no whole-logits tensor
         count += seq_len - 1
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, len(wins), seq_len, time.perf_counter() - t0)

@@ -143,7 +143,7 @@ def export(
     model, tok, meta = load_quantized(src)
     fmt.check_model(model, scheme)
     factors_to_fp16(model)  # fp16 already, unless the folder predates that: the reference is what the files hold
-    reference = copy.deepcopy(model)  # the writers may consume ``model``
+    reference = copy.deepcopy(model) if fmt.consumes_model else model
     writer = fmt()
     with staged(out) as tmp:
         written = writer.write(tmp, model, reference, tok, scheme, meta, settings)

@@ -84,6 +84,10 @@ class ExportFormat:
         (by default: Linears that ``postpass.budget_formats`` put on a format ``holds`` rejects)."""
         refuse_other_formats(cls, model, scheme)
 
+    consumes_model: ClassVar[bool] = True
+    """``write`` may change ``model`` (packing in place), so the exporter hands it an untouched copy as ``reference``;
+    a writer that only reads the model says False, and ``reference`` is then ``model`` itself (one model less in memory)."""
+
     def write(
         self, tmp: Path, model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, scheme: QuantScheme, meta: dict[str, Any], settings: ExportConfig
     ) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from .card import made_with, mb, perplexity_section, provenance_note
 from .config import ExportConfig
 from .formats import FORMATS, ExportFormat
 from .gguffile import ADAPTER_FILE, check_config, check_model, model_file, read_adapter, stored_factors, write_adapter, write_model
-from .parity import PROMPTS, Parity, compare_logits, enforce, prompt_ids, round_as_stored
+from .parity import PROMPTS, Parity, compare_to, enforce, logits_of, prompt_ids, round_as_stored
 from .sizes import size_record
 
 
@@ -126,21 +126,29 @@ def stored_floats(reference: torch.nn.Module, float_type: str) -> torch.nn.Modul
     return rounded
 
 
-def check_parity(reloaded: tuple[torch.nn.Module, Any], reference: torch.nn.Module, tok: Any, settings: ExportConfig) -> tuple[dict[str, Any], bool]:
-    """``({check: Parity}, tokenizer agrees)`` of ``reloaded`` (``load_gguf`` of the files) against ``reference``;
-    a difference above ``export.parity_atol`` is an error."""
+def expected_logits(reference: torch.nn.Module, tok: Any, settings: ExportConfig, adapter: bool) -> dict[str, list[torch.Tensor]]:
+    """What the files must reload to, per check (``model``: factors off; ``model+adapter``), from ``reference`` with its
+    floats rounded as stored. Computed before the reload, so the rounded copy is gone when the reloaded model arrives."""
+    prompts, ref = prompt_ids(tok), stored_floats(reference, settings.gguf_float_type)
+    with factors_off(ref):
+        out = {"model": logits_of(ref, prompts)}
+    if adapter:
+        out["model+adapter"] = logits_of(ref, prompts)
+    return out
+
+
+def check_parity(
+    reloaded: tuple[torch.nn.Module, Any], expected: dict[str, list[torch.Tensor]], tok: Any, settings: ExportConfig
+) -> tuple[dict[str, Any], bool]:
+    """``({check: Parity}, tokenizer agrees)`` of ``reloaded`` (``load_gguf`` of the files) against ``expected``
+    (``expected_logits``); a difference above ``export.parity_atol`` is an error."""
     prompts = prompt_ids(tok)
     loaded, loaded_tok = reloaded
     same_tokens = all(tok(p, add_special_tokens=False)["input_ids"] == loaded_tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS)
-    ref = stored_floats(reference, settings.gguf_float_type)
     results = {}
-    adapter = isinstance(loaded, LowRank)
-    checks = {"model": (factors_off(ref), loaded.disable_adapter() if adapter else nullcontext())}
-    if adapter:
-        checks["model+adapter"] = (nullcontext(), nullcontext())
-    for check, (ours, theirs) in checks.items():
-        with ours, theirs:
-            diff, top1 = compare_logits(ref, loaded, prompts)
+    for check, logits in expected.items():
+        with loaded.disable_adapter() if check == "model" and isinstance(loaded, LowRank) else nullcontext():
+            diff, top1 = compare_to(logits, loaded, prompts)
         enforce(f"GGUF {check}", diff, top1, settings.parity_atol, "transformers/gguf")
         results[f"gguf {check} (transformers)"] = Parity(diff, top1, tolerance=settings.parity_atol)
     return results, same_tokens
@@ -168,6 +176,7 @@ def sizes(folder: Path, reference: torch.nn.Module, t: GGUFType) -> dict[str, An
 class GGUF(ExportFormat):
     name = "gguf"
     summary = "llama.cpp model + LoRA adapter files"
+    consumes_model = False  # the writers read the model's codes, scales and factors; nothing is packed in place
 
     @classmethod
     def native(cls, scheme: QuantScheme) -> bool:
@@ -213,7 +222,8 @@ class GGUF(ExportFormat):
         )
         ranks = write_adapter(model, tmp / ADAPTER_FILE)
         quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-        parity, same_tokens = check_parity(self.reload(tmp), reference, tokenizer, settings)
+        expected = expected_logits(reference, tokenizer, settings, adapter=bool(ranks))
+        parity, same_tokens = check_parity(self.reload(tmp), expected, tokenizer, settings)
         return {
             "format": {
                 "model": f"GGUF {t.value} ({model_file(t)})",

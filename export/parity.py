@@ -38,15 +38,26 @@ def prompt_ids(tokenizer: Any) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def compare_logits(a: torch.nn.Module, b: torch.nn.Module, prompts: list[torch.Tensor]) -> tuple[float, float]:
-    """``(max |logit difference|, top-1 agreement)`` of two models over every prompt position."""
+def logits_of(model: torch.nn.Module, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each prompt's logits (float32), to compare against later without keeping ``model``."""
+    return [model(input_ids=ids[None]).logits[0].float() for ids in prompts]
+
+
+@torch.no_grad()
+def compare_to(expected: list[torch.Tensor], b: torch.nn.Module, prompts: list[torch.Tensor]) -> tuple[float, float]:
+    """``(max |logit difference|, top-1 agreement)`` of ``b`` against ``expected`` (``logits_of``) over every position."""
     worst, agree, total = 0.0, 0, 0
-    for ids in prompts:
-        la, lb = a(input_ids=ids[None]).logits[0].float(), b(input_ids=ids[None]).logits[0].float()
+    for la, ids in zip(expected, prompts, strict=True):
+        lb = b(input_ids=ids[None]).logits[0].float()
         worst = max(worst, (la - lb).abs().max().item())
         agree += (la.argmax(-1) == lb.argmax(-1)).sum().item()
         total += ids.numel()
     return worst, agree / total
+
+
+def compare_logits(a: torch.nn.Module, b: torch.nn.Module, prompts: list[torch.Tensor]) -> tuple[float, float]:
+    """``(max |logit difference|, top-1 agreement)`` of two models over every prompt position."""
+    return compare_to(logits_of(a, prompts), b, prompts)
 
 
 def enforce(check: str, diff: float, top1: float, tolerance: float, runtime: str) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from qaft.core import memory
 from qaft.core.configfile import diff_configs, read_yaml
 from qaft.core.errors import CheckpointError, PreflightError
 from qaft.core.io import atomic_write_text
@@ -102,7 +103,7 @@ def _finished_training(p: Pipeline) -> bool:
 def stage_quantize(p: Pipeline) -> dict[str, Any]:
     out = quantize_and_save(p.tuned(), overwrite=True, progress=p.progress)
     meta = json.loads((out / "qaft_quant.json").read_text())
-    return {"dir": str(out), "method": meta["method"], "seconds": meta["seconds"]}
+    return {"dir": str(out), "method": meta["method"], "quantize_seconds": meta["seconds"]}
 
 
 def stage_tune(p: Pipeline) -> dict[str, Any]:
@@ -222,8 +223,9 @@ def run(
                 continue
             echo(f"qaft run: {stage} ...")
             t0 = time.perf_counter()
-            summary = RUNNERS[stage](p)
-            p.finish(stage, {"seconds": time.perf_counter() - t0, **summary})
-            echo(f"qaft run: {stage}: done in {time.perf_counter() - t0:.0f} s")
+            with memory.Peak() as peak:
+                summary = RUNNERS[stage](p)
+            p.finish(stage, {**summary, "seconds": time.perf_counter() - t0, **peak.reading()})
+            echo(f"qaft run: {stage}: done in {time.perf_counter() - t0:.0f} s, peak RSS {peak.reading()['peak_rss_gib']:.2f} GiB")
     echo(f"qaft run: report in {p.out / 'report' / 'index.html'}")
     return p

@@ -268,7 +268,7 @@ def _quantize_layer(
             errors = (before, before if corr is None else _out_norm(after, xtx32) / ref, nearest)
             if st.postpass.budget_bpw is not None and corr is not None:
                 curve = _curve(err, corr, stats[name].xtx, ref)
-            if st.alternatives is not None:
+            if st.alternatives is not None and corr is not None:  # the budget chooses among reconstructions only
                 st.alternatives[placed] = []
                 for spec in st.postpass.budget_formats:
                     alt = quantizer.quantize(gridded[name], of(name), spec)
@@ -357,7 +357,12 @@ def quantize_models(
     for group in groups:
         _walk([models[k] for k in group], [solvers[k] for k in group], [reports[k] for k in group], inputs, st, propagate, kept, progress)
     if postpass.budget_bpw is not None:
-        reports = [apply_budget(m, r, postpass.budget_bpw, postpass.budget_weighting, sensitivity, st.alternatives) for m, r in zip(models, reports)]
+        # a method without a reconstructor (``rtn``: the base alone, as the eval table's comparison row) has no ranks to
+        # allocate: it stays on the scheme's own format
+        reports = [
+            apply_budget(m, r, postpass.budget_bpw, postpass.budget_weighting, sensitivity, st.alternatives) if solver.recon else r
+            for m, r, solver in zip(models, reports, solvers)
+        ]
     return reports, kept
 
 

@@ -21,6 +21,8 @@ import contextlib
 
 import torch
 
+from qaft.core.logits import token_nll
+
 
 def output_sensitivity(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], sequences: torch.Tensor, *, bf16: bool = False) -> dict[str, float]:
     """``{name: mean squared gradient of the loss with respect to the Linear's output}`` over ``sequences``
@@ -54,5 +56,5 @@ def output_sensitivity(model: torch.nn.Module, linears: dict[str, torch.nn.Linea
         for seq in sequences:
             ids = seq[None].to(device)
             inputs = embed(ids).detach().requires_grad_(True)  # the graph starts here: no weight gradients are kept
-            model(inputs_embeds=inputs, labels=ids, use_cache=False).loss.backward()
+            token_nll(model, ids, inputs_embeds=inputs).mean().backward()  # in chunks of positions (core.logits)
     return {name: sums[name] / max(counts[name], 1) for name in linears}

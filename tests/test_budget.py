@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import random
 from pathlib import Path
 
@@ -315,6 +316,21 @@ def budgeted(tiny, formats: list[dict]) -> tuple[torch.nn.Module, list]:
     model, calib = tiny
     m = copy.deepcopy(model)
     return m, quantize_model(m, calib, QuantScheme(), postpass("whiten", 8, bf16=False, budget_bpw=5.0, budget_formats=formats), progress=False)[0]
+
+
+def test_under_a_budget_with_formats_a_method_without_reconstructor_stays_on_the_schemes_own_format(tiny):
+    """``qaft run``'s table has an ``rtn`` row beside the method: under a budget config it is the base alone on
+    ``quant.weight`` (nothing to allocate without factors), while the method beside it is budgeted."""
+    from qaft.eval.compare import evaluate_methods
+    from qaft.eval.config import EvalConfig
+    from qaft.quant.scheme import WeightQuant
+
+    model, calib = tiny
+    cfg = postpass("whiten", 8, bf16=False, budget_bpw=5.0, budget_formats=MENU)
+    rows = evaluate_methods(model, calib.flatten(), calib, QuantScheme(), cfg, ["rtn", "whiten"], EvalConfig(path="x", windows=1, seq_len=16), False)
+    rtn, whiten = rows["rtn"]["layers"], rows["whiten"]["layers"]
+    assert {r["weight_format"] for r in rtn} <= {None, WeightQuant().label} and all(r["rank"] == 0 for r in rtn)
+    assert len({r["weight_format"] for r in whiten}) > 1 and math.isfinite(rows["rtn"]["ppl"])
 
 
 def test_formats_chosen_with_the_ranks_hold_the_budget_mix_formats_and_lower_the_error(tiny):

@@ -141,7 +141,7 @@ def test_overrides_do_not_mutate_the_input_and_fill_empty_sections():
 
 def test_every_shipped_config_validates():
     files = sorted((ROOT / "configs").glob("**/*.yaml"))
-    assert len(files) == 7, [f.name for f in files]  # update when adding a config, so none is forgotten
+    assert len(files) == 8, [f.name for f in files]  # update when adding a config, so none is forgotten
     for f in files:
         assert isinstance(load_config(f), Config)
 

@@ -263,3 +263,28 @@ def test_under_ci_a_missing_runtime_fails_the_tier_by_name_and_the_runtime_free_
     )
     assert "and node 18 is too old to install it" in r.stdout
 
+
+@runs_llamacpp
+def test_the_user_model_config_runs_end_to_end_on_a_non_llama_architecture(tmp_path):
+    """``configs/user-model-gguf.yaml`` as shipped (a GGUF budget with a format menu, whitening, tuning, the llama.cpp
+    check required), shrunk in steps and windows, on the tiny Gemma 3: every stage finishes, each records its time and
+    peak memory, and the table's ``rtn`` row is the base alone beside the budgeted method (which once crashed it)."""
+    from qaft.pipeline.run import run
+
+    small = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "data.block_size=32", "tune.steps=2", "tune.eval_steps=2"]
+    small += ["tune.seq_len=32", "postpass.calibration_samples=4", "postpass.calibration_seq_len=32", "postpass.rank=8", "eval.windows=2", "eval.seq_len=64"]
+    where = [
+        "data.path=python-docs-train",
+        "postpass.calibration_path=python-docs-train",
+        "eval.path=python-docs-heldout",
+        f"training.output_dir={tmp_path / 'run'}",
+    ]
+    run(ROOT / "configs" / "user-model-gguf.yaml", ["model.name_or_path=tiny-gemma3", *where, *small], echo=lambda *_: None)
+    out = tmp_path / "run"
+    for stage in ("train", "quantize", "tune", "export", "eval", "report"):
+        record = json.loads((out / "stages" / f"{stage}.json").read_text())
+        assert record["seconds"] > 0 and record["peak_rss_gib"] > 0.05, record
+    rows = {(r["model"], r["method"]): r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    assert ("fine-tuned", "rtn") in rows and rows[("fine-tuned", "rtn")]["scheme"] == "GGUF Q4_0"
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert set(manifest["runtime_check"]["rows"]) == {"llama.cpp", "llama.cpp+adapter"}

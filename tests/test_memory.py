@@ -28,3 +28,19 @@ def test_release_returns_freed_heap_pages_that_malloc_would_keep():
     after = _anon_mib()
     assert before - after > 64, (before, after)  # most of the 128 MB of holes
     del blocks
+
+
+def test_each_stretch_gets_its_own_peak_not_the_process_peak_before_it():
+    """``qaft run`` records a peak per stage: a stage after a large one must not inherit the large one's peak."""
+    from qaft.core.memory import Peak
+
+    with Peak() as big:
+        block = torch.ones(64 * 2**20)  # 256 MiB, touched
+        del block
+    with Peak() as small:
+        block = torch.ones(2**20)
+        del block
+    first, second = big.reading(), small.reading()
+    assert first["peak_rss_of"] == second["peak_rss_of"] == "stage"  # Linux: the high-water mark resets
+    assert first["peak_rss_gib"] - second["peak_rss_gib"] > 0.2, (first, second)
+    assert second["peak_rss_gib"] > 0.01  # the process itself, not zero

@@ -72,6 +72,9 @@ def test_run_end_to_end_then_resume_by_stage(run_file, tmp_path, monkeypatch):
     assert calls == ["tune", "export", "eval", "report"]  # nothing finished is redone
     assert {k: v for k, v in mtimes(out).items() if k in before} == before
     assert [r["step"] for r in events(out / "tune", "resume")] == [2]  # the killed stage went on from what it had written
+    for stage in ("train", "quantize", "tune", "export", "eval", "report"):  # each record says what its stage took
+        record = json.loads((out / "stages" / f"{stage}.json").read_text())
+        assert record["seconds"] > 0 and 0.05 < record["peak_rss_gib"] < 64 and record["peak_rss_of"] == "stage", record
 
     # a kill inside the export, after it wrote part of its files: the stage is redone whole
     import qaft.export.exporter as exporter

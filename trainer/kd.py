@@ -5,8 +5,8 @@ float32 ``[positions, vocab]`` tensors alive until the backward: for SmolLM2's 4
 2 × 256 batch that is ~0.5 GB, more than the model's own weights in bf16. Here the forward and the
 backward each walk the positions in chunks and keep only the two logits tensors the model made
 anyway; the backward recomputes the gradient, ``∂/∂s = T · (softmax(s/T) − softmax(t/T))`` per
-position. Equal to the obvious form to float32 rounding, in value and gradient (tests). Evaluation's
-next-token loss (``next_token_nll``) walks the positions the same way.
+position. Equal to the obvious form to float32 rounding, in value and gradient (tests). ``qaft tune`` calls it on
+chunks of positions (``core.logits``), so not even the whole logits tensors exist at once.
 """
 
 from __future__ import annotations
@@ -53,17 +53,6 @@ def kd_per_position(student: torch.Tensor, teacher: torch.Tensor, temperature: f
 
 
 @torch.no_grad()
-def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token negative log-likelihood per sequence (``[batch, T, vocab]``, ``[batch, T]`` → ``[batch]``,
-    float32), for evaluation: the positions in chunks, so no float32 copy of the whole logits tensor is made."""
-    out = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
-    n = logits.shape[1] - 1
-    for i in range(0, n, CHUNK):
-        j = min(i + CHUNK, n)
-        out += F.cross_entropy(logits[:, i:j].float().transpose(1, 2), ids[:, i + 1 : j + 1], reduction="none").sum(1)
-    return out / n
-
-
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """``kd_per_position`` averaged over every position of the batch."""
     return kd_per_position(student, teacher, temperature).mean()

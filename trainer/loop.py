@@ -27,11 +27,11 @@ from qaft.callbacks import CallbackList, Context, TrainState, create
 from qaft.core import memory
 from qaft.core.errors import DivergedError, Preempted, PreflightError
 from qaft.core.hardware import precision, resolve_bf16
+from qaft.core.logits import head_of, next_token_losses
 
 from .checkpoint import install_adapter_only_hooks, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from .config import TrainConfig, TrainingConfig
 from .data import build_blocks, eval_loader, load_documents, train_loader
-from .kd import next_token_nll
 from .metrics import MetricsLogger, Throughput
 from .outputs import prepare_output_dir
 from .parallel import FSDP_REFUSED, check_launch, fill_deepspeed_config, launched_with, skip_inference_comm_build, zero_stage
@@ -122,8 +122,9 @@ def evaluate(ctx: Context, loader: Any, task: Task | None = None) -> dict[str, f
     ctx.model.eval()
     values: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
-        logits = ctx.model(input_ids=batch["input_ids"]).logits
-        for k, v in {"eval_loss": next_token_nll(logits, batch["input_ids"]), **(task.eval_terms(batch, logits) if task else {})}.items():
+        ids = batch["input_ids"]
+        head = head_of(ctx.model, ids)  # the next-token loss in chunks of positions, not from the whole logits
+        for k, v in {"eval_loss": head.chunks(next_token_losses, ids[:, 1:]).mean(1), **(task.eval_terms(batch, head) if task else {})}.items():
             values.setdefault(k, []).append(ctx.accelerator.gather_for_metrics(v))
     means = {k: torch.cat(v).mean().item() for k, v in values.items()}
     return {**means, **{f"{k.removesuffix('_loss')}_ppl": math.exp(min(v, 50.0)) for k, v in means.items() if k.endswith("_loss")}}

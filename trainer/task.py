@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from qaft.core.errors import ConfigError
+from qaft.core.logits import Head, lm_outputs
 from qaft.core.model import load_model_and_tokenizer
 
 from .checkpoint import PEFT_ADAPTER, Trainable
@@ -60,15 +61,17 @@ class Task:
         return build_scheduler(opt, t, max_steps)
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> Any:
-        """The training forward of optimizer step ``step`` (0-based); ``loss`` reads its outputs."""
-        return model(**batch)
+        """The training forward of optimizer step ``step`` (0-based); ``loss`` reads its outputs. The next-token loss
+        in chunks of positions (``core.logits``): the whole logits are made only if a callback reads them."""
+        return lm_outputs(model, batch["input_ids"])
 
     def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
         """The task's loss for one micro-batch (logged as ``loss``; callbacks' terms are added to it)."""
         return outputs.loss
 
-    def eval_terms(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra evaluation metrics, one value per sequence (``[batch]``), averaged over the eval blocks."""
+    def eval_terms(self, batch: dict[str, torch.Tensor], head: Head) -> dict[str, torch.Tensor]:
+        """Extra evaluation metrics, one value per sequence (``[batch]``), averaged over the eval blocks (``head``: the
+        model's output head on this batch, ``core.logits.Head``)."""
         return {}
 
     def write_final(self, model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:

@@ -34,6 +34,7 @@ from qaft.core import memory
 from qaft.core.errors import CheckpointError, ConfigError, PreflightError
 from qaft.core.hardware import resolve_bf16
 from qaft.core.io import sha256_file
+from qaft.core.logits import Head, head_of, next_token_losses
 from qaft.core.model import load_model_and_tokenizer
 from qaft.core.modules import decoder_layers
 from qaft.core.typed import parse, to_plain
@@ -46,7 +47,7 @@ from qaft.quant.store import META, load_quantized, read_codes, write_quantized
 
 from .checkpoint import TRAINED_TENSORS
 from .config import Objective, TrainConfig, TrainingConfig, TuneConfig
-from .kd import kd_loss, kd_per_position, next_token_nll
+from .kd import kd_per_position
 from .parallel import launch_of
 from .schedule import phased_scheduler
 from .task import Task, enable_gradient_checkpointing
@@ -261,10 +262,21 @@ class Distill(Task):
         self.accelerator = accelerator
 
     @torch.no_grad()
-    def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The teacher under the same autocast as the student (bf16 matmuls when ``training.bf16``)."""
+    def teacher_head(self, batch: dict[str, torch.Tensor]) -> Head:
+        """The teacher up to its head, under the same autocast as the student (bf16 matmuls when ``training.bf16``)."""
         with self.accelerator.autocast():
-            return self.teacher(input_ids=batch["input_ids"]).logits
+            return head_of(self.teacher, batch["input_ids"])
+
+    def kd(self, student: Head, teacher: Head, temperature: float) -> torch.Tensor:
+        """``kd_per_position`` at every position, ``[batch, T]``, over chunks of positions: the student's and the
+        teacher's logits of one chunk at a time (Gemma 3's 262k vocabulary: 0.5 GB per 512 positions and tensor)."""
+
+        def piece(s: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                t = teacher.apply(hidden)
+            return kd_per_position(s, t, temperature)
+
+        return student.chunks(piece, teacher.hidden, positions=student.hidden.shape[1])
 
     def phase_starts(self, steps: int) -> list[int]:
         """``block``: the first step of each decoder layer's phase (``steps`` split evenly, in order)."""
@@ -281,7 +293,7 @@ class Distill(Task):
         """``kd``: the student's forward. ``block``: the input of this phase's layer, as the (already tuned) layers below
         produce it (quantized propagation, no graph), then that layer and the float layer on it."""
         if self.job.tune.objective is Objective.KD:
-            return model(**batch)
+            return head_of(model, batch["input_ids"])
         phase = bisect.bisect_right(self.phase_starts(self.job.training.max_steps), step) - 1
         self.forget_finished(phase)
         student, teacher = self.layers[phase]
@@ -304,13 +316,14 @@ class Distill(Task):
     def loss(self, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
         if isinstance(outputs, LayerOutputs):
             return (outputs.student.float() - outputs.teacher.float()).pow(2).sum() / outputs.teacher.float().pow(2).sum().clamp(min=1e-30)
-        return kd_loss(outputs.logits, self.teacher_logits(batch), self.job.tune.temperature)
+        return self.kd(outputs, self.teacher_head(batch), self.job.tune.temperature).mean()
 
-    def eval_terms(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    def eval_terms(self, batch: dict[str, torch.Tensor], head: Head) -> dict[str, torch.Tensor]:
         """On the held-out blocks, per sequence: ``eval_kl``, the KL to the teacher at temperature 1 (what tuning
         lowers), and ``eval_teacher_loss``, the teacher's own next-token loss (``eval_teacher_ppl``: the bound)."""
-        teacher = self.teacher_logits(batch)
-        return {"eval_kl": kd_per_position(logits, teacher, 1.0).mean(-1), "eval_teacher_loss": next_token_nll(teacher, batch["input_ids"])}
+        teacher = self.teacher_head(batch)
+        own = teacher.chunks(next_token_losses, batch["input_ids"][:, 1:]).mean(1)
+        return {"eval_kl": self.kd(head, teacher, 1.0).mean(-1), "eval_teacher_loss": own}
 
     def errors_by_block(self, model: torch.nn.Module, tokenizer: Any) -> list[float]:
         """Per decoder block, the relative output error against the teacher on the post-pass's own calibration
