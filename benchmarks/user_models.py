@@ -80,10 +80,10 @@ def measure(name: str, windows: int, seq_len: int) -> dict:
     }
 
 
-def pipeline(name: str, float32_gib: float) -> dict:
+def pipeline(name: str, float32_gib: float, start: str | None = None) -> dict:
     """``qaft run`` on the model as a user runs it; each stage's seconds and peak RSS from the run's own records."""
     out = ROOT / "runs" / f"user-{name}"
-    command = ["run", RUN, f"model.name_or_path={fetch(name)}", f"training.output_dir={out}", "--overwrite"]
+    command = ["run", RUN, f"model.name_or_path={fetch(name)}", f"training.output_dir={out}", *(["--from", start] if start else ["--overwrite"])]
     t0 = time.perf_counter()
     done = subprocess.run([str(Path(sys.executable).parent / "qaft"), *command], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "user_models.json"))
     ap.add_argument("--run", action="store_true", help="then qaft run configs/user-model-gguf.yaml on each model")
     ap.add_argument("--skip-float", action="store_true", help="with --run: reuse the float rows already in --out")
+    ap.add_argument("--from", dest="start", choices=STAGES, help="with --run: redo the run from this stage (its earlier stages as recorded)")
     ap.add_argument("--runs-out", default=str(ROOT / "benchmarks" / "results" / "user_runs.json"))
     args = ap.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -134,7 +135,7 @@ def main() -> None:
         if args.run:
             runs_out = Path(args.runs_out)
             runs = json.loads(runs_out.read_text()) if runs_out.is_file() else {}
-            runs[name] = r = pipeline(name, results[name]["float32_gib"])
+            runs[name] = r = pipeline(name, results[name]["float32_gib"], args.start)
             runs_out.write_text(json.dumps(runs, indent=1))
             print(f"{name}: {r['command']}: {r['wall_seconds']:.0f} s")
             for stage, v in r["stages"].items():

@@ -274,6 +274,7 @@ def _quantize_layer(
                     alt = quantizer.quantize(gridded[name], of(name), spec)
                     alt_corr = correction(name, alt)
                     module = QuantLinear(alt, lin.bias, st.scheme.activation, alt_corr, prep.input_scales.get(name), spec=spec)
+                    module.release_weight()  # codes only until the budget picks it: the menu's float copies were 1.5 GB on Gemma 3
                     st.alternatives[placed].append((module, _curve(w - alt.dequant, alt_corr, stats[name].xtx, ref)))  # type: ignore[arg-type]
         reports.append(
             LayerReport(
@@ -337,7 +338,8 @@ def quantize_models(
     st = _Settings(scheme, postpass, LowRank(postpass.rank, randomized=postpass.randomized_svd, energy=postpass.energy), resolve_bf16(postpass.bf16)[0])
     st.alternatives = {} if postpass.budget_formats else None
     reports: list[list[LayerReport]] = [[] for _ in models]
-    blind = [k for k, s in enumerate(solvers) if not telemetry and not s.reads_statistics and postpass.budget_bpw is None]
+    budgeted = postpass.budget_bpw is not None
+    blind = [k for k, s in enumerate(solvers) if not telemetry and not s.reads_statistics and not (budgeted and s.recon)]
     for k in blind:  # no calibration forward at all
         prefix, layers = decoder_layers(models[k])
         for i, layer in enumerate(layers):
@@ -348,7 +350,7 @@ def quantize_models(
     if inputs is None:
         inputs = capture_inputs(models[calibrated[0]], decoder_layers(models[calibrated[0]])[1][0], calibration)
     sensitivity = None
-    if postpass.budget_bpw is not None and postpass.budget_weighting is BudgetWeighting.FISHER:  # on the float model, before the walk
+    if budgeted and postpass.budget_weighting is BudgetWeighting.FISHER and any(solvers[k].recon for k in calibrated):  # on the float model, before the walk
         sensitivity = output_sensitivity(
             models[calibrated[0]], scheme.linears(models[calibrated[0]]), calibration[: postpass.budget_sensitivity_samples], bf16=st.bf16
         )
@@ -356,7 +358,7 @@ def quantize_models(
     kept: dict[str, LayerStats] | None = {} if propagate is Propagation.FLOAT and keep_statistics else None
     for group in groups:
         _walk([models[k] for k in group], [solvers[k] for k in group], [reports[k] for k in group], inputs, st, propagate, kept, progress)
-    if postpass.budget_bpw is not None:
+    if budgeted:
         # a method without a reconstructor (``rtn``: the base alone, as the eval table's comparison row) has no ranks to
         # allocate: it stays on the scheme's own format
         reports = [
@@ -394,6 +396,7 @@ def apply_budget(
     for r, (f, k) in zip(reports, allocate(menus, budget_bpw)):
         chosen, curve = options[r.name][f]
         if f:
+            chosen.refresh_weight()
             set_submodule(model, r.name, chosen)
         chosen.truncate(k)
         label = chosen.spec.label if alternatives is not None else None

@@ -80,6 +80,21 @@ def test_tuning_lowers_the_held_out_kl_below_the_closed_form_and_moves_only_the_
     assert len(blocks["closed_form"]) == len(blocks["tuned"]) == 2 and blocks["tuned"] != blocks["closed_form"] and min(blocks["tuned"]) > 0
 
 
+def test_on_gemma3_the_held_out_kl_falls_and_the_student_closes_in_on_its_teacher(make_cfg):
+    """On Gemma-3-270M, tuning once lowered the held-out perplexity far below the teacher's own while the KL to the
+    teacher rose: a pure-distillation student should move toward its teacher. That run cut its windows without the BOS
+    Gemma's tokenizer adds (qaft adds it now; with BOS the same run's KL falls, 0.140 -> 0.132, and its perplexity
+    stays above the teacher's, 44.6 -> 43.7 vs 40.1). The tiny Gemma 3 (BOS, five sliding-window layers and a global
+    one, tied head) tunes so too: the KL falls and the student's held-out loss closes in on the teacher's."""
+    cfg = quantized(make_cfg, "model.name_or_path=tiny-gemma3")
+    tune_run(cfg, overwrite=False)
+    ev = events(cfg.tune_dir, "eval")
+    kl = [r["eval_kl"] for r in ev]
+    assert kl[-1] < 0.97 * kl[0], kl  # measured 0.048 -> 0.044
+    gaps = [abs(r["eval_loss"] - r["eval_teacher_loss"]) for r in ev]
+    assert gaps[-1] < 0.5 * gaps[0], gaps  # toward the teacher's loss (measured 0.040 -> 0.005), not past it
+
+
 def test_train_scales_moves_scales_and_factors_and_nothing_else(make_cfg):
     cfg = quantized(make_cfg, "tune.train_scales=true")
     final = tune_run(cfg, overwrite=False)
