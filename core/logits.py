@@ -63,8 +63,9 @@ def _head_input(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _sharded(head: torch.nn.Module) -> bool:
-    """DeepSpeed ZeRO-3 holds each weight as a shard, whole only inside its module's forward: a head applied again in
-    the backward (the checkpointed chunks) would meet the shard. Such a model makes its logits in its own forward."""
+    """DeepSpeed ZeRO-3 holds each weight as a shard, whole only inside its module's forward: the head applied again
+    outside the model's forward (the chunks, and a checkpoint's recompute in the backward) met the shard in the ZeRO-3
+    tests. Such a model makes its logits in its own forward."""
     return any(hasattr(p, "ds_id") for p in head.parameters())
 
 
@@ -103,8 +104,8 @@ class Head:
 
     def chunks(self, fn: Callable[..., torch.Tensor], *per_position: torch.Tensor, positions: int | None = None, chunk: int | None = None) -> torch.Tensor:
         """``fn(logits, *others)`` over chunks of the first ``positions`` positions (default ``T - 1``: those that
-        predict a next token), joined along positions; under checkpoint where gradients flow, so only one chunk's
-        logits are kept."""
+        predict a next token), joined along positions. Where gradients flow, each chunk's gradient is taken at once
+        (``_PerPosition``), or, when the head itself trains, the chunk is checkpointed: one chunk's logits at a time."""
         n = self.hidden.shape[1] - 1 if positions is None else positions
         chunk = chunk or CHUNK
         grad = torch.is_grad_enabled() and self.hidden.requires_grad
