@@ -225,7 +225,8 @@ def run(
             t0 = time.perf_counter()
             with memory.Peak() as peak:
                 summary = RUNNERS[stage](p)
-            p.finish(stage, {**summary, "seconds": time.perf_counter() - t0, **peak.reading()})
-            echo(f"qaft run: {stage}: done in {time.perf_counter() - t0:.0f} s, peak RSS {peak.reading()['peak_rss_gib']:.2f} GiB")
+            took = {"seconds": time.perf_counter() - t0, **peak.reading()}
+            p.finish(stage, {**summary, **took})
+            echo(f"qaft run: {stage}: done in {took['seconds']:.0f} s, peak RSS {took['peak_rss_gib']:.2f} GiB")
     echo(f"qaft run: report in {p.out / 'report' / 'index.html'}")
     return p

@@ -122,8 +122,11 @@ def run(model: Path, adapter: Path | None, job: Job, *, timeout: float | None = 
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
         ours = [ln.removeprefix("worker: ") for ln in lines if ln.startswith("worker: ")]  # the worker's own one-line account
-        why = (ours or [f"llama.cpp ended with exit status {done.returncode} (signal {-done.returncode})" if done.returncode < 0 else ""])[0] or (
-            lines[-1] if lines else f"exit status {done.returncode}"
-        )
+        if ours:
+            why = ours[0]
+        elif done.returncode < 0:  # a crash inside llama.cpp ends the worker by a signal
+            why = f"ended by signal {-done.returncode}"
+        else:
+            why = lines[-1] if lines else f"exit status {done.returncode}"
         raise ExportError(f"llama.cpp: {why}")
     return json.loads(done.stdout)

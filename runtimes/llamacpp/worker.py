@@ -91,7 +91,8 @@ def rows(model_path: Path, adapter: Path | None, job: dict, threads: int) -> dic
     with native.model(model_path) as m:
         for name, extra in [("model", None), *([("model+adapter", adapter)] if adapter else [])]:
             with native.context(m, longest, threads, extra) as ctx:
-                check_ids(job, ctx.n_vocab, model_path.name)
+                if not out:  # the vocabulary is the model's, adapter or not
+                    check_ids(job, ctx.n_vocab, model_path.name)
                 row = perplexity(ctx, windows, job.get("token_nll", False)) if windows and job.get("perplexity", True) else {}
                 if windows:
                     row["prompt_tokens_per_s"] = prompt_speed(ctx, windows[0][: job.get("speed_tokens") or len(windows[0])])
